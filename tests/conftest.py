@@ -1,0 +1,48 @@
+"""Shared fixtures: a real MLflow SQLite store per session and tiny synthetic PNG data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One real SQLite tracking store for the session (a new database costs ~3.5 s)."""
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    return f"sqlite:///{db}"
+
+
+@pytest.fixture(autouse=True)
+def _tracking_env(mlflow_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every stage in every test tracks into the session store, never ./mlflow.db."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 synthetic 64x64 image/mask PNG pairs (6 patients x 4 slices), written once."""
+    from tumorseg import synth
+
+    root = tmp_path_factory.mktemp("synth")
+    synth.run(root, n=24, size=64, seed=0)
+    return root

@@ -1,0 +1,295 @@
+"""The ``tumorseg`` command line. It only parses arguments and calls ``<stage>.run(config)``.
+
+Heavy modules (torch, MONAI, MLflow) are imported inside the commands, so ``tumorseg
+--help`` answers at once. A :class:`~tumorseg.errors.TumorsegError` becomes one line on
+stderr and exit code 2 (4 for a held pipeline lock); success exits 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from tumorseg.config import (
+    EvaluateConfig,
+    IngestConfig,
+    PredictConfig,
+    TrackingConfig,
+    TrainConfig,
+    build_config,
+)
+from tumorseg.errors import TumorsegError
+
+app = typer.Typer(
+    name="tumorseg",
+    help="Tumour segmentation on MONAI + PyTorch, tracked in MLflow. Stages: synth, ingest, train, evaluate, "
+    "predict; `pipeline run` chains them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+pipeline_app = typer.Typer(help="Run a pipeline YAML from pipelines/ (ingest -> train -> evaluate -> promote).",
+                           no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+TrackingUri = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db]"),
+]
+Experiment = Annotated[str, typer.Option("--experiment", help="MLflow experiment name")]
+Device = Annotated[str, typer.Option("--device", help="auto | cuda | cpu")]
+
+
+def user_errors(fn: F) -> F:
+    """Turn our user errors into one line on stderr and a non-zero exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except TumorsegError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _tracking(uri: str | None, experiment: str) -> TrackingConfig:
+    return TrackingConfig(uri=uri, experiment=experiment)
+
+
+def _echo_json(obj: Any) -> None:
+    import json
+
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="warnings and errors only")] = False,
+) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL", "git"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+# ----------------------------------------------------------------------------- synth
+
+
+@app.command()
+@user_errors
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="folder to write images/ and masks/ into")],
+    n: Annotated[int, typer.Option("--n", help="number of image/mask pairs")] = 160,
+    size: Annotated[int, typer.Option("--size", help="image side in pixels")] = 128,
+    seed: Annotated[int, typer.Option("--seed", help="random seed (same seed, same files)")] = 0,
+) -> None:
+    """Write the built-in synthetic dataset: N image/mask PNG pairs, 4 slices per patient."""
+    from tumorseg import synth as stage
+
+    res = stage.run(out_dir, n=n, size=size, seed=seed)
+    typer.echo(f"wrote {res.n} pairs ({res.n_empty} with empty masks) to {res.images_dir} and {res.masks_dir}")
+    typer.echo(f"ingest with: tumorseg ingest {res.images_dir} {res.masks_dir} --name NAME "
+               f"--group-pattern '{stage.GROUP_PATTERN}'")
+
+
+# ----------------------------------------------------------------------------- ingest
+
+
+def _parse_fractions(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError as exc:
+        raise TumorsegError(f"--fractions {text!r}: expected three numbers like 0.7,0.15,0.15") from exc
+    if len(parts) != 3:
+        raise TumorsegError(f"--fractions {text!r}: expected three numbers (train,val,test) like 0.7,0.15,0.15")
+    return parts  # type: ignore[return-value]
+
+
+@app.command()
+@user_errors
+def ingest(
+    images_dir: Annotated[Path, typer.Argument(help="folder of images (and masks, if MASKS_DIR is omitted)")],
+    masks_dir: Annotated[Path | None, typer.Argument(help="folder of masks [default: IMAGES_DIR]")] = None,
+    name: Annotated[str, typer.Option("--name", help="manifest name: writes data_manifest/NAME/")] = ...,  # type: ignore[assignment]
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="where manifests live")] = Path("data_manifest"),
+    mask_suffix: Annotated[str, typer.Option(help="stem suffix that marks a mask (x_mask.png, x_mask_1.png)")] = "_mask",
+    recursive: Annotated[bool, typer.Option("--recursive", help="walk subfolders")] = False,
+    group_pattern: Annotated[str | None, typer.Option(help="regex on the relative path; group 1 is the patient")] = None,
+    group_by: Annotated[str, typer.Option(help="case | folder: default grouping without --group-pattern")] = "case",
+    fractions: Annotated[str, typer.Option(help="train,val,test fractions")] = "0.7,0.15,0.15",
+    seed: Annotated[int, typer.Option(help="split seed")] = 0,
+    folds: Annotated[int, typer.Option(help="cross-validation folds over non-test cases (0 = none)")] = 0,
+    mask_threshold: Annotated[float | None, typer.Option(help="binarise multi-valued masks: values > T")] = None,
+    slice_axis: Annotated[int, typer.Option(help="axis along which 3D NIfTI volumes are sliced")] = 2,
+    strict: Annotated[bool, typer.Option("--strict", help="fail (exit 2, no manifest) on any rejected file")] = False,
+    workers: Annotated[int, typer.Option(help="decode processes (0 = one per core, max 8)")] = 0,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = "tumorseg",
+) -> None:
+    """Pair images with masks, validate them and write a manifest with stable patient-aware splits."""
+    from tumorseg import ingest as stage
+
+    cfg = build_config(
+        IngestConfig,
+        dict(images_dir=images_dir, masks_dir=masks_dir, name=name, out_dir=out_dir, mask_suffix=mask_suffix,
+             recursive=recursive, group_pattern=group_pattern, group_by=group_by,
+             fractions=_parse_fractions(fractions), seed=seed, folds=folds, mask_threshold=mask_threshold,
+             slice_axis=slice_axis, strict=strict, workers=workers,
+             tracking=_tracking(tracking_uri, experiment)),
+        "ingest options",
+    )
+    res = stage.run(cfg)
+    from tumorseg.report import print_ingest_summary
+
+    print_ingest_summary(res)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+@app.command()
+@user_errors
+def train(
+    manifest: Annotated[Path | None, typer.Argument(help="manifest folder, e.g. data_manifest/NAME")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML training config")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override: key=value, dotted for nested")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="folder for run folders [default: runs/]")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="continue a run folder from its last.pt")] = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Annotated[str | None, typer.Option("--experiment", help="MLflow experiment name")] = None,
+) -> None:
+    """Train a MONAI U-Net on the manifest's train split, validating on val each epoch."""
+    from tumorseg import train as stage
+    from tumorseg.config import load_config
+
+    if resume is not None:
+        res = stage.resume(resume, tracking_uri=tracking_uri)
+    else:
+        if manifest is None:
+            raise TumorsegError("train needs a MANIFEST folder (e.g. data_manifest/NAME) or --resume RUN_DIR")
+        base: dict[str, Any] = {"manifest": str(manifest)}
+        if out is not None:
+            base["out"] = str(out)
+        tracking: dict[str, Any] = {}
+        if tracking_uri:
+            tracking["uri"] = tracking_uri
+        if experiment:
+            tracking["experiment"] = experiment
+        if tracking:
+            base["tracking"] = tracking
+        cfg = load_config(TrainConfig, config, set_, base=base)
+        if out is not None:
+            cfg.out = out
+        cfg.manifest = manifest
+        res = stage.run(cfg)
+    if res.is_main_process:
+        typer.echo(f"best val Dice {res.best_val_dice:.4f} at epoch {res.best_epoch}; run folder {res.run_dir}")
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: Annotated[str, typer.Argument(help="run folder, checkpoint, MLflow run id, or models:/NAME@alias")],
+    manifest: Annotated[Path, typer.Option("--manifest", help="manifest folder")] = ...,  # type: ignore[assignment]
+    split: Annotated[str, typer.Option(help="split to score")] = "test",
+    out: Annotated[Path | None, typer.Option(help="output folder [default: eval/<manifest>-<split>-<model>]")] = None,
+    empty_both: Annotated[str, typer.Option("--empty-both", help="score when both masks are empty: nan | 1")] = "nan",
+    surface: Annotated[bool, typer.Option("--surface", help="also HD95 and ASSD (pixels)")] = False,
+    batch_size: Annotated[int, typer.Option(help="inference batch size")] = 16,
+    device: Device = "auto",
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = "tumorseg",
+) -> None:
+    """Score a model on a manifest split: per-case and per-patient Dice/IoU, summary and review images."""
+    from tumorseg import evaluate as stage
+
+    cfg = build_config(
+        EvaluateConfig,
+        dict(model=model, manifest=manifest, split=split, out=out, empty_both=empty_both, surface=surface,
+             batch_size=batch_size, device=device, tracking=_tracking(tracking_uri, experiment)),
+        "evaluate options",
+    )
+    res = stage.run(cfg)
+    from tumorseg.report import print_eval_summary
+
+    print_eval_summary(res)
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+@app.command()
+@user_errors
+def predict(
+    model: Annotated[str, typer.Argument(help="run folder, checkpoint, MLflow run id, or models:/NAME@alias")],
+    paths: Annotated[list[Path], typer.Argument(help="INPUT... [OUTPUT_DIR]: image files or folders; the last "
+                                                     "path is the output folder unless it is an existing file")],
+    output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="output folder")] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", help="walk subfolders of input folders")] = False,
+    format: Annotated[str, typer.Option("--format", help="png (0/255) | nifti (.nii.gz)")] = "png",
+    probabilities: Annotated[bool, typer.Option("--probabilities", help="also write the sigmoid map")] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="average flipped predictions")] = False,
+    threshold: Annotated[float | None, typer.Option(help="probability threshold [default: the model's]")] = None,
+    batch_size: Annotated[int, typer.Option(help="inference batch size")] = 16,
+    device: Device = "auto",
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = "tumorseg",
+) -> None:
+    """Write a mask for every input image (same name and size)."""
+    from tumorseg import predict as stage
+
+    inputs = list(paths)
+    if output_dir is None and len(inputs) >= 2 and not inputs[-1].is_file():
+        output_dir = inputs.pop()
+    cfg = build_config(
+        PredictConfig,
+        dict(model=model, inputs=inputs, output_dir=output_dir or Path("predictions"), recursive=recursive,
+             format=format, probabilities=probabilities, tta=tta, threshold=threshold, batch_size=batch_size,
+             device=device, tracking=_tracking(tracking_uri, experiment)),
+        "predict options",
+    )
+    res = stage.run(cfg)
+    typer.echo(f"wrote {res.n_written} mask(s) to {res.output_dir}")
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+@pipeline_app.command("run")
+@user_errors
+def pipeline_run(
+    file: Annotated[Path, typer.Argument(help="pipeline YAML, e.g. pipelines/demo.yaml")],
+    force: Annotated[bool, typer.Option("--force", help="train even when the data is unchanged")] = False,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Run ingest -> train -> evaluate -> register/promote; exit code says what happened (see README)."""
+    from tumorseg import pipeline as stage
+
+    res = stage.run(stage.load(file, tracking_uri=tracking_uri), force=force)
+    typer.echo(res.message)
+    raise typer.Exit(res.exit_code)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    app()
+

@@ -1,0 +1,314 @@
+"""Configuration of every stage: pydantic models, validated at the boundary.
+
+Unknown keys are rejected (``extra="forbid"``). Configs load from YAML and take
+``--set key=value`` overrides with dotted keys for nested settings. This module
+imports nothing heavy, so the CLI and the pipeline can validate configs instantly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tumorseg.errors import TumorsegError
+
+DEFAULT_EXPERIMENT = "tumorseg"
+
+
+class StrictModel(BaseModel):
+    """Base for all configs: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrackingConfig(StrictModel):
+    """Where MLflow runs go.
+
+    ``uri`` wins; else ``MLFLOW_TRACKING_URI``; else ``sqlite:///<cwd>/mlflow.db``.
+    """
+
+    uri: str | None = None
+    experiment: str = DEFAULT_EXPERIMENT
+
+
+# ----------------------------------------------------------------------------- ingest
+
+
+class IngestConfig(StrictModel):
+    """Options of ``tumorseg ingest``."""
+
+    images_dir: Path
+    masks_dir: Path | None = None
+    name: str
+    out_dir: Path = Path("data_manifest")
+    mask_suffix: str = "_mask"
+    recursive: bool = False
+    group_pattern: str | None = None
+    group_by: Literal["case", "folder"] = "case"
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 0
+    folds: int = 0
+    mask_threshold: float | None = None
+    slice_axis: int = Field(2, ge=0, le=2)
+    strict: bool = False
+    workers: int = Field(0, ge=0, description="decode processes; 0 = one per CPU core (at most 8)")
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not v or "/" in v or v in (".", "..") or v.startswith("."):
+            raise ValueError("must be a plain folder name (no '/', not starting with '.')")
+        return v
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_sum_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f < 0 for f in v) or abs(sum(v) - 1.0) > 1e-6 or v[0] <= 0:
+            raise ValueError("train,val,test fractions must be >= 0, train > 0, and sum to 1 (e.g. 0.7,0.15,0.15)")
+        return v
+
+    @field_validator("folds")
+    @classmethod
+    def _folds_valid(cls, v: int) -> int:
+        if v == 1 or v < 0:
+            raise ValueError("folds must be 0 (none) or at least 2")
+        return v
+
+
+# ----------------------------------------------------------------------------- train
+
+
+class ModelConfig(StrictModel):
+    """Network architecture.
+
+    ``unet`` is MONAI ``UNet``; the classic Ronneberger U-Net is
+    ``name=unet, channels=[64,128,256,512,1024], num_res_units=0, norm=batch``.
+    ``flexible_unet`` is MONAI ``FlexibleUNet`` on a ResNet/EfficientNet encoder; its
+    pretrained encoder weights come from ``pretrained_weights`` (a local file), never downloaded.
+    """
+
+    name: Literal["unet", "basic_unet", "attention_unet", "segresnet", "flexible_unet"] = "unet"
+    in_channels: int | Literal["auto"] = "auto"
+    channels: list[int] = [16, 32, 64, 128, 256]
+    strides: list[int] | None = None
+    num_res_units: int = 2
+    norm: Literal["instance", "batch", "group"] = "instance"
+    dropout: float = 0.0
+    backbone: str = "resnet34"
+    pretrained_weights: Path | None = None
+    init_filters: int = 16
+
+    @model_validator(mode="after")
+    def _strides_match(self) -> ModelConfig:
+        if self.strides is not None and len(self.strides) != len(self.channels) - 1:
+            raise ValueError(f"model.strides needs {len(self.channels) - 1} entries (one fewer than channels)")
+        if len(self.channels) < 2:
+            raise ValueError("model.channels needs at least 2 entries")
+        return self
+
+
+class LossConfig(StrictModel):
+    """Loss: MONAI ``DiceLoss`` (sigmoid) or its CE/focal combinations."""
+
+    name: Literal["dice", "dice_ce", "dice_focal"] = "dice"
+    smooth: float = 1e-5
+
+
+class OptimConfig(StrictModel):
+    """Optimiser and learning-rate schedule."""
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = 0.9
+    schedule: Literal["none", "cosine", "plateau"] = "plateau"
+    plateau_patience: int = 5
+    plateau_factor: float = 0.5
+    min_lr: float = 1e-6
+
+
+class AugmentConfig(StrictModel):
+    """Seeded MONAI augmentations, each with its own switch."""
+
+    flip: bool = True
+    rotate90: bool = True
+    affine: bool = True
+    intensity: bool = True
+    prob: float = Field(0.5, ge=0, le=1)
+
+
+class TrainConfig(StrictModel):
+    """Options of ``tumorseg train``."""
+
+    manifest: Path | None = None
+    out: Path = Path("runs")
+    run_name: str | None = None
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimiser steps")
+    image_size: tuple[int, int] = (128, 128)
+    seed: int = 0
+    deterministic: bool = False
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    cache: Literal["auto", "ram", "gpu"] = "auto"
+    early_stopping_patience: int | None = Field(15, ge=1)
+    val_overlays: int = Field(4, ge=0)
+    threshold: float = Field(0.5, gt=0, lt=1)
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    augment: AugmentConfig = AugmentConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    log_model: bool = True
+
+    @field_validator("image_size")
+    @classmethod
+    def _size_divisible(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 16 or any(s % 16 for s in v):
+            raise ValueError("image_size entries must be multiples of 16 and at least 16 (e.g. [256, 256])")
+        return v
+
+
+# ----------------------------------------------------------------------------- evaluate / predict
+
+
+class EvaluateConfig(StrictModel):
+    """Options of ``tumorseg evaluate``."""
+
+    model: str
+    manifest: Path
+    split: str = "test"
+    out: Path | None = None
+    empty_both: Literal["nan", "1"] = "nan"
+    surface: bool = False
+    batch_size: int = Field(16, ge=1)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    gallery_k: int = Field(4, ge=1)
+    bootstrap: int = Field(1000, ge=0)
+    seed: int = 0
+    workers: int = Field(2, ge=0)
+    write_back: bool = True
+    tracking: TrackingConfig = TrackingConfig()
+
+
+class PredictConfig(StrictModel):
+    """Options of ``tumorseg predict``."""
+
+    model: str
+    inputs: list[Path]
+    output_dir: Path = Path("predictions")
+    recursive: bool = False
+    format: Literal["png", "nifti"] = "png"
+    probabilities: bool = False
+    tta: bool = False
+    batch_size: int = Field(16, ge=1)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    threshold: float | None = None
+    slice_axis: int = Field(2, ge=0, le=2)
+    tracking: TrackingConfig = TrackingConfig()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=[2, 3]"]`` into a nested dict; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise TumorsegError(f"--set {pair!r}: expected key=value, e.g. --set epochs=2 or --set optim.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise TumorsegError(f"--set {pair!r}: value is not valid YAML ({exc.__class__.__name__})") from exc
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise TumorsegError(f"--set {pair!r}: {part} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``over`` into a copy of ``base``."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or bad YAML is a one-line error."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise TumorsegError(f"{path}: config file not found") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise TumorsegError(f"{path}: invalid YAML{line}; fix the syntax") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TumorsegError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def validation_message(exc: ValidationError, source: str) -> str:
+    """One line from a pydantic error: the first problem, its key and the fix."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        msg = "unknown setting; check the spelling"
+    else:
+        msg = err["msg"]
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def build_config(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
+    """Validate ``data`` as ``cls``; errors become one-line :class:`TumorsegError`."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise TumorsegError(validation_message(exc, source)) from exc
+
+
+def load_config(
+    cls: type[C],
+    path: Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> C:
+    """Build a config from ``base`` <- YAML file <- ``--set`` overrides."""
+    data: dict[str, Any] = dict(base or {})
+    source = "config"
+    if path is not None:
+        data = deep_merge(data, read_yaml(path))
+        source = str(path)
+    if overrides:
+        data = deep_merge(data, parse_overrides(overrides))
+        source = f"{source} + --set" if path is not None else "--set"
+    return build_config(cls, data, source)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The full resolved config as YAML (paths as strings)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,459 @@
+"""``tumorseg ingest``: image/mask folders -> ``data_manifest/NAME/``.
+
+Discovery pairs files by stem (never by position), decoding runs in parallel worker
+processes that return one small row per case (memory does not grow with the data), every
+problem becomes a row of ``rejected.csv``, and the three output files are written
+atomically. Splits come from :mod:`tumorseg.splits`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing as mp
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tumorseg import __version__
+from tumorseg.config import IngestConfig
+from tumorseg.errors import TumorsegError
+from tumorseg.fsutil import atomic_write_bytes, atomic_write_json, sha256_bytes
+from tumorseg.imageio import DecodeError, binarize_mask, decode, image_format, mask_plane, read_bytes, split_ext
+from tumorseg.manifest import COLUMNS, MASK_SEP, SPLITS
+from tumorseg.progress import track
+from tumorseg.splits import assign_fold, assign_split, merge_groups, splits_without_tumour, suggest_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One case to inspect: an image and its mask files (absolute paths)."""
+
+    key: str
+    image: Path
+    masks: tuple[Path, ...]
+    group: str | None
+
+
+@dataclass
+class IngestResult:
+    """What :func:`run` produced."""
+
+    manifest_dir: Path
+    n_cases: int
+    n_rejected: int
+    dataset_digest: str
+    summary: dict[str, Any]
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    run_id: str | None = None
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def _list_files(folder: Path, recursive: bool) -> list[Path]:
+    """Sorted files under ``folder``; hidden files and folders are skipped."""
+    if recursive:
+        out = []
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            out.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
+        return sorted(out)
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _mask_regex(suffix: str) -> re.Pattern[str]:
+    return re.compile(rf"^(?P<base>.+?){re.escape(suffix)}(?:_(?P<idx>\d+))?$")
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str, str]]]:
+    """Pair images with masks by stem; return the cases and the rejected files."""
+    images_dir = cfg.images_dir.resolve()
+    masks_dir = (cfg.masks_dir or cfg.images_dir).resolve()
+    same_folder = masks_dir == images_dir
+    mask_re = _mask_regex(cfg.mask_suffix)
+    rejected: list[tuple[str, str]] = []
+    images: dict[str, list[Path]] = defaultdict(list)
+    masks: dict[str, dict[int, list[Path]]] = defaultdict(lambda: defaultdict(list))
+
+    def key_of(path: Path, base_dir: Path, stem: str) -> str:
+        rel_dir = path.parent.relative_to(base_dir).as_posix()
+        return stem if rel_dir == "." else f"{rel_dir}/{stem}"
+
+    def accept(path: Path) -> bool:
+        if image_format(path) is None:
+            ext = split_ext(path.name)[1] or "(no extension)"
+            rejected.append((_rel(path, root), f"unsupported format '{ext}'; use PNG, TIFF or NIfTI (.nii/.nii.gz)"))
+            return False
+        resolved = path.resolve()
+        if not resolved.is_relative_to(root):
+            rejected.append((_rel(path, root), f"resolves outside the data root {root} (symlink?); copy the file in"))
+            return False
+        return True
+
+    for path in _list_files(images_dir, cfg.recursive):
+        if not accept(path):
+            continue
+        stem = split_ext(path.name)[0]
+        m = mask_re.match(stem) if same_folder else None
+        if m:
+            masks[key_of(path, images_dir, m["base"])][int(m["idx"] or 0)].append(path)
+        else:
+            images[key_of(path, images_dir, stem)].append(path)
+    if not same_folder:
+        for path in _list_files(masks_dir, cfg.recursive):
+            if not accept(path):
+                continue
+            stem = split_ext(path.name)[0]
+            m = mask_re.match(stem)
+            base, idx = (m["base"], int(m["idx"] or 0)) if m else (stem, 0)
+            masks[key_of(path, masks_dir, base)][idx].append(path)
+
+    tasks: list[Task] = []
+    for key in sorted(set(images) | set(masks)):
+        imgs = images.get(key, [])
+        mask_sets = masks.get(key, {})
+        mask_files = [p for idx in sorted(mask_sets) for p in mask_sets[idx]]
+        if not imgs:
+            for p in mask_files:
+                rejected.append((_rel(p, root), "mask without image: no image with this stem; add it or remove the mask"))
+            continue
+        if len(imgs) > 1:
+            names = ", ".join(p.name for p in imgs)
+            for p in imgs + mask_files:
+                rejected.append((_rel(p, root), f"two images share the stem '{key}' ({names}); keep one of them"))
+            continue
+        if not mask_files:
+            rejected.append(
+                (_rel(imgs[0], root),
+                 f"image without mask: expected a mask named like '{Path(key).name}{cfg.mask_suffix}.png'"
+                 + ("" if same_folder else f" or '{Path(key).name}.png' in {masks_dir}"))
+            )
+            continue
+        clash = [ps for ps in mask_sets.values() if len(ps) > 1]
+        if clash:
+            names = ", ".join(p.name for p in clash[0])
+            for p in imgs + mask_files:
+                rejected.append((_rel(p, root), f"two masks share one stem ({names}); keep one of them"))
+            continue
+        group = _group_of(cfg, imgs[0], images_dir, key)
+        if group is None:
+            rejected.append(
+                (_rel(imgs[0], root), f"path does not match --group-pattern {cfg.group_pattern!r}; fix the pattern")
+            )
+            continue
+        tasks.append(Task(key, imgs[0], tuple(mask_files), group))
+    return tasks, rejected
+
+
+def _group_of(cfg: IngestConfig, image: Path, images_dir: Path, key: str) -> str | None:
+    rel = image.relative_to(images_dir).as_posix()
+    if cfg.group_pattern:
+        m = re.search(cfg.group_pattern, rel)
+        if not m:
+            return None
+        return m.group(1) if m.re.groups else m.group(0)
+    if cfg.group_by == "folder":
+        parent = Path(rel).parent.as_posix()
+        return parent
+    return key
+
+
+# ----------------------------------------------------------------------------- inspection (worker side)
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    root: Path
+    mask_threshold: float | None
+    slice_axis: int
+
+
+def _fraction(mask: Any) -> tuple[bool, float]:
+    n = int(mask.sum())
+    return n > 0, round(n / mask.size, 6)
+
+
+def inspect_case(task: Task, ctx: _Ctx) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Decode one case in a worker: manifest rows, or the reasons it is rejected."""
+    import numpy as np
+
+    rel_img = _rel(task.image, ctx.root)
+    try:
+        data = read_bytes(task.image)
+        img_sha = sha256_bytes(data)
+        image = decode(data, task.image, "image")
+    except DecodeError as exc:
+        return [], [(rel_img, _reason(exc, task.image))]
+    channels = image.array.shape[0] if image.mode != "NIfTI" else 1
+    if channels not in (1, 3):
+        return [], [(rel_img, f"{channels}-channel image; use grey or RGB(A)")]
+
+    masks = []
+    encodings = []
+    hashes = []
+    for path in task.masks:
+        try:
+            mdata = read_bytes(path)
+            hashes.append(sha256_bytes(mdata))
+            decoded = decode(mdata, path, "mask")
+            plane = decoded.array if decoded.mode == "NIfTI" else mask_plane(decoded.array, path)
+            binary, values = binarize_mask(plane, path, ctx.mask_threshold)
+        except DecodeError as exc:
+            return [], [(_rel(path, ctx.root), _reason(exc, path)), (rel_img, f"its mask {path.name} was rejected")]
+        img_shape = image.array.shape if image.mode == "NIfTI" else image.array.shape[1:]
+        if binary.shape != img_shape:
+            return [], [
+                (_rel(path, ctx.root),
+                 f"size mismatch: image is {_fmt_shape(img_shape)}, mask is {_fmt_shape(binary.shape)}; "
+                 "masks must match their image pixel for pixel"),
+                (rel_img, f"its mask {path.name} has another size"),
+            ]
+        masks.append(binary)
+        encodings.append(f"{decoded.mode} {values}")
+    mask = masks[0]
+    for m in masks[1:]:
+        mask = np.maximum(mask, m)
+    mask_sha = hashes[0] if len(hashes) == 1 else sha256_bytes("\n".join(hashes).encode())
+    common = {
+        "image": rel_img,
+        "mask": MASK_SEP.join(_rel(p, ctx.root) for p in task.masks),
+        "n_masks": len(task.masks),
+        "group": task.group,
+        "channels": channels,
+        "image_sha256": img_sha,
+        "mask_sha256": mask_sha,
+        "image_mode": f"{image.mode} {image.array.dtype}",
+        "mask_encoding": "; ".join(sorted(set(encodings))),
+    }
+    if image.mode == "NIfTI" and image.is_volume:
+        rows = []
+        for k in range(mask.shape[ctx.slice_axis]):
+            plane2d = np.take(mask, k, axis=ctx.slice_axis)
+            has, frac = _fraction(plane2d)
+            rows.append({**common, "case_id": f"{task.key}#{'xyz'[ctx.slice_axis]}{k:03d}", "slice_index": k,
+                         "has_tumour": has, "tumour_fraction": frac,
+                         "height": plane2d.shape[0], "width": plane2d.shape[1]})
+        return rows, []
+    plane2d = mask[:, :, 0] if image.mode == "NIfTI" else mask
+    has, frac = _fraction(plane2d)
+    return [{**common, "case_id": task.key, "slice_index": -1, "has_tumour": has, "tumour_fraction": frac,
+             "height": plane2d.shape[0], "width": plane2d.shape[1]}], []
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _reason(exc: DecodeError, path: Path) -> str:
+    """The message without the leading path (the report has its own path column)."""
+    msg = str(exc)
+    prefix = f"{path}: "
+    return msg[len(prefix):] if msg.startswith(prefix) else msg
+
+
+def _inspect_star(args: tuple[Task, _Ctx]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    return inspect_case(*args)
+
+
+def _inspect_all(tasks: list[Task], ctx: _Ctx, workers: int) -> Iterator[tuple[list[dict[str, Any]], list]]:
+    """Inspect cases in order, in ``workers`` processes (in-process for 1)."""
+    items = ((t, ctx) for t in tasks)
+    if workers <= 1 or len(tasks) < 2:
+        yield from map(_inspect_star, items)
+        return
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers) as pool:
+        yield from pool.imap(_inspect_star, items, chunksize=max(1, min(32, len(tasks) // (workers * 8))))
+
+
+# ----------------------------------------------------------------------------- splits and summary
+
+
+def assign_splits(rows: list[dict[str, Any]], cfg: IngestConfig) -> None:
+    """Set ``group`` (merged over identical images), ``split`` and ``fold`` on each row, in place."""
+    merged = merge_groups([r["group"] for r in rows], [r["image_sha256"] for r in rows])
+    for row, group in zip(rows, merged, strict=True):
+        row["group"] = group
+        row["split"] = assign_split(group, cfg.seed, cfg.fractions)
+        row["fold"] = assign_fold(group, cfg.seed, cfg.folds) if row["split"] != "test" else -1
+
+
+def summarize(rows: list[dict[str, Any]], n_rejected: int) -> dict[str, Any]:
+    """Cases, groups, tumour/empty counts and achieved fractions per split."""
+    total = len(rows) or 1
+    groups_total = len({r["group"] for r in rows}) or 1
+    per_split: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        sel = [r for r in rows if r["split"] == split]
+        groups = {r["group"] for r in sel}
+        tumour = sum(1 for r in sel if r["has_tumour"])
+        per_split[split] = {
+            "cases": len(sel),
+            "groups": len(groups),
+            "tumour": tumour,
+            "empty": len(sel) - tumour,
+            "case_fraction": round(len(sel) / total, 4),
+            "group_fraction": round(len(groups) / groups_total, 4),
+        }
+    splits_of_group: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        splits_of_group[r["group"]].add(r["split"])
+    return {
+        "cases": len(rows),
+        "groups": len(splits_of_group),
+        "rejected": n_rejected,
+        "tumour": sum(1 for r in rows if r["has_tumour"]),
+        "empty": sum(1 for r in rows if not r["has_tumour"]),
+        "groups_straddling_splits": sum(1 for s in splits_of_group.values() if len(s) > 1),
+        "splits": per_split,
+    }
+
+
+def _check_tumour_coverage(rows: list[dict[str, Any]], cfg: IngestConfig) -> None:
+    tumour_groups = sorted({r["group"] for r in rows if r["has_tumour"]})
+    missing = splits_without_tumour(tumour_groups, cfg.seed, cfg.fractions)
+    if not missing:
+        return
+    better = suggest_seed(tumour_groups, cfg.seed, cfg.fractions)
+    hint = f"pass --seed {better}, which gives every split tumour cases" if better is not None else "change --fractions"
+    raise TumorsegError(
+        f"{cfg.images_dir}: with --seed {cfg.seed} split(s) {', '.join(missing)} would get no tumour case "
+        f"({len(tumour_groups)} tumour groups); {hint}. Keep that seed for later ingests: splits stay stable."
+    )
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _csv_bytes(rows: list[dict[str, Any]], columns: list[str]) -> bytes:
+    import csv
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _cell(row.get(k)) for k in columns})
+    return buf.getvalue().encode("utf-8")
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:.6f}"
+    return v
+
+
+def _data_root(cfg: IngestConfig) -> Path:
+    images = cfg.images_dir.resolve()
+    if cfg.masks_dir is None:
+        return images
+    return Path(os.path.commonpath([images, cfg.masks_dir.resolve()]))
+
+
+def _check_inputs(cfg: IngestConfig) -> None:
+    for label, folder in (("IMAGES_DIR", cfg.images_dir), ("MASKS_DIR", cfg.masks_dir)):
+        if folder is None:
+            continue
+        if not folder.exists():
+            raise TumorsegError(f"{folder}: {label} does not exist; check the path")
+        if not folder.is_dir():
+            raise TumorsegError(f"{folder}: {label} is not a folder; pass the folder that holds the files")
+    if cfg.group_pattern:
+        try:
+            re.compile(cfg.group_pattern)
+        except re.error as exc:
+            raise TumorsegError(f"--group-pattern {cfg.group_pattern!r}: invalid regular expression ({exc})") from exc
+
+
+def run(cfg: IngestConfig) -> IngestResult:
+    """Ingest image/mask folders into ``cfg.out_dir / cfg.name``.
+
+    Returns:
+        The manifest folder, counts, digest and split summary.
+
+    Raises:
+        TumorsegError: missing/empty input folder, bad options, or (``strict``) any rejection.
+    """
+    _check_inputs(cfg)
+    root = _data_root(cfg)
+    tasks, rejected = discover(cfg, root)
+    if not tasks and not rejected:
+        raise TumorsegError(f"{cfg.images_dir}: no files found; check the folder{' (or add --recursive)' if not cfg.recursive else ''}")
+    ctx = _Ctx(root, cfg.mask_threshold, cfg.slice_axis)
+    workers = cfg.workers or min(8, os.cpu_count() or 1)
+    rows: list[dict[str, Any]] = []
+    for case_rows, case_rejected in track(_inspect_all(tasks, ctx, workers), len(tasks), "ingest"):
+        rows.extend(case_rows)
+        rejected.extend(case_rejected)
+    rejected = sorted(set(rejected))
+    if cfg.strict and rejected:
+        path, reason = rejected[0]
+        raise TumorsegError(
+            f"{root / path}: {reason} ({len(rejected)} file(s) rejected; --strict writes no manifest - "
+            "run without --strict to get the full rejected.csv)"
+        )
+    if not rows:
+        raise TumorsegError(f"{cfg.images_dir}: no usable image/mask pairs ({len(rejected)} file(s) rejected: "
+                            f"first: {rejected[0][0]}: {rejected[0][1]})")
+    assign_splits(rows, cfg)
+    _check_tumour_coverage(rows, cfg)
+    rows.sort(key=lambda r: r["case_id"])
+    summary = summarize(rows, len(rejected))
+
+    manifest_csv = _csv_bytes(rows, COLUMNS)
+    rejected_csv = _csv_bytes([{"path": p, "reason": r} for p, r in rejected], ["path", "reason"])
+    digest = sha256_bytes(manifest_csv)
+    info = {
+        "name": cfg.name,
+        "tumorseg_version": __version__,
+        "data_root": str(root),
+        "dataset_digest": digest,
+        "slice_axis": cfg.slice_axis,
+        "mask_threshold": cfg.mask_threshold,
+        "config": cfg.model_dump(mode="json", exclude={"tracking", "workers"}),
+        "counts": {"cases": len(rows), "rejected": len(rejected), "groups": summary["groups"]},
+        "summary": summary,
+    }
+    out = cfg.out_dir / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    # manifest.json (with the digest) goes last: a reader that finds it finds a complete csv.
+    atomic_write_bytes(out / "manifest.csv", manifest_csv)
+    atomic_write_bytes(out / "rejected.csv", rejected_csv)
+    atomic_write_json(out / "manifest.json", info)
+    result = IngestResult(out, len(rows), len(rejected), digest, summary, rejected)
+    result.run_id = _track(cfg, result)
+    return result
+
+
+def _track(cfg: IngestConfig, result: IngestResult) -> str:
+    from tumorseg import tracking
+
+    with tracking.start_run(cfg.tracking, "ingest", run_name=f"ingest-{cfg.name}",
+                            tags={"tumorseg.manifest": cfg.name, "tumorseg.dataset_digest": result.dataset_digest}) as run:
+        run.log_params(cfg.model_dump(mode="json", exclude={"tracking"}))
+        s = result.summary
+        metrics: dict[str, float] = {k: s[k] for k in ("cases", "groups", "rejected", "tumour", "empty",
+                                                        "groups_straddling_splits")}
+        for split, v in s["splits"].items():
+            for k in ("cases", "groups", "tumour", "empty", "case_fraction"):
+                metrics[f"{split}_{k}"] = v[k]
+        run.log_metrics(metrics)
+        for name in ("manifest.csv", "manifest.json", "rejected.csv"):
+            run.log_artifact(result.manifest_dir / name, "manifest")
+        run.log_manifest_input(result.manifest_dir, context="ingest")
+        return run.run_id

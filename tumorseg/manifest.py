@@ -1,0 +1,155 @@
+"""The manifest: the contract between ``ingest`` and every later stage.
+
+``data_manifest/NAME/`` holds ``manifest.csv`` (one row per case), ``rejected.csv``
+(path, reason) and ``manifest.json`` (:class:`ManifestInfo`). ``dataset_digest`` is the
+SHA-256 of ``manifest.csv``'s bytes: equal digests mean the same cases, files and splits.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict
+
+from tumorseg.errors import TumorsegError
+from tumorseg.fsutil import sha256_bytes, sha256_file
+
+COLUMNS: list[str] = [
+    "case_id",
+    "image",
+    "mask",
+    "n_masks",
+    "group",
+    "split",
+    "fold",
+    "has_tumour",
+    "tumour_fraction",
+    "height",
+    "width",
+    "channels",
+    "slice_index",
+    "image_sha256",
+    "mask_sha256",
+    "image_mode",
+    "mask_encoding",
+]
+"""Manifest columns, in file order. ``mask`` joins several mask files with ``|`` (merged by
+union); ``slice_index`` is -1 for 2D files; ``fold`` is -1 for test cases or without folds."""
+
+MASK_SEP = "|"
+SPLITS = ("train", "val", "test")
+
+
+class ManifestInfo(BaseModel):
+    """``manifest.json``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    tumorseg_version: str
+    data_root: str
+    dataset_digest: str
+    slice_axis: int = 2
+    mask_threshold: float | None = None
+    config: dict[str, Any]
+    counts: dict[str, Any]
+    summary: dict[str, Any]
+
+
+def resolve_manifest_dir(path: str | os.PathLike[str]) -> Path:
+    """Accept a manifest folder or a file in it."""
+    p = Path(path)
+    if p.is_file() or p.name in ("manifest.csv", "manifest.json"):
+        p = p.parent
+    return p
+
+
+def read_manifest_info(path: str | os.PathLike[str]) -> ManifestInfo:
+    """Read ``manifest.json``; missing or broken is a one-line error."""
+    mdir = resolve_manifest_dir(path)
+    jpath = mdir / "manifest.json"
+    if not jpath.is_file():
+        raise TumorsegError(f"{jpath}: manifest not found; run `tumorseg ingest ... --name {mdir.name}` first")
+    try:
+        return ManifestInfo.model_validate_json(jpath.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise TumorsegError(f"{jpath}: not a tumorseg manifest ({exc.__class__.__name__}); re-run ingest") from exc
+
+
+def load_manifest(path: str | os.PathLike[str]) -> tuple[ManifestInfo, pd.DataFrame]:
+    """Read a manifest and check ``manifest.csv`` against the digest in ``manifest.json``."""
+    mdir = resolve_manifest_dir(path)
+    info = read_manifest_info(mdir)
+    cpath = mdir / "manifest.csv"
+    if not cpath.is_file():
+        raise TumorsegError(f"{cpath}: missing; re-run tumorseg ingest")
+    data = cpath.read_bytes()
+    if sha256_bytes(data) != info.dataset_digest:
+        raise TumorsegError(f"{cpath}: changed since ingest (digest mismatch); re-run tumorseg ingest, do not edit it")
+    df = pd.read_csv(cpath, dtype={"case_id": str, "image": str, "mask": str, "group": str, "split": str},
+                     keep_default_na=False)
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise TumorsegError(f"{cpath}: missing columns {missing}; re-run tumorseg ingest")
+    return info, df
+
+
+def select_split(df: pd.DataFrame, split: str, source: str | os.PathLike[str]) -> pd.DataFrame:
+    """Rows of one split; an empty split is a one-line error."""
+    rows = df[df["split"] == split]
+    if rows.empty:
+        present = sorted(set(df["split"]))
+        raise TumorsegError(f"{source}: no cases in split '{split}' (splits present: {', '.join(present)})")
+    return rows.reset_index(drop=True)
+
+
+def image_path(info: ManifestInfo, row: Any) -> Path:
+    """Absolute path of a row's image."""
+    return Path(info.data_root) / str(row["image"])
+
+
+def mask_paths(info: ManifestInfo, row: Any) -> list[Path]:
+    """Absolute paths of a row's mask file(s)."""
+    return [Path(info.data_root) / p for p in str(row["mask"]).split(MASK_SEP)]
+
+
+def verify_files(info: ManifestInfo, df: pd.DataFrame, source: str | os.PathLike[str]) -> None:
+    """Check every image and mask still exists with the hash recorded at ingest."""
+    seen: dict[str, str] = {}
+    for row in df.itertuples(index=False):
+        files = [(image_path(info, row._asdict()), row.image_sha256, False)]
+        files.append((Path(info.data_root) / str(row.mask).split(MASK_SEP)[0], row.mask_sha256, True))
+        for path, expected, is_mask in files:
+            key = str(path)
+            if key in seen and not is_mask:
+                continue
+            if not path.is_file():
+                raise TumorsegError(f"{path}: listed in {source} but missing; restore it or re-run tumorseg ingest")
+            if is_mask:
+                actual = combined_sha256([Path(info.data_root) / p for p in str(row.mask).split(MASK_SEP)])
+            else:
+                actual = seen.get(key) or sha256_file(path)
+            seen[key] = actual
+            if actual != expected:
+                raise TumorsegError(f"{path}: changed since ingest (sha256 differs); re-run tumorseg ingest")
+
+
+def combined_sha256(paths: list[Path]) -> str:
+    """One file's SHA-256, or for merged masks the SHA-256 of their joined hashes."""
+    hashes = [sha256_file(p) for p in paths]
+    return hashes[0] if len(hashes) == 1 else sha256_bytes("\n".join(hashes).encode())
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """Convert a ``(C, H, W)`` image to 1 or 3 channels (grey <-> RGB)."""
+    if image.shape[0] == channels:
+        return image
+    if channels == 3 and image.shape[0] == 1:
+        return np.repeat(image, 3, axis=0)
+    if channels == 1 and image.shape[0] == 3:
+        return image.mean(axis=0, keepdims=True)
+    raise TumorsegError(f"cannot convert a {image.shape[0]}-channel image to {channels} channels")

@@ -1,0 +1,89 @@
+"""Stable, patient-aware splits.
+
+A group's split is a pure function of ``(seed, group)``: a SHA-256 of both mapped to
+``[0, 1)`` and cut at the cumulative fractions. It never depends on which other cases
+exist, so ingesting again after new patients arrive moves no existing case, and no group
+can straddle two splits. Folds (over the non-test groups) use a second, independent hash.
+
+Stratification by ``has_tumour`` cannot be exact under that stability guarantee (exact
+stratification needs every group's rank, which shifts as data grows). Instead ingest
+checks the outcome: :func:`splits_without_tumour` finds a split left with no tumour case and
+:func:`suggest_seed` names the first seed that gives every split tumour cases. Data only
+ever adds groups, so once a seed passes it keeps passing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+
+SPLITS = ("train", "val", "test")
+
+
+def unit_hash(seed: int, key: str, salt: str) -> float:
+    """A uniform number in ``[0, 1)`` from ``(salt, seed, key)``."""
+    digest = hashlib.sha256(f"{salt}\0{seed}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def assign_split(group: str, seed: int, fractions: Sequence[float]) -> str:
+    """The split of a group, from its hash and the train/val/test fractions."""
+    u = unit_hash(seed, group, "split")
+    edge = 0.0
+    for name, frac in zip(SPLITS, fractions, strict=True):
+        edge += frac
+        if u < edge:
+            return name
+    return next(name for name, frac in reversed(list(zip(SPLITS, fractions, strict=True))) if frac > 0)
+
+
+def assign_fold(group: str, seed: int, folds: int) -> int:
+    """The cross-validation fold of a non-test group (``-1`` without folds)."""
+    if folds < 2:
+        return -1
+    return int(unit_hash(seed, group, "fold") * folds)
+
+
+def merge_groups(groups: Sequence[str], keys: Sequence[str]) -> list[str]:
+    """Merge groups that share a key (byte-identical images share a group).
+
+    Each merged set takes its lexicographically smallest group name. Union-find over
+    the groups, linked through equal ``keys``.
+    """
+    parent: dict[str, str] = {g: g for g in groups}
+
+    def find(g: str) -> str:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    first_by_key: dict[str, str] = {}
+    for group, key in zip(groups, keys, strict=True):
+        other = first_by_key.setdefault(key, group)
+        a, b = find(group), find(other)
+        if a != b:
+            lo, hi = sorted((a, b))
+            parent[hi] = lo
+    return [find(g) for g in groups]
+
+
+def splits_without_tumour(
+    tumour_groups: Iterable[str], seed: int, fractions: Sequence[float]
+) -> list[str]:
+    """Splits with a non-zero fraction that would get no tumour group."""
+    groups = list(tumour_groups)
+    wanted = [s for s, f in zip(SPLITS, fractions, strict=True) if f > 0]
+    if len(groups) < len(wanted):
+        return []  # too few tumour groups to cover every split: nothing to check
+    got = {assign_split(g, seed, fractions) for g in groups}
+    return [s for s in wanted if s not in got]
+
+
+def suggest_seed(tumour_groups: Iterable[str], seed: int, fractions: Sequence[float], tries: int = 1000) -> int | None:
+    """The first seed after ``seed`` that gives every split a tumour group."""
+    groups = list(tumour_groups)
+    for candidate in range(seed + 1, seed + 1 + tries):
+        if not splits_without_tumour(groups, candidate, fractions):
+            return candidate
+    return None

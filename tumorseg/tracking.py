@@ -1,0 +1,236 @@
+"""Experiment tracking behind a narrow interface; MLflow is the real tracker.
+
+Every run of every stage goes through :func:`start_run`. The tracking URI is always set
+explicitly: ``--tracking-uri`` / config, else ``MLFLOW_TRACKING_URI``, else
+``sqlite:///<cwd>/mlflow.db`` (MLflow >= 3.13 refuses a ``./mlruns`` file store).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tumorseg.config import TrackingConfig
+from tumorseg.errors import TumorsegError
+
+log = logging.getLogger(__name__)
+
+_MAX_PARAM_LEN = 6000
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The tracking URI to use: ``uri``, else ``$MLFLOW_TRACKING_URI``, else local SQLite."""
+    if uri:
+        return uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, naming the URI, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - user-chosen server
+            if resp.status >= 500:
+                raise TumorsegError(f"MLflow tracking server {uri} answered HTTP {resp.status}; check the server")
+    except urllib.error.HTTPError as exc:
+        if exc.code >= 500:
+            raise TumorsegError(f"MLflow tracking server {uri} answered HTTP {exc.code}; check the server") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TumorsegError(
+            f"MLflow tracking server {uri} cannot be reached ({reason}); start it or fix MLFLOW_TRACKING_URI"
+        ) from exc
+
+
+def configure(tracking: TrackingConfig) -> str:
+    """Point MLflow at the resolved URI (checked first) and return the URI."""
+    import mlflow
+
+    for name in ("mlflow", "alembic"):
+        if logging.getLogger(name).level < logging.WARNING:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    uri = resolve_tracking_uri(tracking.uri)
+    check_reachable(uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+class Run:
+    """One tracked run. Stages call these few methods, never MLflow directly."""
+
+    def __init__(self, run_id: str, uri: str) -> None:
+        self.run_id = run_id
+        self.tracking_uri = uri
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log (flattened) params; long values are truncated to MLflow's limit."""
+        import mlflow
+
+        flat = {k: str(v)[:_MAX_PARAM_LEN] for k, v in flatten(params).items()}
+        items = list(flat.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i : i + 100]))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log finite metrics in one batch (NaN values are skipped)."""
+        import math
+
+        import mlflow
+
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        if clean:
+            mlflow.log_metrics(clean, step=step)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set string tags."""
+        import mlflow
+
+        mlflow.set_tags({k: str(v) for k, v in tags.items() if v is not None})
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Upload a file or folder."""
+        import mlflow
+
+        if Path(path).is_dir():
+            mlflow.log_artifacts(str(path), artifact_path)
+        else:
+            mlflow.log_artifact(str(path), artifact_path)
+
+    def log_manifest_input(self, manifest_dir: Path, context: str) -> None:
+        """Log a manifest as an MLflow dataset input carrying its digest."""
+        import mlflow
+        import pandas as pd
+
+        from tumorseg.manifest import read_manifest_info
+
+        info = read_manifest_info(manifest_dir)
+        df = pd.read_csv(manifest_dir / "manifest.csv", dtype=str, keep_default_na=False)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "source can be interpreted in multiple ways"
+            dataset = mlflow.data.from_pandas(
+                df,
+                source=str((manifest_dir / "manifest.csv").resolve()),
+                name=info.name,
+                digest=info.dataset_digest[:36],
+            )
+        mlflow.log_input(dataset, context=context)
+
+
+class NullRun(Run):
+    """A run that logs nothing (DDP ranks other than 0)."""
+
+    def __init__(self) -> None:
+        super().__init__("", "")
+
+    def log_params(self, params: Mapping[str, Any]) -> None:  # noqa: D102
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:  # noqa: D102
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:  # noqa: D102
+        pass
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:  # noqa: D102
+        pass
+
+    def log_manifest_input(self, manifest_dir: Path, context: str) -> None:  # noqa: D102
+        pass
+
+
+def version_tags() -> dict[str, str]:
+    """Versions of tumorseg and its stack, for run tags."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import tumorseg
+
+    tags = {"tumorseg.version": tumorseg.__version__}
+    for pkg in ("torch", "monai", "mlflow"):
+        try:
+            tags[f"{pkg}.version"] = version(pkg)
+        except PackageNotFoundError:  # pragma: no cover
+            pass
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def git_commit() -> str | None:
+    """The git commit of the tumorseg source tree, when it is a checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+@contextmanager
+def start_run(
+    tracking: TrackingConfig,
+    stage: str,
+    run_name: str | None = None,
+    run_id: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    system_metrics: bool = False,
+) -> Iterator[Run]:
+    """Start (or, with ``run_id``, resume) a run of ``stage``.
+
+    Nested under the active run when there is one (the pipeline's parent run). On an
+    exception the run is marked FAILED and the exception propagates.
+    """
+    import mlflow
+
+    uri = configure(tracking)
+    if run_id is None:
+        mlflow.set_experiment(tracking.experiment)
+        experiment_id = None
+    else:
+        experiment_id = mlflow.get_run(run_id).info.experiment_id
+    nested = mlflow.active_run() is not None
+    all_tags = {"tumorseg.stage": stage, **version_tags(), **dict(tags or {})}
+    with mlflow.start_run(
+        run_id=run_id,
+        experiment_id=experiment_id,
+        run_name=run_name,
+        nested=nested,
+        tags={k: str(v) for k, v in all_tags.items()},
+        log_system_metrics=system_metrics or None,
+    ) as active:
+        log.info("MLflow run %s (%s) at %s", active.info.run_id, stage, uri)
+        yield Run(active.info.run_id, uri)
