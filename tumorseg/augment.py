@@ -1,0 +1,90 @@
+"""Seeded augmentation of whole batches, on the device the batch lives on.
+
+MONAI's per-sample dictionary transforms cost 22% (128²) and 10% (256²) of a UNet
+training step on a 2-core CPU (benchmarks/RESULTS.md), so the same augmentations are
+applied here to the whole batch at once: random flips and 90° rotations by indexing,
+a small random affine (rotation, scale, translation) through MONAI's batched
+``AffineTransform`` layer (bilinear for images, nearest for masks), and random intensity
+scale/shift. All randomness comes from one ``torch.Generator``, so an epoch seeded the
+same way augments identically (exact resume).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from tumorseg.config import AugmentConfig
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _coin(n: int, p: float, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    import torch
+
+    return (torch.rand(n, generator=gen) < p).to(device)
+
+
+def augment_batch(
+    images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment ``images (N, C, H, W)`` and ``masks (N, 1, H, W)`` together.
+
+    Each transform is applied to each sample with probability ``cfg.prob``. The
+    generator lives on the CPU; masks stay binary.
+    """
+    import torch
+
+    n, _, h, w = images.shape
+    dev = images.device
+    p = cfg.prob
+    if cfg.flip:
+        for dim in (2, 3):
+            sel = _coin(n, p, gen, dev)[:, None, None, None]
+            images = torch.where(sel, images.flip(dim), images)
+            masks = torch.where(sel, masks.flip(dim), masks)
+    if cfg.rotate90 and h == w:
+        k = torch.randint(0, 4, (n,), generator=gen).to(dev)
+        k = torch.where(_coin(n, p, gen, dev), k, torch.zeros_like(k))
+        for turns in (1, 2, 3):
+            sel = (k == turns)[:, None, None, None]
+            images = torch.where(sel, torch.rot90(images, turns, (2, 3)), images)
+            masks = torch.where(sel, torch.rot90(masks, turns, (2, 3)), masks)
+    if cfg.affine:
+        images, masks = _random_affine(images, masks, p, gen)
+    if cfg.intensity:
+        scale = 1.0 + (torch.rand(n, generator=gen) * 0.2 - 0.1)
+        shift = torch.rand(n, generator=gen) * 0.2 - 0.1
+        on = torch.rand(n, generator=gen) < p
+        scale = torch.where(on, scale, torch.ones_like(scale)).to(dev, images.dtype)
+        shift = torch.where(on, shift, torch.zeros_like(shift)).to(dev, images.dtype)
+        images = images * scale[:, None, None, None] + shift[:, None, None, None]
+    return images, masks
+
+
+def _random_affine(
+    images: torch.Tensor, masks: torch.Tensor, p: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotation within ±15°, scale within ±10%, translation within ±5%, per sample."""
+    import torch
+    from monai.networks.layers import AffineTransform
+
+    n = images.shape[0]
+    on = torch.rand(n, generator=gen) < p
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(15)
+    scale = 1.0 + (torch.rand(n, generator=gen) * 2 - 1) * 0.1
+    shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * 0.1  # normalised coords span 2
+    if not bool(on.any()):
+        return images, masks
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = cos, -sin, shift[:, 0]
+    theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = sin, cos, shift[:, 1]
+    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(n, 2, 3)
+    theta = torch.where(on[:, None, None], theta, identity).to(images.device, torch.float32)
+    warp_img = AffineTransform(normalized=True, mode="bilinear", padding_mode="border", align_corners=False)
+    warp_msk = AffineTransform(normalized=True, mode="nearest", padding_mode="zeros", align_corners=False)
+    out_img = warp_img(images.float(), theta).to(images.dtype)
+    out_msk = warp_msk(masks.float(), theta).to(masks.dtype)
+    return out_img, out_msk
