@@ -127,9 +127,13 @@ def ingest(
     masks_dir: Annotated[Path | None, typer.Argument(help="folder of masks [default: IMAGES_DIR]")] = None,
     name: Annotated[str, typer.Option("--name", help="manifest name: writes data_manifest/NAME/")] = ...,  # type: ignore[assignment]
     out_dir: Annotated[Path, typer.Option("--out-dir", help="where manifests live")] = Path("data_manifest"),
-    mask_suffix: Annotated[str, typer.Option(help="stem suffix that marks a mask (x_mask.png, x_mask_1.png)")] = "_mask",
+    mask_suffix: Annotated[
+        str, typer.Option(help="stem suffix that marks a mask (x_mask.png, x_mask_1.png)")
+    ] = "_mask",
     recursive: Annotated[bool, typer.Option("--recursive", help="walk subfolders")] = False,
-    group_pattern: Annotated[str | None, typer.Option(help="regex on the relative path; group 1 is the patient")] = None,
+    group_pattern: Annotated[
+        str | None, typer.Option(help="regex on the relative path; group 1 is the patient")
+    ] = None,
     group_by: Annotated[str, typer.Option(help="case | folder: default grouping without --group-pattern")] = "case",
     fractions: Annotated[str, typer.Option(help="train,val,test fractions")] = "0.7,0.15,0.15",
     seed: Annotated[int, typer.Option(help="split seed")] = 0,
@@ -284,7 +288,7 @@ def pipeline_run(
     from tumorseg import pipeline as stage
 
     res = stage.run(stage.load(file, tracking_uri=tracking_uri), force=force)
-    typer.echo(res.message)
+    typer.echo(res.message, err=res.exit_code == 1)  # a failed stage is an error line, like other errors
     raise typer.Exit(res.exit_code)
 
 

@@ -157,6 +157,7 @@ class TrainConfig(StrictModel):
     amp: bool = True
     channels_last: bool = True
     cache: Literal["auto", "ram", "gpu"] = "auto"
+    normalize: Literal["dataset", "image"] = "dataset"
     early_stopping_patience: int | None = Field(15, ge=1)
     val_overlays: int = Field(4, ge=0)
     threshold: float = Field(0.5, gt=0, lt=1)

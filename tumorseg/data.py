@@ -22,7 +22,7 @@ from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import sha256_bytes
 from tumorseg.imageio import DecodeError, binarize_mask, decode, mask_plane, read_bytes, slice_of
 from tumorseg.manifest import MASK_SEP, ManifestInfo
-from tumorseg.model import preprocess, resize_mask
+from tumorseg.model import Stats, preprocess, resize_mask
 
 if TYPE_CHECKING:
     import torch
@@ -102,12 +102,13 @@ def load_cases(info: ManifestInfo, df: pd.DataFrame, source: str, workers: int =
 
 
 def cache_split(
-    cases: list[Case], size: tuple[int, int], in_channels: int, keep_originals: bool = False
+    cases: list[Case], size: tuple[int, int], in_channels: int, keep_originals: bool = False,
+    stats: Stats | None = None,
 ) -> CachedSplit:
     """Preprocess decoded cases into stacked tensors at ``size``."""
     import torch
 
-    images = torch.stack([preprocess(c.image, size, in_channels) for c in cases])
+    images = torch.stack([preprocess(c.image, size, in_channels, stats) for c in cases])
     masks = torch.stack([resize_mask(c.mask, size) for c in cases]).to(torch.uint8)
     return CachedSplit(
         case_ids=[c.case_id for c in cases],

@@ -50,7 +50,7 @@ def atomic_write_bytes(dest: str | os.PathLike[str], data: bytes) -> None:
 
 
 def atomic_write_text(dest: str | os.PathLike[str], text: str) -> None:
-    """Write UTF-8 ``text`` to ``dest`` atomically (``\\n`` line endings)."""
+    """Write UTF-8 ``text`` to ``dest`` atomically."""
     atomic_write_bytes(dest, text.encode("utf-8"))
 
 

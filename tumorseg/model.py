@@ -101,7 +101,7 @@ def load_encoder_weights(net: torch.nn.Module, path: Path) -> None:
                             "save them with torch.save(model.state_dict(), path)") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    encoder = net.encoder  # type: ignore[union-attr]
+    encoder: torch.nn.Module = net.encoder  # type: ignore[assignment]
     own = encoder.state_dict()
     matched = {}
     for key, value in state.items():
@@ -131,20 +131,54 @@ def build_loss(cfg: LossConfig) -> torch.nn.Module:
 # ----------------------------------------------------------------------------- pre/post-processing
 
 
-def normalize(image: np.ndarray) -> np.ndarray:
-    """Z-score each channel of a ``(C, H, W)`` float image (constant images become 0)."""
+Stats = dict[str, list[float]]
+"""Per-channel intensity statistics ``{"mean": [...], "std": [...]}`` of a training split."""
+
+
+def normalize(image: np.ndarray, stats: Stats | None = None) -> np.ndarray:
+    """Z-score a ``(C, H, W)`` float image per channel.
+
+    With ``stats`` (the training split's mean/std, the default ``normalize: dataset``) every
+    image is scaled the same way, so a tumour-free image's faint noise stays faint. Without,
+    each image is z-scored by its own statistics (``normalize: image``; constant images -> 0).
+    """
     img = image.astype(np.float32, copy=False)
+    if stats is not None:
+        mean = np.asarray(stats["mean"], dtype=np.float32)[:, None, None]
+        std = np.asarray(stats["std"], dtype=np.float32)[:, None, None]
+        return (img - mean) / np.where(std > 1e-8, std, 1.0)
     mean = img.mean(axis=(1, 2), keepdims=True)
     std = img.std(axis=(1, 2), keepdims=True)
     return (img - mean) / np.where(std > 1e-8, std, 1.0)
 
 
-def preprocess(image: np.ndarray, size: tuple[int, int], in_channels: int) -> torch.Tensor:
+def intensity_sums(images: list[np.ndarray], in_channels: int) -> np.ndarray:
+    """``(3, C)`` float64 per-channel pixel count, sum and sum of squares (reducible across ranks)."""
+    out = np.zeros((3, in_channels), dtype=np.float64)
+    for image in images:
+        img = to_channels(image, in_channels).astype(np.float64)
+        out[0] += img.shape[1] * img.shape[2]
+        out[1] += img.sum(axis=(1, 2))
+        out[2] += np.square(img).sum(axis=(1, 2))
+    return out
+
+
+def stats_from_sums(sums: np.ndarray) -> Stats:
+    """Mean and std per channel from :func:`intensity_sums`."""
+    n = np.maximum(sums[0], 1.0)
+    mean = sums[1] / n
+    std = np.sqrt(np.maximum(sums[2] / n - mean**2, 0.0))
+    return {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+
+
+def preprocess(
+    image: np.ndarray, size: tuple[int, int], in_channels: int, stats: Stats | None = None
+) -> torch.Tensor:
     """``(C, H, W)`` image -> ``float32 (in_channels, *size)`` network input."""
     import torch
     import torch.nn.functional as F
 
-    arr = normalize(to_channels(image, in_channels))
+    arr = normalize(to_channels(image, in_channels), stats)
     t = torch.from_numpy(np.ascontiguousarray(arr))[None]
     if tuple(t.shape[-2:]) != tuple(size):
         t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
@@ -209,15 +243,21 @@ class Segmenter:
         device: where to run.
     """
 
-    def __init__(self, net: torch.nn.Module, config: TrainConfig, in_channels: int, device: torch.device) -> None:
+    def __init__(
+        self, net: torch.nn.Module, config: TrainConfig, in_channels: int, device: torch.device,
+        stats: Stats | None = None,
+    ) -> None:
         self.net = net.to(device).eval()
+        self.stats = stats
         self.config = config
         self.in_channels = in_channels
         self.device = device
         self.threshold = config.threshold
         self._amp = amp_dtype(device, config.amp)
         if device.type == "cuda" and config.channels_last:
-            self.net = self.net.to(memory_format=__import__("torch").channels_last)
+            import torch
+
+            self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Segmenter:
@@ -227,7 +267,7 @@ class Segmenter:
         dev = resolve_device(device)
         net = build_model(cfg.model, int(ckpt["in_channels"]))
         net.load_state_dict(ckpt["model"])
-        seg = cls(net, cfg, int(ckpt["in_channels"]), dev)
+        seg = cls(net, cfg, int(ckpt["in_channels"]), dev, ckpt.get("intensity"))
         seg.checkpoint_meta = {k: ckpt.get(k) for k in ("manifest_digest", "manifest_name", "mlflow_run_id",
                                                           "epoch", "best_val_dice", "checkpoint_sha256")}
         return seg
@@ -248,8 +288,8 @@ class Segmenter:
 
         if not images:
             return []
-        size = tuple(self.config.image_size)
-        batch = torch.stack([preprocess(img, size, self.in_channels) for img in images]).to(self.device)
+        size = (int(self.config.image_size[0]), int(self.config.image_size[1]))
+        batch = torch.stack([preprocess(img, size, self.in_channels, self.stats) for img in images]).to(self.device)
         if self.device.type == "cuda" and self.config.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._amp or torch.float32,

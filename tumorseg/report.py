@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from tumorseg.evaluate import EvaluateResult
     from tumorseg.ingest import IngestResult
 
 
@@ -29,5 +30,46 @@ def print_ingest_summary(res: IngestResult) -> None:
     con = _console()
     con.print(table)
     con.print(f"groups in more than one split: {s['groups_straddling_splits']}")
-    con.print(f"rejected files: {res.n_rejected}" + (f" (see {res.manifest_dir / 'rejected.csv'})" if res.n_rejected else ""))
+    where = f" (see {res.manifest_dir / 'rejected.csv'})" if res.n_rejected else ""
+    con.print(f"rejected files: {res.n_rejected}{where}")
     con.print(f"dataset digest: {res.dataset_digest}")
+
+
+def _num(v: Any, fmt: str = ".4f") -> str:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return "-"
+    return "n/a" if f != f else format(f, fmt)
+
+
+def print_eval_summary(res: EvaluateResult) -> None:
+    """Dice/IoU distribution, pooled and per-patient Dice, empty-case false positives, and provenance."""
+    from rich.table import Table
+
+    s = res.summary
+    name = s.get("manifest", {}).get("name", "")
+    table = Table(title=f"evaluate {name} / {res.split}: {res.n_cases} cases")
+    for col in ("metric", "mean", "median", "std", "p5", "p95"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for key, label in (("dice", "Dice"), ("iou", "IoU")):
+        stats = ("mean", "median", "std", "p5", "p95")
+        table.add_row(label, *(_num(s.get(f"{key}_{stat}")) for stat in stats))
+    for key, label in (("hd95", "HD95 (px)"), ("assd", "ASSD (px)")):
+        if f"{key}_mean" in s:
+            table.add_row(label, _num(s[f"{key}_mean"], ".2f"), _num(s[f"{key}_median"], ".2f"), "", "", "")
+    con = _console()
+    con.print(table)
+    con.print(f"mean Dice 95% bootstrap CI: [{_num(s.get('dice_ci_low'))}, {_num(s.get('dice_ci_high'))}] "
+              f"over {s.get('n_scored')} scored cases")
+    con.print(f"global (pooled) Dice: {_num(s.get('dice_global'))}   mean per-group Dice: "
+              f"{_num(s.get('dice_group_mean'))} over {s.get('n_groups')} groups")
+    con.print(f"false positives on empty ground truth: {s.get('n_fp_empty')}/{s.get('n_gt_empty')} "
+              f"(rate {_num(s.get('fp_rate_empty'), '.3f')})")
+    con.print(f"empty rule: {s.get('empty_rule')}")
+    model = s.get("model", {})
+    sha = str(model.get("checkpoint_sha256", ""))[:16]
+    train_run = model.get("train_run_id") or "unknown"
+    con.print(f"model: {model.get('ref')} (sha256 {sha}, training run {train_run})")
+    con.print(f"manifest digest: {s.get('manifest', {}).get('dataset_digest')}")
+    con.print(f"outputs: {res.out_dir}   MLflow run: {res.run_id}")

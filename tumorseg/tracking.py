@@ -126,6 +126,7 @@ class Run:
         """Log a manifest as an MLflow dataset input carrying its digest."""
         import mlflow
         import pandas as pd
+        from mlflow.data.pandas_dataset import from_pandas
 
         from tumorseg.manifest import read_manifest_info
 
@@ -135,7 +136,7 @@ class Run:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "source can be interpreted in multiple ways"
-            dataset = mlflow.data.from_pandas(
+            dataset = from_pandas(
                 df,
                 source=str((manifest_dir / "manifest.csv").resolve()),
                 name=info.name,

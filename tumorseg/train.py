@@ -242,7 +242,9 @@ def train_one_epoch(
     return (total / seen if seen else float("nan")), seen
 
 
-def validate(net: torch.nn.Module, data: CachedSplit, cfg: TrainConfig, device: torch.device) -> tuple[float, list[float]]:
+def validate(
+    net: torch.nn.Module, data: CachedSplit, cfg: TrainConfig, device: torch.device
+) -> tuple[float, list[float]]:
     """Per-case Dice at the original resolution; returns (mean over scored cases, per-case)."""
     import torch
     import torch.nn.functional as F
@@ -251,7 +253,8 @@ def validate(net: torch.nn.Module, data: CachedSplit, cfg: TrainConfig, device: 
     dtype = amp_dtype(device, cfg.amp)
     scores: list[float] = []
     bs = max(cfg.batch_size, 16)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    with torch.inference_mode(), autocast:
         for start in range(0, len(data), bs):
             x = data.images[start : start + bs].to(device, non_blocking=True)
             if device.type == "cuda" and cfg.channels_last:
@@ -280,7 +283,7 @@ def rng_states() -> dict[str, Any]:
     import torch
 
     py = random.getstate()
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     out: dict[str, Any] = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
@@ -375,18 +378,21 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
         shard = np.resize(shard, per_rank * dist.world)[dist.rank :: dist.world]
     t0 = time.perf_counter()
     train_cases = datamod.load_cases(info, train_df.iloc[np.sort(shard)], source)
-    train_data = datamod.place(datamod.cache_split(train_cases, cfg.image_size, in_channels), device, cfg.cache)
+    stats = (ckpt or {}).get("intensity") or _dataset_stats(cfg, train_cases, in_channels, dist, device)
+    train_data = datamod.place(datamod.cache_split(train_cases, cfg.image_size, in_channels, stats=stats),
+                               device, cfg.cache)
     del train_cases
     val_data = None
     if dist.main:
-        val_data = datamod.place(datamod.cache_split(datamod.load_cases(info, val_df, source), cfg.image_size,
-                                                     in_channels, keep_originals=True), device, cfg.cache)
+        val_cases = datamod.load_cases(info, val_df, source)
+        val_data = datamod.place(datamod.cache_split(val_cases, cfg.image_size, in_channels, keep_originals=True,
+                                                     stats=stats), device, cfg.cache)
     log.info("decoded and cached %d train / %d val cases in %.1f s", len(train_data), len(val_df),
              time.perf_counter() - t0)
 
     net = build_model(cfg.model, in_channels).to(device)
     if device.type == "cuda" and cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     loss_fn = build_loss(cfg.loss)
     opt = build_optimizer(cfg, net.parameters())
     sched = build_scheduler(cfg, opt)
@@ -422,7 +428,10 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
                             "world_size": dist.world})
             run.log_manifest_input(Path(cfg.manifest), context="training")
             run.log_artifact(run_dir / "config.yaml")
-        ctx = (net, opt, sched, scaler, cfg, in_channels, info.dataset_digest, info.name, run if dist.main else None)
+        if ckpt is None and stats is not None:
+            run.log_params({"intensity.mean": stats["mean"], "intensity.std": stats["std"]})
+        ctx = (net, opt, sched, scaler, cfg, in_channels, info.dataset_digest, info.name, run if dist.main else None,
+               stats)
         _loop(ctx, train_data, val_data, loss_fn, state, device, dist, run_dir)
         result = TrainResult(run_dir, run_dir / "best.pt", run_dir / "last.pt", state.best_val_dice,
                              state.best_epoch, state.epoch, run.run_id, None, dist.main, state.stopped_reason,
@@ -445,7 +454,7 @@ def _loop(ctx: tuple, train_data: CachedSplit, val_data: CachedSplit | None, los
           device: torch.device, dist: Dist, run_dir: Path) -> None:
     import torch
 
-    net, opt, sched, scaler, cfg, in_channels, digest, mname, run = ctx
+    net, opt, sched, scaler, cfg, in_channels, digest, mname, run, stats = ctx
     interactive = is_interactive() and dist.main
     while state.epoch < cfg.epochs and not state.stopped_reason:
         if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
@@ -491,6 +500,7 @@ def _loop(ctx: tuple, train_data: CachedSplit, val_data: CachedSplit | None, los
         state.history.append(row)
         if dist.main:
             payload = _payload(net, opt, sched, scaler, state, cfg, in_channels, digest, mname, run, full=True)
+            payload["intensity"] = stats
             if improved:
                 save_checkpoint(run_dir / "best.pt", payload)
             save_checkpoint(run_dir / "last.pt", payload)
@@ -505,6 +515,25 @@ def _loop(ctx: tuple, train_data: CachedSplit, val_data: CachedSplit | None, los
                 Console(stderr=True).print(msg)
             else:
                 log.info(msg)
+
+
+def _dataset_stats(cfg: TrainConfig, cases: list[Any], in_channels: int, dist: Dist,
+                   device: torch.device) -> dict[str, list[float]] | None:
+    """Training-split intensity mean/std (summed over all DDP ranks), or None for per-image z-score."""
+    if cfg.normalize != "dataset":
+        return None
+    import torch
+
+    from tumorseg.model import intensity_sums, stats_from_sums
+
+    sums = intensity_sums([c.image for c in cases], in_channels)
+    if dist.world > 1:
+        import torch.distributed as td
+
+        t = torch.from_numpy(sums).to(device)
+        td.all_reduce(t)
+        sums = t.cpu().numpy()
+    return stats_from_sums(sums)
 
 
 class _null_run:

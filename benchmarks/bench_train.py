@@ -1,0 +1,202 @@
+"""Training throughput: tumorseg's loop vs a MONAI-tutorial loop vs one batch in memory.
+
+Same model (UNet 16..256, 2 residual units), same data, same image size, batch size and
+number of optimiser steps in all three:
+
+  (a) tumorseg: the real ``train_one_epoch`` on the decoded cache with batched augmentation
+      (AMP + channels_last on CUDA, as ``tumorseg train`` runs);
+  (b) tutorial: MONAI's 2D segmentation tutorial style, ``LoadImaged`` per step through a
+      ``DataLoader`` (workers), ``ScaleIntensityd`` + ``Resized`` + ``RandRotate90d``, fp32;
+  (c) limit: the same steps on one batch already on the device (no data work at all).
+
+Prints images/s, ratios and the share of step time spent waiting for data.
+
+    python benchmarks/bench_train.py --size 256 --steps 40 --n 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def _sync(device) -> None:  # noqa: ANN001
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    import numpy as np
+    import torch
+
+    from tumorseg import data as datamod
+    from tumorseg import ingest, synth
+    from tumorseg.config import IngestConfig, TrackingConfig, TrainConfig
+    from tumorseg.manifest import load_manifest, select_split
+    from tumorseg.model import amp_dtype, build_loss, build_model, resolve_device
+    from tumorseg.train import State, build_optimizer, train_one_epoch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--n", type=int, default=64, help="synthetic image/mask pairs")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the tutorial loop")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    synth.run(tmp / "data", n=args.n, size=args.size, seed=0)
+    icfg = IngestConfig(images_dir=tmp / "data/images", masks_dir=tmp / "data/masks", name="bench",
+                        out_dir=tmp / "dm", fractions=(1.0, 0.0, 0.0), workers=2,
+                        tracking=TrackingConfig(uri=f"sqlite:///{tmp}/mlflow.db"))
+    mdir = ingest.run(icfg).manifest_dir
+    info, df = load_manifest(mdir)
+    train_df = select_split(df, "train", "bench")
+    cfg = TrainConfig(manifest=mdir, image_size=(args.size, args.size), batch_size=args.batch,
+                      max_steps=args.steps, device=args.device)
+    device = resolve_device(cfg.device)
+    dtype = amp_dtype(device, cfg.amp)
+    print(f"device {device}  torch threads {torch.get_num_threads()}  image {args.size}²  batch {args.batch}  "
+          f"steps {args.steps}  amp {dtype}")
+
+    def fresh():  # noqa: ANN202
+        torch.manual_seed(0)
+        net = build_model(cfg.model, 1).to(device)
+        if device.type == "cuda":
+            net = net.to(memory_format=torch.channels_last)
+        return net, build_optimizer(cfg, net.parameters()), build_loss(cfg.loss)
+
+    # (a) tumorseg
+    cases = datamod.load_cases(info, train_df, "bench")
+    cached = datamod.place(datamod.cache_split(cases, cfg.image_size, 1), device, "auto")
+    net, opt, loss_fn = fresh()
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    warm = cfg.model_copy(update={"max_steps": 3})
+    train_one_epoch(net, cached, loss_fn, opt, scaler, warm, State(), device, _dist())
+    state = State()
+    steps_done = 0
+    _sync(device)
+    t0 = time.perf_counter()
+    while steps_done < args.steps:
+        state.global_step = 0
+        c = cfg.model_copy(update={"max_steps": args.steps - steps_done})
+        _, seen = train_one_epoch(net, cached, loss_fn, opt, scaler, c, state, device, _dist())
+        steps_done += state.global_step
+        state.epoch += 1
+    _sync(device)
+    t_a = time.perf_counter() - t0
+    data_a = _data_time_tumorseg(cached, cfg, device, args.steps)
+
+    # (b) MONAI tutorial loop
+    from monai.data import DataLoader, Dataset
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandRotate90d, Resized, ScaleIntensityd
+
+    files = [{"img": str(Path(info.data_root) / r["image"]), "seg": str(Path(info.data_root) / r["mask"])}
+             for _, r in train_df.iterrows()]
+    tf = Compose([LoadImaged(keys=["img", "seg"]), EnsureChannelFirstd(keys=["img", "seg"]),
+                  ScaleIntensityd(keys=["img", "seg"]),
+                  Resized(keys=["img", "seg"], spatial_size=(args.size, args.size), mode=("bilinear", "nearest")),
+                  RandRotate90d(keys=["img", "seg"], prob=0.5, spatial_axes=[0, 1])])
+    loader = DataLoader(Dataset(files, tf), batch_size=args.batch, shuffle=True, num_workers=args.workers,
+                        drop_last=True, persistent_workers=args.workers > 0)
+    net, opt, loss_fn = fresh()
+    step, wait = 0, 0.0
+    it = iter(loader)
+    for _ in range(3):  # warm-up
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+    _sync(device)
+    t0 = time.perf_counter()
+    while step < args.steps:
+        tw = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it)
+        x, y = batch["img"].to(device), batch["seg"].to(device)
+        wait += time.perf_counter() - tw
+        opt.zero_grad()
+        loss = loss_fn(net(x), y)
+        loss.backward()
+        opt.step()
+        step += 1
+    _sync(device)
+    t_b = time.perf_counter() - t0
+
+    # (c) limit: one batch in memory, same steps, same precision as (a)
+    net, opt, loss_fn = fresh()
+    x = cached.images[: args.batch].to(device)
+    y = cached.masks[: args.batch].to(device).float()
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def limit_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = loss_fn(net(x), y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+
+    for _ in range(3):
+        limit_step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        limit_step()
+    _sync(device)
+    t_c = time.perf_counter() - t0
+
+    imgs = args.steps * args.batch
+    rows = [("(a) tumorseg train loop", t_a, data_a / t_a), ("(b) MONAI tutorial loop (fp32)", t_b, wait / t_b),
+            ("(c) limit: one batch in memory", t_c, 0.0)]
+    print("\n| loop | images/s | vs tutorial | vs limit | data wait share |\n|---|---|---|---|---|")
+    for name, t, share in rows:
+        print(f"| {name} | {imgs / t:.1f} | {t_b / t:.2f}x | {t_c / t:.3f} | {share:.1%} |")
+    _ = np
+
+
+def _dist():  # noqa: ANN202
+    from tumorseg.train import Dist
+
+    return Dist()
+
+
+def _data_time_tumorseg(cached, cfg, device, steps: int) -> float:  # noqa: ANN001
+    """Time of the data part of (a) alone: batch indexing, copy and augmentation."""
+    import torch
+
+    from tumorseg.augment import augment_batch
+    from tumorseg.train import epoch_generator
+
+    gen = epoch_generator(0, 0)
+    n = len(cached)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        idx = torch.randperm(n, generator=gen)[: cfg.batch_size]
+        x = cached.images[idx.to(cached.images.device)].to(device, non_blocking=True)
+        y = cached.masks[idx.to(cached.masks.device)].to(device, non_blocking=True).float()
+        augment_batch(x, y, cfg.augment, gen)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    main()
