@@ -13,17 +13,20 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import unicodedata
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tumorseg import __version__
 from tumorseg.config import IngestConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_bytes, atomic_write_json, sha256_bytes
-from tumorseg.imageio import DecodeError, binarize_mask, decode, image_format, mask_plane, read_bytes, split_ext
+from tumorseg.imageio import EXTENSIONS, DecodeError, binarize_mask, decode, mask_plane, read_bytes, split_ext
 from tumorseg.manifest import COLUMNS, MASK_SEP, SPLITS
 from tumorseg.progress import track
 from tumorseg.splits import assign_fold, assign_split, merge_groups, splits_without_tumour, suggest_seed
@@ -33,11 +36,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Task:
-    """One case to inspect: an image and its mask files (absolute paths)."""
+    """One case to inspect: an image and its mask files, as POSIX paths relative to the data root.
+
+    Plain strings, not ``Path`` objects: tasks are pickled to the worker processes and the
+    paths go into the manifest as they are.
+    """
 
     key: str
-    image: Path
-    masks: tuple[Path, ...]
+    image: str
+    masks: tuple[str, ...]
     group: str | None
 
 
@@ -57,26 +64,42 @@ class IngestResult:
 # ----------------------------------------------------------------------------- discovery
 
 
-def _list_files(folder: Path, recursive: bool) -> list[Path]:
-    """Sorted files under ``folder``; hidden files and folders are skipped."""
-    if recursive:
-        out = []
-        for dirpath, dirnames, filenames in os.walk(folder):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            out.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
-        return sorted(out)
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+def _list_files(folder: Path, recursive: bool, skip: frozenset[Path] = frozenset()) -> list[tuple[str, bool]]:
+    """Files under ``folder`` as sorted ``(relative POSIX path, is_symlink)`` pairs.
+
+    Hidden files and folders are skipped, and so are symlinked folders (never followed) and
+    the folders in ``skip`` (resolved paths): a masks folder or the manifest output folder
+    that lies inside the walked tree is not read as images on a ``--recursive`` walk.
+    Symlinked files are listed (even broken ones, so they are reported, not lost). Plain
+    strings and ``os.scandir`` rather than ``pathlib``: discovery of large folders is
+    otherwise dominated by path-object overhead.
+    """
+    out: list[tuple[str, bool]] = []
+    stack = [("", os.fspath(folder))]
+    while stack:
+        rel_dir, abs_dir = stack.pop()
+        with os.scandir(abs_dir) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    if recursive and Path(entry.path).resolve() not in skip:
+                        stack.append((f"{rel_dir}{entry.name}/", entry.path))
+                elif entry.is_symlink():
+                    if not entry.is_dir():
+                        out.append((f"{rel_dir}{entry.name}", True))
+                elif entry.is_file():
+                    out.append((f"{rel_dir}{entry.name}", False))
+    out.sort(key=lambda item: item[0].split("/"))
+    return out
 
 
 def _mask_regex(suffix: str) -> re.Pattern[str]:
     return re.compile(rf"^(?P<base>.+?){re.escape(suffix)}(?:_(?P<idx>\d+))?$")
 
 
-def _rel(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
+def _name(rel: str) -> str:
+    return rel.rpartition("/")[2]
 
 
 def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str, str]]]:
@@ -86,41 +109,57 @@ def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str,
     same_folder = masks_dir == images_dir
     mask_re = _mask_regex(cfg.mask_suffix)
     rejected: list[tuple[str, str]] = []
-    images: dict[str, list[Path]] = defaultdict(list)
-    masks: dict[str, dict[int, list[Path]]] = defaultdict(lambda: defaultdict(list))
+    # files are kept as paths relative to ``root`` (the manifest's form) until a Task is made
+    images: dict[str, list[str]] = defaultdict(list)
+    masks: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
+    image_rel: dict[str, str] = {}  # root-relative -> relative to IMAGES_DIR (for --group-pattern)
 
-    def key_of(path: Path, base_dir: Path, stem: str) -> str:
-        rel_dir = path.parent.relative_to(base_dir).as_posix()
-        return stem if rel_dir == "." else f"{rel_dir}/{stem}"
+    def key_of(rel: str, stem: str) -> str:
+        rel_dir = rel.rpartition("/")[0]
+        # NFC: a name typed on Linux and the same name copied from macOS (NFD) are one stem
+        return unicodedata.normalize("NFC", f"{rel_dir}/{stem}" if rel_dir else stem)
 
-    def accept(path: Path) -> bool:
-        if image_format(path) is None:
-            ext = split_ext(path.name)[1] or "(no extension)"
-            rejected.append((_rel(path, root), f"unsupported format '{ext}'; use PNG, TIFF or NIfTI (.nii/.nii.gz)"))
-            return False
-        resolved = path.resolve()
-        if not resolved.is_relative_to(root):
-            rejected.append((_rel(path, root), f"resolves outside the data root {root} (symlink?); copy the file in"))
-            return False
-        return True
+    def prefix_of(folder: Path) -> str:
+        rel = folder.relative_to(root).as_posix()
+        return "" if rel == "." else f"{rel}/"
 
-    for path in _list_files(images_dir, cfg.recursive):
-        if not accept(path):
+    def accept(rel_root: str, is_link: bool) -> str | None:
+        """The file's stem, or ``None`` (and a rejection) for a file that cannot be a case."""
+        stem, ext = split_ext(_name(rel_root))
+        if ext not in EXTENSIONS:
+            rejected.append(
+                (rel_root, f"unsupported format '{ext or '(no extension)'}'; use PNG, TIFF or NIfTI (.nii/.nii.gz)")
+            )
+            return None
+        if is_link and not (root / rel_root).resolve().is_relative_to(root):
+            rejected.append((rel_root, f"resolves outside the data root {root} (symlink?); copy the file in"))
+            return None
+        return stem
+
+    # manifests written inside the input tree must not be ingested by the next --recursive run
+    outputs = {cfg.out_dir.resolve(), (cfg.out_dir / cfg.name).resolve()}
+    prefix = prefix_of(images_dir)
+    for rel, is_link in _list_files(images_dir, cfg.recursive, frozenset({masks_dir, *outputs}) - {images_dir}):
+        rel_root = prefix + rel
+        stem = accept(rel_root, is_link)
+        if stem is None:
             continue
-        stem = split_ext(path.name)[0]
         m = mask_re.match(stem) if same_folder else None
         if m:
-            masks[key_of(path, images_dir, m["base"])][int(m["idx"] or 0)].append(path)
+            masks[key_of(rel, m["base"])][int(m["idx"] or 0)].append(rel_root)
         else:
-            images[key_of(path, images_dir, stem)].append(path)
+            images[key_of(rel, stem)].append(rel_root)
+            image_rel[rel_root] = rel
     if not same_folder:
-        for path in _list_files(masks_dir, cfg.recursive):
-            if not accept(path):
+        prefix = prefix_of(masks_dir)
+        for rel, is_link in _list_files(masks_dir, cfg.recursive, frozenset({images_dir, *outputs}) - {masks_dir}):
+            rel_root = prefix + rel
+            stem = accept(rel_root, is_link)
+            if stem is None:
                 continue
-            stem = split_ext(path.name)[0]
             m = mask_re.match(stem)
             base, idx = (m["base"], int(m["idx"] or 0)) if m else (stem, 0)
-            masks[key_of(path, masks_dir, base)][idx].append(path)
+            masks[key_of(rel, base)][idx].append(rel_root)
 
     tasks: list[Task] = []
     for key in sorted(set(images) | set(masks)):
@@ -129,46 +168,44 @@ def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str,
         mask_files = [p for idx in sorted(mask_sets) for p in mask_sets[idx]]
         if not imgs:
             for p in mask_files:
-                rejected.append((_rel(p, root), "mask without image: no image with this stem; add it or remove the mask"))
+                rejected.append((p, "mask without image: no image with this stem; add it or remove the mask"))
             continue
         if len(imgs) > 1:
-            names = ", ".join(p.name for p in imgs)
+            names = ", ".join(_name(p) for p in imgs)
             for p in imgs + mask_files:
-                rejected.append((_rel(p, root), f"two images share the stem '{key}' ({names}); keep one of them"))
+                rejected.append((p, f"two images share the stem '{key}' ({names}); keep one of them"))
             continue
+        stem = _name(key)
         if not mask_files:
             rejected.append(
-                (_rel(imgs[0], root),
-                 f"image without mask: expected a mask named like '{Path(key).name}{cfg.mask_suffix}.png'"
-                 + ("" if same_folder else f" or '{Path(key).name}.png' in {masks_dir}"))
+                (imgs[0],
+                 f"image without mask: expected a mask named like '{stem}{cfg.mask_suffix}.png'"
+                 + ("" if same_folder else f" or '{stem}.png' in {masks_dir}"))
             )
             continue
         clash = [ps for ps in mask_sets.values() if len(ps) > 1]
         if clash:
-            names = ", ".join(p.name for p in clash[0])
+            names = ", ".join(_name(p) for p in clash[0])
             for p in imgs + mask_files:
-                rejected.append((_rel(p, root), f"two masks share one stem ({names}); keep one of them"))
+                rejected.append((p, f"two masks share one stem ({names}); keep one of them"))
             continue
-        group = _group_of(cfg, imgs[0], images_dir, key)
+        group = _group_of(cfg, image_rel[imgs[0]], key)
         if group is None:
-            rejected.append(
-                (_rel(imgs[0], root), f"path does not match --group-pattern {cfg.group_pattern!r}; fix the pattern")
-            )
+            rejected.append((imgs[0], f"path does not match --group-pattern {cfg.group_pattern!r}; fix the pattern"))
             continue
         tasks.append(Task(key, imgs[0], tuple(mask_files), group))
     return tasks, rejected
 
 
-def _group_of(cfg: IngestConfig, image: Path, images_dir: Path, key: str) -> str | None:
-    rel = image.relative_to(images_dir).as_posix()
+def _group_of(cfg: IngestConfig, rel: str, key: str) -> str | None:
+    """The group of an image from its path relative to IMAGES_DIR."""
     if cfg.group_pattern:
         m = re.search(cfg.group_pattern, rel)
         if not m:
             return None
         return m.group(1) if m.re.groups else m.group(0)
     if cfg.group_by == "folder":
-        parent = Path(rel).parent.as_posix()
-        return parent
+        return rel.rpartition("/")[0] or "."
     return key
 
 
@@ -177,50 +214,67 @@ def _group_of(cfg: IngestConfig, image: Path, images_dir: Path, key: str) -> str
 
 @dataclass(frozen=True)
 class _Ctx:
-    root: Path
+    root: str
     mask_threshold: float | None
     slice_axis: int
 
 
 def _fraction(mask: Any) -> tuple[bool, float]:
-    n = int(mask.sum())
+    n = int(np.count_nonzero(mask))
     return n > 0, round(n / mask.size, 6)
+
+
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
+def _dtype_name(dtype: Any) -> str:
+    """``str(dtype)``, cached: numpy builds the name in Python on every call."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype)
+    return name
 
 
 def inspect_case(task: Task, ctx: _Ctx) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Decode one case in a worker: manifest rows, or the reasons it is rejected."""
-    import numpy as np
-
-    rel_img = _rel(task.image, ctx.root)
+    rel_img = task.image
+    img_path = os.path.join(ctx.root, rel_img)
     try:
-        data = read_bytes(task.image)
+        data = read_bytes(img_path)
         img_sha = sha256_bytes(data)
-        image = decode(data, task.image, "image")
+        image = decode(data, img_path, "image")
     except DecodeError as exc:
-        return [], [(rel_img, _reason(exc, task.image))]
+        return [], [(rel_img, _reason(exc, img_path))]
     channels = image.array.shape[0] if image.mode != "NIfTI" else 1
     if channels not in (1, 3):
         return [], [(rel_img, f"{channels}-channel image; use grey or RGB(A)")]
+    # Compare masks with the image as the loaders will read them: a volume as (X, Y, Z), any
+    # 2D file (a one-slice NIfTI included) as one (H, W) plane, so formats can be mixed.
+    volume = image.is_volume
+    img_shape = image.array.shape if volume else _plane(image.array, image.mode).shape
 
     masks = []
     encodings = []
     hashes = []
-    for path in task.masks:
+    for rel in task.masks:
+        path = os.path.join(ctx.root, rel)
         try:
             mdata = read_bytes(path)
             hashes.append(sha256_bytes(mdata))
             decoded = decode(mdata, path, "mask")
-            plane = decoded.array if decoded.mode == "NIfTI" else mask_plane(decoded.array, path)
+            if decoded.mode == "NIfTI":
+                plane = decoded.array if decoded.is_volume or volume else decoded.array[:, :, 0]
+            else:
+                plane = mask_plane(decoded.array, path)
             binary, values = binarize_mask(plane, path, ctx.mask_threshold)
         except DecodeError as exc:
-            return [], [(_rel(path, ctx.root), _reason(exc, path)), (rel_img, f"its mask {path.name} was rejected")]
-        img_shape = image.array.shape if image.mode == "NIfTI" else image.array.shape[1:]
+            return [], [(rel, _reason(exc, path)), (rel_img, f"its mask {_name(rel)} was rejected")]
         if binary.shape != img_shape:
             return [], [
-                (_rel(path, ctx.root),
+                (rel,
                  f"size mismatch: image is {_fmt_shape(img_shape)}, mask is {_fmt_shape(binary.shape)}; "
                  "masks must match their image pixel for pixel"),
-                (rel_img, f"its mask {path.name} has another size"),
+                (rel_img, f"its mask {_name(rel)} has another size"),
             ]
         masks.append(binary)
         encodings.append(f"{decoded.mode} {values}")
@@ -230,16 +284,16 @@ def inspect_case(task: Task, ctx: _Ctx) -> tuple[list[dict[str, Any]], list[tupl
     mask_sha = hashes[0] if len(hashes) == 1 else sha256_bytes("\n".join(hashes).encode())
     common = {
         "image": rel_img,
-        "mask": MASK_SEP.join(_rel(p, ctx.root) for p in task.masks),
+        "mask": MASK_SEP.join(task.masks),
         "n_masks": len(task.masks),
         "group": task.group,
         "channels": channels,
         "image_sha256": img_sha,
         "mask_sha256": mask_sha,
-        "image_mode": f"{image.mode} {image.array.dtype}",
+        "image_mode": f"{image.mode} {_dtype_name(image.array.dtype)}",
         "mask_encoding": "; ".join(sorted(set(encodings))),
     }
-    if image.mode == "NIfTI" and image.is_volume:
+    if volume:
         rows = []
         for k in range(mask.shape[ctx.slice_axis]):
             plane2d = np.take(mask, k, axis=ctx.slice_axis)
@@ -248,44 +302,82 @@ def inspect_case(task: Task, ctx: _Ctx) -> tuple[list[dict[str, Any]], list[tupl
                          "has_tumour": has, "tumour_fraction": frac,
                          "height": plane2d.shape[0], "width": plane2d.shape[1]})
         return rows, []
-    plane2d = mask[:, :, 0] if image.mode == "NIfTI" else mask
+    plane2d = mask
     has, frac = _fraction(plane2d)
     return [{**common, "case_id": task.key, "slice_index": -1, "has_tumour": has, "tumour_fraction": frac,
              "height": plane2d.shape[0], "width": plane2d.shape[1]}], []
+
+
+def _plane(arr: Any, mode: str) -> Any:
+    """The first 2D plane of a decoded non-volume: ``(C, H, W)`` or NIfTI ``(X, Y, 1)``."""
+    return arr[:, :, 0] if mode == "NIfTI" else arr[0]
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape)
 
 
-def _reason(exc: DecodeError, path: Path) -> str:
+def _reason(exc: DecodeError, path: str) -> str:
     """The message without the leading path (the report has its own path column)."""
     msg = str(exc)
     prefix = f"{path}: "
     return msg[len(prefix):] if msg.startswith(prefix) else msg
 
 
-def _inspect_star(args: tuple[Task, _Ctx]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    return inspect_case(*args)
+_worker_ctx: _Ctx | None = None
+
+
+def _init_worker(ctx: _Ctx) -> None:
+    global _worker_ctx
+    _worker_ctx = ctx
+
+
+def _inspect_in_worker(task: Task) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    assert _worker_ctx is not None
+    return inspect_case(task, _worker_ctx)
 
 
 def _inspect_all(tasks: list[Task], ctx: _Ctx, workers: int) -> Iterator[tuple[list[dict[str, Any]], list]]:
-    """Inspect cases in order, in ``workers`` processes (in-process for 1)."""
-    items = ((t, ctx) for t in tasks)
+    """Inspect cases in order, in ``workers`` processes (in-process for 1).
+
+    The context goes to each worker once (pool initializer), not with every task.
+    """
     if workers <= 1 or len(tasks) < 2:
-        yield from map(_inspect_star, items)
+        yield from (inspect_case(t, ctx) for t in tasks)
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(workers) as pool:
-        yield from pool.imap(_inspect_star, items, chunksize=max(1, min(32, len(tasks) // (workers * 8))))
+    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(ctx,)) as pool:
+        yield from pool.imap(_inspect_in_worker, tasks, chunksize=max(1, min(32, len(tasks) // (workers * 8))))
 
 
 # ----------------------------------------------------------------------------- splits and summary
 
 
+def _drop_duplicate_ids(rows: list[dict[str, Any]], rejected: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Reject the files behind a case id made twice (``v#z000.png`` beside a volume ``v.nii``)."""
+    images_of: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        images_of[r["case_id"]].add(r["image"])
+    clashes = {cid: sorted(imgs) for cid, imgs in images_of.items() if len(imgs) > 1}
+    if not clashes:
+        return rows
+    bad = {img for imgs in clashes.values() for img in imgs}
+    for cid, imgs in clashes.items():
+        for img in imgs:
+            rejected.append((img, f"case id '{cid}' is also made by {', '.join(i for i in imgs if i != img)}; "
+                                  "rename one of them"))
+    return [r for r in rows if r["image"] not in bad]
+
+
 def assign_splits(rows: list[dict[str, Any]], cfg: IngestConfig) -> None:
     """Set ``group`` (merged over identical images), ``split`` and ``fold`` on each row, in place."""
     merged = merge_groups([r["group"] for r in rows], [r["image_sha256"] for r in rows])
+    joined = {(r["group"], g) for r, g in zip(rows, merged, strict=True) if r["group"] != g}
+    if joined:
+        # worth a word: a blank slice exported identically for many patients joins them all
+        example = min(joined)
+        log.warning("%d group(s) merged into others because they share byte-identical images "
+                    "(e.g. %r into %r)", len({a for a, _ in joined}), example[0], example[1])
     for row, group in zip(rows, merged, strict=True):
         row["group"] = group
         row["split"] = assign_split(group, cfg.seed, cfg.fractions)
@@ -343,10 +435,9 @@ def _csv_bytes(rows: list[dict[str, Any]], columns: list[str]) -> bytes:
     import csv
 
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _cell(row.get(k)) for k in columns})
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([_cell(row.get(k)) for k in columns] for row in rows)
     return buf.getvalue().encode("utf-8")
 
 
@@ -393,13 +484,15 @@ def run(cfg: IngestConfig) -> IngestResult:
     root = _data_root(cfg)
     tasks, rejected = discover(cfg, root)
     if not tasks and not rejected:
-        raise TumorsegError(f"{cfg.images_dir}: no files found; check the folder{' (or add --recursive)' if not cfg.recursive else ''}")
-    ctx = _Ctx(root, cfg.mask_threshold, cfg.slice_axis)
+        hint = " (or add --recursive)" if not cfg.recursive else ""
+        raise TumorsegError(f"{cfg.images_dir}: no files found; check the folder{hint}")
+    ctx = _Ctx(str(root), cfg.mask_threshold, cfg.slice_axis)
     workers = cfg.workers or min(8, os.cpu_count() or 1)
     rows: list[dict[str, Any]] = []
     for case_rows, case_rejected in track(_inspect_all(tasks, ctx, workers), len(tasks), "ingest"):
         rows.extend(case_rows)
         rejected.extend(case_rejected)
+    rows = _drop_duplicate_ids(rows, rejected)
     rejected = sorted(set(rejected))
     if cfg.strict and rejected:
         path, reason = rejected[0]
@@ -425,7 +518,9 @@ def run(cfg: IngestConfig) -> IngestResult:
         "dataset_digest": digest,
         "slice_axis": cfg.slice_axis,
         "mask_threshold": cfg.mask_threshold,
-        "config": cfg.model_dump(mode="json", exclude={"tracking", "workers"}),
+        # where the manifest was written and how fast it was built do not describe the data:
+        # without them, the same inputs and options give byte-identical files in any out_dir
+        "config": cfg.model_dump(mode="json", exclude={"tracking", "workers", "out_dir"}),
         "counts": {"cases": len(rows), "rejected": len(rejected), "groups": summary["groups"]},
         "summary": summary,
     }
@@ -443,8 +538,8 @@ def run(cfg: IngestConfig) -> IngestResult:
 def _track(cfg: IngestConfig, result: IngestResult) -> str:
     from tumorseg import tracking
 
-    with tracking.start_run(cfg.tracking, "ingest", run_name=f"ingest-{cfg.name}",
-                            tags={"tumorseg.manifest": cfg.name, "tumorseg.dataset_digest": result.dataset_digest}) as run:
+    tags = {"tumorseg.manifest": cfg.name, "tumorseg.dataset_digest": result.dataset_digest}
+    with tracking.start_run(cfg.tracking, "ingest", run_name=f"ingest-{cfg.name}", tags=tags) as run:
         run.log_params(cfg.model_dump(mode="json", exclude={"tracking"}))
         s = result.summary
         metrics: dict[str, float] = {k: s[k] for k in ("cases", "groups", "rejected", "tumour", "empty",

@@ -119,23 +119,22 @@ def mask_paths(info: ManifestInfo, row: Any) -> list[Path]:
 
 def verify_files(info: ManifestInfo, df: pd.DataFrame, source: str | os.PathLike[str]) -> None:
     """Check every image and mask still exists with the hash recorded at ingest."""
-    seen: dict[str, str] = {}
-    for row in df.itertuples(index=False):
-        files = [(image_path(info, row._asdict()), row.image_sha256, False)]
-        files.append((Path(info.data_root) / str(row.mask).split(MASK_SEP)[0], row.mask_sha256, True))
-        for path, expected, is_mask in files:
-            key = str(path)
-            if key in seen and not is_mask:
-                continue
+    checked: dict[str, str] = {}
+
+    def current(paths: list[Path]) -> str:
+        for path in paths:
             if not path.is_file():
                 raise TumorsegError(f"{path}: listed in {source} but missing; restore it or re-run tumorseg ingest")
-            if is_mask:
-                actual = combined_sha256([Path(info.data_root) / p for p in str(row.mask).split(MASK_SEP)])
-            else:
-                actual = seen.get(key) or sha256_file(path)
-            seen[key] = actual
-            if actual != expected:
-                raise TumorsegError(f"{path}: changed since ingest (sha256 differs); re-run tumorseg ingest")
+        key = "|".join(str(p) for p in paths)
+        if key not in checked:
+            checked[key] = combined_sha256(paths)
+        return checked[key]
+
+    for row in df.to_dict("records"):
+        for files, expected in (([image_path(info, row)], row["image_sha256"]),
+                                (mask_paths(info, row), row["mask_sha256"])):
+            if current(files) != expected:
+                raise TumorsegError(f"{files[0]}: changed since ingest (sha256 differs); re-run tumorseg ingest")
 
 
 def combined_sha256(paths: list[Path]) -> str:

@@ -36,15 +36,15 @@ def make_pair(size: int, seed: int, empty: bool) -> tuple[np.ndarray, np.ndarray
     from monai.data import create_test_image_2d
 
     rng = np.random.RandomState(seed)
-    rad_max = max(3, size // 8)
-    rad_min = max(2, size // 32)
+    rad_max = max(3, size // 5)
+    rad_min = max(2, size // 25)
     img, lab = create_test_image_2d(
         size,
         size,
         num_objs=0 if empty else int(rng.randint(1, 4)),
         rad_max=rad_max,
         rad_min=rad_min,
-        noise_max=0.25,
+        noise_max=0.1,
         num_seg_classes=1,
         random_state=rng,
     )

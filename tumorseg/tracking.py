@@ -201,6 +201,26 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _ensure_experiment(name: str, uri: str) -> None:
+    """Create the experiment; with SQLite its artifacts go beside the database (``mlartifacts/``).
+
+    MLflow's default puts them in ``./mlruns`` of whatever folder first created the
+    experiment, so runs started from different folders would scatter their artifacts.
+    """
+    import mlflow
+
+    if mlflow.get_experiment_by_name(name) is not None:
+        return
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    try:
+        mlflow.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another process
+        if mlflow.get_experiment_by_name(name) is None:
+            raise
+
+
 @contextmanager
 def start_run(
     tracking: TrackingConfig,
@@ -219,12 +239,14 @@ def start_run(
 
     uri = configure(tracking)
     if run_id is None:
+        _ensure_experiment(tracking.experiment, uri)
         mlflow.set_experiment(tracking.experiment)
         experiment_id = None
     else:
         experiment_id = mlflow.get_run(run_id).info.experiment_id
     nested = mlflow.active_run() is not None
-    all_tags = {"tumorseg.stage": stage, **version_tags(), **dict(tags or {})}
+    all_tags = {k: v for k, v in {"tumorseg.stage": stage, **version_tags(), **dict(tags or {})}.items()
+                if v is not None}
     with mlflow.start_run(
         run_id=run_id,
         experiment_id=experiment_id,

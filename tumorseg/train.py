@@ -30,7 +30,15 @@ from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_path, atomic_write_json, atomic_write_text, sha256_file
 from tumorseg.manifest import load_manifest, select_split
 from tumorseg.metrics import Counts, dice
-from tumorseg.model import CHECKPOINT_FORMAT, amp_dtype, build_loss, build_model, load_checkpoint, resolve_device
+from tumorseg.model import (
+    CHECKPOINT_FORMAT,
+    amp_dtype,
+    build_loss,
+    build_model,
+    init_output_bias,
+    load_checkpoint,
+    resolve_device,
+)
 from tumorseg.progress import is_interactive
 
 if TYPE_CHECKING:
@@ -390,7 +398,10 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
     log.info("decoded and cached %d train / %d val cases in %.1f s", len(train_data), len(val_df),
              time.perf_counter() - t0)
 
-    net = build_model(cfg.model, in_channels).to(device)
+    net = build_model(cfg.model, in_channels)
+    if ckpt is None:
+        init_output_bias(net, _foreground_fraction(train_data, dist, device))
+    net = net.to(device)
     if device.type == "cuda" and cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     loss_fn = build_loss(cfg.loss)
@@ -534,6 +545,18 @@ def _dataset_stats(cfg: TrainConfig, cases: list[Any], in_channels: int, dist: D
         td.all_reduce(t)
         sums = t.cpu().numpy()
     return stats_from_sums(sums)
+
+
+def _foreground_fraction(data: CachedSplit, dist: Dist, device: torch.device) -> float:
+    """Tumour pixel fraction of the (whole, across ranks) training split at image_size."""
+    import torch
+
+    t = torch.tensor([float(data.masks.sum()), float(data.masks.numel())], dtype=torch.float64, device=device)
+    if dist.world > 1:
+        import torch.distributed as td
+
+        td.all_reduce(t)
+    return float(t[0] / t[1]) if t[1] > 0 else 0.5
 
 
 class _null_run:

@@ -1,0 +1,518 @@
+"""``tumorseg evaluate``: score a trained model on one split of a manifest.
+
+Every case is predicted at its original resolution (the :class:`~tumorseg.model.Segmenter`
+resizes logits back) and compared with its original mask read through the one loader
+(:mod:`tumorseg.imageio`). Images are decoded by a thread pool while the network runs on
+the previous batch. Scores come from :mod:`tumorseg.metrics` (the one place for the
+empty-mask rule). Outputs, in ``--out``:
+
+* ``per_case.csv``: counts, emptiness and scores per case (+ ``hd95``, ``assd`` with ``--surface``);
+* ``per_group.csv``: counts summed per group (patient) and the volumetric scores they give;
+* ``summary.json``: distribution of the scores, bootstrap CI, pooled and per-group Dice,
+  false-positive rate on empty cases, the empty rule, model and manifest identity;
+* ``gallery.png`` (worst and best cases) and ``dice.png`` (histogram and box plot);
+* ``config.yaml``: the resolved options.
+
+The same files, the summary as ``{split}_*`` metrics and the manifest as a dataset input go
+to an MLflow run of stage ``evaluate``; the headline metrics are also written back to the
+training run when it is known.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from tumorseg.config import EvaluateConfig, dump_config
+from tumorseg.errors import TumorsegError
+from tumorseg.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+from tumorseg.manifest import (
+    ManifestInfo,
+    image_path,
+    load_manifest,
+    mask_paths,
+    resolve_manifest_dir,
+    select_split,
+)
+from tumorseg.metrics import (
+    EMPTY_RULES,
+    Counts,
+    bootstrap_ci,
+    confusion,
+    scores_from_counts,
+    surface_distances,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from tumorseg.model import Segmenter
+    from tumorseg.modelref import ModelRef
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+COUNT_COLUMNS = ["tp", "fp", "fn", "tn", "gt_pixels", "pred_pixels"]
+SCORE_COLUMNS = ["gt_empty", "pred_empty", "dice", "iou", "precision", "recall"]
+PER_CASE_COLUMNS = ["case_id", "group", "split", *COUNT_COLUMNS, *SCORE_COLUMNS]
+SURFACE_COLUMNS = ["hd95", "assd"]
+PER_GROUP_COLUMNS = ["group", "n_cases", *COUNT_COLUMNS, *SCORE_COLUMNS]
+HEADLINE = ("dice_mean", "dice_median", "iou_mean", "dice_global", "dice_group_mean", "fp_rate_empty",
+            "dice_ci_low", "dice_ci_high")
+"""Summary keys written back to the training run as ``{split}_{key}``."""
+
+FILES = {
+    "per_case": "per_case.csv",
+    "per_group": "per_group.csv",
+    "summary": "summary.json",
+    "gallery": "gallery.png",
+    "dice_plot": "dice.png",
+    "config": "config.yaml",
+}
+
+
+@dataclass
+class EvaluateResult:
+    """What :func:`run` produced.
+
+    Attributes:
+        out_dir: the folder holding the files in :data:`FILES`.
+        summary: ``summary.json`` as a dict (NaN where undefined; ``null`` in the file).
+        run_id: the evaluate MLflow run.
+        n_cases: cases scored.
+        split: the split scored.
+        model: where the model came from.
+        files: name -> path of every output file.
+        timings: seconds spent loading the model (``load``), decoding + predicting + scoring
+            (``predict_score``), writing tables and plots (``write``, of which ``plots``), in all (``total``).
+    """
+
+    out_dir: Path
+    summary: dict[str, Any]
+    run_id: str
+    n_cases: int
+    split: str
+    model: ModelRef
+    files: dict[str, Path] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- parallel decoding
+
+
+def prefetch(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int) -> Iterator[R]:
+    """``map(fn, items)`` in order, computed by ``workers`` threads up to ``ahead`` items in advance.
+
+    Decoding (Pillow, zlib, nibabel) releases the GIL, so threads overlap it with the network.
+    ``workers=0`` runs ``fn`` inline. At most ``ahead`` results are held, whatever the input size.
+    """
+    if workers <= 0:
+        for item in items:
+            yield fn(item)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tumorseg-decode")
+    pending: deque[Future[R]] = deque()
+    source = iter(items)
+    try:
+        for item in source:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= max(ahead, 1):
+                break
+        while pending:
+            fut = pending.popleft()
+            nxt = next(source, _END)
+            if nxt is not _END:
+                pending.append(pool.submit(fn, nxt))  # type: ignore[arg-type]
+            yield fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_END = object()
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``size`` items (the last may be shorter)."""
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ----------------------------------------------------------------------------- loading cases
+
+
+@dataclass
+class Case:
+    """One decoded case of the split."""
+
+    index: int
+    case_id: str
+    group: str
+    image: np.ndarray
+    gt: np.ndarray
+
+
+@lru_cache(maxsize=4)
+def _decoded_volume(path: str, role: str) -> Any:
+    """Decode a NIfTI volume once for all its slices (they are consecutive rows of the manifest)."""
+    from tumorseg.imageio import decode, read_bytes
+
+    return decode(read_bytes(path), path, role)  # type: ignore[arg-type]
+
+
+def load_case(info: ManifestInfo, row: dict[str, Any], index: int) -> Case:
+    """Read a manifest row's image ``float32 (C, H, W)`` and mask ``{0,1} (H, W)`` at original size."""
+    from tumorseg.imageio import binarize_mask, load_image, load_mask, mask_plane, slice_of
+
+    img_path = image_path(info, row)
+    masks = mask_paths(info, row)
+    slice_index = int(row.get("slice_index", -1))
+    if slice_index < 0:
+        image = load_image(img_path)
+        gt = load_mask(masks, threshold=info.mask_threshold)
+    else:
+        axis = info.slice_axis
+        image = slice_of(_decoded_volume(str(img_path), "image"), slice_index, axis).astype(np.float32)
+        gt_acc: np.ndarray | None = None
+        for mp in masks:
+            plane = mask_plane(slice_of(_decoded_volume(str(mp), "mask"), slice_index, axis), mp)
+            binary, _ = binarize_mask(plane, mp, info.mask_threshold)
+            gt_acc = binary if gt_acc is None else np.maximum(gt_acc, binary)
+        assert gt_acc is not None
+        gt = gt_acc
+    if tuple(image.shape[1:]) != tuple(gt.shape):
+        raise TumorsegError(f"{img_path}: image {image.shape[1]}x{image.shape[2]} but mask "
+                            f"{gt.shape[0]}x{gt.shape[1]}; the files changed since ingest - "
+                            "re-run tumorseg ingest")
+    return Case(index, str(row["case_id"]), str(row["group"]), image, gt)
+
+
+def check_files(info: ManifestInfo, rows: pd.DataFrame, source: Path) -> None:
+    """Every image and mask of the split must exist (checked before any work is done)."""
+    missing: list[Path] = []
+    seen: set[Path] = set()
+    for row in rows.to_dict("records"):
+        for p in (image_path(info, row), *mask_paths(info, row)):
+            if p not in seen:
+                seen.add(p)
+                if not p.is_file():
+                    missing.append(p)
+    if missing:
+        more = f" (+{len(missing) - 1} more missing)" if len(missing) > 1 else ""
+        raise TumorsegError(f"{missing[0]}: listed in {source} but missing{more}; restore the files "
+                            "or re-run tumorseg ingest")
+
+
+def check_channels(seg: Segmenter, rows: pd.DataFrame, source: Path) -> None:
+    """Images must have the model's channel count, or be grey/RGB for a grey/RGB model."""
+    from tumorseg.modelref import channels_compatible
+
+    need = int(seg.in_channels)
+    for ch in sorted({int(c) for c in rows["channels"]}):
+        if not channels_compatible(ch, need):
+            raise TumorsegError(f"{source}: the split has {ch}-channel images but the model takes {need} "
+                                "channel(s); evaluate a model trained on images like these")
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+class Gallery:
+    """The ``k`` worst and ``k`` best cases by Dice (NaN cases skipped), kept while streaming."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self._worst: list[tuple[float, int, tuple[Any, ...]]] = []  # max-heap on Dice via -dice
+        self._best: list[tuple[float, int, tuple[Any, ...]]] = []  # min-heap on Dice
+
+    def offer(self, dice: float, index: int, item: tuple[Any, ...]) -> None:
+        """Consider one case."""
+        if not math.isfinite(dice):
+            return
+        if len(self._worst) < self.k:
+            heapq.heappush(self._worst, (-dice, -index, item))
+        elif -dice > self._worst[0][0]:
+            heapq.heapreplace(self._worst, (-dice, -index, item))
+        if len(self._best) < self.k:
+            heapq.heappush(self._best, (dice, index, item))
+        elif dice > self._best[0][0]:
+            heapq.heapreplace(self._best, (dice, index, item))
+
+    def items(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
+        """Worst first (ascending Dice), then best (descending), each case once."""
+        worst = sorted(((-d, -i, it) for d, i, it in self._worst), key=lambda t: (t[0], t[1]))
+        best = sorted(self._best, key=lambda t: (-t[0], t[1]))
+        out: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
+        seen: set[int] = set()
+        for label, group in (("worst", worst), ("best", best)):
+            for d, i, (image, gt, pred, case_id) in group:
+                if i in seen:
+                    continue
+                seen.add(i)
+                out.append((image, gt, pred, f"{label}: {case_id}\nDice {d:.3f}"))
+        return out
+
+
+def per_group_table(per_case: pd.DataFrame, empty_both: str) -> pd.DataFrame:
+    """Sum the counts per group and score the sums (volumetric Dice/IoU per patient)."""
+    import pandas as pd
+
+    rows = []
+    for group, sub in per_case.groupby("group", sort=True):
+        c = Counts(int(sub["tp"].sum()), int(sub["fp"].sum()), int(sub["fn"].sum()), int(sub["tn"].sum()))
+        rows.append({"group": group, "n_cases": len(sub), **scores_from_counts(c, empty_both)})  # type: ignore[arg-type]
+    return pd.DataFrame(rows, columns=PER_GROUP_COLUMNS)
+
+
+def _stat(values: np.ndarray, fn: Callable[[np.ndarray], Any]) -> float:
+    v = values[np.isfinite(values)]
+    return float(fn(v)) if v.size else float("nan")
+
+
+def distribution(values: np.ndarray, prefix: str) -> dict[str, float]:
+    """Mean, median, std (sample, ddof=1), p5 and p95 of the finite values."""
+    v = np.asarray(values, dtype=np.float64)
+    finite = v[np.isfinite(v)]
+    return {
+        f"{prefix}_mean": _stat(v, np.mean),
+        f"{prefix}_median": _stat(v, np.median),
+        f"{prefix}_std": float(np.std(finite, ddof=1)) if finite.size > 1 else float("nan"),
+        f"{prefix}_p5": _stat(v, lambda x: np.percentile(x, 5)),
+        f"{prefix}_p95": _stat(v, lambda x: np.percentile(x, 95)),
+    }
+
+
+def summarize(per_case: pd.DataFrame, per_group: pd.DataFrame, cfg: EvaluateConfig) -> dict[str, Any]:
+    """Compute the numbers of ``summary.json`` from the two tables."""
+    from tumorseg.metrics import dice, iou
+
+    dice_v = per_case["dice"].to_numpy(dtype=np.float64)
+    iou_v = per_case["iou"].to_numpy(dtype=np.float64)
+    pooled = Counts(*(int(per_case[k].sum()) for k in ("tp", "fp", "fn", "tn")))
+    gt_empty = per_case["gt_empty"].to_numpy(dtype=bool)
+    pred_empty = per_case["pred_empty"].to_numpy(dtype=bool)
+    n_gt_empty = int(gt_empty.sum())
+    ci_low, ci_high = bootstrap_ci(dice_v, n=cfg.bootstrap, seed=cfg.seed)
+    group_dice = per_group["dice"].to_numpy(dtype=np.float64)
+    out: dict[str, Any] = {
+        "n_cases": len(per_case),
+        "n_scored": int(np.isfinite(dice_v).sum()),
+        "n_gt_empty": n_gt_empty,
+        "n_both_empty": int((gt_empty & pred_empty).sum()),
+        "n_groups": len(per_group),
+        **distribution(dice_v, "dice"),
+        **distribution(iou_v, "iou"),
+        "dice_ci_low": ci_low,
+        "dice_ci_high": ci_high,
+        "ci_level": 0.95,
+        "bootstrap_samples": cfg.bootstrap,
+        "dice_global": dice(pooled, cfg.empty_both),
+        "iou_global": iou(pooled, cfg.empty_both),
+        "dice_group_mean": _stat(group_dice, np.mean),
+        "iou_group_mean": _stat(per_group["iou"].to_numpy(dtype=np.float64), np.mean),
+        "n_fp_empty": int((gt_empty & ~pred_empty).sum()),
+        "fp_rate_empty": float((gt_empty & ~pred_empty).sum() / n_gt_empty) if n_gt_empty else float("nan"),
+        "empty_both": cfg.empty_both,
+        "empty_rule": EMPTY_RULES[cfg.empty_both],
+    }
+    if cfg.surface:
+        for col in SURFACE_COLUMNS:
+            v = per_case[col].to_numpy(dtype=np.float64)
+            out[f"{col}_mean"] = _stat(v, np.mean)
+            out[f"{col}_median"] = _stat(v, np.median)
+            out[f"n_{col}"] = int(np.isfinite(v).sum())
+    return out
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf -> ``None`` so ``summary.json`` is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float | np.floating) and not math.isfinite(float(obj)):
+        return None
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _csv_bytes(df: pd.DataFrame) -> bytes:
+    return df.to_csv(index=False, lineterminator="\n", float_format="%.10g").encode("utf-8")
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run(cfg: EvaluateConfig) -> EvaluateResult:
+    """Evaluate ``cfg.model`` on ``cfg.split`` of ``cfg.manifest``.
+
+    Returns:
+        Output folder, summary, MLflow run id and case count.
+
+    Raises:
+        TumorsegError: missing manifest, split or files; unknown, corrupt or foreign model;
+            model channels incompatible with the images.
+    """
+    from tumorseg.modelref import resolve_model
+
+    t0 = time.perf_counter()
+    mdir = resolve_manifest_dir(cfg.manifest)
+    info, df = load_manifest(mdir)
+    rows = select_split(df, cfg.split, mdir)
+    check_files(info, rows, mdir / "manifest.csv")
+    seg, mref = resolve_model(cfg.model, cfg.tracking, cfg.device)
+    check_channels(seg, rows, mdir / "manifest.csv")
+    if mref.manifest_digest and mref.manifest_digest != info.dataset_digest:
+        log.warning("model was trained on another manifest (digest %s, this one %s): make sure the %s cases "
+                    "were not in its training data", mref.manifest_digest[:12], info.dataset_digest[:12],
+                    cfg.split)
+    out_dir = cfg.out or Path("eval") / f"{info.name}-{cfg.split}-{mref.short_name}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timings = {"load": time.perf_counter() - t0}
+
+    from tumorseg import tracking
+
+    tags = {
+        "tumorseg.model_ref": mref.ref,
+        "tumorseg.checkpoint_sha256": mref.checkpoint_sha256,
+        "tumorseg.manifest": info.name,
+        "tumorseg.dataset_digest": info.dataset_digest,
+        "tumorseg.split": cfg.split,
+        "tumorseg.train_run_id": mref.train_run_id or None,
+        "tumorseg.registered_model": mref.registered_name or None,
+        "tumorseg.registered_version": mref.registered_version or None,
+    }
+    tags = {k: v for k, v in tags.items() if v is not None}
+    with tracking.start_run(cfg.tracking, "evaluate", run_name=f"evaluate-{cfg.split}-{mref.short_name}",
+                            tags=tags) as trk:
+        t1 = time.perf_counter()
+        per_case, gallery = predict_and_score(seg, info, rows, cfg)
+        timings["predict_score"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        per_group = per_group_table(per_case, cfg.empty_both)
+        summary = summarize(per_case, per_group, cfg)
+        summary.update({
+            "split": cfg.split,
+            "threshold": float(seg.threshold),
+            "model": mref.to_dict(),
+            "manifest": {"path": str(mdir.resolve()), "name": info.name,
+                         "dataset_digest": info.dataset_digest},
+            "model_manifest_digest": mref.manifest_digest,
+            "same_manifest_as_training": bool(mref.manifest_digest == info.dataset_digest),
+            "device": str(seg.device),
+        })
+        files = {k: out_dir / v for k, v in FILES.items()}
+        atomic_write_bytes(files["per_case"], _csv_bytes(per_case))
+        atomic_write_bytes(files["per_group"], _csv_bytes(per_group))
+        atomic_write_json(files["summary"], _json_safe(summary))
+        atomic_write_text(files["config"], dump_config(cfg))
+        t3 = time.perf_counter()
+        from tumorseg import review
+
+        review.overlay_grid(gallery.items(), files["gallery"], ncols=cfg.gallery_k)
+        review.dice_plot(per_case["dice"].to_numpy(dtype=np.float64), files["dice_plot"])
+        timings["plots"] = time.perf_counter() - t3
+        timings["write"] = time.perf_counter() - t2
+
+        trk.log_params({
+            "model": mref.ref, "manifest": str(mdir), "split": cfg.split, "empty_both": cfg.empty_both,
+            "surface": cfg.surface, "batch_size": cfg.batch_size, "device": str(seg.device),
+            "threshold": seg.threshold, "bootstrap": cfg.bootstrap, "seed": cfg.seed,
+            "checkpoint_sha256": mref.checkpoint_sha256, "checkpoint_path": mref.checkpoint_path,
+            "train_run_id": mref.train_run_id,
+        })
+        trk.log_metrics(split_metrics(summary, cfg.split))
+        for path in files.values():
+            trk.log_artifact(path, "evaluation")
+        trk.log_manifest_input(mdir, context=cfg.split)
+        run_id = trk.run_id
+    if mref.train_run_id and cfg.write_back:
+        write_back(mref.train_run_id, summary, cfg.split, run_id)
+    timings["total"] = time.perf_counter() - t0
+    log.info("evaluated %d %s cases in %.1f s: mean Dice %.4f -> %s", len(per_case), cfg.split,
+             timings["total"], summary["dice_mean"], out_dir)
+    return EvaluateResult(out_dir=out_dir, summary=summary, run_id=run_id, n_cases=len(per_case),
+                          split=cfg.split, model=mref, files=files, timings=timings)
+
+
+def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame,
+                      cfg: EvaluateConfig) -> tuple[pd.DataFrame, Gallery]:
+    """Batched inference over the split with decoding in background threads; one score row per case."""
+    import pandas as pd
+
+    from tumorseg.progress import track
+
+    records: list[dict[str, Any]] = [{str(k): v for k, v in r.items()} for r in rows.to_dict("records")]
+    split_of = [str(r["split"]) for r in records]
+    gallery = Gallery(cfg.gallery_k)
+    out: list[dict[str, Any]] = []
+    n_batches = math.ceil(len(records) / cfg.batch_size)
+    cases = prefetch(lambda ir: load_case(info, ir[1], ir[0]), enumerate(records), cfg.workers,
+                     ahead=2 * cfg.batch_size)
+    threshold = seg.threshold
+    try:
+        for batch in track(batched(cases, cfg.batch_size), n_batches, f"evaluate {cfg.split}"):
+            probs = seg.predict_proba([c.image for c in batch])
+            for case, prob in zip(batch, probs, strict=True):
+                pred = (prob > threshold).astype(np.uint8)
+                scores = scores_from_counts(confusion(pred, case.gt), cfg.empty_both)  # type: ignore[arg-type]
+                row: dict[str, Any] = {"case_id": case.case_id, "group": case.group,
+                                       "split": split_of[case.index], **scores}
+                if cfg.surface:
+                    row["hd95"], row["assd"] = surface_distances(pred, case.gt)
+                out.append(row)
+                gallery.offer(float(scores["dice"]), case.index, (case.image, case.gt, pred, case.case_id))
+    finally:
+        _decoded_volume.cache_clear()
+    columns = PER_CASE_COLUMNS + (SURFACE_COLUMNS if cfg.surface else [])
+    return pd.DataFrame(out, columns=columns), gallery
+
+
+def split_metrics(summary: dict[str, Any], split: str) -> dict[str, float]:
+    """Turn the numeric summary entries into MLflow metrics named ``{split}_{key}``."""
+    out: dict[str, float] = {}
+    for key, value in summary.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if key in ("ci_level", "bootstrap_samples", "threshold"):
+            continue
+        out[f"{split}_{key}"] = float(value)
+    return out
+
+
+def write_back(train_run_id: str, summary: dict[str, Any], split: str, eval_run_id: str) -> None:
+    """Log the headline metrics to the training run (skipped with a warning when not in this store)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        client.get_run(train_run_id)
+    except MlflowException:
+        log.warning("training run %s is not in tracking store %s; %s metrics not written back",
+                    train_run_id, mlflow.get_tracking_uri(), split)
+        return
+    for key in HEADLINE:
+        value = summary.get(key)
+        if isinstance(value, int | float) and math.isfinite(float(value)):
+            client.log_metric(train_run_id, f"{split}_{key}", float(value))
+    client.set_tag(train_run_id, f"tumorseg.eval_run_id.{split}", eval_run_id)

@@ -1,0 +1,366 @@
+"""``tumorseg predict``: write a tumour mask for every input image.
+
+Inputs are image files and folders (PNG, TIFF, NIfTI; ``--recursive`` walks subfolders).
+Each image gets one mask of the same name and size in the output folder (sub-folders of an
+input folder are kept):
+
+* ``--format png`` (default): ``<stem>.png``, 0/255 greyscale;
+* ``--format nifti``: ``<stem>.nii.gz``, ``uint8`` 0/1, with the input's affine for NIfTI inputs.
+
+A 3D NIfTI volume is predicted slice by slice along ``slice_axis`` and written back as one
+volume of the input's shape and affine (always NIfTI: a PNG cannot hold a volume).
+``--probabilities`` adds ``<stem>_prob.png`` (8-bit) or ``<stem>_prob.nii.gz`` (float32).
+
+Inputs are never written: an output folder equal to an input folder, or an output that
+would replace an input file (or a copy of it), is refused before any work is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tumorseg.config import PredictConfig
+from tumorseg.errors import TumorsegError
+from tumorseg.imageio import image_format, split_ext
+
+if TYPE_CHECKING:
+    from tumorseg.imageio import Decoded
+    from tumorseg.model import Segmenter
+    from tumorseg.modelref import ModelRef
+
+log = logging.getLogger(__name__)
+
+PROB_SUFFIX = "_prob"
+
+
+@dataclass
+class PredictResult:
+    """What :func:`run` produced.
+
+    Attributes:
+        output_dir: where the masks are.
+        n_written: masks written (one per input image).
+        n_inputs: input images.
+        n_slices: 2D planes predicted (a volume counts its slices).
+        n_probabilities: probability maps written.
+        outputs: ``(input, mask[, probability map])`` paths per image, in input order.
+        run_id: the predict MLflow run.
+        model: where the model came from.
+        seconds: wall time of the prediction loop.
+    """
+
+    output_dir: Path
+    n_written: int
+    n_inputs: int
+    n_slices: int = 0
+    n_probabilities: int = 0
+    outputs: list[tuple[Path, ...]] = field(default_factory=list)
+    run_id: str = ""
+    model: ModelRef | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class Item:
+    """One input image and where its outputs go."""
+
+    index: int
+    path: Path
+    rel: Path
+    """Path relative to the input folder it was found in (its name for a file input)."""
+    mask_out: Path = Path()
+    prob_out: Path | None = None
+
+
+# ----------------------------------------------------------------------------- inputs and outputs
+
+
+def _walk(folder: Path, recursive: bool, skip: Path) -> list[Path]:
+    """Sorted image files in ``folder`` (hidden files/folders and the output folder skipped)."""
+    if not recursive:
+        return sorted(p for p in folder.iterdir()
+                      if p.is_file() and not p.name.startswith(".") and image_format(p) is not None)
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() != skip)
+        out.extend(here / f for f in filenames if not f.startswith(".") and image_format(f) is not None)
+    return sorted(out)
+
+
+def collect_inputs(cfg: PredictConfig) -> list[Item]:
+    """Expand files and folders into a list of images; missing or unsupported inputs are errors."""
+    out_resolved = cfg.output_dir.expanduser().resolve()
+    items: list[Item] = []
+    for raw in cfg.inputs:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise TumorsegError(f"{path}: input not found; give image files (PNG, TIFF, NIfTI) or folders")
+        if path.is_dir():
+            if path.resolve() == out_resolved:
+                raise TumorsegError(f"{cfg.output_dir}: the output folder is the input folder {path}; "
+                                    "choose another output folder (inputs are never overwritten)")
+            files = _walk(path, cfg.recursive, out_resolved)
+            if not files:
+                hint = "" if cfg.recursive else " (add --recursive for subfolders)"
+                raise TumorsegError(f"{path}: no PNG, TIFF or NIfTI images in this folder{hint}")
+            base = len(items)
+            items.extend([Item(base + i, f, f.relative_to(path)) for i, f in enumerate(files)])
+        else:
+            if image_format(path) is None:
+                raise TumorsegError(f"{path}: unsupported format; use PNG, TIFF or NIfTI (.nii/.nii.gz)")
+            if path.resolve().parent == out_resolved:
+                raise TumorsegError(f"{cfg.output_dir}: the output folder holds the input {path.name}; "
+                                    "choose another output folder (inputs are never overwritten)")
+            items.append(Item(len(items), path, Path(path.name)))
+    if not items:
+        raise TumorsegError("no input images; give image files or folders")
+    return items
+
+
+def plan_outputs(items: list[Item], cfg: PredictConfig, volumes: set[int] | None = None) -> None:
+    """Set each item's output paths and refuse collisions with each other or with any input."""
+    inputs = {it.path.resolve(): it for it in items}
+    input_ids = {}
+    for it in items:
+        st = it.path.stat()
+        input_ids[(st.st_dev, st.st_ino)] = it
+    taken: dict[Path, Item] = {}
+    for it in items:
+        stem, _ = split_ext(it.rel.name)
+        nifti = cfg.format == "nifti" or (volumes is not None and it.index in volumes)
+        ext = ".nii.gz" if nifti else ".png"
+        parent = cfg.output_dir / it.rel.parent
+        it.mask_out = parent / f"{stem}{ext}"
+        it.prob_out = parent / f"{stem}{PROB_SUFFIX}{ext}" if cfg.probabilities else None
+        for out in (it.mask_out, it.prob_out):
+            if out is None:
+                continue
+            key = out.resolve()
+            if key in taken:
+                raise TumorsegError(f"{it.path} and {taken[key].path} would both write {out}; "
+                                    "predict them into different output folders")
+            taken[key] = it
+            if key in inputs:
+                raise TumorsegError(f"{out}: would overwrite the input {inputs[key].path}; choose another "
+                                    "output folder (inputs are never overwritten)")
+            if out.exists():
+                st = out.stat()
+                other = input_ids.get((st.st_dev, st.st_ino))
+                if other is not None or _same_bytes(out, it.path):
+                    src = other.path if other is not None else it.path
+                    raise TumorsegError(f"{out}: is (a copy of) the input {src}; the output folder holds the "
+                                        "input files - choose another output folder")
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    try:
+        if a.stat().st_size != b.stat().st_size:
+            return False
+        return a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class Loaded:
+    """A decoded input cut into the 2D planes the network sees."""
+
+    item: Item
+    planes: list[np.ndarray]
+    decoded: Decoded
+    volume_shape: tuple[int, ...] | None = None
+
+
+def _nifti_shape(path: Path) -> tuple[int, ...]:
+    import nibabel as nib
+
+    img: Any = nib.load(str(path))  # header only; the data is read by the one loader
+    return tuple(int(s) for s in img.shape)
+
+
+def load_item(item: Item, slice_axis: int) -> Loaded:
+    """Decode one input into ``float32 (C, H, W)`` planes (one per slice for a volume)."""
+    from tumorseg.imageio import decode, read_bytes, slice_of
+
+    decoded = decode(read_bytes(item.path), item.path, "image")
+    if decoded.is_volume:
+        n = decoded.array.shape[slice_axis]
+        planes = [slice_of(decoded, i, slice_axis).astype(np.float32) for i in range(n)]
+    else:
+        planes = [slice_of(decoded, -1, slice_axis).astype(np.float32)]
+    shape = _nifti_shape(item.path) if decoded.mode == "NIfTI" else None
+    return Loaded(item, planes, decoded, shape)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_outputs(loaded: Loaded, probs: list[np.ndarray], threshold: float, cfg: PredictConfig) -> int:
+    """Write the mask (and probability map) of one input; returns the tumour pixel count."""
+    from tumorseg.imageio import write_mask_png, write_nifti, write_png
+
+    item = loaded.item
+    dec = loaded.decoded
+    if dec.is_volume:
+        prob = np.stack(probs, axis=cfg.slice_axis)
+    else:
+        prob = probs[0]
+    mask = (prob > threshold).astype(np.uint8)
+    if item.mask_out.name.lower().endswith(".nii.gz"):
+        affine = dec.affine if dec.mode == "NIfTI" else None
+        shape = loaded.volume_shape
+        if shape is not None and int(np.prod(shape)) == mask.size:
+            mask_arr, prob_arr = mask.reshape(shape), prob.reshape(shape)
+        else:
+            mask_arr, prob_arr = mask, prob
+        write_nifti(item.mask_out, mask_arr, affine)
+        if item.prob_out is not None:
+            write_nifti(item.prob_out, prob_arr.astype(np.float32), affine)
+    else:
+        write_mask_png(item.mask_out, mask)
+        if item.prob_out is not None:
+            write_png(item.prob_out, np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8))
+    return int(mask.sum())
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def run(cfg: PredictConfig) -> PredictResult:
+    """Predict a mask for every image in ``cfg.inputs`` into ``cfg.output_dir``.
+
+    Returns:
+        Output folder, counts, the files written, MLflow run id.
+
+    Raises:
+        TumorsegError: missing or unsupported inputs, an output folder that would touch the inputs,
+            unknown/corrupt model, images whose channels the model cannot take.
+    """
+    from tumorseg import tracking
+    from tumorseg.modelref import resolve_model
+
+    if cfg.output_dir.exists() and not cfg.output_dir.is_dir():
+        raise TumorsegError(f"{cfg.output_dir}: output path exists and is not a folder")
+    items = collect_inputs(cfg)
+    volumes = _volume_indices(items) if cfg.format == "png" else set()
+    plan_outputs(items, cfg, volumes)
+    seg, mref = resolve_model(cfg.model, cfg.tracking, cfg.device)
+    threshold = float(cfg.threshold if cfg.threshold is not None else seg.threshold)
+    tags = {"tumorseg.model_ref": mref.ref, "tumorseg.checkpoint_sha256": mref.checkpoint_sha256,
+            "tumorseg.train_run_id": mref.train_run_id}
+    tags = {k: v for k, v in tags.items() if v}
+    with tracking.start_run(cfg.tracking, "predict", run_name=f"predict-{mref.short_name}", tags=tags) as trk:
+        trk.log_params({
+            "model": mref.ref, "checkpoint_sha256": mref.checkpoint_sha256, "train_run_id": mref.train_run_id,
+            "inputs": ", ".join(str(p) for p in cfg.inputs), "output_dir": str(cfg.output_dir),
+            "recursive": cfg.recursive, "format": cfg.format, "probabilities": cfg.probabilities, "tta": cfg.tta,
+            "threshold": threshold, "batch_size": cfg.batch_size, "device": str(seg.device),
+            "slice_axis": cfg.slice_axis,
+        })
+        t0 = time.perf_counter()
+        cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        rows = predict_items(seg, items, threshold, cfg)
+        seconds = time.perf_counter() - t0
+        n_slices = sum(r["slices"] for r in rows)
+        n_empty = sum(1 for r in rows if r["tumour_pixels"] == 0)
+        trk.log_metrics({"n_inputs": len(items), "n_written": len(rows), "n_slices": n_slices,
+                         "n_empty_predictions": n_empty, "seconds": seconds,
+                         "slices_per_second": n_slices / seconds if seconds > 0 else float("nan")})
+        _log_listing(trk, rows)
+        run_id = trk.run_id
+    outputs = [(it.path, it.mask_out) + ((it.prob_out,) if it.prob_out is not None else ()) for it in items]
+    log.info("wrote %d mask(s) for %d slice(s) to %s in %.1f s", len(rows), n_slices, cfg.output_dir, seconds)
+    return PredictResult(output_dir=cfg.output_dir, n_written=len(rows), n_inputs=len(items), n_slices=n_slices,
+                         n_probabilities=sum(1 for it in items if it.prob_out is not None), outputs=outputs,
+                         run_id=run_id, model=mref, seconds=seconds)
+
+
+def _volume_indices(items: list[Item]) -> set[int]:
+    """Items that are 3D NIfTI volumes (read from the header only): they are written as NIfTI."""
+    out = set()
+    for it in items:
+        if image_format(it.path) == "nifti":
+            try:
+                shape = _nifti_shape(it.path)
+            except Exception as exc:  # nibabel raises several types for broken files
+                raise TumorsegError(f"{it.path}: truncated or corrupt NIfTI ({exc.__class__.__name__}); "
+                                    "re-export the file") from exc
+            dims = [s for s in shape[2:] if s != 1]
+            if dims:
+                out.add(it.index)
+    if out:
+        log.warning("%d 3D NIfTI volume(s) are written as .nii.gz (a PNG cannot hold a volume)", len(out))
+    return out
+
+
+def _planes(loaded_iter: Iterator[Loaded], seg: Segmenter) -> Iterator[tuple[Loaded, int, np.ndarray]]:
+    from tumorseg.modelref import channels_compatible
+
+    for loaded in loaded_iter:
+        c = int(loaded.planes[0].shape[0])
+        if not channels_compatible(c, int(seg.in_channels)):
+            raise TumorsegError(f"{loaded.item.path}: {c}-channel image but the model takes {seg.in_channels} "
+                                "channel(s)")
+        for i, plane in enumerate(loaded.planes):
+            yield loaded, i, plane
+
+
+def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: PredictConfig) -> list[dict[str, Any]]:
+    """Decode inputs in threads, predict planes in batches across files, write each file when complete."""
+    from tumorseg.evaluate import batched, prefetch
+    from tumorseg.progress import track
+
+    workers = min(4, os.cpu_count() or 1)
+    loaded_iter = prefetch(lambda it: load_item(it, cfg.slice_axis), items, workers, ahead=max(2, workers * 2))
+    partial: dict[int, list[np.ndarray | None]] = {}
+    rows: list[dict[str, Any]] = []
+    writes: deque[tuple[Loaded, Future[int]]] = deque()
+
+    def collect(block: bool) -> None:
+        while writes and (block or writes[0][1].done() or len(writes) > 2 * cfg.batch_size):
+            loaded, fut = writes.popleft()
+            it = loaded.item
+            rows.append({"input": str(it.path), "mask": str(it.mask_out),
+                         "probabilities": str(it.prob_out or ""), "height": int(loaded.planes[0].shape[1]),
+                         "width": int(loaded.planes[0].shape[2]), "slices": len(loaded.planes),
+                         "tumour_pixels": fut.result()})
+
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="tumorseg-write") as writer:
+        for batch in track(batched(_planes(loaded_iter, seg), cfg.batch_size), None, "predict"):
+            probs = seg.predict_proba([plane for _, _, plane in batch], tta=cfg.tta)
+            for (loaded, i, _), prob in zip(batch, probs, strict=True):
+                buf = partial.setdefault(loaded.item.index, [None] * len(loaded.planes))
+                buf[i] = prob
+                if all(p is not None for p in buf):
+                    del partial[loaded.item.index]
+                    done = [p for p in buf if p is not None]
+                    writes.append((loaded, writer.submit(write_outputs, loaded, done, threshold, cfg)))
+            collect(block=False)
+        collect(block=True)
+    rows.sort(key=lambda r: r["input"])
+    return rows
+
+
+def _log_listing(trk: Any, rows: list[dict[str, Any]]) -> None:
+    """Log ``predictions.csv`` (input, outputs, size, tumour pixels) to the run, not to the output folder."""
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory(prefix="tumorseg-predict-") as tmp:
+        path = Path(tmp) / "predictions.csv"
+        pd.DataFrame(rows).to_csv(path, index=False, lineterminator="\n")
+        trk.log_artifact(path)
