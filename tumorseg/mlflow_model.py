@@ -77,11 +77,8 @@ def write_slim_checkpoint(best: Path, dest: Path) -> Path:
 
 def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -> str:
     """Log the best checkpoint as a pyfunc model in the active run; return its model URI."""
-    import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
-
-    import tumorseg
 
     slim = write_slim_checkpoint(best, run_dir / CHECKPOINT_NAME)
     signature = ModelSignature(
@@ -91,7 +88,22 @@ def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -
     )
     reqs = [_pin(p) for p in ("torch", "monai", "numpy", "pydantic", "pyyaml", "pandas", "pillow", "tifffile",
                               "nibabel", "scikit-image")]
-    info = mlflow.pyfunc.log_model(
+    import warnings
+
+    with warnings.catch_warnings():
+        # predict() takes ndarray or list input by design; the signature documents it.
+        warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)
+        info = _log_model(slim, signature, reqs, example)
+    log.info("logged MLflow model %s", info.model_uri)
+    return str(info.model_uri)
+
+
+def _log_model(slim: Path, signature: Any, reqs: list[str], example: np.ndarray | None) -> Any:
+    import mlflow
+
+    import tumorseg
+
+    return mlflow.pyfunc.log_model(
         name=MODEL_ARTIFACT,
         python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
         artifacts={"checkpoint": str(slim)},
@@ -100,5 +112,3 @@ def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -
         signature=signature,
         input_example=None if example is None else np.asarray(example, dtype=np.float32),
     )
-    log.info("logged MLflow model %s", info.model_uri)
-    return str(info.model_uri)

@@ -140,7 +140,7 @@ def build_loss(cfg: LossConfig) -> torch.nn.Module:
     """MONAI Dice-family loss on sigmoid outputs (binary, one channel)."""
     from monai import losses
 
-    kw = {"sigmoid": True, "batch": cfg.batch, "smooth_nr": cfg.smooth, "smooth_dr": cfg.smooth}
+    kw: dict[str, Any] = {"sigmoid": True, "batch": cfg.batch, "smooth_nr": cfg.smooth, "smooth_dr": cfg.smooth}
     if cfg.name == "dice":
         return losses.DiceLoss(**kw)
     if cfg.name == "dice_ce":

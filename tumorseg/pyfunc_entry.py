@@ -3,8 +3,12 @@
 It is copied into the model folder at logging time; nothing in tumorseg imports it.
 """
 
+import warnings
+
 from mlflow.models import set_model
 
-from tumorseg.mlflow_model import TumorsegPyfunc
+warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)
+
+from tumorseg.mlflow_model import TumorsegPyfunc  # noqa: E402
 
 set_model(TumorsegPyfunc())
