@@ -18,6 +18,8 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -204,8 +206,12 @@ def train_one_epoch(
     state: State,
     device: torch.device,
     dist: Dist,
+    on_step: Callable[[int, int, float], None] | None = None,
 ) -> tuple[float, int]:
-    """One pass over this rank's shard; returns (mean loss, images seen)."""
+    """One pass over this rank's shard; returns (mean loss, images seen).
+
+    ``on_step(step, steps, loss)`` is called after each optimiser step (the progress bar).
+    """
     import torch
 
     from tumorseg.augment import augment_batch
@@ -247,6 +253,8 @@ def train_one_epoch(
         state.global_step += 1
         total += float(loss.detach()) * len(idx)
         seen += len(idx)
+        if on_step is not None:
+            on_step(i + 1, steps, total / seen)
     return (total / seen if seen else float("nan")), seen
 
 
@@ -463,17 +471,47 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
 
 def _loop(ctx: tuple, train_data: CachedSplit, val_data: CachedSplit | None, loss_fn: Any, state: State,
           device: torch.device, dist: Dist, run_dir: Path) -> None:
-    import torch
 
     net, opt, sched, scaler, cfg, in_channels, digest, mname, run, stats = ctx
-    interactive = is_interactive() and dist.main
+    with _progress(is_interactive() and dist.main) as bar:
+        _epochs(net, opt, sched, scaler, cfg, in_channels, digest, mname, run, stats, train_data, val_data,
+                loss_fn, state, device, dist, run_dir, bar)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Any]:
+    """A rich progress bar on a terminal (steps of the epoch, loss, last val Dice); else None."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]:.4f}  val Dice {task.fields[dice]}"), TimeRemainingColumn(),
+                  transient=False) as progress:
+        yield progress
+
+
+def _epochs(net: Any, opt: Any, sched: Any, scaler: Any, cfg: TrainConfig, in_channels: int, digest: str,
+            mname: str, run: Any, stats: Any, train_data: CachedSplit, val_data: CachedSplit | None, loss_fn: Any,
+            state: State, device: torch.device, dist: Dist, run_dir: Path, bar: Any) -> None:
+    import torch
+
+    last_dice = "-"
     while state.epoch < cfg.epochs and not state.stopped_reason:
         if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
             state.stopped_reason = f"max_steps={cfg.max_steps} reached"
             break
         t0 = time.perf_counter()
+        on_step = None
+        if bar is not None:
+            task = bar.add_task(f"epoch {state.epoch + 1}/{cfg.epochs}", total=None, loss=float("nan"), dice=last_dice)
+
+            def on_step(step: int, steps: int, loss: float, task: Any = task) -> None:
+                bar.update(task, completed=step, total=steps, loss=loss)
         try:
-            train_loss, seen = train_one_epoch(net, train_data, loss_fn, opt, scaler, cfg, state, device, dist)
+            train_loss, seen = train_one_epoch(net, train_data, loss_fn, opt, scaler, cfg, state, device, dist,
+                                               on_step)
         except torch.cuda.OutOfMemoryError as exc:
             raise TumorsegError(
                 f"CUDA out of memory at batch_size={cfg.batch_size}, image_size={list(cfg.image_size)}; lower "
@@ -517,15 +555,13 @@ def _loop(ctx: tuple, train_data: CachedSplit, val_data: CachedSplit | None, los
             save_checkpoint(run_dir / "last.pt", payload)
             assert run is not None
             run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=state.epoch)
-            msg = (f"epoch {state.epoch}/{cfg.epochs} loss {train_loss:.4f} val_dice {val_dice:.4f} "
-                   f"best {state.best_val_dice:.4f}@{state.best_epoch} lr {row['lr']:.2e} "
-                   f"{row['images_per_second']:.1f} img/s {epoch_seconds:.1f}s")
-            if interactive:
-                from rich.console import Console
-
-                Console(stderr=True).print(msg)
+            last_dice = f"{val_dice:.4f} (best {state.best_val_dice:.4f}@{state.best_epoch})"
+            if bar is not None:
+                bar.update(task, loss=train_loss, dice=last_dice)
             else:
-                log.info(msg)
+                log.info(f"epoch {state.epoch}/{cfg.epochs} loss {train_loss:.4f} val_dice {val_dice:.4f} "
+                         f"best {state.best_val_dice:.4f}@{state.best_epoch} lr {row['lr']:.2e} "
+                         f"{row['images_per_second']:.1f} img/s {epoch_seconds:.1f}s")
 
 
 def _dataset_stats(cfg: TrainConfig, cases: list[Any], in_channels: int, dist: Dist,
