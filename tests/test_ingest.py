@@ -591,6 +591,15 @@ def test_cli_empty_folder(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_group_by_folder_needs_recursive(tmp_path: Path) -> None:
+    """Without --recursive every case would share the group '.', leaving val and test empty."""
+    data = tmp_path / "data"
+    pair(data, "a", 1)
+    result = _cli(["ingest", str(data), "--name", "g", "--out-dir", str(tmp_path / "out"), "--group-by", "folder"])
+    _assert_one_line_error(result, "--group-by folder needs --recursive")
+    assert not (tmp_path / "out").exists()
+
+
 def test_only_rejected_files_is_an_error(tmp_path: Path) -> None:
     data = tmp_path / "data"
     png(data / "lonely.png", image(1))
