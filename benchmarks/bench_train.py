@@ -40,7 +40,7 @@ def main() -> None:
     from tumorseg.config import IngestConfig, TrackingConfig, TrainConfig
     from tumorseg.manifest import load_manifest, select_split
     from tumorseg.model import amp_dtype, build_loss, build_model, resolve_device
-    from tumorseg.train import State, build_optimizer, train_one_epoch
+    from tumorseg.train import State, build_optimizer, train_one_epoch, train_step
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=256)
@@ -152,16 +152,7 @@ def main() -> None:
             x = x.contiguous(memory_format=torch.channels_last)
 
         def limit_step() -> None:
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = loss_fn(net(x), y)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
+            train_step(net, x, y, loss_fn, opt, scaler, device, dtype)
 
         for _ in range(3):
             limit_step()

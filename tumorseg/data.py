@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,8 @@ import pandas as pd
 
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import sha256_bytes
-from tumorseg.imageio import DecodeError, binarize_mask, decode, mask_plane, read_bytes, slice_of
-from tumorseg.manifest import MASK_SEP, ManifestInfo
+from tumorseg.imageio import Decoded, DecodeError, binarize_decoded_mask, decode, read_bytes, slice_of, union_masks
+from tumorseg.manifest import MASK_SEP, ManifestInfo, combine_hashes
 from tumorseg.model import Stats, preprocess, resize_mask
 
 if TYPE_CHECKING:
@@ -54,51 +55,72 @@ class CachedSplit:
         return len(self.case_ids)
 
 
-def _read_checked(path: Path, expected: str | None, source: str) -> bytes:
-    try:
-        data = read_bytes(path)
-    except DecodeError as exc:
-        raise TumorsegError(f"{path}: listed in {source} but missing or unreadable; restore it or re-run "
-                            "tumorseg ingest") from exc
-    return data
+class _Reader:
+    """Reads, hashes and decodes files for one :func:`load_cases` call.
+
+    A NIfTI volume is read once for all its slice rows (its mask binarised once, as a
+    whole); 2D files are not kept.
+    """
+
+    def __init__(self, info: ManifestInfo, source: str, threshold: float | None) -> None:
+        self.info, self.source, self.threshold = info, source, threshold
+        self._volumes: dict[tuple[str, str], tuple[str, Decoded]] = {}
+        self._lock = threading.Lock()
+
+    def read(self, path: Path, role: str, keep: bool) -> tuple[str, Decoded]:
+        """(SHA-256 of the bytes, decoded file); masks come back binarised."""
+        key = (str(path), role)
+        if keep:
+            with self._lock:
+                hit = self._volumes.get(key)
+            if hit is not None:
+                return hit
+        try:
+            data = read_bytes(path)
+        except DecodeError as exc:
+            raise TumorsegError(f"{path}: listed in {self.source} but missing or unreadable; restore it or re-run "
+                                "tumorseg ingest") from exc
+        decoded = decode(data, path, "mask" if role == "mask" else "image")
+        if role == "mask":
+            decoded = binarize_decoded_mask(decoded, path, self.threshold)
+        out = (sha256_bytes(data), decoded)
+        if keep:
+            with self._lock:
+                self._volumes[key] = out
+        return out
+
+    def case(self, row: Any, verify: bool = True) -> Case:
+        """One manifest row's image and merged mask, with their hashes checked."""
+        root = Path(self.info.data_root)
+        slice_index, axis = int(row["slice_index"]), self.info.slice_axis
+        volume = slice_index >= 0
+        img_path = root / str(row["image"])
+        img_sha, img = self.read(img_path, "image", volume)
+        if verify and img_sha != row["image_sha256"]:
+            raise TumorsegError(f"{img_path}: changed since ingest (sha256 differs); re-run tumorseg ingest")
+        mask_files = [root / p for p in str(row["mask"]).split(MASK_SEP)]
+        masks = [self.read(p, "mask", volume) for p in mask_files]
+        if verify and combine_hashes([sha for sha, _ in masks]) != row["mask_sha256"]:
+            raise TumorsegError(f"{mask_files[0]}: changed since ingest (sha256 differs); re-run tumorseg ingest")
+        image = slice_of(img, slice_index, axis).astype(np.float32)
+        mask = union_masks([slice_of(m, slice_index, axis)[0] for _, m in masks])
+        return Case(str(row["case_id"]), str(row["group"]), image, mask)
 
 
 def load_case(info: ManifestInfo, row: Any, source: str, verify: bool = True) -> Case:
     """Read one manifest row's image and (merged) mask, checking their hashes."""
-    root = Path(info.data_root)
-    img_path = root / str(row["image"])
-    data = _read_checked(img_path, row["image_sha256"], source)
-    if verify and sha256_bytes(data) != row["image_sha256"]:
-        raise TumorsegError(f"{img_path}: changed since ingest (sha256 differs); re-run tumorseg ingest")
-    slice_index, axis = int(row["slice_index"]), info.slice_axis
-    image = slice_of(decode(data, img_path, "image"), slice_index, axis).astype(np.float32)
-    mask_files = [root / p for p in str(row["mask"]).split(MASK_SEP)]
-    blobs = [_read_checked(p, None, source) for p in mask_files]
-    hashes = [sha256_bytes(b) for b in blobs]
-    combined = hashes[0] if len(hashes) == 1 else sha256_bytes("\n".join(hashes).encode())
-    if verify and combined != row["mask_sha256"]:
-        raise TumorsegError(f"{mask_files[0]}: changed since ingest (sha256 differs); re-run tumorseg ingest")
-    mask: np.ndarray | None = None
-    for path, blob in zip(mask_files, blobs, strict=True):
-        dec = decode(blob, path, "mask")
-        if dec.mode == "NIfTI":
-            binary, _ = binarize_mask(dec.array, path, info.mask_threshold)
-            plane = slice_of(type(dec)(binary, dec.mode, dec.affine), slice_index, axis)[0]
-        else:
-            plane, _ = binarize_mask(mask_plane(dec.array, path), path, info.mask_threshold)
-        mask = plane if mask is None else np.maximum(mask, plane)
-    assert mask is not None
-    return Case(str(row["case_id"]), str(row["group"]), image, mask.astype(np.uint8))
+    return _Reader(info, source, info.mask_threshold).case(row, verify)
 
 
 def load_cases(info: ManifestInfo, df: pd.DataFrame, source: str, workers: int = 0) -> list[Case]:
     """Decode all rows in parallel threads (decoders release the GIL), in manifest order."""
+    reader = _Reader(info, source, info.mask_threshold)
     rows = [r for _, r in df.iterrows()]
     n = workers or min(8, os.cpu_count() or 1)
     if n <= 1 or len(rows) < 4:
-        return [load_case(info, r, source) for r in rows]
+        return [reader.case(r) for r in rows]
     with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(lambda r: load_case(info, r, source), rows))
+        return list(pool.map(reader.case, rows))
 
 
 def cache_split(

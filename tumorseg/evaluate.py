@@ -178,9 +178,17 @@ def _decoded_volume(path: str, role: str) -> Any:
     return decode(read_bytes(path), path, role)  # type: ignore[arg-type]
 
 
+@lru_cache(maxsize=4)
+def _mask_volume(path: str, threshold: float | None) -> Any:
+    """A NIfTI mask volume binarised once, as a whole (the rule ingest validated)."""
+    from tumorseg.imageio import binarize_decoded_mask
+
+    return binarize_decoded_mask(_decoded_volume(path, "mask"), path, threshold)
+
+
 def load_case(info: ManifestInfo, row: dict[str, Any], index: int) -> Case:
     """Read a manifest row's image ``float32 (C, H, W)`` and mask ``{0,1} (H, W)`` at original size."""
-    from tumorseg.imageio import binarize_mask, load_image, load_mask, mask_plane, slice_of
+    from tumorseg.imageio import load_image, load_mask, slice_of, union_masks
 
     img_path = image_path(info, row)
     masks = mask_paths(info, row)
@@ -191,13 +199,8 @@ def load_case(info: ManifestInfo, row: dict[str, Any], index: int) -> Case:
     else:
         axis = info.slice_axis
         image = slice_of(_decoded_volume(str(img_path), "image"), slice_index, axis).astype(np.float32)
-        gt_acc: np.ndarray | None = None
-        for mp in masks:
-            plane = mask_plane(slice_of(_decoded_volume(str(mp), "mask"), slice_index, axis), mp)
-            binary, _ = binarize_mask(plane, mp, info.mask_threshold)
-            gt_acc = binary if gt_acc is None else np.maximum(gt_acc, binary)
-        assert gt_acc is not None
-        gt = gt_acc
+        gt = union_masks([slice_of(_mask_volume(str(mp), info.mask_threshold), slice_index, axis)[0]
+                          for mp in masks])
     if tuple(image.shape[1:]) != tuple(gt.shape):
         raise TumorsegError(f"{img_path}: image {image.shape[1]}x{image.shape[2]} but mask "
                             f"{gt.shape[0]}x{gt.shape[1]}; the files changed since ingest - "

@@ -258,6 +258,37 @@ def load_image(path: str | os.PathLike[str], slice_index: int = -1, slice_axis: 
     return slice_of(decoded, slice_index, slice_axis).astype(np.float32)
 
 
+def binarize_decoded_mask(decoded: Decoded, path: str | os.PathLike[str], threshold: float | None = None) -> Decoded:
+    """Binarise a whole decoded mask file (:func:`binarize_mask`).
+
+    A NIfTI volume is binarised as a whole, so its values (not one slice's) decide the rule,
+    exactly as ``ingest`` validated it. A 2D mask's channels are reduced first (:func:`mask_plane`).
+    """
+    if decoded.mode == "NIfTI":
+        binary, _ = binarize_mask(decoded.array, path, threshold)
+        return Decoded(binary, decoded.mode, decoded.affine)
+    binary, _ = binarize_mask(mask_plane(decoded.array, path), path, threshold)
+    return Decoded(binary[None], decoded.mode, decoded.affine)
+
+
+def mask_from_decoded(
+    decoded: Decoded, path: str | os.PathLike[str], slice_index: int = -1, slice_axis: int = 2,
+    threshold: float | None = None,
+) -> np.ndarray:
+    """The ``uint8 (H, W)`` ``{0, 1}`` plane of one decoded mask file (binarised whole, then sliced)."""
+    return slice_of(binarize_decoded_mask(decoded, path, threshold), slice_index, slice_axis)[0]
+
+
+def union_masks(planes: Sequence[np.ndarray]) -> np.ndarray:
+    """Merge a case's mask planes by union (``x_mask.png``, ``x_mask_1.png``, ...)."""
+    if not planes:
+        raise DecodeError("a case needs at least one mask")
+    out = planes[0]
+    for plane in planes[1:]:
+        out = np.maximum(out, plane)
+    return out.astype(np.uint8, copy=False)
+
+
 def load_mask(
     paths: Sequence[str | os.PathLike[str]],
     slice_index: int = -1,
@@ -265,15 +296,9 @@ def load_mask(
     threshold: float | None = None,
 ) -> np.ndarray:
     """Read one or several masks of a case as one ``uint8 (H, W)`` in ``{0, 1}`` (union)."""
-    out: np.ndarray | None = None
-    for path in paths:
-        decoded = decode(read_bytes(path), path, "mask")
-        plane = mask_plane(slice_of(decoded, slice_index, slice_axis), path)
-        binary, _ = binarize_mask(plane, path, threshold)
-        out = binary if out is None else np.maximum(out, binary)
-    if out is None:
-        raise DecodeError("load_mask needs at least one path")
-    return out
+    return union_masks([
+        mask_from_decoded(decode(read_bytes(p), p, "mask"), p, slice_index, slice_axis, threshold) for p in paths
+    ])
 
 
 def write_png(path: str | os.PathLike[str], array: np.ndarray) -> None:

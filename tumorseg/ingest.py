@@ -26,8 +26,17 @@ from tumorseg import __version__
 from tumorseg.config import IngestConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_bytes, atomic_write_json, sha256_bytes
-from tumorseg.imageio import EXTENSIONS, DecodeError, binarize_mask, decode, mask_plane, read_bytes, split_ext
-from tumorseg.manifest import COLUMNS, MASK_SEP, SPLITS
+from tumorseg.imageio import (
+    EXTENSIONS,
+    DecodeError,
+    binarize_mask,
+    decode,
+    mask_plane,
+    read_bytes,
+    split_ext,
+    union_masks,
+)
+from tumorseg.manifest import COLUMNS, MASK_SEP, SPLITS, combine_hashes
 from tumorseg.progress import track
 from tumorseg.splits import assign_fold, assign_split, merge_groups, splits_without_tumour, suggest_seed
 
@@ -278,10 +287,8 @@ def inspect_case(task: Task, ctx: _Ctx) -> tuple[list[dict[str, Any]], list[tupl
             ]
         masks.append(binary)
         encodings.append(f"{decoded.mode} {values}")
-    mask = masks[0]
-    for m in masks[1:]:
-        mask = np.maximum(mask, m)
-    mask_sha = hashes[0] if len(hashes) == 1 else sha256_bytes("\n".join(hashes).encode())
+    mask = union_masks(masks)
+    mask_sha = combine_hashes(hashes)
     common = {
         "image": rel_img,
         "mask": MASK_SEP.join(task.masks),

@@ -137,10 +137,17 @@ def verify_files(info: ManifestInfo, df: pd.DataFrame, source: str | os.PathLike
                 raise TumorsegError(f"{files[0]}: changed since ingest (sha256 differs); re-run tumorseg ingest")
 
 
-def combined_sha256(paths: list[Path]) -> str:
-    """One file's SHA-256, or for merged masks the SHA-256 of their joined hashes."""
-    hashes = [sha256_file(p) for p in paths]
+def combine_hashes(hashes: list[str]) -> str:
+    """The recorded hash of a case's mask files.
+
+    One file: its SHA-256. Merged masks: the SHA-256 of their hashes joined by newlines.
+    """
     return hashes[0] if len(hashes) == 1 else sha256_bytes("\n".join(hashes).encode())
+
+
+def combined_sha256(paths: list[Path]) -> str:
+    """:func:`combine_hashes` of files on disk."""
+    return combine_hashes([sha256_file(p) for p in paths])
 
 
 def to_channels(image: np.ndarray, channels: int) -> np.ndarray:

@@ -234,28 +234,45 @@ def train_one_epoch(
         x, y = augment_batch(x, y, cfg.augment, gen)
         if device.type == "cuda" and cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = loss_fn(net(x), y)
+        loss = train_step(net, x, y, loss_fn, opt, scaler, device, dtype)
         if not torch.isfinite(loss):
             raise TumorsegError(
                 f"loss became {loss.item()} at epoch {state.epoch + 1}, step {state.global_step + 1}; training "
                 "stopped and the last good checkpoint (last.pt) is kept - lower optim.lr (--set optim.lr=1e-4) "
                 "or set amp=false"
             )
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
         state.global_step += 1
         total += float(loss.detach()) * len(idx)
         seen += len(idx)
         if on_step is not None:
             on_step(i + 1, steps, total / seen)
     return (total / seen if seen else float("nan")), seen
+
+
+def train_step(
+    net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: torch.nn.Module, opt: torch.optim.Optimizer,
+    scaler: Any, device: torch.device, dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """One optimiser step (autocast when ``dtype``, GradScaler when ``scaler``); returns the loss.
+
+    A non-finite loss is returned without a backward pass or step, so the caller can stop
+    with the weights of the last good step.
+    """
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = loss_fn(net(x), y)
+    if not torch.isfinite(loss):
+        return loss
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    return loss
 
 
 def validate(
