@@ -131,7 +131,9 @@ def _decode_png(data: bytes, path: str | os.PathLike[str], role: str) -> Decoded
             else:
                 arr = np.asarray(img)
     except OSError as exc:
-        raise DecodeError(f"{path}: truncated or corrupt PNG ({exc}); re-export the file") from exc
+        # Pillow's "cannot identify image file <BytesIO ...>" names our buffer, not the file: say it plainly.
+        detail = "not a PNG image" if "cannot identify" in str(exc) else str(exc)
+        raise DecodeError(f"{path}: truncated or corrupt PNG ({detail}); re-export the file") from exc
     except Image.DecompressionBombError as exc:  # pragma: no cover - defensive
         raise DecodeError(f"{path}: image too large to decode safely ({exc})") from exc
     return Decoded(_channels_first(arr, path), f"PNG:{mode}")
