@@ -40,10 +40,10 @@ def prepare(root: Path, n: int, size: int, image_size: int, channels: list[int],
     """Synthetic pairs -> a manifest whose test split holds ~90% of them -> an untrained checkpoint."""
     import torch
 
-    from tumorseg import ingest, synth
+    from tumorseg import checkpoint, ingest, synth
     from tumorseg.config import IngestConfig, ModelConfig, TrackingConfig, TrainConfig
     from tumorseg.errors import TumorsegError
-    from tumorseg.model import CHECKPOINT_FORMAT, build_model
+    from tumorseg.model import build_model
 
     synth.run(root / "data", n=n, size=size, seed=0)
     tracking = TrackingConfig(uri=uri, experiment="bench-evaluate")
@@ -64,9 +64,8 @@ def prepare(root: Path, n: int, size: int, image_size: int, channels: list[int],
     net = build_model(model, 1)
     cfg = TrainConfig(image_size=(image_size, image_size), model=model)
     ckpt = root / "bench.pt"
-    torch.save({"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "config": cfg.model_dump(mode="json"),
-                "in_channels": 1, "epoch": 0, "best_val_dice": 0.0, "manifest_digest": res.dataset_digest,
-                "manifest_name": "bench", "mlflow_run_id": "", "tracking_uri": ""}, ckpt)
+    checkpoint.save(ckpt, checkpoint.build_payload(net, cfg, 1, manifest_digest=res.dataset_digest,
+                                                   manifest_name="bench"))
     return res.manifest_dir, ckpt
 
 
@@ -75,8 +74,8 @@ def bare(manifest: Path, ckpt: Path, batch_size: int, device: str) -> dict[str, 
     import torch
 
     from tumorseg.imageio import load_image
+    from tumorseg.inference import Segmenter, preprocess
     from tumorseg.manifest import image_path, load_manifest, select_split
-    from tumorseg.model import Segmenter, preprocess
 
     info, df = load_manifest(manifest)
     rows = select_split(df, "test", manifest).to_dict("records")
@@ -144,7 +143,7 @@ def main() -> None:
     import torch
 
     import tumorseg.evaluate  # noqa: F401  (imports before timing)
-    from tumorseg.model import resolve_device
+    from tumorseg.inference import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

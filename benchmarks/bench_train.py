@@ -21,6 +21,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -38,9 +39,11 @@ def main() -> None:
     from tumorseg import data as datamod
     from tumorseg import ingest, synth
     from tumorseg.config import IngestConfig, TrackingConfig, TrainConfig
+    from tumorseg.inference import amp_dtype, resolve_device
     from tumorseg.manifest import load_manifest, select_split
-    from tumorseg.model import amp_dtype, build_loss, build_model, resolve_device
-    from tumorseg.train import State, build_optimizer, train_one_epoch, train_step
+    from tumorseg.model import build_loss, build_model
+    from tumorseg.train.loop import State, TrainContext, train_one_epoch, train_step
+    from tumorseg.train.runtime import Dist, build_optimizer
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=256)
@@ -75,21 +78,25 @@ def main() -> None:
         return net, build_optimizer(cfg, net.parameters()), build_loss(cfg.loss)
 
     # (a) tumorseg
-    cases = datamod.load_cases(info, train_df, "bench")
+    cases = datamod.CaseReader(info, "bench").read_all(train_df)
     cached = datamod.place(datamod.cache_split(cases, cfg.image_size, 1), device, "auto")
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
+    def context(c: TrainConfig, net: Any, opt: Any, loss_fn: Any) -> TrainContext:
+        return TrainContext(cfg=c, net=net, loss_fn=loss_fn, opt=opt, sched=None, scaler=scaler, device=device,
+                            dist=Dist(), in_channels=1, stats=None, manifest_digest="", manifest_name="bench",
+                            run_dir=tmp)
+
     def loop_a(c: TrainConfig = cfg) -> float:
         net, opt, loss_fn = fresh()
-        train_one_epoch(net, cached, loss_fn, opt, scaler, c.model_copy(update={"max_steps": 3}), State(), device,
-                        _dist())
+        train_one_epoch(context(c.model_copy(update={"max_steps": 3}), net, opt, loss_fn), cached, State())
         state, steps_done = State(), 0
         _sync(device)
         t0 = time.perf_counter()
         while steps_done < args.steps:
             state.global_step = 0
             rest = c.model_copy(update={"max_steps": args.steps - steps_done})
-            train_one_epoch(net, cached, loss_fn, opt, scaler, rest, state, device, _dist())
+            train_one_epoch(context(rest, net, opt, loss_fn), cached, state)
             steps_done += state.global_step
             state.epoch += 1
         _sync(device)
@@ -179,12 +186,6 @@ def main() -> None:
     print("\n| loop | images/s | vs tutorial | vs limit | data wait share |\n|---|---|---|---|---|")
     for name, t, share in rows:
         print(f"| {name} | {imgs / t:.1f} | {t_b / t:.2f}x | {t_c / t:.3f} | {share:.1%} |")
-
-
-def _dist():  # noqa: ANN202
-    from tumorseg.train import Dist
-
-    return Dist()
 
 
 def _data_time_tumorseg(cached, cfg, device, steps: int) -> float:  # noqa: ANN001

@@ -53,7 +53,8 @@ def make_checkpoint(path: Path, manifest_dir: Path | None, *, train_steps: int =
     """A tiny UNet fitted briefly at 32x32 on the manifest's train split (resized back to 64x64 at inference)."""
     import torch
 
-    from tumorseg.model import CHECKPOINT_FORMAT, build_model
+    from tumorseg import checkpoint
+    from tumorseg.model import build_model
 
     torch.manual_seed(0)
     net = build_model(model_cfg, in_channels)
@@ -67,9 +68,9 @@ def make_checkpoint(path: Path, manifest_dir: Path | None, *, train_steps: int =
         torch.set_num_threads(threads)
     cfg = TrainConfig(image_size=(32, 32), model=model_cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "config": cfg.model_dump(mode="json"),
-                "in_channels": in_channels, "epoch": 1, "best_val_dice": 0.0, "manifest_digest": digest,
-                "manifest_name": "evalsyn", "mlflow_run_id": mlflow_run_id, "tracking_uri": ""}, path)
+    checkpoint.save(path, checkpoint.build_payload(net, cfg, in_channels, state={"epoch": 1, "best_val_dice": 0.0},
+                                                   manifest_digest=digest, manifest_name="evalsyn",
+                                                   mlflow_run_id=mlflow_run_id))
     return path
 
 
@@ -78,8 +79,9 @@ def _fit(net: Any, manifest_dir: Path, train_steps: int, in_channels: int) -> st
     import torch
 
     from tumorseg.imageio import load_image, load_mask
+    from tumorseg.inference import preprocess, resize_mask
     from tumorseg.manifest import image_path, load_manifest, mask_paths
-    from tumorseg.model import build_loss, preprocess, resize_mask
+    from tumorseg.model import build_loss
 
     info, df = load_manifest(manifest_dir)
     rows = df[df["split"] == "train"].to_dict("records")
@@ -159,9 +161,9 @@ def test_run_folder_outputs_are_complete_and_consistent(world: dict[str, Any], t
 
     from tumorseg import evaluate
     from tumorseg.imageio import load_image, load_mask
+    from tumorseg.inference import Segmenter
     from tumorseg.manifest import image_path, mask_paths
     from tumorseg.metrics import EMPTY_RULES
-    from tumorseg.model import Segmenter
 
     rows = world["df"][world["df"]["split"] == SPLIT].reset_index(drop=True)
     res = evaluate.run(evaluate_cfg(world, str(world["run_dir"]), tmp_path / "ev", batch_size=5))
@@ -526,7 +528,7 @@ def test_prefetch_keeps_order_and_bounds_lookahead() -> None:
     import threading
     import time
 
-    from tumorseg.evaluate import batched, prefetch
+    from tumorseg.streaming import batched, prefetch
 
     started: list[int] = []
     lock = threading.Lock()

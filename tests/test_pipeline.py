@@ -23,8 +23,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tumorseg import pipeline, registry
+from tumorseg import pipeline, tracking
 from tumorseg.cli import app
+from tumorseg.pipeline import registry
 
 TRAIN_TINY: dict[str, Any] = {
     "epochs": 2,
@@ -73,7 +74,7 @@ def state_of(work_dir: Path) -> dict[str, Any]:
 
 
 def client(uri: str) -> Any:
-    return registry.client(uri)
+    return tracking.client(uri)
 
 
 def child_runs(cl: Any, parent: Any) -> list[Any]:
@@ -136,15 +137,16 @@ def test_full_pipeline(first_run: dict[str, Any]) -> None:
     assert sorted(r.data.tags["tumorseg.stage"] for r in children) == ["evaluate", "ingest", "promote", "train"]
     assert all(r.info.status == "FINISHED" for r in children)
     promote = next(r for r in children if r.data.tags["tumorseg.stage"] == "promote")
-    # the promote run scores the registered challenger through the registry, nested under it
-    grandchildren = child_runs(cl, promote)
-    assert [r.data.tags["tumorseg.stage"] for r in grandchildren] == ["evaluate"]
+    # the challenger is scored once per cycle (the evaluate stage); a first champion has no rival to score
+    assert child_runs(cl, promote) == []
+    assert metrics["promote.challenger_dice"] == metrics["evaluate.dice_mean"]
 
     (v1,) = versions(cl, "tiny-a")
     assert v1.tags[registry.TAG_DIGEST] == digest
     assert v1.tags[registry.TAG_DECISION] == "first_champion"
     assert v1.tags[registry.TAG_CHAMPION_DICE] == "none"
     assert v1.tags[registry.TAG_TRAIN_RUN] == state["stages"]["train"]["mlflow_run_id"]
+    assert v1.tags[registry.TAG_EVAL_RUN] == state["stages"]["evaluate"]["run_id"]
     assert alias(cl, "tiny-a", "champion") == "1"
     assert alias(cl, "tiny-a", "challenger") == "1"
     assert "pid" in (work / ".lock").read_text()  # the holder wrote who it was
@@ -362,8 +364,10 @@ def test_sigterm_becomes_keyboard_interrupt() -> None:
     import os
     import signal
 
+    from tumorseg.pipeline.state import sigterm_as_interrupt
+
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt), pipeline._sigterm_as_interrupt():
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises before this ends
     assert signal.getsignal(signal.SIGTERM) == before

@@ -24,7 +24,9 @@ def _checkpoint(path: Path, images: list[np.ndarray], masks: list[np.ndarray], s
     """A tiny UNet (32x32 input) fitted briefly on synthetic pairs."""
     import torch
 
-    from tumorseg.model import CHECKPOINT_FORMAT, build_loss, build_model, preprocess, resize_mask
+    from tumorseg import checkpoint
+    from tumorseg.inference import preprocess, resize_mask
+    from tumorseg.model import build_loss, build_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny net, shared 2-core machine
@@ -46,9 +48,7 @@ def _checkpoint(path: Path, images: list[np.ndarray], masks: list[np.ndarray], s
         torch.set_num_threads(threads)
     cfg = TrainConfig(image_size=(32, 32), model=MODEL_CFG)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "config": cfg.model_dump(mode="json"),
-                "in_channels": in_channels, "epoch": 1, "best_val_dice": 0.0, "manifest_digest": "",
-                "manifest_name": "", "mlflow_run_id": "", "tracking_uri": ""}, path)
+    checkpoint.save(path, checkpoint.build_payload(net, cfg, in_channels, state={"epoch": 1, "best_val_dice": 0.0}))
     return path
 
 
@@ -109,7 +109,7 @@ def test_png_masks_keep_name_size_orientation(env: dict[str, Any], tmp_path: Pat
 
     from tumorseg import predict
     from tumorseg.imageio import load_image
-    from tumorseg.model import Segmenter
+    from tumorseg.inference import Segmenter
 
     src = env["src"]
     before = _hashes(src)
@@ -144,7 +144,7 @@ def test_png_masks_keep_name_size_orientation(env: dict[str, Any], tmp_path: Pat
 def test_probabilities_and_tta(env: dict[str, Any], tmp_path: Path) -> None:
     from tumorseg import predict
     from tumorseg.imageio import load_image
-    from tumorseg.model import Segmenter
+    from tumorseg.inference import Segmenter
 
     src = env["src"]
     res = predict.run(_cfg(env, [src / "wide.png"], tmp_path / "out", probabilities=True, tta=True))
@@ -179,7 +179,7 @@ def test_nifti_output_keeps_affine_and_shape_and_reassembles_volumes(env: dict[s
     import nibabel as nib
 
     from tumorseg import predict
-    from tumorseg.model import Segmenter
+    from tumorseg.inference import Segmenter
 
     src = tmp_path / "nii"
     src.mkdir()
@@ -221,7 +221,7 @@ def test_volume_along_another_axis_and_png_format_for_volumes(env: dict[str, Any
     import nibabel as nib
 
     from tumorseg import predict
-    from tumorseg.model import Segmenter
+    from tumorseg.inference import Segmenter
 
     src = tmp_path / "nii"
     src.mkdir()

@@ -129,7 +129,7 @@ def test_train_writes_run_folder_and_mlflow_run(manifest: Path, tmp_path: Path, 
     import mlflow
 
     from tumorseg import train
-    from tumorseg.model import load_checkpoint
+    from tumorseg.checkpoint import load as load_checkpoint
 
     cfg = tiny_cfg(manifest, tmp_path, "run_name=full", "log_model=true", "val_overlays=2", "epochs=3")
     res = train.run(cfg)
@@ -165,7 +165,7 @@ def test_train_writes_run_folder_and_mlflow_run(manifest: Path, tmp_path: Path, 
 def test_exact_resume_after_killed_process(manifest: Path, tmp_path: Path) -> None:
     """Deterministic mode: kill a training process, resume it, get the uninterrupted weights."""
     from tumorseg import train
-    from tumorseg.model import load_checkpoint
+    from tumorseg.checkpoint import load as load_checkpoint
 
     extra = ("deterministic=true", "epochs=40", "early_stopping_patience=null", "optim.schedule=plateau",
              "optim.plateau_patience=1")
@@ -206,8 +206,8 @@ def test_exact_resume_after_killed_process(manifest: Path, tmp_path: Path) -> No
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(manifest: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from tumorseg import train
+    from tumorseg.checkpoint import load as load_checkpoint
     from tumorseg.model import build_loss as real_build_loss
-    from tumorseg.model import load_checkpoint
 
     calls = {"n": 0}
 
@@ -221,7 +221,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(manifest: Path, tmp_path:
             value = self.inner(x, y)
             return value * float("nan") if calls["n"] > 4 else value
 
-    monkeypatch.setattr(train, "build_loss", lambda cfg: NanAfterFirstEpoch())
+    monkeypatch.setattr("tumorseg.train.stage.build_loss", lambda cfg: NanAfterFirstEpoch())
     with pytest.raises(TumorsegError, match=r"loss became nan at epoch 2.*last\.pt"):
         train.run(tiny_cfg(manifest, tmp_path, "run_name=nan", "epochs=3"))
     assert load_checkpoint(tmp_path / "nan" / "last.pt")["epoch"] == 1
@@ -339,7 +339,7 @@ def test_ddp_two_cpu_processes(manifest: Path, tmp_path: Path, mlflow_uri: str) 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 def test_cuda_mixed_precision_run(manifest: Path, tmp_path: Path) -> None:
     from tumorseg import train
-    from tumorseg.model import load_checkpoint
+    from tumorseg.checkpoint import load as load_checkpoint
 
     res = train.run(tiny_cfg(manifest, tmp_path, "run_name=gpu", "device=cuda", "amp=true", "cache=gpu"))
     assert res.epochs_run == 2

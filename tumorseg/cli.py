@@ -25,7 +25,7 @@ from tumorseg.config import (
     TrainConfig,
     build_config,
 )
-from tumorseg.errors import TumorsegError
+from tumorseg.errors import ExitCode, TumorsegError
 
 app = typer.Typer(
     name="tumorseg",
@@ -61,7 +61,7 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(ExitCode.INTERRUPTED) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -288,7 +288,8 @@ def pipeline_run(
     from tumorseg import pipeline as stage
 
     res = stage.run(stage.load(file, tracking_uri=tracking_uri), force=force)
-    typer.echo(res.message, err=res.exit_code == 1)  # a failed stage is an error line, like other errors
+    # a failed stage is an error line, like other errors
+    typer.echo(res.message, err=res.exit_code == ExitCode.STAGE_FAILED)
     raise typer.Exit(res.exit_code)
 
 

@@ -91,8 +91,9 @@ class IngestConfig(StrictModel):
 class ModelConfig(StrictModel):
     """Network architecture.
 
-    ``unet`` is MONAI ``UNet``; the classic Ronneberger U-Net is
-    ``name=unet, channels=[64,128,256,512,1024], num_res_units=0, norm=batch``.
+    ``unet`` is MONAI ``UNet`` (strided convolutions, residual units); the classic
+    Ronneberger U-Net (two 3x3 convs per level, max-pooling) is MONAI ``BasicUNet``:
+    ``name=basic_unet, channels=[64,128,256,512,1024], norm=batch``.
     ``flexible_unet`` is MONAI ``FlexibleUNet`` on a ResNet/EfficientNet encoder; its
     pretrained encoder weights come from ``pretrained_weights`` (a local file), never downloaded.
     """
@@ -285,10 +286,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def validation_message(exc: ValidationError, source: str) -> str:
-    """One line from a pydantic error: the first problem, its key and the fix."""
+def validation_message(exc: ValidationError, source: str, section: str | None = None) -> str:
+    """One line from a pydantic error: the first problem, its key (under ``section``) and the fix."""
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    loc = ".".join([*([section] if section else []), *(str(p) for p in err["loc"])]) or "(top level)"
     if err["type"] == "extra_forbidden":
         msg = "unknown setting; check the spelling"
     else:
@@ -297,12 +298,16 @@ def validation_message(exc: ValidationError, source: str) -> str:
     return f"{source}: {loc}: {msg}{more}"
 
 
-def build_config(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
-    """Validate ``data`` as ``cls``; errors become one-line :class:`TumorsegError`."""
+def build_config(cls: type[C], data: dict[str, Any], source: str = "config", section: str | None = None) -> C:
+    """Validate ``data`` as ``cls``; errors become one-line :class:`TumorsegError`.
+
+    ``section`` prefixes the key in the message (``train.epochs``) when ``data`` is one
+    section of a larger file, such as a pipeline YAML.
+    """
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise TumorsegError(validation_message(exc, source)) from exc
+        raise TumorsegError(validation_message(exc, source, section)) from exc
 
 
 def load_config(

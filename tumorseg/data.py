@@ -1,9 +1,10 @@
-"""Decoded, cached training and validation data.
+"""From manifest rows to arrays: the one case reader, and train's cached splits.
 
-Each image and mask is read once through :mod:`tumorseg.imageio`, its SHA-256 checked
-against the manifest (a changed or missing file stops training with its name), then
-normalised, resized to ``image_size`` and kept as one tensor (RAM, or GPU memory when it
-fits), so no file is decoded again during training.
+:class:`CaseReader` reads each image and mask through :mod:`tumorseg.imageio` and checks its
+SHA-256 against the manifest (a changed or missing file stops the stage with its name);
+train and evaluate both read cases through it. For training, :func:`cache_split` then
+normalises and resizes the cases to ``image_size`` once and keeps them as one tensor (RAM,
+or GPU memory when it fits), so no file is decoded again during training.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,8 +24,9 @@ import pandas as pd
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import sha256_bytes
 from tumorseg.imageio import Decoded, DecodeError, binarize_decoded_mask, decode, read_bytes, slice_of, union_masks
+from tumorseg.inference import Stats, preprocess, resize_mask
 from tumorseg.manifest import MASK_SEP, ManifestInfo, combine_hashes
-from tumorseg.model import Stats, preprocess, resize_mask
+from tumorseg.streaming import prefetch
 
 if TYPE_CHECKING:
     import torch
@@ -33,12 +36,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Case:
-    """One decoded case at its original resolution."""
+    """One decoded case at its original resolution.
 
+    Attributes:
+        index: the row's position in the frame it was read from.
+        case_id: the manifest's case id.
+        group: the patient (group) it belongs to.
+        image: ``float32 (C, H, W)``.
+        mask: ``uint8 (H, W)`` in ``{0, 1}`` (several mask files merged by union).
+    """
+
+    index: int
     case_id: str
     group: str
-    image: np.ndarray  # float32 (C, H, W)
-    mask: np.ndarray  # uint8 (H, W) in {0, 1}
+    image: np.ndarray
+    mask: np.ndarray
 
 
 @dataclass
@@ -55,26 +67,37 @@ class CachedSplit:
         return len(self.case_ids)
 
 
-class _Reader:
-    """Reads, hashes and decodes files for one :func:`load_cases` call.
+class CaseReader:
+    """Turns manifest rows into :class:`Case` arrays: the one reader of train and evaluate.
 
-    A NIfTI volume is read once for all its slice rows (its mask binarised once, as a
-    whole); 2D files are not kept.
+    Every file is read through :mod:`tumorseg.imageio` and its SHA-256 checked against the
+    manifest, so a file changed since ingest stops the stage with its name instead of being
+    used silently. A NIfTI volume is decoded once for its consecutive slice rows (its mask
+    binarised once, as a whole, the rule ingest validated) and kept in a small LRU, so
+    memory stays bounded whatever the number of rows. A reader belongs to one stage call:
+    a new call makes a new reader and sees the files as they are now.
+
+    Args:
+        info: the manifest's ``manifest.json``.
+        source: the manifest path named in error messages.
+        volumes: how many decoded NIfTI volumes to keep.
     """
 
-    def __init__(self, info: ManifestInfo, source: str, threshold: float | None) -> None:
-        self.info, self.source, self.threshold = info, source, threshold
-        self._volumes: dict[tuple[str, str], tuple[str, Decoded]] = {}
+    def __init__(self, info: ManifestInfo, source: str, volumes: int = 4) -> None:
+        self.info, self.source = info, source
+        self._volumes: OrderedDict[tuple[str, str], tuple[str, Decoded]] = OrderedDict()
+        self._max_volumes = max(1, volumes)
         self._lock = threading.Lock()
 
-    def read(self, path: Path, role: str, keep: bool) -> tuple[str, Decoded]:
+    def _read(self, path: Path, role: str, volume: bool) -> tuple[str, Decoded]:
         """(SHA-256 of the bytes, decoded file); masks come back binarised."""
         key = (str(path), role)
-        if keep:
+        if volume:
             with self._lock:
                 hit = self._volumes.get(key)
-            if hit is not None:
-                return hit
+                if hit is not None:
+                    self._volumes.move_to_end(key)
+                    return hit
         try:
             data = read_bytes(path)
         except DecodeError as exc:
@@ -82,45 +105,46 @@ class _Reader:
                                 "tumorseg ingest") from exc
         decoded = decode(data, path, "mask" if role == "mask" else "image")
         if role == "mask":
-            decoded = binarize_decoded_mask(decoded, path, self.threshold)
+            decoded = binarize_decoded_mask(decoded, path, self.info.mask_threshold)
         out = (sha256_bytes(data), decoded)
-        if keep:
+        if volume:
             with self._lock:
                 self._volumes[key] = out
+                while len(self._volumes) > self._max_volumes:
+                    self._volumes.popitem(last=False)
         return out
 
-    def case(self, row: Any, verify: bool = True) -> Case:
-        """One manifest row's image and merged mask, with their hashes checked."""
+    def read(self, row: Mapping[Any, Any], index: int = 0) -> Case:
+        """One manifest row's image and merged mask, with their hashes and shapes checked."""
         root = Path(self.info.data_root)
         slice_index, axis = int(row["slice_index"]), self.info.slice_axis
         volume = slice_index >= 0
         img_path = root / str(row["image"])
-        img_sha, img = self.read(img_path, "image", volume)
-        if verify and img_sha != row["image_sha256"]:
+        img_sha, img = self._read(img_path, "image", volume)
+        if img_sha != row["image_sha256"]:
             raise TumorsegError(f"{img_path}: changed since ingest (sha256 differs); re-run tumorseg ingest")
         mask_files = [root / p for p in str(row["mask"]).split(MASK_SEP)]
-        masks = [self.read(p, "mask", volume) for p in mask_files]
-        if verify and combine_hashes([sha for sha, _ in masks]) != row["mask_sha256"]:
+        masks = [self._read(p, "mask", volume) for p in mask_files]
+        if combine_hashes([sha for sha, _ in masks]) != row["mask_sha256"]:
             raise TumorsegError(f"{mask_files[0]}: changed since ingest (sha256 differs); re-run tumorseg ingest")
         image = slice_of(img, slice_index, axis).astype(np.float32)
         mask = union_masks([slice_of(m, slice_index, axis)[0] for _, m in masks])
-        return Case(str(row["case_id"]), str(row["group"]), image, mask)
+        if tuple(image.shape[1:]) != tuple(mask.shape):
+            raise TumorsegError(f"{img_path}: image {image.shape[1]}x{image.shape[2]} but mask "
+                                f"{mask.shape[0]}x{mask.shape[1]}; re-run tumorseg ingest")
+        return Case(index, str(row["case_id"]), str(row["group"]), image, mask)
 
+    def stream(self, df: pd.DataFrame, workers: int = 0, ahead: int = 32) -> Iterator[Case]:
+        """Cases of ``df`` in order, decoded by ``workers`` threads at most ``ahead`` rows in advance."""
+        rows = df.to_dict("records")
+        return prefetch(lambda ir: self.read(ir[1], ir[0]), enumerate(rows), workers, ahead)
 
-def load_case(info: ManifestInfo, row: Any, source: str, verify: bool = True) -> Case:
-    """Read one manifest row's image and (merged) mask, checking their hashes."""
-    return _Reader(info, source, info.mask_threshold).case(row, verify)
-
-
-def load_cases(info: ManifestInfo, df: pd.DataFrame, source: str, workers: int = 0) -> list[Case]:
-    """Decode all rows in parallel threads (decoders release the GIL), in manifest order."""
-    reader = _Reader(info, source, info.mask_threshold)
-    rows = [r for _, r in df.iterrows()]
-    n = workers or min(8, os.cpu_count() or 1)
-    if n <= 1 or len(rows) < 4:
-        return [reader.case(r) for r in rows]
-    with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(reader.case, rows))
+    def read_all(self, df: pd.DataFrame, workers: int = 0) -> list[Case]:
+        """All cases of ``df`` in manifest order (decoders release the GIL, so threads overlap)."""
+        n = workers or min(8, os.cpu_count() or 1)
+        if n <= 1 or len(df) < 4:
+            n = 0
+        return list(self.stream(df, n, ahead=max(2 * n, 1)))
 
 
 def cache_split(

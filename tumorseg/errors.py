@@ -1,19 +1,44 @@
-"""The one exception type for mistakes a user can make.
+"""The exception type for mistakes a user can make, and every exit code tumorseg uses.
 
-The CLI turns a :class:`TumorsegError` into one line on stderr and exit code 2;
-any other exception is our bug and keeps its traceback.
+The CLI turns a :class:`TumorsegError` into one line on stderr and its exit code; any other
+exception is our bug and keeps its traceback.
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Exit codes of the ``tumorseg`` commands (the pipeline uses all of them)."""
+
+    OK = 0
+    STAGE_FAILED = 1
+    CONFIG = 2
+    NOT_PROMOTED = 3
+    LOCKED = 4
+    INTERRUPTED = 130
+
+
+EXIT_CODES: dict[int, str] = {
+    ExitCode.OK: "success: promoted, first champion, or nothing new",
+    ExitCode.STAGE_FAILED: "a pipeline stage failed (run the same command again to resume)",
+    ExitCode.CONFIG: "bad input or configuration (one line says which file and the fix), or the tracking server "
+    "cannot be reached",
+    ExitCode.NOT_PROMOTED: "the pipeline completed, but the challenger was not promoted",
+    ExitCode.LOCKED: "another pipeline is running in the same work folder",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C or SIGTERM)",
+}
+"""What each exit code means (printed in the README)."""
 
 
 class TumorsegError(Exception):
     """A user-fixable problem: the message names the file, what is wrong and the fix."""
 
-    exit_code: int = 2
+    exit_code: int = ExitCode.CONFIG
 
 
 class LockedError(TumorsegError):
     """Another pipeline holds the work folder's lock."""
 
-    exit_code = 4
+    exit_code = ExitCode.LOCKED

@@ -1,10 +1,10 @@
 """``tumorseg evaluate``: score a trained model on one split of a manifest.
 
-Every case is predicted at its original resolution (the :class:`~tumorseg.model.Segmenter`
-resizes logits back) and compared with its original mask read through the one loader
-(:mod:`tumorseg.imageio`). Images are decoded by a thread pool while the network runs on
-the previous batch. Scores come from :mod:`tumorseg.metrics` (the one place for the
-empty-mask rule). Outputs, in ``--out``:
+Every case is predicted at its original resolution (the :class:`~tumorseg.inference.Segmenter`
+resizes logits back) and compared with its original mask, both read by the one case reader
+(:class:`tumorseg.data.CaseReader`, hashes checked against the manifest). Cases are decoded
+by a thread pool, a bounded number ahead, while the network runs on the previous batch.
+Scores come from :mod:`tumorseg.metrics` (the one place for the empty-mask rule). Outputs, in ``--out``:
 
 * ``per_case.csv``: counts, emptiness and scores per case (+ ``hd95``, ``assd`` with ``--surface``);
 * ``per_group.csv``: counts summed per group (patient) and the volumetric scores they give;
@@ -24,13 +24,10 @@ import heapq
 import logging
 import math
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -57,13 +54,10 @@ from tumorseg.metrics import (
 if TYPE_CHECKING:
     import pandas as pd
 
-    from tumorseg.model import Segmenter
+    from tumorseg.inference import Segmenter
     from tumorseg.modelref import ModelRef
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 COUNT_COLUMNS = ["tp", "fp", "fn", "tn", "gt_pixels", "pred_pixels"]
 SCORE_COLUMNS = ["gt_empty", "pred_empty", "dice", "iou", "precision", "recall"]
@@ -110,102 +104,7 @@ class EvaluateResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------- parallel decoding
-
-
-def prefetch(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int) -> Iterator[R]:
-    """``map(fn, items)`` in order, computed by ``workers`` threads up to ``ahead`` items in advance.
-
-    Decoding (Pillow, zlib, nibabel) releases the GIL, so threads overlap it with the network.
-    ``workers=0`` runs ``fn`` inline. At most ``ahead`` results are held, whatever the input size.
-    """
-    if workers <= 0:
-        for item in items:
-            yield fn(item)
-        return
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tumorseg-decode")
-    pending: deque[Future[R]] = deque()
-    source = iter(items)
-    try:
-        for item in source:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= max(ahead, 1):
-                break
-        while pending:
-            fut = pending.popleft()
-            nxt = next(source, _END)
-            if nxt is not _END:
-                pending.append(pool.submit(fn, nxt))  # type: ignore[arg-type]
-            yield fut.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-_END = object()
-
-
-def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    """Consecutive lists of ``size`` items (the last may be shorter)."""
-    batch: list[T] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-# ----------------------------------------------------------------------------- loading cases
-
-
-@dataclass
-class Case:
-    """One decoded case of the split."""
-
-    index: int
-    case_id: str
-    group: str
-    image: np.ndarray
-    gt: np.ndarray
-
-
-@lru_cache(maxsize=4)
-def _decoded_volume(path: str, role: str) -> Any:
-    """Decode a NIfTI volume once for all its slices (they are consecutive rows of the manifest)."""
-    from tumorseg.imageio import decode, read_bytes
-
-    return decode(read_bytes(path), path, role)  # type: ignore[arg-type]
-
-
-@lru_cache(maxsize=4)
-def _mask_volume(path: str, threshold: float | None) -> Any:
-    """A NIfTI mask volume binarised once, as a whole (the rule ingest validated)."""
-    from tumorseg.imageio import binarize_decoded_mask
-
-    return binarize_decoded_mask(_decoded_volume(path, "mask"), path, threshold)
-
-
-def load_case(info: ManifestInfo, row: dict[str, Any], index: int) -> Case:
-    """Read a manifest row's image ``float32 (C, H, W)`` and mask ``{0,1} (H, W)`` at original size."""
-    from tumorseg.imageio import load_image, load_mask, slice_of, union_masks
-
-    img_path = image_path(info, row)
-    masks = mask_paths(info, row)
-    slice_index = int(row.get("slice_index", -1))
-    if slice_index < 0:
-        image = load_image(img_path)
-        gt = load_mask(masks, threshold=info.mask_threshold)
-    else:
-        axis = info.slice_axis
-        image = slice_of(_decoded_volume(str(img_path), "image"), slice_index, axis).astype(np.float32)
-        gt = union_masks([slice_of(_mask_volume(str(mp), info.mask_threshold), slice_index, axis)[0]
-                          for mp in masks])
-    if tuple(image.shape[1:]) != tuple(gt.shape):
-        raise TumorsegError(f"{img_path}: image {image.shape[1]}x{image.shape[2]} but mask "
-                            f"{gt.shape[0]}x{gt.shape[1]}; the files changed since ingest - "
-                            "re-run tumorseg ingest")
-    return Case(index, str(row["case_id"]), str(row["group"]), image, gt)
+# ----------------------------------------------------------------------------- checks
 
 
 def check_files(info: ManifestInfo, rows: pd.DataFrame, source: Path) -> None:
@@ -226,7 +125,7 @@ def check_files(info: ManifestInfo, rows: pd.DataFrame, source: Path) -> None:
 
 def check_channels(seg: Segmenter, rows: pd.DataFrame, source: Path) -> None:
     """Images must have the model's channel count, or be grey/RGB for a grey/RGB model."""
-    from tumorseg.modelref import channels_compatible
+    from tumorseg.inference import channels_compatible
 
     need = int(seg.in_channels)
     for ch in sorted({int(c) for c in rows["channels"]}):
@@ -462,30 +361,28 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame,
     """Batched inference over the split with decoding in background threads; one score row per case."""
     import pandas as pd
 
+    from tumorseg.data import CaseReader
     from tumorseg.progress import track
+    from tumorseg.streaming import batched
 
-    records: list[dict[str, Any]] = [{str(k): v for k, v in r.items()} for r in rows.to_dict("records")]
-    split_of = [str(r["split"]) for r in records]
+    split_of = [str(s) for s in rows["split"]]
     gallery = Gallery(cfg.gallery_k)
     out: list[dict[str, Any]] = []
-    n_batches = math.ceil(len(records) / cfg.batch_size)
-    cases = prefetch(lambda ir: load_case(info, ir[1], ir[0]), enumerate(records), cfg.workers,
-                     ahead=2 * cfg.batch_size)
+    n_batches = math.ceil(len(rows) / cfg.batch_size)
+    reader = CaseReader(info, str(Path(cfg.manifest) / "manifest.csv"))
+    cases = reader.stream(rows, cfg.workers, ahead=2 * cfg.batch_size)
     threshold = seg.threshold
-    try:
-        for batch in track(batched(cases, cfg.batch_size), n_batches, f"evaluate {cfg.split}"):
-            probs = seg.predict_proba([c.image for c in batch])
-            for case, prob in zip(batch, probs, strict=True):
-                pred = (prob > threshold).astype(np.uint8)
-                scores = scores_from_counts(confusion(pred, case.gt), cfg.empty_both)  # type: ignore[arg-type]
-                row: dict[str, Any] = {"case_id": case.case_id, "group": case.group,
-                                       "split": split_of[case.index], **scores}
-                if cfg.surface:
-                    row["hd95"], row["assd"] = surface_distances(pred, case.gt)
-                out.append(row)
-                gallery.offer(float(scores["dice"]), case.index, (case.image, case.gt, pred, case.case_id))
-    finally:
-        _decoded_volume.cache_clear()
+    for batch in track(batched(cases, cfg.batch_size), n_batches, f"evaluate {cfg.split}"):
+        probs = seg.predict_proba([c.image for c in batch])
+        for case, prob in zip(batch, probs, strict=True):
+            pred = (prob > threshold).astype(np.uint8)
+            scores = scores_from_counts(confusion(pred, case.mask), cfg.empty_both)  # type: ignore[arg-type]
+            row: dict[str, Any] = {"case_id": case.case_id, "group": case.group,
+                                   "split": split_of[case.index], **scores}
+            if cfg.surface:
+                row["hd95"], row["assd"] = surface_distances(pred, case.mask)
+            out.append(row)
+            gallery.offer(float(scores["dice"]), case.index, (case.image, case.mask, pred, case.case_id))
     columns = PER_CASE_COLUMNS + (SURFACE_COLUMNS if cfg.surface else [])
     return pd.DataFrame(out, columns=columns), gallery
 
@@ -505,17 +402,11 @@ def split_metrics(summary: dict[str, Any], split: str) -> dict[str, float]:
 def write_back(train_run_id: str, summary: dict[str, Any], split: str, eval_run_id: str) -> None:
     """Log the headline metrics to the training run (skipped with a warning when not in this store)."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient()
-    try:
-        client.get_run(train_run_id)
-    except MlflowException:
+    from tumorseg import tracking
+
+    metrics = {f"{split}_{key}": summary.get(key) for key in HEADLINE}
+    uri = mlflow.get_tracking_uri()
+    if not tracking.log_to_run(uri, train_run_id, metrics, {f"tumorseg.eval_run_id.{split}": eval_run_id}):
         log.warning("training run %s is not in tracking store %s; %s metrics not written back",
-                    train_run_id, mlflow.get_tracking_uri(), split)
-        return
-    for key in HEADLINE:
-        value = summary.get(key)
-        if isinstance(value, int | float) and math.isfinite(float(value)):
-            client.log_metric(train_run_id, f"{split}_{key}", float(value))
-    client.set_tag(train_run_id, f"tumorseg.eval_run_id.{split}", eval_run_id)
+                    train_run_id, uri, split)

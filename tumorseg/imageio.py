@@ -35,7 +35,6 @@ EXTENSIONS: dict[str, Format] = {
     ".nii.gz": "nifti",
 }
 """Supported file extensions (lower case) and their formats."""
-_EXTENSIONS = EXTENSIONS  # the former private name
 
 
 class DecodeError(TumorsegError):
@@ -333,3 +332,14 @@ def read_nifti_affine(path: str | os.PathLike[str]) -> np.ndarray | None:
     if image_format(path) != "nifti":
         return None
     return decode(read_bytes(path), path).affine
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """Convert a ``(C, H, W)`` image to 1 or 3 channels (grey <-> RGB)."""
+    if image.shape[0] == channels:
+        return image
+    if channels == 3 and image.shape[0] == 1:
+        return np.repeat(image, 3, axis=0)
+    if channels == 1 and image.shape[0] == 3:
+        return image.mean(axis=0, keepdims=True)
+    raise TumorsegError(f"cannot convert a {image.shape[0]}-channel image to {channels} channels")

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
@@ -148,14 +147,3 @@ def combine_hashes(hashes: list[str]) -> str:
 def combined_sha256(paths: list[Path]) -> str:
     """:func:`combine_hashes` of files on disk."""
     return combine_hashes([sha256_file(p) for p in paths])
-
-
-def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
-    """Convert a ``(C, H, W)`` image to 1 or 3 channels (grey <-> RGB)."""
-    if image.shape[0] == channels:
-        return image
-    if channels == 3 and image.shape[0] == 1:
-        return np.repeat(image, 3, axis=0)
-    if channels == 1 and image.shape[0] == 3:
-        return image.mean(axis=0, keepdims=True)
-    raise TumorsegError(f"cannot convert a {image.shape[0]}-channel image to {channels} channels")

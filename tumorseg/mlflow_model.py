@@ -1,6 +1,6 @@
 """The trained model as an ``mlflow.pyfunc`` model.
 
-It wraps the network, its config and the pre/post-processing (:class:`tumorseg.model.
+It wraps the network, its config and the pre/post-processing (:class:`tumorseg.inference.
 Segmenter`), so it predicts on an image of any size: input ``float32 (C, H, W)`` (or
 ``(H, W)``), output a ``uint8 (H, W)`` mask in ``{0, 1}``; ``params={"probabilities":
 True}`` returns ``float32`` probabilities instead. The model folder holds a slim checkpoint
@@ -31,11 +31,11 @@ CHECKPOINT_NAME = "model.pt"
 
 
 class TumorsegPyfunc(_Base):  # type: ignore[misc]
-    """pyfunc wrapper around :class:`tumorseg.model.Segmenter`."""
+    """pyfunc wrapper around :class:`tumorseg.inference.Segmenter`."""
 
     def load_context(self, context: Any) -> None:
         """Build the network from the slim checkpoint artifact."""
-        from tumorseg.model import Segmenter
+        from tumorseg.inference import Segmenter
 
         self.segmenter = Segmenter.from_checkpoint(context.artifacts["checkpoint"], device="auto")
 
@@ -60,27 +60,14 @@ def _pin(pkg: str) -> str:
         return pkg
 
 
-def write_slim_checkpoint(best: Path, dest: Path) -> Path:
-    """Copy ``best.pt`` without optimiser/scheduler/RNG state (what inference needs)."""
-    import torch
-
-    from tumorseg.model import load_checkpoint
-    from tumorseg.train import save_checkpoint
-
-    ckpt = load_checkpoint(best)
-    for key in ("optimizer", "scheduler", "scaler", "rng"):
-        ckpt.pop(key, None)
-    save_checkpoint(dest, ckpt)
-    torch.load(dest, map_location="cpu", weights_only=True)  # fail here, not at serving time
-    return dest
-
-
 def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -> str:
     """Log the best checkpoint as a pyfunc model in the active run; return its model URI."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
-    slim = write_slim_checkpoint(best, run_dir / CHECKPOINT_NAME)
+    from tumorseg import checkpoint
+
+    slim = checkpoint.write_slim(best, run_dir / CHECKPOINT_NAME)
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1))]),

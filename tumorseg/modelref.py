@@ -1,4 +1,4 @@
-"""Turn what a user calls "the model" into a loaded :class:`~tumorseg.model.Segmenter`.
+"""Turn what a user calls "the model" into a loaded :class:`~tumorseg.inference.Segmenter`.
 
 ``evaluate``, ``predict`` and the pipeline accept the same references:
 
@@ -28,7 +28,9 @@ from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import sha256_file
 
 if TYPE_CHECKING:
-    from tumorseg.model import Segmenter
+    from mlflow import MlflowClient
+
+    from tumorseg.inference import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -148,31 +150,10 @@ def find_model_checkpoint(folder: Path) -> Path | None:
 
 
 def load_segmenter(ckpt: Path, device: str) -> Segmenter:
-    """``Segmenter.from_checkpoint`` with foreign or damaged checkpoints turned into one-line errors."""
-    from pydantic import ValidationError
+    """Load a checkpoint file onto ``device`` (foreign or damaged files are one-line errors)."""
+    from tumorseg.inference import Segmenter
 
-    from tumorseg.model import Segmenter
-
-    try:
-        return Segmenter.from_checkpoint(ckpt, device=device)
-    except TumorsegError:
-        raise
-    except ValidationError as exc:
-        raise TumorsegError(f"{ckpt}: checkpoint config is not a valid tumorseg TrainConfig "
-                            f"({exc.error_count()} problem(s)); it was written by another version or tool"
-                            ) from exc
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        detail = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
-        raise TumorsegError(f"{ckpt}: corrupt or foreign checkpoint ({detail}); "
-                            "use a best.pt/last.pt written by tumorseg train") from exc
-
-
-def channels_compatible(image_channels: int, model_channels: int) -> bool:
-    """Whether images with ``image_channels`` can feed a model taking ``model_channels``.
-
-    Equal counts always work; grey and RGB convert into each other (:func:`tumorseg.manifest.to_channels`).
-    """
-    return image_channels == model_channels or (image_channels in (1, 3) and model_channels in (1, 3))
+    return Segmenter.from_checkpoint(ckpt, device=device)
 
 
 def _describe(seg: Segmenter, ref: str, ckpt: str, sha: str, kind: str, model_uri: str = "",
@@ -197,15 +178,15 @@ def _resolve_uri(ref: str, uri: str, tracking: TrackingConfig, device: str) -> t
 
     from tumorseg import tracking as trk
 
-    trk.configure(tracking)
+    cl = trk.client(trk.configure(tracking))
     name = version = ""
     source_run = ""
     try:
         if uri.startswith("runs:/"):
             source_run = uri.removeprefix("runs:/").split("/", 1)[0]
-            mlflow.MlflowClient().get_run(source_run)  # a clear error for an unknown run id
+            cl.get_run(source_run)  # a clear error for an unknown run id
         elif uri.startswith("models:/"):
-            name, version, source_run = _registry_info(uri)
+            name, version, source_run = _registry_info(cl, uri)
     except MlflowException as exc:
         raise TumorsegError(f"{ref}: {_mlflow_message(exc)} (tracking URI {mlflow.get_tracking_uri()}); "
                             "check the run id / model name or --tracking-uri") from exc
@@ -234,14 +215,11 @@ def _resolve_uri(ref: str, uri: str, tracking: TrackingConfig, device: str) -> t
     return seg, mref
 
 
-def _registry_info(uri: str) -> tuple[str, str, str]:
-    """``(name, version, run_id)`` for ``models:/NAME/V``, ``models:/NAME@alias``, ``models:/NAME/stage``.
+def _registry_info(client: MlflowClient, uri: str) -> tuple[str, str, str]:
+    """``(name, version, run_id)`` for ``models:/NAME/V`` and ``models:/NAME@alias``.
 
     ``models:/m-<id>`` (a logged model) gives ``("", "", source run id)``.
     """
-    import mlflow
-
-    client = mlflow.MlflowClient()
     body = uri.removeprefix("models:/").strip("/")
     if body.startswith("m-") and "/" not in body and "@" not in body:
         logged: Any = client.get_logged_model(body)
@@ -254,13 +232,11 @@ def _registry_info(uri: str) -> tuple[str, str, str]:
         if not ver:
             raise TumorsegError(f"{uri}: give a version or alias, e.g. models:/{name}/1 or "
                                 f"models:/{name}@champion")
-        if ver.isdigit():
-            mv = client.get_model_version(name, ver)
-        else:
-            latest = client.get_latest_versions(name, stages=[ver])
-            if not latest:
-                raise TumorsegError(f"{uri}: registered model {name!r} has no version in stage {ver!r}")
-            mv = latest[0]
+        if not ver.isdigit():
+            # MLflow deprecated stages (models:/NAME/Production) in favour of aliases.
+            raise TumorsegError(f"{uri}: model stages are deprecated in MLflow; use a version or an alias, "
+                                f"e.g. models:/{name}/1 or models:/{name}@champion")
+        mv = client.get_model_version(name, ver)
     return str(mv.name), str(mv.version), str(mv.run_id or "")
 
 

@@ -17,6 +17,7 @@ would replace an input file (or a copy of it), is refused before any work is don
 
 from __future__ import annotations
 
+import filecmp
 import logging
 import os
 import tempfile
@@ -36,7 +37,7 @@ from tumorseg.imageio import image_format, split_ext
 
 if TYPE_CHECKING:
     from tumorseg.imageio import Decoded
-    from tumorseg.model import Segmenter
+    from tumorseg.inference import Segmenter
     from tumorseg.modelref import ModelRef
 
 log = logging.getLogger(__name__)
@@ -158,19 +159,10 @@ def plan_outputs(items: list[Item], cfg: PredictConfig, volumes: set[int] | None
             if out.exists():
                 st = out.stat()
                 other = input_ids.get((st.st_dev, st.st_ino))
-                if other is not None or _same_bytes(out, it.path):
+                if other is not None or filecmp.cmp(out, it.path, shallow=False):
                     src = other.path if other is not None else it.path
                     raise TumorsegError(f"{out}: is (a copy of) the input {src}; the output folder holds the "
                                         "input files - choose another output folder")
-
-
-def _same_bytes(a: Path, b: Path) -> bool:
-    try:
-        if a.stat().st_size != b.stat().st_size:
-            return False
-        return a.read_bytes() == b.read_bytes()
-    except OSError:
-        return False
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -309,7 +301,7 @@ def _volume_indices(items: list[Item]) -> set[int]:
 
 
 def _planes(loaded_iter: Iterator[Loaded], seg: Segmenter) -> Iterator[tuple[Loaded, int, np.ndarray]]:
-    from tumorseg.modelref import channels_compatible
+    from tumorseg.inference import channels_compatible
 
     for loaded in loaded_iter:
         c = int(loaded.planes[0].shape[0])
@@ -322,8 +314,8 @@ def _planes(loaded_iter: Iterator[Loaded], seg: Segmenter) -> Iterator[tuple[Loa
 
 def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: PredictConfig) -> list[dict[str, Any]]:
     """Decode inputs in threads, predict planes in batches across files, write each file when complete."""
-    from tumorseg.evaluate import batched, prefetch
     from tumorseg.progress import track
+    from tumorseg.streaming import batched, prefetch
 
     workers = min(4, os.cpu_count() or 1)
     loaded_iter = prefetch(lambda it: load_item(it, cfg.slice_axis), items, workers, ahead=max(2, workers * 2))

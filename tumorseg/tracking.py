@@ -14,10 +14,13 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tumorseg.config import TrackingConfig
 from tumorseg.errors import TumorsegError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,58 @@ def configure(tracking: TrackingConfig) -> str:
     return uri
 
 
+def client(uri: str) -> MlflowClient:
+    """The one way tumorseg talks to MLflow outside a run: a client whose tracking and registry are ``uri``."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def run_exists(uri: str, run_id: str | None) -> bool:
+    """Whether ``run_id`` is a run of the store at ``uri``."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return False
+    try:
+        client(uri).get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+def log_to_run(
+    uri: str, run_id: str, metrics: Mapping[str, float | None] | None = None, tags: Mapping[str, Any] | None = None,
+) -> bool:
+    """Log finite metrics and tags to a run by id (not the active run); ``False`` when it is not in the store."""
+    import math
+    import time
+
+    from mlflow.entities import Metric, RunTag
+
+    if not run_exists(uri, run_id):
+        return False
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, 0) for k, v in (metrics or {}).items()
+             if isinstance(v, int | float) and math.isfinite(float(v))]
+    tag_items = [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items() if v is not None]
+    if items or tag_items:
+        client(uri).log_batch(run_id, metrics=items, tags=tag_items)
+    return True
+
+
+def delete_tags(uri: str, run_id: str, keys: list[str]) -> None:
+    """Delete tags from a run; absent tags are fine."""
+    from mlflow.exceptions import MlflowException
+
+    cl = client(uri)
+    for key in keys:
+        try:
+            cl.delete_tag(run_id, key)
+        except MlflowException:
+            log.debug("tag %s not on run %s", key, run_id)
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}} -> {"a.b": 1}``."""
     out: dict[str, Any] = {}
@@ -82,7 +137,12 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Run:
-    """One tracked run. Stages call these few methods, never MLflow directly."""
+    """One tracked run: what a stage logs goes through these few methods.
+
+    Stages do not call MLflow's logging API themselves; the module's functions
+    (:func:`client`, :func:`log_to_run`, :func:`delete_tags`, :func:`run_exists`) cover the
+    few places that address a run by id or the model registry.
+    """
 
     def __init__(self, run_id: str, uri: str) -> None:
         self.run_id = run_id

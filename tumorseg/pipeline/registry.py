@@ -29,6 +29,7 @@ TAG_DIGEST = "tumorseg.dataset_digest"
 TAG_MANIFEST = "tumorseg.manifest"
 TAG_TRAIN_RUN = "tumorseg.train_run_id"
 TAG_PIPELINE_RUN = "tumorseg.pipeline_run_id"
+TAG_EVAL_RUN = "tumorseg.eval_run_id"
 TAG_DECISION = "tumorseg.decision"
 TAG_REASON = "tumorseg.decision_reason"
 TAG_CHALLENGER_DICE = "tumorseg.challenger_test_dice"
@@ -120,13 +121,6 @@ def decide(challenger_dice: float, champion_dice: float | None, margin: float) -
         k,
         margin,
     )
-
-
-def client(uri: str) -> MlflowClient:
-    """Make an MLflow client whose tracking and registry both point at ``uri``."""
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def get_alias(cl: MlflowClient, name: str, alias: str) -> ModelVersion | None:

@@ -1,0 +1,223 @@
+"""Inference: pre/post-processing, device choice and the :class:`Segmenter`.
+
+Train's validation, ``evaluate``, ``predict`` and the MLflow pyfunc model all predict
+through the functions here, so they share one preprocessing and one resize-back rule:
+the network sees the image resized to ``image_size`` and z-scored per channel; its logits
+are resized back (bilinear) to the original size before the sigmoid and threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tumorseg import checkpoint
+from tumorseg.config import TrainConfig
+from tumorseg.errors import TumorsegError
+from tumorseg.imageio import to_channels
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+Stats = dict[str, list[float]]
+"""Per-channel intensity statistics ``{"mean": [...], "std": [...]}`` of a training split."""
+
+
+def normalize(image: np.ndarray, stats: Stats | None = None) -> np.ndarray:
+    """Z-score a ``(C, H, W)`` float image per channel.
+
+    With ``stats`` (the training split's mean/std, the default ``normalize: dataset``) every
+    image is scaled the same way, so a tumour-free image's faint noise stays faint. Without,
+    each image is z-scored by its own statistics (``normalize: image``; constant images -> 0).
+    """
+    img = image.astype(np.float32, copy=False)
+    if stats is not None:
+        mean = np.asarray(stats["mean"], dtype=np.float32)[:, None, None]
+        std = np.asarray(stats["std"], dtype=np.float32)[:, None, None]
+        return (img - mean) / np.where(std > 1e-8, std, 1.0)
+    mean = img.mean(axis=(1, 2), keepdims=True)
+    std = img.std(axis=(1, 2), keepdims=True)
+    return (img - mean) / np.where(std > 1e-8, std, 1.0)
+
+
+def intensity_sums(images: list[np.ndarray], in_channels: int) -> np.ndarray:
+    """``(3, C)`` float64 per-channel pixel count, sum and sum of squares (reducible across ranks)."""
+    out = np.zeros((3, in_channels), dtype=np.float64)
+    for image in images:
+        img = to_channels(image, in_channels).astype(np.float64)
+        out[0] += img.shape[1] * img.shape[2]
+        out[1] += img.sum(axis=(1, 2))
+        out[2] += np.square(img).sum(axis=(1, 2))
+    return out
+
+
+def stats_from_sums(sums: np.ndarray) -> Stats:
+    """Mean and std per channel from :func:`intensity_sums`."""
+    n = np.maximum(sums[0], 1.0)
+    mean = sums[1] / n
+    std = np.sqrt(np.maximum(sums[2] / n - mean**2, 0.0))
+    return {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+
+
+def preprocess(
+    image: np.ndarray, size: tuple[int, int], in_channels: int, stats: Stats | None = None
+) -> torch.Tensor:
+    """``(C, H, W)`` image -> ``float32 (in_channels, *size)`` network input."""
+    import torch
+    import torch.nn.functional as F
+
+    arr = normalize(to_channels(image, in_channels), stats)
+    t = torch.from_numpy(np.ascontiguousarray(arr))[None]
+    if tuple(t.shape[-2:]) != tuple(size):
+        t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return t[0]
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """``{0, 1} (H, W)`` mask -> ``float32 (1, *size)`` training target (area-resampled, >= 0.5)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    if tuple(t.shape[-2:]) != tuple(size):
+        t = (F.interpolate(t, size=size, mode="area") >= 0.5).float()
+    return t[0]
+
+
+def logits_to_original(logits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """``(1, h, w)`` logits -> ``(H, W)`` probabilities at the original size."""
+    import torch
+    import torch.nn.functional as F
+
+    x = logits.float()[None]
+    if tuple(x.shape[-2:]) != tuple(shape):
+        x = F.interpolate(x, size=shape, mode="bilinear", align_corners=False)
+    return torch.sigmoid(x)[0, 0]
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when present else CPU; asking for CUDA without one is an error."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TumorsegError("device=cuda but no CUDA GPU is visible; use --set device=cpu (or auto)")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 where supported, else fp16 on CUDA; ``None`` (fp32) on CPU or when disabled."""
+    import torch
+
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+class Segmenter:
+    """A trained network plus everything needed to predict on images of any size.
+
+    Args:
+        net: the network (eval mode is set here).
+        config: the training config (image size, model, threshold).
+        in_channels: channels the network takes (images are converted to match).
+        device: where to run.
+    """
+
+    def __init__(
+        self, net: torch.nn.Module, config: TrainConfig, in_channels: int, device: torch.device,
+        stats: Stats | None = None,
+    ) -> None:
+        self.net = net.to(device).eval()
+        self.stats = stats
+        self.config = config
+        self.in_channels = in_channels
+        self.device = device
+        self.threshold = config.threshold
+        self._amp = amp_dtype(device, config.amp)
+        self.checkpoint_meta: dict[str, Any] = {}
+        if device.type == "cuda" and config.channels_last:
+            import torch
+
+            self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Segmenter:
+        """Load a checkpoint written by ``tumorseg train`` (``best.pt``, ``last.pt`` or a model's ``model.pt``).
+
+        Raises:
+            TumorsegError: missing, corrupt or foreign checkpoint (one line naming the file).
+        """
+        from pydantic import ValidationError
+
+        ckpt = checkpoint.load(path)
+        try:
+            cfg = checkpoint.train_config(ckpt)
+            from tumorseg.model import build_model
+
+            net = build_model(cfg.model, int(ckpt["in_channels"]))
+            net.load_state_dict(ckpt["model"])
+        except ValidationError as exc:
+            raise TumorsegError(f"{path}: checkpoint config is not a valid tumorseg TrainConfig "
+                                f"({exc.error_count()} problem(s)); it was written by another version or tool"
+                                ) from exc
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            detail = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
+            raise TumorsegError(f"{path}: corrupt or foreign checkpoint ({detail}); "
+                                "use a best.pt/last.pt written by tumorseg train") from exc
+        seg = cls(net, cfg, int(ckpt["in_channels"]), resolve_device(device), ckpt.get("intensity"))
+        seg.checkpoint_meta = {k: ckpt.get(k) for k in checkpoint.META_KEYS}
+        return seg
+
+    def predict_proba(self, images: list[np.ndarray], tta: bool = False) -> list[np.ndarray]:
+        """Tumour probabilities ``float32 (H, W)`` for ``(C, H, W)`` images of any sizes.
+
+        With ``tta`` the prediction is averaged over horizontal and vertical flips.
+        """
+        import torch
+
+        if not images:
+            return []
+        size = (int(self.config.image_size[0]), int(self.config.image_size[1]))
+        batch = torch.stack([preprocess(img, size, self.in_channels, self.stats) for img in images]).to(self.device)
+        if self.device.type == "cuda" and self.config.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._amp or torch.float32,
+                                                    enabled=self._amp is not None):
+            logits = self.net(batch).float()
+            if tta:
+                logits = logits + torch.flip(self.net(torch.flip(batch, dims=(3,))).float(), dims=(3,))
+                logits = logits + torch.flip(self.net(torch.flip(batch, dims=(2,))).float(), dims=(2,))
+                logits = logits / 3.0
+        out = []
+        for i, img in enumerate(images):
+            prob = logits_to_original(logits[i], (int(img.shape[1]), int(img.shape[2])))
+            out.append(prob.cpu().numpy().astype(np.float32))
+        return out
+
+    def predict_masks(self, images: list[np.ndarray], tta: bool = False,
+                      threshold: float | None = None) -> list[np.ndarray]:
+        """Binary ``uint8 (H, W)`` masks (probability > threshold)."""
+        t = self.threshold if threshold is None else threshold
+        return [(p > t).astype(np.uint8) for p in self.predict_proba(images, tta=tta)]
+
+
+def channels_compatible(image_channels: int, model_channels: int) -> bool:
+    """Whether images with ``image_channels`` can feed a model taking ``model_channels``.
+
+    Equal counts always work; grey and RGB convert into each other (:func:`tumorseg.imageio.to_channels`).
+    """
+    return image_channels == model_channels or (image_channels in (1, 3) and model_channels in (1, 3))

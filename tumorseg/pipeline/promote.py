@@ -1,0 +1,173 @@
+"""The promote step: register the challenger, compare it with the champion, move the aliases.
+
+The challenger is scored once per cycle, by the evaluate stage; promotion reuses that
+score and evaluates only the champion, on the same split of the same manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from tumorseg import tracking
+from tumorseg.errors import ExitCode
+from tumorseg.pipeline import registry
+from tumorseg.pipeline.stages import dice_of
+from tumorseg.pipeline.state import Cycle, PipelineResult, is_done, key_of, run_stage, skip
+
+log = logging.getLogger(__name__)
+
+
+def promote(ctx: Cycle, ing: dict[str, Any], tr: dict[str, Any], ev: dict[str, Any]) -> PipelineResult:
+    """Register the trained model and promote it when it beats the champion by the margin."""
+    cfg = ctx.cfg
+    name, margin = cfg.registry.model_name, cfg.registry.margin
+    split = str(ev.get("split") or cfg.evaluate.get("split", "test"))
+    key = key_of(
+        {
+            "model_uri": tr["model_uri"],
+            "train_run": tr["mlflow_run_id"],
+            "name": name,
+            "margin": margin,
+            "evaluate": cfg.evaluate,
+            "eval_run": ev["run_id"],
+            "dataset_digest": ing["dataset_digest"],
+        }
+    )
+    st = ctx.stage("promote")
+    if is_done(st, key):
+        skip(ctx, "promote")
+    else:
+        if st.get("key") != key:  # an earlier attempt promoted something else: forget its version
+            st.clear()
+        run_stage(ctx, "promote", key, lambda: _register_and_decide(ctx, ing, tr, ev, split, key))
+    version, d = str(st["version"]), st["decision"]
+    decision = registry.Decision(d["outcome"], d["reason"], d["challenger_dice"], d["champion_dice"], d["margin"])
+    ctx.parent_tags(
+        {
+            "pipeline.model_version": version,
+            "pipeline.champion_version": st.get("champion_version"),
+            "pipeline.decision": decision.outcome,
+            "pipeline.decision_reason": decision.reason,
+        }
+    )
+    ctx.parent_metrics(
+        {"promote.challenger_dice": decision.challenger_dice, "promote.champion_dice": decision.champion_dice}
+    )
+    if decision.outcome == "first_champion":
+        code, msg = (
+            ExitCode.OK,
+            (
+                f"promoted: {name} version {version} is the first champion "
+                f"(test Dice {decision.challenger_dice:.4f} on split '{split}')"
+            ),
+        )
+    elif decision.promote:
+        code, msg = (
+            ExitCode.OK,
+            (
+                f"promoted: {name} version {version} is the new champion, replacing version "
+                f"{st.get('champion_version')} ({decision.reason})"
+            ),
+        )
+    else:
+        code, msg = (
+            ExitCode.NOT_PROMOTED,
+            (
+                f"not promoted: {name} version {version} stays challenger; champion "
+                f"version {st.get('champion_version')} keeps the alias ({decision.reason})"
+            ),
+        )
+    outcome = "not_promoted" if code == ExitCode.NOT_PROMOTED else decision.outcome
+    return PipelineResult(
+        code,
+        msg,
+        outcome,
+        ctx.work_dir,
+        dataset_digest=ing["dataset_digest"],
+        model_version=version,
+        decision=decision,
+    )
+
+
+def _register_and_decide(ctx: Cycle, ing: dict[str, Any], tr: dict[str, Any], ev: dict[str, Any], split: str,
+                         key: str) -> dict[str, Any]:
+    """Register the challenger, score the champion on the challenger's split, move the aliases."""
+    from tumorseg import evaluate
+
+    cfg = ctx.cfg
+    name, margin = cfg.registry.model_name, cfg.registry.margin
+    cl = tracking.client(ctx.uri)
+    st = ctx.stage("promote")
+    manifest = Path(ing["manifest_dir"])
+    eval_dir = ctx.work_dir / "eval" / ctx.cycle
+    with tracking.start_run(
+        ctx.tracking,
+        "promote",
+        run_name=f"promote-{name}",
+        tags={"tumorseg.registered_model": name, "tumorseg.dataset_digest": ing["dataset_digest"]},
+    ) as run:
+        # Register once per cycle: a resumed attempt reuses the version an earlier attempt made.
+        version = st.get("version")
+        if version is None or registry.get_version(cl, name, str(version)) is None:
+            version = registry.register(
+                tr["model_uri"],
+                name,
+                {
+                    registry.TAG_DIGEST: ing["dataset_digest"],
+                    registry.TAG_MANIFEST: Path(ing["manifest_dir"]).name,
+                    registry.TAG_TRAIN_RUN: tr["mlflow_run_id"],
+                    registry.TAG_PIPELINE_RUN: ctx.parent_id,
+                    registry.TAG_EVAL_RUN: ev.get("run_id"),
+                    "tumorseg.best_val_dice": f"{tr['best_val_dice']:.6f}",
+                },
+            )
+            st.update(version=version, key=key)
+            ctx.save()
+        version = str(version)
+        registry.set_alias(cl, name, registry.CHALLENGER, version)
+
+        decision_dict = st.get("decision")
+        if decision_dict is None:
+            champ = registry.get_alias(cl, name, registry.CHAMPION)
+            champ_version = None if champ is None or str(champ.version) == version else str(champ.version)
+            champion_dice = None
+            if champ_version is not None:
+                ref = registry.model_ref(name, champ_version)
+                k = evaluate.run(
+                    cfg.evaluate_cfg(
+                        ref, manifest, eval_dir / f"champion-v{champ_version}", ctx.tracking, write_back=False
+                    )
+                )
+                champion_dice = dice_of(k.summary)
+            # The challenger's score is the evaluate stage's (same weights, same split, same settings).
+            decision = registry.decide(float(ev["dice_mean"]), champion_dice, margin)
+            decision_dict = {
+                "outcome": decision.outcome,
+                "reason": decision.reason,
+                "challenger_dice": decision.challenger_dice,
+                "champion_dice": decision.champion_dice,
+                "margin": decision.margin,
+            }
+            st.update(decision=decision_dict, champion_version=champ_version)
+            ctx.save()
+        decision = registry.Decision(**decision_dict)
+        champ_version = st.get("champion_version")
+        tags = {
+            **decision.tags(),
+            registry.TAG_CHAMPION_VERSION: champ_version or "none",
+            registry.TAG_SPLIT: split,
+        }
+        registry.tag_version(cl, name, version, tags)
+        if decision.promote:
+            registry.set_alias(cl, name, registry.CHAMPION, version)
+        run.set_tags({**tags, "tumorseg.model_version": version})
+        run.log_metrics(
+            {
+                "challenger_dice": decision.challenger_dice,
+                "champion_dice": float("nan") if decision.champion_dice is None else decision.champion_dice,
+            }
+        )
+        ctx.parent_tags(tags)
+        return {"version": version, "run_id": run.run_id}

@@ -1,0 +1,136 @@
+"""The run loop: one cycle of ingest -> train -> evaluate -> promote under a parent MLflow run."""
+
+from __future__ import annotations
+
+import logging
+
+from tumorseg import tracking
+from tumorseg.config import TrackingConfig
+from tumorseg.errors import ExitCode
+from tumorseg.pipeline.config import PipelineConfig
+from tumorseg.pipeline.promote import promote
+from tumorseg.pipeline.stages import evaluate_stage, ingest_stage, nothing_new, train_stage
+from tumorseg.pipeline.state import (
+    STAGES,
+    Cycle,
+    PipelineResult,
+    StageFailed,
+    now,
+    open_cycle,
+    read_state,
+    sigterm_as_interrupt,
+    work_dir_lock,
+)
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: PipelineConfig, force: bool = False) -> PipelineResult:
+    """Run (or resume) the pipeline in ``cfg.work_dir``.
+
+    Args:
+        cfg: from :func:`load`.
+        force: train even when the data is what the champion was trained on.
+
+    Returns:
+        The outcome; ``exit_code`` and ``message`` are what the CLI reports. A failed stage is
+        a result with exit code 1, not an exception.
+
+    Raises:
+        TumorsegError: the tracking server cannot be reached (checked first, in seconds).
+        LockedError: another pipeline holds the work folder.
+    """
+    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+    tracking.check_reachable(uri)  # before the lock, the data and any training
+    track = TrackingConfig(uri=uri, experiment=cfg.tracking.experiment)
+    with work_dir_lock(cfg.work_dir), sigterm_as_interrupt():
+        state = open_cycle(read_state(cfg.work_dir), cfg, track, force)
+        ctx = Cycle(cfg, track, state, cfg.work_dir)
+        return _run_cycle(ctx)
+
+
+def _run_cycle(ctx: Cycle) -> PipelineResult:
+    cfg, state = ctx.cfg, ctx.state
+    resumed_id = state.get("parent_run_id")
+    tags = {
+        "tumorseg.pipeline": cfg.name,
+        "tumorseg.pipeline.cycle": ctx.cycle,
+        "tumorseg.pipeline.work_dir": str(cfg.work_dir.resolve()),
+        "tumorseg.registered_model": cfg.registry.model_name,
+    }
+    try:
+        with tracking.start_run(
+            ctx.tracking, "pipeline", run_name=f"pipeline-{cfg.name}", run_id=resumed_id, tags=tags
+        ) as parent:
+            ctx.parent_id = parent.run_id
+            if resumed_id is None:
+                state["parent_run_id"] = parent.run_id
+                ctx.save()
+                parent.log_params(
+                    {"pipeline": cfg.model_dump(mode="json", exclude={"tracking"}), "force": state["force"]}
+                )
+            ctx.parent_tags(
+                {
+                    "pipeline.attempt": state["attempt"],
+                    "pipeline.outcome": "running",
+                    **{f"pipeline.{s}.status": ctx.peek(s).get("status", "pending") for s in STAGES},
+                }
+            )
+            result = run_stages(ctx)
+            _finish(ctx, result)
+            return result
+    except StageFailed as exc:
+        result = PipelineResult(
+            ExitCode.STAGE_FAILED,
+            f"pipeline failed at stage '{exc.stage}': {exc.reason} (fix it and run the same command again: "
+            "finished stages are skipped)",
+            "failed",
+            cfg.work_dir,
+            ctx.parent_id or None,
+            dict(ctx.done_now),
+            failed_stage=exc.stage,
+        )
+        state["outcome"] = "failed"
+        ctx.save()
+        return result
+
+
+def _finish(ctx: Cycle, result: PipelineResult) -> None:
+    """Close the cycle: the next run starts a new one."""
+    result.parent_run_id = ctx.parent_id
+    result.stages = dict(ctx.done_now)
+    ctx.parent_tags(
+        {
+            "pipeline.outcome": result.outcome,
+            "pipeline.message": result.message,
+            "pipeline.exit_code": result.exit_code,
+        }
+    )
+    ctx.parent_metrics({"pipeline.exit_code": result.exit_code})
+    if ctx.state.get("attempt", 1) > 1:
+        ctx.clear_parent_tags(["pipeline.failed_stage", "pipeline.error"])  # from an earlier attempt
+    ctx.state.update(
+        finished=True,
+        outcome=result.outcome,
+        exit_code=result.exit_code,
+        message=result.message,
+        finished_at=now(),
+    )
+    ctx.save()
+    log.info("%s", result.message)
+
+
+def run_stages(ctx: Cycle) -> PipelineResult:
+    """Ingest; stop when nothing is new; else train, evaluate the candidate once, and promote."""
+    ing = ingest_stage(ctx)
+    try:
+        unchanged = nothing_new(ctx, ing)
+    except Exception as exc:  # the registry cannot be read: the train stage cannot start
+        log.exception("could not look up the champion")
+        why = " ".join(str(exc).split())
+        raise StageFailed("train", f"could not look up the champion ({exc.__class__.__name__}: {why})") from exc
+    if unchanged is not None:
+        return unchanged
+    tr = train_stage(ctx, ing)
+    ev = evaluate_stage(ctx, ing, tr)
+    return promote(ctx, ing, tr, ev)

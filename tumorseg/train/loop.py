@@ -1,0 +1,304 @@
+"""The training loop: epochs of optimiser steps, validation, checkpoints and per-epoch metrics.
+
+Everything a loop needs travels in one :class:`TrainContext`; the mutable, checkpointed
+progress is a :class:`State`. All randomness of an epoch (shuffle, augmentation, dropout) is
+seeded from ``(seed, epoch)``, so a run resumed from ``last.pt`` continues exactly as it
+would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tumorseg import checkpoint
+from tumorseg.config import TrainConfig
+from tumorseg.errors import TumorsegError
+from tumorseg.inference import Stats, amp_dtype
+from tumorseg.metrics import confusion, dice
+from tumorseg.progress import is_interactive
+from tumorseg.train.runtime import Dist, epoch_generator, rng_states
+
+if TYPE_CHECKING:
+    import torch
+
+    from tumorseg.data import CachedSplit
+    from tumorseg.tracking import Run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class State:
+    """Mutable training state saved in checkpoints."""
+
+    epoch: int = 0  # epochs completed
+    global_step: int = 0
+    best_val_dice: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_reason: str = ""
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any]) -> State:
+        """The state a checkpoint was saved at."""
+        return cls(ckpt["epoch"], ckpt["global_step"], ckpt["best_val_dice"], ckpt["best_epoch"],
+                   ckpt["bad_epochs"], list(ckpt["history"]), ckpt.get("stopped_reason", ""))
+
+
+@dataclass
+class TrainContext:
+    """What the loop works with: the network and its optimiser, where it runs, and where results go.
+
+    Attributes:
+        cfg: the resolved training config.
+        net: the network (DDP-wrapped when distributed).
+        loss_fn: the loss.
+        opt: the optimiser.
+        sched: the LR scheduler, or ``None``.
+        scaler: the fp16 ``GradScaler``, or ``None``.
+        device: where the network runs.
+        dist: the distributed context.
+        in_channels: channels the network takes.
+        stats: training-split intensity statistics (``None``: per-image normalisation).
+        manifest_digest: digest of the manifest trained on.
+        manifest_name: its name.
+        run_dir: the run folder (checkpoints).
+        run: the tracking run (``None`` on ranks other than 0).
+    """
+
+    cfg: TrainConfig
+    net: torch.nn.Module
+    loss_fn: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    scaler: Any
+    device: torch.device
+    dist: Dist
+    in_channels: int
+    stats: Stats | None
+    manifest_digest: str
+    manifest_name: str
+    run_dir: Path
+    run: Run | None = None
+
+    def payload(self, state: State) -> dict[str, Any]:
+        """A full checkpoint of the current weights, state and resume information."""
+        return checkpoint.build_payload(
+            self.net, self.cfg, self.in_channels, self.stats, state=asdict(state),
+            manifest_digest=self.manifest_digest, manifest_name=self.manifest_name,
+            mlflow_run_id=self.run.run_id if self.run else "", tracking_uri=self.run.tracking_uri if self.run else "",
+            resume={
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict() if self.sched is not None else None,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "rng": rng_states(),
+            },
+        )
+
+
+def train_step(
+    net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: torch.nn.Module, opt: torch.optim.Optimizer,
+    scaler: Any, device: torch.device, dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """One optimiser step (autocast when ``dtype``, GradScaler when ``scaler``); returns the loss.
+
+    A non-finite loss is returned without a backward pass or step, so the caller can stop
+    with the weights of the last good step.
+    """
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = loss_fn(net(x), y)
+    if not torch.isfinite(loss):
+        return loss
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    return loss
+
+
+def train_one_epoch(
+    ctx: TrainContext, data: CachedSplit, state: State, on_step: Callable[[int, int, float], None] | None = None,
+) -> tuple[float, int]:
+    """One pass over this rank's shard; returns (mean loss, images seen).
+
+    ``on_step(step, steps, loss)`` is called after each optimiser step (the progress bar).
+    """
+    import torch
+
+    from tumorseg.augment import augment_batch
+
+    cfg, device = ctx.cfg, ctx.device
+    ctx.net.train()
+    gen = epoch_generator(cfg.seed, state.epoch, ctx.dist.rank)
+    torch.manual_seed(cfg.seed * 7 + state.epoch)  # dropout etc.: a function of (seed, epoch)
+    n = len(data)
+    order = torch.randperm(n, generator=gen)
+    bs = cfg.batch_size
+    steps = n // bs if n >= bs else 1  # drop the ragged tail (equal steps on every DDP rank)
+    dtype = amp_dtype(device, cfg.amp)
+    total, seen = 0.0, 0
+    for i in range(steps):
+        if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
+            break
+        idx = order[i * bs : (i + 1) * bs]
+        x = data.images[idx.to(data.images.device)].to(device, non_blocking=True)
+        y = data.masks[idx.to(data.masks.device)].to(device, non_blocking=True).float()
+        x, y = augment_batch(x, y, cfg.augment, gen)
+        if device.type == "cuda" and cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss = train_step(ctx.net, x, y, ctx.loss_fn, ctx.opt, ctx.scaler, device, dtype)
+        if not torch.isfinite(loss):
+            raise TumorsegError(
+                f"loss became {loss.item()} at epoch {state.epoch + 1}, step {state.global_step + 1}; training "
+                "stopped and the last good checkpoint (last.pt) is kept - lower optim.lr (--set optim.lr=1e-4) "
+                "or set amp=false"
+            )
+        state.global_step += 1
+        total += float(loss.detach()) * len(idx)
+        seen += len(idx)
+        if on_step is not None:
+            on_step(i + 1, steps, total / seen)
+    return (total / seen if seen else float("nan")), seen
+
+
+def validate(
+    net: torch.nn.Module, data: CachedSplit, cfg: TrainConfig, device: torch.device
+) -> tuple[float, list[float]]:
+    """Per-case Dice at the original resolution (the counts of :func:`tumorseg.metrics.confusion`).
+
+    Returns:
+        (mean over scored cases, per-case Dice); both-empty cases are NaN and left out of the mean.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    net.eval()
+    dtype = amp_dtype(device, cfg.amp)
+    scores: list[float] = []
+    bs = max(cfg.batch_size, 16)
+    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    with torch.inference_mode(), autocast:
+        for start in range(0, len(data), bs):
+            x = data.images[start : start + bs].to(device, non_blocking=True)
+            if device.type == "cuda" and cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = net(x).float()
+            for j in range(logits.shape[0]):
+                gt = data.original_masks[start + j]
+                lg = logits[j : j + 1]
+                if tuple(lg.shape[-2:]) != gt.shape:
+                    lg = F.interpolate(lg, size=gt.shape, mode="bilinear", align_corners=False)
+                pred = (torch.sigmoid(lg)[0, 0] > cfg.threshold).cpu().numpy()
+                scores.append(dice(confusion(pred, gt)))
+    finite = [s for s in scores if math.isfinite(s)]
+    return (float(np.mean(finite)) if finite else float("nan")), scores
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Any]:
+    """A rich progress bar on a terminal (steps of the epoch, loss, last val Dice); else None."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]:.4f}  val Dice {task.fields[dice]}"), TimeRemainingColumn(),
+                  transient=False) as progress:
+        yield progress
+
+
+def run_epochs(ctx: TrainContext, train_data: CachedSplit, val_data: CachedSplit | None, state: State) -> None:
+    """Train until the epochs, ``max_steps`` or early stopping end the run; checkpoint every epoch."""
+    with _progress(is_interactive() and ctx.dist.main) as bar:
+        last_dice = "-"
+        while state.epoch < ctx.cfg.epochs and not state.stopped_reason:
+            if ctx.cfg.max_steps is not None and state.global_step >= ctx.cfg.max_steps:
+                state.stopped_reason = f"max_steps={ctx.cfg.max_steps} reached"
+                break
+            last_dice = _epoch(ctx, train_data, val_data, state, bar, last_dice)
+
+
+def _epoch(ctx: TrainContext, train_data: CachedSplit, val_data: CachedSplit | None, state: State, bar: Any,
+           last_dice: str) -> str:
+    """One epoch: train, validate, step the schedule, record, checkpoint; returns the val Dice label."""
+    import torch
+
+    cfg, device, dist = ctx.cfg, ctx.device, ctx.dist
+    t0 = time.perf_counter()
+    on_step = None
+    task = None
+    if bar is not None:
+        task = bar.add_task(f"epoch {state.epoch + 1}/{cfg.epochs}", total=None, loss=float("nan"), dice=last_dice)
+
+        def on_step(step: int, steps: int, loss: float) -> None:
+            bar.update(task, completed=step, total=steps, loss=loss)
+    try:
+        train_loss, seen = train_one_epoch(ctx, train_data, state, on_step)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise TumorsegError(
+            f"CUDA out of memory at batch_size={cfg.batch_size}, image_size={list(cfg.image_size)}; lower "
+            "batch_size (--set batch_size=4) or image_size, or keep the cache in RAM (--set cache=ram)"
+        ) from exc
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - t0
+    val_dice = float("nan")
+    if dist.main and val_data is not None:
+        val_dice, _ = validate(getattr(ctx.net, "module", ctx.net), val_data, cfg, device)
+    if dist.world > 1:
+        import torch.distributed as td
+
+        shared = torch.tensor([val_dice], dtype=torch.float64, device=device)
+        td.broadcast(shared, src=0)
+        val_dice = float(shared.item())
+    state.epoch += 1
+    score = val_dice if math.isfinite(val_dice) else -1.0
+    if ctx.sched is not None:
+        ctx.sched.step(score) if cfg.optim.schedule == "plateau" else ctx.sched.step()
+    improved = score > state.best_val_dice
+    if improved:
+        state.best_val_dice, state.best_epoch, state.bad_epochs = score, state.epoch, 0
+    else:
+        state.bad_epochs += 1
+    if cfg.early_stopping_patience is not None and state.bad_epochs >= cfg.early_stopping_patience:
+        state.stopped_reason = f"early stopping: no val Dice gain for {state.bad_epochs} epochs"
+    if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
+        state.stopped_reason = f"max_steps={cfg.max_steps} reached"
+    epoch_seconds = time.perf_counter() - t0
+    row = {"epoch": state.epoch, "train_loss": train_loss, "val_dice": val_dice,
+           "lr": ctx.opt.param_groups[0]["lr"], "epoch_seconds": epoch_seconds,
+           "images_per_second": seen * dist.world / train_seconds if train_seconds > 0 else 0.0}
+    state.history.append(row)
+    if not dist.main:
+        return last_dice
+    payload = ctx.payload(state)
+    if improved:
+        checkpoint.save(ctx.run_dir / "best.pt", payload)
+    checkpoint.save(ctx.run_dir / "last.pt", payload)
+    assert ctx.run is not None
+    ctx.run.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=state.epoch)
+    label = f"{val_dice:.4f} (best {state.best_val_dice:.4f}@{state.best_epoch})"
+    if bar is not None:
+        bar.update(task, loss=train_loss, dice=label)
+    else:
+        log.info(f"epoch {state.epoch}/{cfg.epochs} loss {train_loss:.4f} val_dice {val_dice:.4f} "
+                 f"best {state.best_val_dice:.4f}@{state.best_epoch} lr {row['lr']:.2e} "
+                 f"{row['images_per_second']:.1f} img/s {epoch_seconds:.1f}s")
+    return label

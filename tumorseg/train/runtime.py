@@ -1,0 +1,124 @@
+"""The run-time context of training: distributed ranks, seeding, RNG state, optimiser and schedule."""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tumorseg.config import TrainConfig
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class Dist:
+    """The distributed context (a single process is rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """True on the rank that logs, checkpoints and prints."""
+        return self.rank == 0
+
+
+def init_distributed(cfg: TrainConfig) -> Dist:
+    """Join the torchrun process group when launched by torchrun."""
+    import torch
+    import torch.distributed as td
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not td.is_initialized():
+        use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+        td.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(td.get_rank(), td.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed python, numpy and torch; in deterministic mode also MONAI's set_determinism."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        from monai.utils import set_determinism
+
+        set_determinism(seed=seed)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def epoch_generator(seed: int, epoch: int, rank: int = 0) -> torch.Generator:
+    """The generator for one epoch's shuffle and augmentation."""
+    import torch
+
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + epoch * 7919 + rank * 104_729) % 2**63)
+    return g
+
+
+def rng_states() -> dict[str, Any]:
+    """Python, numpy and torch RNG states as weights_only-loadable values."""
+    import torch
+
+    py = random.getstate()
+    np_state: Any = np.random.get_state()
+    out: dict[str, Any] = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy_keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+        "numpy_meta": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_states`."""
+    import torch
+
+    py = states["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    meta = states["numpy_meta"]
+    np.random.set_state(("MT19937", states["numpy_keys"].numpy().astype(np.uint32), meta[0], meta[1], meta[2]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
+    """Adam, AdamW or SGD from the config."""
+    import torch
+
+    o = cfg.optim
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
+
+
+def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer) -> Any:
+    """Plateau on val Dice, cosine over the epochs, or none."""
+    import torch
+
+    o = cfg.optim
+    if o.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="max", factor=o.plateau_factor, patience=o.plateau_patience, min_lr=o.min_lr
+        )
+    if o.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=o.min_lr)
+    return None

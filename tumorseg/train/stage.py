@@ -1,0 +1,286 @@
+"""``tumorseg train``: set up data, network and tracking, run the loop, log the model.
+
+Rank 0 alone validates, logs, checkpoints and prints under ``torchrun``; every rank trains
+on its shard of the train split (decoded through :class:`tumorseg.data.CaseReader`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from tumorseg import checkpoint
+from tumorseg.config import TrainConfig, dump_config
+from tumorseg.errors import TumorsegError
+from tumorseg.fsutil import atomic_write_json, atomic_write_text, sha256_file
+from tumorseg.inference import Stats, amp_dtype, intensity_sums, resolve_device, stats_from_sums
+from tumorseg.manifest import load_manifest, select_split
+from tumorseg.metrics import confusion, dice
+from tumorseg.model import build_loss, build_model, init_output_bias
+from tumorseg.train.loop import State, TrainContext, run_epochs
+from tumorseg.train.runtime import (
+    Dist,
+    build_optimizer,
+    build_scheduler,
+    init_distributed,
+    restore_rng,
+    seed_everything,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from tumorseg.data import CachedSplit, Case
+    from tumorseg.tracking import Run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    run_dir: Path
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_val_dice: float
+    best_epoch: int
+    epochs_run: int
+    mlflow_run_id: str
+    model_uri: str | None
+    is_main_process: bool = True
+    stopped_reason: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def run(cfg: TrainConfig) -> TrainResult:
+    """Train a new run into ``cfg.out / run name``."""
+    if cfg.manifest is None:
+        raise TumorsegError("train: no manifest given; pass data_manifest/NAME")
+    dist = init_distributed(cfg)
+    name = cfg.run_name or f"{Path(cfg.manifest).name}-{cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = Path(cfg.out) / name
+    if dist.main and (run_dir / "last.pt").exists():
+        raise TumorsegError(f"{run_dir}: already holds a run; continue it with --resume {run_dir} or pick "
+                            "another run_name")
+    return _train(cfg, run_dir, None, dist)
+
+
+def resume(run_dir: Path, tracking_uri: str | None = None) -> TrainResult:
+    """Continue ``run_dir`` from its ``last.pt`` in the same MLflow run."""
+    last = Path(run_dir) / "last.pt"
+    if not last.is_file():
+        raise TumorsegError(f"{last}: nothing to resume (no last.pt); start a new run instead")
+    ckpt = checkpoint.load(last)
+    cfg = checkpoint.train_config(ckpt)
+    if tracking_uri:
+        cfg.tracking.uri = tracking_uri
+    dist = init_distributed(cfg)
+    return _train(cfg, Path(run_dir), ckpt, dist)
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: Dist) -> TrainResult:
+    import torch
+
+    from tumorseg import data as datamod
+    from tumorseg import tracking
+
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    seed_everything(cfg.seed, cfg.deterministic)
+
+    assert cfg.manifest is not None
+    info, df = load_manifest(cfg.manifest)
+    if ckpt is not None and ckpt["manifest_digest"] != info.dataset_digest:
+        raise TumorsegError(f"{cfg.manifest}: differs from the manifest this run was trained on (digest "
+                            f"{ckpt['manifest_digest'][:12]} vs {info.dataset_digest[:12]}); start a new run")
+    source = str(Path(cfg.manifest) / "manifest.csv")
+    train_df = select_split(df, "train", source)
+    val_df = select_split(df, "val", source)
+    in_channels = datamod.infer_in_channels(df) if cfg.model.in_channels == "auto" else int(cfg.model.in_channels)
+    if ckpt is not None:
+        in_channels = int(ckpt["in_channels"])
+
+    # Each rank decodes only its shard of train (a fixed, seeded partition); rank 0 holds val.
+    shard = np.random.RandomState(cfg.seed).permutation(len(train_df))
+    if dist.world > 1:
+        per_rank = math.ceil(len(shard) / dist.world)
+        shard = np.resize(shard, per_rank * dist.world)[dist.rank :: dist.world]
+    t0 = time.perf_counter()
+    reader = datamod.CaseReader(info, source)
+    train_cases = reader.read_all(train_df.iloc[np.sort(shard)])
+    stats = (ckpt or {}).get("intensity") or _dataset_stats(cfg, train_cases, in_channels, dist, device)
+    train_data = datamod.place(datamod.cache_split(train_cases, cfg.image_size, in_channels, stats=stats),
+                               device, cfg.cache)
+    del train_cases
+    val_data = None
+    if dist.main:
+        val_cases = reader.read_all(val_df)
+        val_data = datamod.place(datamod.cache_split(val_cases, cfg.image_size, in_channels, keep_originals=True,
+                                                     stats=stats), device, cfg.cache)
+    log.info("decoded and cached %d train / %d val cases in %.1f s", len(train_data), len(val_df),
+             time.perf_counter() - t0)
+
+    net = build_model(cfg.model, in_channels)
+    if ckpt is None:
+        init_output_bias(net, _foreground_fraction(train_data, dist, device))
+    net = net.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    loss_fn = build_loss(cfg.loss)
+    opt = build_optimizer(cfg, net.parameters())
+    sched = build_scheduler(cfg, opt)
+    dtype = amp_dtype(device, cfg.amp)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    state = State()
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if sched is not None and ckpt.get("scheduler"):
+            sched.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        restore_rng(ckpt["rng"])
+        state = State.from_checkpoint(ckpt)
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    run_cm = (tracking.start_run(cfg.tracking, "train", run_name=run_dir.name,
+                                 run_id=(ckpt or {}).get("mlflow_run_id") or None,
+                                 tags=_run_tags(cfg, info, device), system_metrics=True)
+              if dist.main else _null_run())
+    with run_cm as run:
+        if ckpt is None:
+            run.log_params(cfg.model_dump(mode="json"))
+            run.log_params({"in_channels": in_channels, "train_cases": len(train_df), "val_cases": len(val_df),
+                            "world_size": dist.world})
+            run.log_manifest_input(Path(cfg.manifest), context="training")
+            run.log_artifact(run_dir / "config.yaml")
+        if ckpt is None and stats is not None:
+            run.log_params({"intensity.mean": stats["mean"], "intensity.std": stats["std"]})
+        ctx = TrainContext(cfg=cfg, net=net, loss_fn=loss_fn, opt=opt, sched=sched, scaler=scaler, device=device,
+                           dist=dist, in_channels=in_channels, stats=stats, manifest_digest=info.dataset_digest,
+                           manifest_name=info.name, run_dir=run_dir, run=run if dist.main else None)
+        run_epochs(ctx, train_data, val_data, state)
+        result = TrainResult(run_dir, run_dir / "best.pt", run_dir / "last.pt", state.best_val_dice,
+                             state.best_epoch, state.epoch, run.run_id, None, dist.main, state.stopped_reason,
+                             state.history)
+        if dist.main:
+            result.model_uri = _finish(run, run_dir, cfg, val_data, device, state)
+            atomic_write_json(run_dir / "result.json", {
+                "best_val_dice": state.best_val_dice, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
+                "mlflow_run_id": run.run_id, "model_uri": result.model_uri, "stopped_reason": state.stopped_reason,
+            })
+    if dist.world > 1:
+        import torch.distributed as td
+
+        td.barrier()
+        td.destroy_process_group()
+    return result
+
+
+def _dataset_stats(cfg: TrainConfig, cases: list[Case], in_channels: int, dist: Dist,
+                   device: torch.device) -> Stats | None:
+    """Training-split intensity mean/std (summed over all DDP ranks), or None for per-image z-score."""
+    if cfg.normalize != "dataset":
+        return None
+    import torch
+
+    sums = intensity_sums([c.image for c in cases], in_channels)
+    if dist.world > 1:
+        import torch.distributed as td
+
+        t = torch.from_numpy(sums).to(device)
+        td.all_reduce(t)
+        sums = t.cpu().numpy()
+    return stats_from_sums(sums)
+
+
+def _foreground_fraction(data: CachedSplit, dist: Dist, device: torch.device) -> float:
+    """Tumour pixel fraction of the (whole, across ranks) training split at image_size."""
+    import torch
+
+    t = torch.tensor([float(data.masks.sum()), float(data.masks.numel())], dtype=torch.float64, device=device)
+    if dist.world > 1:
+        import torch.distributed as td
+
+        td.all_reduce(t)
+    return float(t[0] / t[1]) if t[1] > 0 else 0.5
+
+
+class _null_run:
+    """Context manager yielding a NullRun (ranks other than 0)."""
+
+    def __enter__(self) -> Run:
+        from tumorseg.tracking import NullRun
+
+        return NullRun()
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _run_tags(cfg: TrainConfig, info: Any, device: torch.device) -> dict[str, str]:
+    import torch
+
+    tags = {
+        "tumorseg.manifest": info.name,
+        "tumorseg.dataset_digest": info.dataset_digest,
+        "tumorseg.model": cfg.model.name,
+        "device": str(device),
+        "cuda.version": str(torch.version.cuda),
+    }
+    if device.type == "cuda":
+        tags["gpu.name"] = torch.cuda.get_device_name(device)
+    return tags
+
+
+def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: CachedSplit | None, device: torch.device,
+            state: State) -> str | None:
+    """Learning curve, val overlays at the best epoch, and the MLflow model."""
+    from tumorseg import review
+    from tumorseg.inference import Segmenter
+
+    best = run_dir / "best.pt"
+    curve = run_dir / "learning_curve.png"
+    review.learning_curve(state.history, curve)
+    run.log_artifact(curve)
+    run.log_metrics({"best_val_dice": state.best_val_dice, "best_epoch": state.best_epoch})
+    run.set_tags({"tumorseg.stopped_reason": state.stopped_reason or "epochs done",
+                  "tumorseg.best_checkpoint_sha256": sha256_file(best)})
+    seg = Segmenter.from_checkpoint(best, device=device.type)
+    if val_data is not None and val_data.originals and cfg.val_overlays:
+        k = min(cfg.val_overlays, len(val_data))
+        images = val_data.originals[:k]
+        preds = seg.predict_masks(images)
+        items = []
+        for i in range(k):
+            d = dice(confusion(preds[i], val_data.original_masks[i]))
+            items.append((images[i], val_data.original_masks[i], preds[i], f"{val_data.case_ids[i]} Dice {d:.3f}"))
+        review.overlay_grid(items, run_dir / "val_overlays.png")
+        run.log_artifact(run_dir / "val_overlays.png")
+    if not cfg.log_model:
+        return None
+    from tumorseg.mlflow_model import log_segmenter_model
+
+    return log_segmenter_model(best, run_dir, val_data.originals[0] if val_data and val_data.originals else None)
