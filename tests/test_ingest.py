@@ -69,13 +69,17 @@ def by_id(res: IngestResult | Path) -> dict[str, dict[str, str]]:
     return {r["case_id"]: r for r in rows_of(res)}
 
 
-def rejected_of(res: IngestResult | Path) -> dict[str, str]:
+def rejected_of(res: IngestResult | Path, name: str = "rejected.csv") -> dict[str, str]:
     mdir = res.manifest_dir if isinstance(res, IngestResult) else res
-    with open(mdir / "rejected.csv", encoding="utf-8", newline="") as fh:
+    with open(mdir / name, encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh)
         assert reader.fieldnames == ["path", "reason"]
         out = {r["path"]: r["reason"] for r in reader}
     return out
+
+
+def ignored_of(res: IngestResult | Path) -> dict[str, str]:
+    return rejected_of(res, "ignored.csv")
 
 
 def sha(path: Path) -> str:
@@ -91,7 +95,7 @@ def tree_state(root: Path) -> dict[str, tuple[str, int, int]]:
     return out
 
 
-OUTPUTS = ("manifest.csv", "manifest.json", "rejected.csv")
+OUTPUTS = ("manifest.csv", "manifest.json", "rejected.csv", "ignored.csv")
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +137,7 @@ def test_separate_folders_pair_by_stem_with_exact_columns(tmp_path: Path) -> Non
     info = json.loads((res.manifest_dir / "manifest.json").read_text())
     assert info["data_root"] == str((tmp_path / "data").resolve())
     assert info["dataset_digest"] == res.dataset_digest == sha(res.manifest_dir / "manifest.csv")
-    assert info["counts"] == {"cases": 2, "rejected": 1, "groups": 2}
+    assert info["counts"] == {"cases": 2, "rejected": 1, "ignored": 0, "groups": 2}
     assert (res.manifest_dir / "rejected.csv").read_text() == (
         "path,reason\nmasks/aa.png,mask without image: no image with this stem; add it or remove the mask\n")
 
@@ -399,9 +403,9 @@ def _messy(data: Path) -> None:
     red[0:2, 0:2, 0] = 255
     png(data / "colour.png", image(13))
     png(data / "colour_mask.png", red, "RGB")
-    (data / "notes.txt").write_text("hello")
+    (data / "notes.txt").write_text("hello")  # not an image format: ignored, not rejected
     Image.fromarray(image(14)).save(data / "photo.jpg")
-    (data / ".hidden.png").write_bytes(b"")  # hidden files are skipped, not rejected
+    (data / ".hidden.png").write_bytes(b"")  # hidden files are skipped, neither rejected nor ignored
 
 
 EXPECTED_REJECTIONS = {
@@ -423,8 +427,11 @@ EXPECTED_REJECTIONS = {
     "multi.png": "its mask multi_mask.png was rejected",
     "colour_mask.png": "colour mask whose channels differ",
     "colour.png": "its mask colour_mask.png was rejected",
-    "notes.txt": "unsupported format '.txt'",
-    "photo.jpg": "unsupported format '.jpg'",
+}
+
+EXPECTED_IGNORED = {
+    "notes.txt": "not an image (.txt)",
+    "photo.jpg": "not an image (.jpg)",
 }
 
 
@@ -444,6 +451,11 @@ def test_every_problem_is_a_row_of_rejected_csv(tmp_path: Path) -> None:
     lines = (res.manifest_dir / "rejected.csv").read_text(encoding="utf-8").splitlines()
     assert lines[1:] == sorted(lines[1:])  # sorted: stable bytes
     assert res.n_rejected == len(rejected) == res.summary["rejected"]
+    ignored = ignored_of(res)
+    assert set(ignored) == set(EXPECTED_IGNORED)  # .hidden.png is in neither list
+    for path, fragment in EXPECTED_IGNORED.items():
+        assert ignored[path].startswith(fragment), (path, ignored[path])
+    assert res.n_ignored == len(ignored) == res.summary["ignored"]
 
 
 def test_mask_threshold_accepts_multi_valued_masks(tmp_path: Path) -> None:
@@ -547,6 +559,78 @@ def test_strict_fails_and_writes_nothing(tmp_path: Path) -> None:
     assert ingest(data, out=tmp_path / "out", strict=True).n_cases == 1
 
 
+def _dataset_layout(data: Path) -> None:
+    """A public dataset as shipped: images and masks with a README and a CSV beside them."""
+    pair(data / "images", "a", 1)
+    pair(data / "images", "b", 2, mask=np.zeros((S, S), np.uint8))
+    (data / "README.md").write_text("# Dataset\nLicence: CC-BY\n")
+    (data / "labels.csv").write_text("case,label\na,1\nb,0\n")
+    (data / "images" / "notes" / "scanner.txt").parent.mkdir()
+    (data / "images" / "notes" / "scanner.txt").write_text("scanner settings")
+    (data / "LICENSE").write_text("CC-BY")
+
+
+def test_strict_ignores_non_image_files(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _dataset_layout(data)
+    res = ingest(data, out=tmp_path / "out", strict=True, recursive=True, fractions=(1.0, 0.0, 0.0))
+    assert sorted(by_id(res)) == ["images/a", "images/b"]  # exactly the image cases
+    assert res.n_rejected == 0 and rejected_of(res) == {}
+    ignored = ignored_of(res)
+    assert ignored == {
+        "LICENSE": "not an image (no extension); ingest reads PNG, TIFF and NIfTI (.nii/.nii.gz)",
+        "README.md": "not an image (.md); ingest reads PNG, TIFF and NIfTI (.nii/.nii.gz)",
+        "images/notes/scanner.txt": "not an image (.txt); ingest reads PNG, TIFF and NIfTI (.nii/.nii.gz)",
+        "labels.csv": "not an image (.csv); ingest reads PNG, TIFF and NIfTI (.nii/.nii.gz)",
+    }
+    lines = res.ignored_csv.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "path,reason" and lines[1:] == sorted(lines[1:])
+    assert res.ignored_csv == res.manifest_dir / "ignored.csv"
+    assert res.n_ignored == 4 and res.ignored == sorted(ignored.items())
+    info = json.loads((res.manifest_dir / "manifest.json").read_text())
+    assert info["counts"] == {"cases": 2, "rejected": 0, "ignored": 4, "groups": 2}
+    assert info["summary"]["ignored"] == 4
+    # ignored files do not touch the manifest or its digest, and reruns are byte-identical
+    for p in ("README.md", "labels.csv", "LICENSE", "images/notes/scanner.txt"):
+        (data / p).unlink()
+    clean = ingest(data, out=tmp_path / "clean", strict=True, recursive=True, fractions=(1.0, 0.0, 0.0))
+    assert clean.n_ignored == 0 and ignored_of(clean) == {}
+    assert (clean.manifest_dir / "manifest.csv").read_bytes() == (res.manifest_dir / "manifest.csv").read_bytes()
+    assert clean.dataset_digest == res.dataset_digest
+    _dataset_layout(tmp_path / "again")
+    a = ingest(tmp_path / "again", out=tmp_path / "r1", recursive=True, fractions=(1.0, 0.0, 0.0))
+    b = ingest(tmp_path / "again", out=tmp_path / "r2", recursive=True, fractions=(1.0, 0.0, 0.0), workers=2)
+    for n in OUTPUTS:
+        assert (a.manifest_dir / n).read_bytes() == (b.manifest_dir / n).read_bytes(), n
+
+
+def test_corrupt_image_is_still_rejected_beside_ignored_files(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _dataset_layout(data)
+    pair(data / "images", "bad", 3)
+    (data / "images" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(TumorsegError) as exc:
+        ingest(data, out=tmp_path / "out", strict=True, recursive=True)
+    assert exc.value.exit_code == 2
+    msg = str(exc.value)
+    assert "bad.png" in msg and "1 file(s) rejected" in msg
+    assert "README" not in msg and "labels.csv" not in msg
+    assert not (tmp_path / "out").exists()
+    res = ingest(data, out=tmp_path / "out", recursive=True, fractions=(1.0, 0.0, 0.0))
+    assert set(rejected_of(res)) == {"images/bad.png"}
+    assert set(ignored_of(res)) == {"LICENSE", "README.md", "labels.csv", "images/notes/scanner.txt"}
+
+
+def test_only_non_image_files_is_an_error(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "README.md").write_text("x")
+    Image.fromarray(image(1)).save(data / "photo.jpg")
+    with pytest.raises(TumorsegError, match=r"no image files found, only 2 other file\(s\).*README\.md: not an image"):
+        ingest(data, out=tmp_path / "out", strict=True)
+    assert not (tmp_path / "out").exists()
+
+
 def _cli(args: list[str]) -> Any:
     from tumorseg.cli import app
 
@@ -566,10 +650,25 @@ def test_cli_strict_exit_2_no_manifest(tmp_path: Path) -> None:
     data = tmp_path / "data"
     pair(data, "a", 1)
     (data / "junk.png").write_bytes(b"not an image")
+    (data / "README.md").write_text("# readme")  # ignored: the error is about junk.png
     result = _cli(["ingest", str(data), "--name", "s", "--out-dir", str(tmp_path / "out"), "--strict",
                    "--workers", "1"])
     _assert_one_line_error(result, "junk.png")
+    assert "README" not in result.stderr
     assert not (tmp_path / "out" / "s").exists()
+
+
+def test_cli_strict_on_dataset_layout_lists_ignored_files(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _dataset_layout(data)
+    result = _cli(["ingest", str(data), "--name", "d", "--out-dir", str(tmp_path / "out"), "--strict",
+                   "--recursive", "--workers", "1", "--fractions", "1,0,0"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "rejected files: 0" in out
+    assert f"ignored 4 non-image files (see {tmp_path / 'out' / 'd' / 'ignored.csv'})" in out
+    assert set(ignored_of(tmp_path / "out" / "d")) == {"LICENSE", "README.md", "labels.csv",
+                                                        "images/notes/scanner.txt"}
 
 
 def test_cli_missing_folder(tmp_path: Path) -> None:
@@ -627,6 +726,7 @@ def test_cli_ingest_prints_summary(tmp_path: Path) -> None:
     }
     out = result.stdout
     assert "groups in more than one split: 0" in out and "rejected files: 0" in out
+    assert "ignored" not in out  # no line when nothing was ignored
     info = json.loads((tmp_path / "out" / "cli" / "manifest.json").read_text())
     assert info["summary"]["splits"]["train"] == {"cases": 4, "groups": 4, "tumour": 3, "empty": 1,
                                                   "case_fraction": 1.0, "group_fraction": 1.0}
@@ -891,6 +991,7 @@ def test_mlflow_run_is_logged(tmp_path: Path, mlflow_uri: str) -> None:
     pair(data, "a", 1)
     pair(data, "b", 2, mask=np.zeros((S, S), np.uint8))
     png(data / "lonely.png", image(3))
+    (data / "README.md").write_text("# a dataset\n")
     res = ingest(data, out=tmp_path / "out", name="tracked", fractions=(1.0, 0.0, 0.0))
     assert res.run_id
     client = mlflow.MlflowClient(mlflow_uri)
@@ -901,7 +1002,7 @@ def test_mlflow_run_is_logged(tmp_path: Path, mlflow_uri: str) -> None:
     assert p["name"] == "tracked" and p["seed"] == "0" and p["mask_suffix"] == "_mask"
     assert p["images_dir"] == str(data) and p["fractions"] == "[1.0, 0.0, 0.0]"
     m = run_.data.metrics
-    assert (m["cases"], m["rejected"], m["tumour"], m["empty"], m["groups"]) == (2, 1, 1, 1, 2)
+    assert (m["cases"], m["rejected"], m["ignored"], m["tumour"], m["empty"], m["groups"]) == (2, 1, 1, 1, 1, 2)
     assert (m["train_cases"], m["val_cases"], m["test_cases"]) == (2, 0, 0)
     assert run_.data.tags["tumorseg.stage"] == "ingest"
     assert run_.data.tags["tumorseg.dataset_digest"] == res.dataset_digest

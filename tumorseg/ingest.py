@@ -2,8 +2,9 @@
 
 Discovery pairs files by stem (never by position), decoding runs in parallel worker
 processes that return one small row per case (memory does not grow with the data), every
-problem becomes a row of ``rejected.csv``, and the three output files are written
-atomically. Splits come from :mod:`tumorseg.splits`.
+problem with an image file becomes a row of ``rejected.csv``, files that are not images by
+their extension (a dataset's README, CSVs) become rows of ``ignored.csv``, and the four
+output files are written atomically. Splits come from :mod:`tumorseg.splits`.
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ class IngestResult:
     summary: dict[str, Any]
     rejected: list[tuple[str, str]] = field(default_factory=list)
     run_id: str | None = None
+    n_ignored: int = 0
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ignored_csv(self) -> Path:
+        """The list of non-image files that were skipped (``path,reason``)."""
+        return self.manifest_dir / "ignored.csv"
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -111,13 +119,24 @@ def _name(rel: str) -> str:
     return rel.rpartition("/")[2]
 
 
-def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str, str]]]:
-    """Pair images with masks by stem; return the cases and the rejected files."""
+def _not_an_image(ext: str) -> str:
+    """The ``ignored.csv`` reason for a file whose extension is not an image format."""
+    return f"not an image ({ext or 'no extension'}); ingest reads PNG, TIFF and NIfTI (.nii/.nii.gz)"
+
+
+def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str, str]], list[tuple[str, str]]]:
+    """Pair images with masks by stem.
+
+    Returns:
+        The cases, the rejected image files and the ignored non-image files (the last two
+        as ``(root-relative path, reason)`` pairs).
+    """
     images_dir = cfg.images_dir.resolve()
     masks_dir = (cfg.masks_dir or cfg.images_dir).resolve()
     same_folder = masks_dir == images_dir
     mask_re = _mask_regex(cfg.mask_suffix)
     rejected: list[tuple[str, str]] = []
+    ignored: list[tuple[str, str]] = []
     # files are kept as paths relative to ``root`` (the manifest's form) until a Task is made
     images: dict[str, list[str]] = defaultdict(list)
     masks: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
@@ -133,12 +152,14 @@ def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str,
         return "" if rel == "." else f"{rel}/"
 
     def accept(rel_root: str, is_link: bool) -> str | None:
-        """The file's stem, or ``None`` (and a rejection) for a file that cannot be a case."""
+        """The file's stem, or ``None`` for a file that cannot be a case.
+
+        A file that is not an image by its extension is ignored; an image file that cannot be
+        used is rejected.
+        """
         stem, ext = split_ext(_name(rel_root))
         if ext not in EXTENSIONS:
-            rejected.append(
-                (rel_root, f"unsupported format '{ext or '(no extension)'}'; use PNG, TIFF or NIfTI (.nii/.nii.gz)")
-            )
+            ignored.append((rel_root, _not_an_image(ext)))
             return None
         if is_link and not (root / rel_root).resolve().is_relative_to(root):
             rejected.append((rel_root, f"resolves outside the data root {root} (symlink?); copy the file in"))
@@ -203,7 +224,7 @@ def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str,
             rejected.append((imgs[0], f"path does not match --group-pattern {cfg.group_pattern!r}; fix the pattern"))
             continue
         tasks.append(Task(key, imgs[0], tuple(mask_files), group))
-    return tasks, rejected
+    return tasks, rejected, ignored
 
 
 def _group_of(cfg: IngestConfig, rel: str, key: str) -> str | None:
@@ -391,8 +412,8 @@ def assign_splits(rows: list[dict[str, Any]], cfg: IngestConfig) -> None:
         row["fold"] = assign_fold(group, cfg.seed, cfg.folds) if row["split"] != "test" else -1
 
 
-def summarize(rows: list[dict[str, Any]], n_rejected: int) -> dict[str, Any]:
-    """Cases, groups, tumour/empty counts and achieved fractions per split."""
+def summarize(rows: list[dict[str, Any]], n_rejected: int, n_ignored: int = 0) -> dict[str, Any]:
+    """Cases, groups, tumour/empty counts, rejected/ignored files and achieved fractions per split."""
     total = len(rows) or 1
     groups_total = len({r["group"] for r in rows}) or 1
     per_split: dict[str, dict[str, Any]] = {}
@@ -415,6 +436,7 @@ def summarize(rows: list[dict[str, Any]], n_rejected: int) -> dict[str, Any]:
         "cases": len(rows),
         "groups": len(splits_of_group),
         "rejected": n_rejected,
+        "ignored": n_ignored,
         "tumour": sum(1 for r in rows if r["has_tumour"]),
         "empty": sum(1 for r in rows if not r["has_tumour"]),
         "groups_straddling_splits": sum(1 for s in splits_of_group.values() if len(s) > 1),
@@ -486,12 +508,17 @@ def run(cfg: IngestConfig) -> IngestResult:
 
     Raises:
         TumorsegError: missing/empty input folder, bad options, or (``strict``) any rejection.
+            Ignored non-image files never fail a run.
     """
     _check_inputs(cfg)
     root = _data_root(cfg)
-    tasks, rejected = discover(cfg, root)
+    tasks, rejected, ignored = discover(cfg, root)
+    ignored = sorted(set(ignored))
     if not tasks and not rejected:
         hint = " (or add --recursive)" if not cfg.recursive else ""
+        if ignored:
+            raise TumorsegError(f"{cfg.images_dir}: no image files found, only {len(ignored)} other file(s) "
+                                f"(first: {ignored[0][0]}: {ignored[0][1]}); check the folder{hint}")
         raise TumorsegError(f"{cfg.images_dir}: no files found; check the folder{hint}")
     ctx = _Ctx(str(root), cfg.mask_threshold, cfg.slice_axis)
     workers = cfg.workers or min(8, os.cpu_count() or 1)
@@ -513,10 +540,11 @@ def run(cfg: IngestConfig) -> IngestResult:
     assign_splits(rows, cfg)
     _check_tumour_coverage(rows, cfg)
     rows.sort(key=lambda r: r["case_id"])
-    summary = summarize(rows, len(rejected))
+    summary = summarize(rows, len(rejected), len(ignored))
 
     manifest_csv = _csv_bytes(rows, COLUMNS)
     rejected_csv = _csv_bytes([{"path": p, "reason": r} for p, r in rejected], ["path", "reason"])
+    ignored_csv = _csv_bytes([{"path": p, "reason": r} for p, r in ignored], ["path", "reason"])
     digest = sha256_bytes(manifest_csv)
     info = {
         "name": cfg.name,
@@ -528,7 +556,8 @@ def run(cfg: IngestConfig) -> IngestResult:
         # where the manifest was written and how fast it was built do not describe the data:
         # without them, the same inputs and options give byte-identical files in any out_dir
         "config": cfg.model_dump(mode="json", exclude={"tracking", "workers", "out_dir"}),
-        "counts": {"cases": len(rows), "rejected": len(rejected), "groups": summary["groups"]},
+        "counts": {"cases": len(rows), "rejected": len(rejected), "ignored": len(ignored),
+                   "groups": summary["groups"]},
         "summary": summary,
     }
     out = cfg.out_dir / cfg.name
@@ -536,8 +565,10 @@ def run(cfg: IngestConfig) -> IngestResult:
     # manifest.json (with the digest) goes last: a reader that finds it finds a complete csv.
     atomic_write_bytes(out / "manifest.csv", manifest_csv)
     atomic_write_bytes(out / "rejected.csv", rejected_csv)
+    atomic_write_bytes(out / "ignored.csv", ignored_csv)
     atomic_write_json(out / "manifest.json", info)
-    result = IngestResult(out, len(rows), len(rejected), digest, summary, rejected)
+    result = IngestResult(out, len(rows), len(rejected), digest, summary, rejected,
+                          n_ignored=len(ignored), ignored=ignored)
     result.run_id = _track(cfg, result)
     return result
 
@@ -549,13 +580,13 @@ def _track(cfg: IngestConfig, result: IngestResult) -> str:
     with tracking.start_run(cfg.tracking, "ingest", run_name=f"ingest-{cfg.name}", tags=tags) as run:
         run.log_params(cfg.model_dump(mode="json", exclude={"tracking"}))
         s = result.summary
-        metrics: dict[str, float] = {k: s[k] for k in ("cases", "groups", "rejected", "tumour", "empty",
-                                                        "groups_straddling_splits")}
+        metrics: dict[str, float] = {k: s[k] for k in ("cases", "groups", "rejected", "ignored", "tumour",
+                                                        "empty", "groups_straddling_splits")}
         for split, v in s["splits"].items():
             for k in ("cases", "groups", "tumour", "empty", "case_fraction"):
                 metrics[f"{split}_{k}"] = v[k]
         run.log_metrics(metrics)
-        for name in ("manifest.csv", "manifest.json", "rejected.csv"):
+        for name in ("manifest.csv", "manifest.json", "rejected.csv", "ignored.csv"):
             run.log_artifact(result.manifest_dir / name, "manifest")
         run.log_manifest_input(result.manifest_dir, context="ingest")
         return run.run_id

@@ -1,7 +1,7 @@
 """The manifest: the contract between ``ingest`` and every later stage.
 
-``data_manifest/NAME/`` holds ``manifest.csv`` (one row per case), ``rejected.csv``
-(path, reason) and ``manifest.json`` (:class:`ManifestInfo`). ``dataset_digest`` is the
+``data_manifest/NAME/`` holds ``manifest.csv`` (one row per case), ``rejected.csv`` and
+``ignored.csv`` (path, reason) and ``manifest.json`` (:class:`ManifestInfo`). ``dataset_digest`` is the
 SHA-256 of ``manifest.csv``'s bytes: equal digests mean the same cases, files and splits.
 """
 

@@ -16,7 +16,7 @@ def _console() -> Any:
 
 
 def print_ingest_summary(res: IngestResult) -> None:
-    """Cases, groups, tumour/empty counts and achieved fractions per split."""
+    """Cases, groups, tumour/empty counts and achieved fractions per split; rejected and ignored files."""
     from rich.table import Table
 
     s = res.summary
@@ -32,6 +32,9 @@ def print_ingest_summary(res: IngestResult) -> None:
     con.print(f"groups in more than one split: {s['groups_straddling_splits']}")
     where = f" (see {res.manifest_dir / 'rejected.csv'})" if res.n_rejected else ""
     con.print(f"rejected files: {res.n_rejected}{where}")
+    if res.n_ignored:
+        files = "file" if res.n_ignored == 1 else "files"
+        con.print(f"ignored {res.n_ignored} non-image {files} (see {res.ignored_csv})")
     con.print(f"dataset digest: {res.dataset_digest}")
 
 
