@@ -427,11 +427,11 @@ EXPECTED_REJECTIONS = {
     "multi.png": "its mask multi_mask.png was rejected",
     "colour_mask.png": "colour mask whose channels differ",
     "colour.png": "its mask colour_mask.png was rejected",
+    "photo.jpg": "unsupported image format '.jpg'; convert it to PNG",
 }
 
 EXPECTED_IGNORED = {
     "notes.txt": "not an image (.txt)",
-    "photo.jpg": "not an image (.jpg)",
 }
 
 
@@ -625,7 +625,7 @@ def test_only_non_image_files_is_an_error(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     (data / "README.md").write_text("x")
-    Image.fromarray(image(1)).save(data / "photo.jpg")
+    (data / "labels.csv").write_text("id,label\n")
     with pytest.raises(TumorsegError, match=r"no image files found, only 2 other file\(s\).*README\.md: not an image"):
         ingest(data, out=tmp_path / "out", strict=True)
     assert not (tmp_path / "out").exists()

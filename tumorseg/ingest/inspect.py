@@ -1,0 +1,164 @@
+"""Inspection (worker side): decode one case, validate its mask, return one small manifest row."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tumorseg.fsutil import sha256_bytes
+from tumorseg.imageio import (
+    DecodeError,
+    binarize_mask,
+    decode,
+    mask_plane,
+    read_bytes,
+    union_masks,
+)
+from tumorseg.ingest.discover import Task, base_name
+from tumorseg.manifest import MASK_SEP, combine_hashes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InspectContext:
+    """What every worker needs besides the task (sent once, at worker start)."""
+
+    root: str
+    mask_threshold: float | None
+    slice_axis: int
+
+
+def _fraction(mask: Any) -> tuple[bool, float]:
+    n = int(np.count_nonzero(mask))
+    return n > 0, round(n / mask.size, 6)
+
+
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
+def _dtype_name(dtype: Any) -> str:
+    """``str(dtype)``, cached: numpy builds the name in Python on every call."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype)
+    return name
+
+
+def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Decode one case in a worker: manifest rows, or the reasons it is rejected."""
+    rel_img = task.image
+    img_path = os.path.join(ctx.root, rel_img)
+    try:
+        data = read_bytes(img_path)
+        img_sha = sha256_bytes(data)
+        image = decode(data, img_path, "image")
+    except DecodeError as exc:
+        return [], [(rel_img, _reason(exc, img_path))]
+    channels = image.array.shape[0] if image.mode != "NIfTI" else 1
+    if channels not in (1, 3):
+        return [], [(rel_img, f"{channels}-channel image; use grey or RGB(A)")]
+    # Compare masks with the image as the loaders will read them: a volume as (X, Y, Z), any
+    # 2D file (a one-slice NIfTI included) as one (H, W) plane, so formats can be mixed.
+    volume = image.is_volume
+    img_shape = image.array.shape if volume else _plane(image.array, image.mode).shape
+
+    masks = []
+    encodings = []
+    hashes = []
+    for rel in task.masks:
+        path = os.path.join(ctx.root, rel)
+        try:
+            mdata = read_bytes(path)
+            hashes.append(sha256_bytes(mdata))
+            decoded = decode(mdata, path, "mask")
+            if decoded.mode == "NIfTI":
+                plane = decoded.array if decoded.is_volume or volume else decoded.array[:, :, 0]
+            else:
+                plane = mask_plane(decoded.array, path)
+            binary, values = binarize_mask(plane, path, ctx.mask_threshold)
+        except DecodeError as exc:
+            return [], [(rel, _reason(exc, path)), (rel_img, f"its mask {base_name(rel)} was rejected")]
+        if binary.shape != img_shape:
+            return [], [
+                (rel,
+                 f"size mismatch: image is {_fmt_shape(img_shape)}, mask is {_fmt_shape(binary.shape)}; "
+                 "masks must match their image pixel for pixel"),
+                (rel_img, f"its mask {base_name(rel)} has another size"),
+            ]
+        masks.append(binary)
+        encodings.append(f"{decoded.mode} {values}")
+    mask = union_masks(masks)
+    mask_sha = combine_hashes(hashes)
+    common = {
+        "image": rel_img,
+        "mask": MASK_SEP.join(task.masks),
+        "n_masks": len(task.masks),
+        "group": task.group,
+        "channels": channels,
+        "image_sha256": img_sha,
+        "mask_sha256": mask_sha,
+        "image_mode": f"{image.mode} {_dtype_name(image.array.dtype)}",
+        "mask_encoding": "; ".join(sorted(set(encodings))),
+    }
+    if volume:
+        rows = []
+        for k in range(mask.shape[ctx.slice_axis]):
+            plane2d = np.take(mask, k, axis=ctx.slice_axis)
+            has, frac = _fraction(plane2d)
+            rows.append({**common, "case_id": f"{task.key}#{'xyz'[ctx.slice_axis]}{k:03d}", "slice_index": k,
+                         "has_tumour": has, "tumour_fraction": frac,
+                         "height": plane2d.shape[0], "width": plane2d.shape[1]})
+        return rows, []
+    plane2d = mask
+    has, frac = _fraction(plane2d)
+    return [{**common, "case_id": task.key, "slice_index": -1, "has_tumour": has, "tumour_fraction": frac,
+             "height": plane2d.shape[0], "width": plane2d.shape[1]}], []
+
+
+def _plane(arr: Any, mode: str) -> Any:
+    """The first 2D plane of a decoded non-volume: ``(C, H, W)`` or NIfTI ``(X, Y, 1)``."""
+    return arr[:, :, 0] if mode == "NIfTI" else arr[0]
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _reason(exc: DecodeError, path: str) -> str:
+    """The message without the leading path (the report has its own path column)."""
+    msg = str(exc)
+    prefix = f"{path}: "
+    return msg[len(prefix):] if msg.startswith(prefix) else msg
+
+
+_worker_ctx: InspectContext | None = None
+
+
+def _init_worker(ctx: InspectContext) -> None:
+    global _worker_ctx
+    _worker_ctx = ctx
+
+
+def _inspect_in_worker(task: Task) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    assert _worker_ctx is not None
+    return inspect_case(task, _worker_ctx)
+
+
+def inspect_all(tasks: list[Task], ctx: InspectContext, workers: int) -> Iterator[tuple[list[dict[str, Any]], list]]:
+    """Inspect cases in order, in ``workers`` processes (in-process for 1).
+
+    The context goes to each worker once (pool initializer), not with every task.
+    """
+    if workers <= 1 or len(tasks) < 2:
+        yield from (inspect_case(t, ctx) for t in tasks)
+        return
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(ctx,)) as pool:
+        yield from pool.imap(_inspect_in_worker, tasks, chunksize=max(1, min(32, len(tasks) // (workers * 8))))

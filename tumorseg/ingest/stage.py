@@ -1,0 +1,255 @@
+"""The ingest stage: discover, inspect in parallel, assign splits, write the manifest atomically."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tumorseg import __version__
+from tumorseg.config import IngestConfig
+from tumorseg.errors import TumorsegError
+from tumorseg.fsutil import atomic_write_bytes, atomic_write_json, sha256_bytes
+from tumorseg.ingest.discover import discover
+from tumorseg.ingest.inspect import InspectContext, inspect_all
+from tumorseg.manifest import COLUMNS, SPLITS
+from tumorseg.progress import track
+from tumorseg.splits import assign_fold, assign_split, merge_groups, splits_without_tumour, suggest_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestResult:
+    """What :func:`run` produced."""
+
+    manifest_dir: Path
+    n_cases: int
+    n_rejected: int
+    dataset_digest: str
+    summary: dict[str, Any]
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    run_id: str | None = None
+    n_ignored: int = 0
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ignored_csv(self) -> Path:
+        """The list of non-image files that were skipped (``path,reason``)."""
+        return self.manifest_dir / "ignored.csv"
+
+
+def _drop_duplicate_ids(rows: list[dict[str, Any]], rejected: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Reject the files behind a case id made twice (``v#z000.png`` beside a volume ``v.nii``)."""
+    images_of: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        images_of[r["case_id"]].add(r["image"])
+    clashes = {cid: sorted(imgs) for cid, imgs in images_of.items() if len(imgs) > 1}
+    if not clashes:
+        return rows
+    bad = {img for imgs in clashes.values() for img in imgs}
+    for cid, imgs in clashes.items():
+        for img in imgs:
+            rejected.append((img, f"case id '{cid}' is also made by {', '.join(i for i in imgs if i != img)}; "
+                                  "rename one of them"))
+    return [r for r in rows if r["image"] not in bad]
+
+
+def assign_splits(rows: list[dict[str, Any]], cfg: IngestConfig) -> None:
+    """Set ``group`` (merged over identical images), ``split`` and ``fold`` on each row, in place."""
+    merged = merge_groups([r["group"] for r in rows], [r["image_sha256"] for r in rows])
+    joined = {(r["group"], g) for r, g in zip(rows, merged, strict=True) if r["group"] != g}
+    if joined:
+        # worth a word: a blank slice exported identically for many patients joins them all
+        example = min(joined)
+        log.warning("%d group(s) merged into others because they share byte-identical images "
+                    "(e.g. %r into %r)", len({a for a, _ in joined}), example[0], example[1])
+    for row, group in zip(rows, merged, strict=True):
+        row["group"] = group
+        row["split"] = assign_split(group, cfg.seed, cfg.fractions)
+        row["fold"] = assign_fold(group, cfg.seed, cfg.folds) if row["split"] != "test" else -1
+
+
+def summarize(rows: list[dict[str, Any]], n_rejected: int, n_ignored: int = 0) -> dict[str, Any]:
+    """Cases, groups, tumour/empty counts, rejected/ignored files and achieved fractions per split."""
+    total = len(rows) or 1
+    groups_total = len({r["group"] for r in rows}) or 1
+    per_split: dict[str, dict[str, Any]] = {}
+    for split in SPLITS:
+        sel = [r for r in rows if r["split"] == split]
+        groups = {r["group"] for r in sel}
+        tumour = sum(1 for r in sel if r["has_tumour"])
+        per_split[split] = {
+            "cases": len(sel),
+            "groups": len(groups),
+            "tumour": tumour,
+            "empty": len(sel) - tumour,
+            "case_fraction": round(len(sel) / total, 4),
+            "group_fraction": round(len(groups) / groups_total, 4),
+        }
+    splits_of_group: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        splits_of_group[r["group"]].add(r["split"])
+    return {
+        "cases": len(rows),
+        "groups": len(splits_of_group),
+        "rejected": n_rejected,
+        "ignored": n_ignored,
+        "tumour": sum(1 for r in rows if r["has_tumour"]),
+        "empty": sum(1 for r in rows if not r["has_tumour"]),
+        "groups_straddling_splits": sum(1 for s in splits_of_group.values() if len(s) > 1),
+        "splits": per_split,
+    }
+
+
+def _check_tumour_coverage(rows: list[dict[str, Any]], cfg: IngestConfig) -> None:
+    tumour_groups = sorted({r["group"] for r in rows if r["has_tumour"]})
+    missing = splits_without_tumour(tumour_groups, cfg.seed, cfg.fractions)
+    if not missing:
+        return
+    better = suggest_seed(tumour_groups, cfg.seed, cfg.fractions)
+    hint = f"pass --seed {better}, which gives every split tumour cases" if better is not None else "change --fractions"
+    raise TumorsegError(
+        f"{cfg.images_dir}: with --seed {cfg.seed} split(s) {', '.join(missing)} would get no tumour case "
+        f"({len(tumour_groups)} tumour groups); {hint}. Keep that seed for later ingests: splits stay stable."
+    )
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _csv_bytes(rows: list[dict[str, Any]], columns: list[str]) -> bytes:
+    import csv
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([_cell(row.get(k)) for k in columns] for row in rows)
+    return buf.getvalue().encode("utf-8")
+
+
+def _cell(v: Any) -> Any:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:.6f}"
+    return v
+
+
+def _data_root(cfg: IngestConfig) -> Path:
+    images = cfg.images_dir.resolve()
+    if cfg.masks_dir is None:
+        return images
+    return Path(os.path.commonpath([images, cfg.masks_dir.resolve()]))
+
+
+def _check_inputs(cfg: IngestConfig) -> None:
+    for label, folder in (("IMAGES_DIR", cfg.images_dir), ("MASKS_DIR", cfg.masks_dir)):
+        if folder is None:
+            continue
+        if not folder.exists():
+            raise TumorsegError(f"{folder}: {label} does not exist; check the path")
+        if not folder.is_dir():
+            raise TumorsegError(f"{folder}: {label} is not a folder; pass the folder that holds the files")
+    if cfg.group_pattern:
+        try:
+            re.compile(cfg.group_pattern)
+        except re.error as exc:
+            raise TumorsegError(f"--group-pattern {cfg.group_pattern!r}: invalid regular expression ({exc})") from exc
+
+
+def run(cfg: IngestConfig) -> IngestResult:
+    """Ingest image/mask folders into ``cfg.out_dir / cfg.name``.
+
+    Returns:
+        The manifest folder, counts, digest and split summary.
+
+    Raises:
+        TumorsegError: missing/empty input folder, bad options, or (``strict``) any rejection.
+            Ignored non-image files never fail a run.
+    """
+    _check_inputs(cfg)
+    root = _data_root(cfg)
+    tasks, rejected, ignored = discover(cfg, root)
+    ignored = sorted(set(ignored))
+    if not tasks and not rejected:
+        hint = " (or add --recursive)" if not cfg.recursive else ""
+        if ignored:
+            raise TumorsegError(f"{cfg.images_dir}: no image files found, only {len(ignored)} other file(s) "
+                                f"(first: {ignored[0][0]}: {ignored[0][1]}); check the folder{hint}")
+        raise TumorsegError(f"{cfg.images_dir}: no files found; check the folder{hint}")
+    ctx = InspectContext(str(root), cfg.mask_threshold, cfg.slice_axis)
+    workers = cfg.workers or min(8, os.cpu_count() or 1)
+    rows: list[dict[str, Any]] = []
+    for case_rows, case_rejected in track(inspect_all(tasks, ctx, workers), len(tasks), "ingest"):
+        rows.extend(case_rows)
+        rejected.extend(case_rejected)
+    rows = _drop_duplicate_ids(rows, rejected)
+    rejected = sorted(set(rejected))
+    if cfg.strict and rejected:
+        path, reason = rejected[0]
+        raise TumorsegError(
+            f"{root / path}: {reason} ({len(rejected)} file(s) rejected; --strict writes no manifest - "
+            "run without --strict to get the full rejected.csv)"
+        )
+    if not rows:
+        raise TumorsegError(f"{cfg.images_dir}: no usable image/mask pairs ({len(rejected)} file(s) rejected: "
+                            f"first: {rejected[0][0]}: {rejected[0][1]})")
+    assign_splits(rows, cfg)
+    _check_tumour_coverage(rows, cfg)
+    rows.sort(key=lambda r: r["case_id"])
+    summary = summarize(rows, len(rejected), len(ignored))
+
+    manifest_csv = _csv_bytes(rows, COLUMNS)
+    rejected_csv = _csv_bytes([{"path": p, "reason": r} for p, r in rejected], ["path", "reason"])
+    ignored_csv = _csv_bytes([{"path": p, "reason": r} for p, r in ignored], ["path", "reason"])
+    digest = sha256_bytes(manifest_csv)
+    info = {
+        "name": cfg.name,
+        "tumorseg_version": __version__,
+        "data_root": str(root),
+        "dataset_digest": digest,
+        "slice_axis": cfg.slice_axis,
+        "mask_threshold": cfg.mask_threshold,
+        # where the manifest was written and how fast it was built do not describe the data:
+        # without them, the same inputs and options give byte-identical files in any out_dir
+        "config": cfg.model_dump(mode="json", exclude={"tracking", "workers", "out_dir"}),
+        "counts": {"cases": len(rows), "rejected": len(rejected), "ignored": len(ignored),
+                   "groups": summary["groups"]},
+        "summary": summary,
+    }
+    out = cfg.out_dir / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    # manifest.json (with the digest) goes last: a reader that finds it finds a complete csv.
+    atomic_write_bytes(out / "manifest.csv", manifest_csv)
+    atomic_write_bytes(out / "rejected.csv", rejected_csv)
+    atomic_write_bytes(out / "ignored.csv", ignored_csv)
+    atomic_write_json(out / "manifest.json", info)
+    result = IngestResult(out, len(rows), len(rejected), digest, summary, rejected,
+                          n_ignored=len(ignored), ignored=ignored)
+    result.run_id = _track(cfg, result)
+    return result
+
+
+def _track(cfg: IngestConfig, result: IngestResult) -> str:
+    from tumorseg import tracking
+
+    tags = {"tumorseg.manifest": cfg.name, "tumorseg.dataset_digest": result.dataset_digest}
+    with tracking.start_run(cfg.tracking, "ingest", run_name=f"ingest-{cfg.name}", tags=tags) as run:
+        run.log_params(cfg.model_dump(mode="json", exclude={"tracking"}))
+        s = result.summary
+        metrics: dict[str, float] = {k: s[k] for k in ("cases", "groups", "rejected", "ignored", "tumour",
+                                                        "empty", "groups_straddling_splits")}
+        for split, v in s["splits"].items():
+            for k in ("cases", "groups", "tumour", "empty", "case_fraction"):
+                metrics[f"{split}_{k}"] = v[k]
+        run.log_metrics(metrics)
+        for name in ("manifest.csv", "manifest.json", "rejected.csv", "ignored.csv"):
+            run.log_artifact(result.manifest_dir / name, "manifest")
+        run.log_manifest_input(result.manifest_dir, context="ingest")
+        return run.run_id
