@@ -1,4 +1,8 @@
-"""Shared fixtures: a real MLflow SQLite store per session and tiny synthetic PNG data."""
+"""Shared fixtures: a real MLflow SQLite store per session and tiny synthetic PNG data.
+
+`pytest` runs everything (what CI runs); `pytest -m "not slow"` skips the end-to-end tests
+(torchrun, kill-and-resume, a real MLflow server, whole pipelines) for a quick inner loop.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,6 @@ import pytest
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-
-
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -482,6 +482,15 @@ def broken(world: dict[str, Any], synth_data: Path) -> dict[str, Path]:
     info, df = load_manifest(man)
     image_path(info, df[df["split"] == "test"].iloc[0]).unlink()
     paths["missing_files_manifest"] = man
+    # a dataset whose test image changed after ingest (same pixels, other bytes): scoring it would be silent
+    data2 = root / "data2"
+    shutil.copytree(synth_data, data2)
+    man2 = ingest_synth(data2 / "images", data2 / "masks", root / "manifests", "changed", world["tracking"])
+    info2, df2 = load_manifest(man2)
+    victim = image_path(info2, df2[df2["split"] == "test"].iloc[0])
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    paths["changed_files_manifest"] = man2
+    paths["changed_file"] = victim
     (root / "empty_run").mkdir()
     paths["empty_run"] = root / "empty_run"
     return paths
@@ -495,6 +504,10 @@ ERROR_CASES = {
     "no_split": ("{ckpt}", {"--split": "nosuch"}, r"no cases in split 'nosuch'"),
     "no_manifest": ("{ckpt}", {"--manifest": "{root}/nowhere"}, r"manifest not found"),
     "missing_files": ("{ckpt}", {"--manifest": "{missing_files_manifest}", "--split": "test"}, r"missing"),
+    "changed_file": ("{ckpt}", {"--manifest": "{changed_files_manifest}", "--split": "test"},
+                     r"patient_\d+_slice_\d+\.png: changed since ingest \(sha256 differs\); re-run tumorseg ingest"),
+    "model_stage": ("models:/tumorseg-test-evaluate/Production", {},
+                    r"model stages are deprecated.*models:/tumorseg-test-evaluate@champion"),
     "no_model": ("{root}/no/such/model.pt", {}, r"model not found"),
     "no_best": ("{empty_run}", {}, r"no best.pt"),
     "unknown_run": ("0123456789abcdef0123456789abcdef", {}, r"not found"),
@@ -557,3 +570,45 @@ def test_surface_and_distribution_helpers_handle_nan() -> None:
     assert d["dice_std"] == pytest.approx(0.5)  # sample std of (0, .5, 1)
     empty = distribution(np.array([np.nan]), "iou")
     assert all(math.isnan(v) for v in empty.values())
+
+
+def test_a_mask_changed_between_two_runs_in_one_process_is_read_fresh(world: dict[str, Any], tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NIfTI mask edited (and re-ingested) between two evaluations in one process is not read stale."""
+    import nibabel as nib
+
+    from tumorseg import evaluate
+    from tumorseg.imageio import load_image
+    from tumorseg.manifest import image_path, load_manifest
+    from tumorseg.modelref import ModelRef
+
+    data = tmp_path / "vols"
+    data.mkdir()
+    rng = np.random.default_rng(1)
+    for p in range(6):
+        vol = (rng.random((32, 32, 2)) * 50).astype(np.float32)
+        mask = np.zeros((32, 32, 2), np.uint8)
+        mask[4:12, 4:12, :] = 1
+        nib.save(nib.Nifti1Image(vol + 200 * mask, np.eye(4)), str(data / f"patient_{p:03d}.nii.gz"))
+        nib.save(nib.Nifti1Image(mask, np.eye(4)), str(data / f"patient_{p:03d}_mask.nii.gz"))
+    # the model predicts the original square on every slice
+    square = np.zeros((32, 32), np.uint8)
+    square[4:12, 4:12] = 1
+    man = ingest_synth(data, data, tmp_path / "man", "fresh", world["tracking"])
+    info, df = load_manifest(man)
+    truth = {load_image(image_path(info, r), int(r["slice_index"])).tobytes(): square for r in df.to_dict("records")}
+    monkeypatch.setattr("tumorseg.modelref.resolve_model", lambda ref, tracking, device: (
+        OracleSegmenter(truth, "perfect"), ModelRef(ref=ref, checkpoint_path=ref, checkpoint_sha256="0" * 64)))
+    first = evaluate.run(evaluate_cfg(world, "oracle", tmp_path / "ev1", manifest=man))
+    assert first.summary["dice_mean"] == 1.0
+
+    # the annotator redraws every mask as a smaller square; the dataset is ingested again
+    for p in range(6):
+        mask = np.zeros((32, 32, 2), np.uint8)
+        mask[4:8, 4:12, :] = 1
+        nib.save(nib.Nifti1Image(mask, np.eye(4)), str(data / f"patient_{p:03d}_mask.nii.gz"))
+    man = ingest_synth(data, data, tmp_path / "man", "fresh", world["tracking"])
+    second = evaluate.run(evaluate_cfg(world, "oracle", tmp_path / "ev2", manifest=man))
+    pc = pd.read_csv(second.out_dir / "per_case.csv")
+    assert (pc["gt_pixels"] == 32).all() and (pc["tp"] == 32).all() and (pc["fp"] == 32).all()
+    assert second.summary["dice_mean"] == pytest.approx(2 * 32 / (2 * 32 + 32))

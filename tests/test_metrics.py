@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from tumorseg.metrics import (
-    EMPTY_RULES,
     Counts,
     bootstrap_ci,
     confusion,
@@ -113,12 +112,6 @@ def test_scores_row_has_all_per_case_columns() -> None:
                          "dice", "iou", "precision", "recall"]
     assert row["gt_pixels"] == 5 and row["pred_pixels"] == 4
     assert row["dice"] == pytest.approx(6 / 9) and row["iou"] == pytest.approx(3 / 6)
-
-
-def test_empty_rules_are_written_down_for_both_choices() -> None:
-    assert set(EMPTY_RULES) == {"nan", "1"}
-    assert "NaN" in EMPTY_RULES["nan"] and "1" in EMPTY_RULES["1"]
-    assert all("empty ground truth scores 0" in text for text in EMPTY_RULES.values())
 
 
 # ----------------------------------------------------------------------------- agreement with MONAI

@@ -113,6 +113,7 @@ def _pipeline_yaml(path: Path, root: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_pipeline_against_a_real_tracking_server(mlflow_server: str, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import mlflow

@@ -159,7 +159,9 @@ class Gallery:
             heapq.heapreplace(self._best, (dice, index, item))
 
     def items(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
-        """Worst first (ascending Dice), then best (descending), each case once."""
+        """Worst first (ascending Dice), then best (descending), each case once, titled to fit their panel."""
+        from tumorseg.review import panel_title
+
         worst = sorted(((-d, -i, it) for d, i, it in self._worst), key=lambda t: (t[0], t[1]))
         best = sorted(self._best, key=lambda t: (-t[0], t[1]))
         out: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
@@ -169,7 +171,8 @@ class Gallery:
                 if i in seen:
                     continue
                 seen.add(i)
-                out.append((image, gt, pred, f"{label}: {case_id}\nDice {d:.3f}"))
+                title = panel_title(label, case_id, d, gt_empty=not gt.any(), pred_pixels=int(np.count_nonzero(pred)))
+                out.append((image, gt, pred, title))
         return out
 
 
