@@ -332,7 +332,10 @@ class OracleSegmenter:
         self.in_channels = 1
         self.device = torch.device("cpu")
 
-    def predict_proba(self, images: list[np.ndarray], tta: bool = False) -> list[np.ndarray]:
+    def mask(self, prob: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        return (prob > (self.threshold if threshold is None else threshold)).astype(np.uint8)
+
+    def predict_proba(self, images: list[np.ndarray], tta: bool | None = None) -> list[np.ndarray]:
         out = []
         for img in images:
             gt = self.truth[img.tobytes()].astype(np.float32)

@@ -103,7 +103,7 @@ def _pipeline_yaml(path: Path, root: Path) -> Path:
         "synth": {"n": 24, "size": 64, "seed": 0},
         "data": {"images_dir": str(root / "data" / "images"), "masks_dir": str(root / "data" / "masks"),
                  "name": "tiny", "group_pattern": r"(patient_\d+)", "seed": 3, "workers": 1},
-        "train": {"epochs": 1, "batch_size": 4, "image_size": [64, 64], "device": "cpu", "amp": False,
+        "train": {"plan": "off", "epochs": 1, "batch_size": 4, "image_size": [64, 64], "device": "cpu", "amp": False,
                   "val_overlays": 0, "model": {"channels": [8, 16, 32], "num_res_units": 1}},
         "evaluate": {"split": "test", "device": "cpu", "bootstrap": 0, "workers": 0, "gallery_k": 1},
         "registry": {"model_name": MODEL},

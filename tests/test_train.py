@@ -20,6 +20,7 @@ from tumorseg.config import IngestConfig, LossConfig, ModelConfig, TrainConfig, 
 from tumorseg.errors import TumorsegError
 
 TINY = [
+    "plan=off",  # the tiny fixed settings below; planning has its own tests
     "epochs=2",
     "batch_size=4",
     "image_size=[64,64]",

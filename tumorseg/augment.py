@@ -88,3 +88,34 @@ def _random_affine(
     out_img = warp_img(images.float(), theta).to(images.dtype)
     out_msk = warp_msk(masks.float(), theta).to(masks.dtype)
     return out_img, out_msk
+
+
+def crop_batch(
+    images: torch.Tensor, masks: torch.Tensor, patch: tuple[int, int], oversample: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``patch`` crops of a batch; a share ``oversample`` of them centred on a tumour pixel.
+
+    nnU-Net's foreground oversampling: without it, crops of large, mostly tumour-free images
+    rarely show tumour. A sample without tumour gets a uniform crop either way. All choices
+    come from ``gen`` (exact resume).
+    """
+    import torch
+
+    n, _, h, w = images.shape
+    ph, pw = min(patch[0], h), min(patch[1], w)
+    if (ph, pw) == (h, w):
+        return images, masks
+    coins = torch.rand(n, generator=gen)
+    corner = torch.rand(n, 2, generator=gen)
+    out_x, out_y = [], []
+    for i in range(n):
+        top, left = int(corner[i, 0] * (h - ph + 1)), int(corner[i, 1] * (w - pw + 1))
+        if float(coins[i]) < oversample:
+            fg = torch.nonzero(masks[i, 0].cpu() > 0)
+            if len(fg):
+                cy, cx = (int(v) for v in fg[int(torch.randint(0, len(fg), (1,), generator=gen))])
+                top = min(max(cy - ph // 2, 0), h - ph)
+                left = min(max(cx - pw // 2, 0), w - pw)
+        out_x.append(images[i, :, top : top + ph, left : left + pw])
+        out_y.append(masks[i, :, top : top + ph, left : left + pw])
+    return torch.stack(out_x), torch.stack(out_y)

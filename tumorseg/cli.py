@@ -163,6 +163,34 @@ def ingest(
     print_ingest_summary(res)
 
 
+# ----------------------------------------------------------------------------- plan
+
+
+@app.command()
+@user_errors
+def plan(
+    manifest: Annotated[Path, typer.Argument(help="manifest folder, e.g. data_manifest/NAME")],
+    budget: Annotated[str | None, typer.Option("--budget", help="training time budget, e.g. 30m, 2h, 90s "
+                                               "[default: 30m on a CPU, 15m on a GPU]")] = None,
+    device: Device = "auto",
+    out: Annotated[Path | None, typer.Option("--out", help="folder for plan.json [default: the manifest folder]")
+                   ] = None,
+    tracking_uri: TrackingUri = None,
+    experiment: Experiment = "tumorseg",
+) -> None:
+    """Fingerprint the train split, probe the device and write plan.json (what `train --plan` uses)."""
+    from tumorseg import planning
+    from tumorseg.config import PlanConfig
+
+    cfg = build_config(PlanConfig, dict(manifest=manifest, budget=budget, device=device, out=out,
+                                        tracking=_tracking(tracking_uri, experiment)), "plan options")
+    result, path = planning.run(cfg)
+    from tumorseg.report import print_rows
+
+    print_rows(f"plan for {result.manifest_name}", planning.summary_rows(result))
+    typer.echo(f"wrote {path}")
+
+
 # ----------------------------------------------------------------------------- train
 
 
@@ -174,10 +202,15 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override: key=value, dotted for nested")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="folder for run folders [default: runs/]")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="continue a run folder from its last.pt")] = None,
+    budget: Annotated[str | None, typer.Option("--budget", help="wall-time budget, e.g. 30m, 2h, 90s: the run "
+                                               "ends within it and its LR schedule spans it [default: 30m on a "
+                                               "CPU, 15m on a GPU]")] = None,
+    plan_file: Annotated[Path | None, typer.Option("--plan", help="plan.json from tumorseg plan [default: plan "
+                                                   "now; --set plan=off trains the config as given]")] = None,
     tracking_uri: TrackingUri = None,
     experiment: Annotated[str | None, typer.Option("--experiment", help="MLflow experiment name")] = None,
 ) -> None:
-    """Train a MONAI U-Net on the manifest's train split, validating on val each epoch."""
+    """Train on the manifest's train split, validating on val; planned from the data and the budget."""
     from tumorseg import train as stage
     from tumorseg.config import load_config
 
@@ -196,6 +229,10 @@ def train(
             tracking["experiment"] = experiment
         if tracking:
             base["tracking"] = tracking
+        if budget is not None:
+            base["budget"] = budget
+        if plan_file is not None:
+            base["plan"] = str(plan_file)
         cfg = load_config(TrainConfig, config, set_, base=base)
         if out is not None:
             cfg.out = out
@@ -250,7 +287,8 @@ def predict(
     recursive: Annotated[bool, typer.Option("--recursive", help="walk subfolders of input folders")] = False,
     format: Annotated[str, typer.Option("--format", help="png (0/255) | nifti (.nii.gz)")] = "png",
     probabilities: Annotated[bool, typer.Option("--probabilities", help="also write the sigmoid map")] = False,
-    tta: Annotated[bool, typer.Option("--tta", help="average flipped predictions")] = False,
+    tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="average mirrored predictions "
+                                             "[default: what the model chose on val]")] = None,
     threshold: Annotated[float | None, typer.Option(help="probability threshold [default: the model's]")] = None,
     batch_size: Annotated[int, typer.Option(help="inference batch size")] = 16,
     device: Device = "auto",

@@ -7,6 +7,7 @@ imports nothing heavy, so the CLI and the pipeline can validate configs instantl
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -94,17 +95,20 @@ class ModelConfig(StrictModel):
     ``unet`` is MONAI ``UNet`` (strided convolutions, residual units); the classic
     Ronneberger U-Net (two 3x3 convs per level, max-pooling) is MONAI ``BasicUNet``:
     ``name=basic_unet, channels=[64,128,256,512,1024], norm=batch``.
+    ``dynunet`` is MONAI ``DynUNet``, nnU-Net's architecture (two 3x3 conv blocks per level,
+    strided downsampling, optional deep supervision); ``tumorseg plan`` sizes it from the patch.
     ``flexible_unet`` is MONAI ``FlexibleUNet`` on a ResNet/EfficientNet encoder; its
     pretrained encoder weights come from ``pretrained_weights`` (a local file), never downloaded.
     """
 
-    name: Literal["unet", "basic_unet", "attention_unet", "segresnet", "flexible_unet"] = "unet"
+    name: Literal["unet", "basic_unet", "attention_unet", "segresnet", "flexible_unet", "dynunet"] = "unet"
     in_channels: int | Literal["auto"] = "auto"
     channels: list[int] = [16, 32, 64, 128, 256]
     strides: list[int] | None = None
     num_res_units: int = 2
     norm: Literal["instance", "batch", "group"] = "batch"
     dropout: float = 0.0
+    deep_supervision: bool = Field(default=False, description="dynunet: extra loss heads at lower resolutions")
     backbone: str = "resnet34"
     pretrained_weights: Path | None = None
     init_filters: int = 16
@@ -139,7 +143,9 @@ class OptimConfig(StrictModel):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     momentum: float = 0.9
-    schedule: Literal["none", "cosine", "plateau"] = "plateau"
+    schedule: Literal["none", "cosine", "plateau", "poly"] = Field(
+        default="plateau", description="cosine/poly decay per step over the run's planned steps; plateau per epoch")
+    warmup_steps: int = Field(default=0, ge=0, description="linear LR warm-up steps (cosine/poly)")
     plateau_patience: int = 5
     plateau_factor: float = 0.5
     min_lr: float = 1e-6
@@ -161,10 +167,18 @@ class TrainConfig(StrictModel):
     manifest: Path | None = None
     out: Path = Path("runs")
     run_name: str | None = None
+    budget: str | None = Field(default=None, description="wall-time budget, e.g. 30m, 2h, 90s; plans the steps")
+    plan: str = Field(default="auto", description="auto (plan from the data), off, or a plan.json path")
     epochs: int = Field(default=40, ge=1)
     batch_size: int = Field(default=8, ge=1)
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimiser steps")
     image_size: tuple[int, int] = (128, 128)
+    patch_size: tuple[int, int] | None = Field(default=None, description="train on random crops of this size; "
+                                               "predict with a sliding window")
+    oversample_foreground: float = Field(default=0.0, ge=0, le=1, description="share of crops centred on tumour")
+    tta: bool = Field(default=False, description="mirroring test-time augmentation in validation and inference")
+    postprocess: Literal["none", "auto"] = Field(default="none", description="auto: choose threshold and component "
+                                                 "filtering on val after training (kept only if val Dice improves)")
     seed: int = 0
     deterministic: bool = False
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -182,11 +196,69 @@ class TrainConfig(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
     log_model: bool = True
 
-    @field_validator("image_size")
+    @field_validator("image_size", "patch_size")
     @classmethod
-    def _size_divisible(cls, v: tuple[int, int]) -> tuple[int, int]:
-        if min(v) < 16 or any(s % 16 for s in v):
-            raise ValueError("image_size entries must be multiples of 16 and at least 16 (e.g. [256, 256])")
+    def _size_divisible(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and (min(v) < 16 or any(s % 16 for s in v)):
+            raise ValueError("sizes must be multiples of 16 and at least 16 (e.g. [256, 256])")
+        return v
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_parses(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_duration(v)
+        return v
+
+    @field_validator("plan", mode="before")
+    @classmethod
+    def _plan_yaml_bool(cls, v: Any) -> Any:
+        # YAML reads a bare `off`/`on` as a boolean
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("plan")
+    @classmethod
+    def _plan_value(cls, v: str) -> str:
+        if v not in ("auto", "off") and not v.endswith(".json"):
+            raise ValueError("plan must be auto, off or the path of a plan.json written by tumorseg plan")
+        return v
+
+    @property
+    def budget_seconds(self) -> float | None:
+        """The budget in seconds, or ``None`` without one."""
+        return None if self.budget is None else parse_duration(self.budget)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> float:
+    """``"30m"``, ``"2h"``, ``"90s"``, ``"1h30m"`` -> seconds; anything else (or zero) is a ValueError."""
+    raw = str(text).strip()
+    parts = _DURATION.findall(raw)
+    if not parts or _DURATION.sub("", raw).strip():
+        raise ValueError(f"budget {text!r} is not a duration; use e.g. 90s, 30m, 2h or 1h30m")
+    seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u.lower()] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"budget {text!r} must be longer than zero (e.g. 30m)")
+    return seconds
+
+
+class PlanConfig(StrictModel):
+    """Options of ``tumorseg plan``."""
+
+    manifest: Path
+    budget: str | None = Field(default=None, description="wall-time budget of the training run, e.g. 30m")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    out: Path | None = Field(default=None, description="folder for plan.json; default: the manifest folder")
+    amp: bool = True
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_parses(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_duration(v)
         return v
 
 
@@ -221,7 +293,7 @@ class PredictConfig(StrictModel):
     recursive: bool = False
     format: Literal["png", "nifti"] = "png"
     probabilities: bool = False
-    tta: bool = False
+    tta: bool | None = Field(default=None, description="mirroring TTA; default: what the model chose on val")
     batch_size: int = Field(default=16, ge=1)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     threshold: float | None = None

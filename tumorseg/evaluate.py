@@ -374,11 +374,10 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame,
     n_batches = math.ceil(len(rows) / cfg.batch_size)
     reader = CaseReader(info, str(Path(cfg.manifest) / "manifest.csv"))
     cases = reader.stream(rows, cfg.workers, ahead=2 * cfg.batch_size)
-    threshold = seg.threshold
     for batch in track(batched(cases, cfg.batch_size), n_batches, f"evaluate {cfg.split}"):
         probs = seg.predict_proba([c.image for c in batch])
         for case, prob in zip(batch, probs, strict=True):
-            pred = (prob > threshold).astype(np.uint8)
+            pred = seg.mask(prob)
             scores = scores_from_counts(confusion(pred, case.mask), cfg.empty_both)  # type: ignore[arg-type]
             row: dict[str, Any] = {"case_id": case.case_id, "group": case.group,
                                    "split": split_of[case.index], **scores}

@@ -9,8 +9,9 @@ are resized back (bilinear) to the original size before the sigmoid and threshol
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -127,32 +128,116 @@ def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
 # ----------------------------------------------------------------------------- inference
 
 
+@dataclass(frozen=True)
+class Postprocess:
+    """How probabilities become a mask: chosen on val after training, stored in the checkpoint.
+
+    Attributes:
+        threshold: a pixel is tumour when its probability exceeds this.
+        keep: ``all`` components, only the ``largest``, or those of at least ``min_size`` pixels.
+        min_size: the smallest component kept with ``keep="min_size"`` (pixels at the original resolution).
+        tta: average the network over mirrored copies of the input.
+    """
+
+    threshold: float = 0.5
+    keep: Literal["all", "largest", "min_size"] = "all"
+    min_size: int = 0
+    tta: bool = False
+
+    def mask(self, prob: np.ndarray) -> np.ndarray:
+        """``uint8 (H, W)`` mask from ``float (H, W)`` probabilities."""
+        mask = (prob > self.threshold).astype(np.uint8)
+        if self.keep == "all" or not mask.any():
+            return mask
+        import torch
+
+        t = torch.from_numpy(mask)[None]
+        if self.keep == "largest":
+            from monai.transforms import KeepLargestConnectedComponent
+
+            out = KeepLargestConnectedComponent(applied_labels=[1], connectivity=2)(t)
+        else:
+            from monai.transforms import RemoveSmallObjects
+
+            out = RemoveSmallObjects(min_size=max(1, self.min_size), connectivity=2)(t)
+        return np.asarray(out[0], dtype=np.uint8)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for the checkpoint."""
+        return {"threshold": float(self.threshold), "keep": self.keep, "min_size": int(self.min_size),
+                "tta": bool(self.tta)}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any], cfg: TrainConfig) -> Postprocess:
+        """The checkpoint's choice; a checkpoint from before post-processing uses the config's threshold."""
+        d = ckpt.get("postprocess") or {}
+        return cls(threshold=float(d.get("threshold", cfg.threshold)), keep=d.get("keep", "all"),
+                   min_size=int(d.get("min_size", 0)), tta=bool(d.get("tta", cfg.tta)))
+
+
+def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[int, int] | None = None,
+                   tta: bool = False) -> torch.Tensor:
+    """Logits ``(N, 1, h, w)`` of a preprocessed batch, whole or by sliding window, optionally mirrored.
+
+    With ``patch_size`` smaller than the batch's images, MONAI's ``sliding_window_inference``
+    tiles them with half-patch overlap and Gaussian blending (as nnU-Net). With ``tta`` the
+    logits are averaged over the four mirrorings of the two axes (nnU-Net's mirroring).
+    """
+    import torch
+
+    from tumorseg.model import main_output
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if patch_size is not None and (h > patch_size[0] or w > patch_size[1]):
+            from monai.inferers import sliding_window_inference
+
+            out = sliding_window_inference(x, patch_size, max(1, x.shape[0]), lambda t: main_output(net(t)),
+                                           overlap=0.5, mode="gaussian")
+            return torch.as_tensor(out).float()
+        return main_output(net(x)).float()
+
+    logits = forward(batch)
+    if tta:
+        for dims in ((3,), (2,), (2, 3)):
+            logits = logits + torch.flip(forward(torch.flip(batch, dims=dims)), dims=dims)
+        logits = logits / 4.0
+    return logits
+
+
 class Segmenter:
     """A trained network plus everything needed to predict on images of any size.
 
     Args:
         net: the network (eval mode is set here).
-        config: the training config (image size, model, threshold).
+        config: the training config (image size, patch size, model).
         in_channels: channels the network takes (images are converted to match).
         device: where to run.
+        stats: the training split's intensity statistics (``None``: per-image normalisation).
+        post: the post-processing chosen after training (default: the config's threshold).
     """
 
     def __init__(
         self, net: torch.nn.Module, config: TrainConfig, in_channels: int, device: torch.device,
-        stats: Stats | None = None,
+        stats: Stats | None = None, post: Postprocess | None = None,
     ) -> None:
         self.net = net.to(device).eval()
         self.stats = stats
         self.config = config
         self.in_channels = in_channels
         self.device = device
-        self.threshold = config.threshold
+        self.post = post or Postprocess(threshold=config.threshold, tta=config.tta)
         self._amp = amp_dtype(device, config.amp)
         self.checkpoint_meta: dict[str, Any] = {}
         if device.type == "cuda" and config.channels_last:
             import torch
 
             self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    @property
+    def threshold(self) -> float:
+        """The probability threshold in use."""
+        return self.post.threshold
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Segmenter:
@@ -178,14 +263,15 @@ class Segmenter:
             detail = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
             raise TumorsegError(f"{path}: corrupt or foreign checkpoint ({detail}); "
                                 "use a best.pt/last.pt written by tumorseg train") from exc
-        seg = cls(net, cfg, int(ckpt["in_channels"]), resolve_device(device), ckpt.get("intensity"))
+        seg = cls(net, cfg, int(ckpt["in_channels"]), resolve_device(device), ckpt.get("intensity"),
+                  Postprocess.from_checkpoint(ckpt, cfg))
         seg.checkpoint_meta = {k: ckpt.get(k) for k in checkpoint.META_KEYS}
         return seg
 
-    def predict_proba(self, images: list[np.ndarray], tta: bool = False) -> list[np.ndarray]:
+    def predict_proba(self, images: list[np.ndarray], tta: bool | None = None) -> list[np.ndarray]:
         """Tumour probabilities ``float32 (H, W)`` for ``(C, H, W)`` images of any sizes.
 
-        With ``tta`` the prediction is averaged over horizontal and vertical flips.
+        ``tta`` (default: the model's choice) averages over mirrored inputs.
         """
         import torch
 
@@ -195,24 +281,25 @@ class Segmenter:
         batch = torch.stack([preprocess(img, size, self.in_channels, self.stats) for img in images]).to(self.device)
         if self.device.type == "cuda" and self.config.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
+        use_tta = self.post.tta if tta is None else tta
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._amp or torch.float32,
                                                     enabled=self._amp is not None):
-            logits = self.net(batch).float()
-            if tta:
-                logits = logits + torch.flip(self.net(torch.flip(batch, dims=(3,))).float(), dims=(3,))
-                logits = logits + torch.flip(self.net(torch.flip(batch, dims=(2,))).float(), dims=(2,))
-                logits = logits / 3.0
+            logits = network_logits(self.net, batch, self.config.patch_size, use_tta)
         out = []
         for i, img in enumerate(images):
             prob = logits_to_original(logits[i], (int(img.shape[1]), int(img.shape[2])))
             out.append(prob.cpu().numpy().astype(np.float32))
         return out
 
-    def predict_masks(self, images: list[np.ndarray], tta: bool = False,
+    def mask(self, prob: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        """The model's post-processing applied to one probability map (``threshold`` overrides its own)."""
+        post = self.post if threshold is None else replace(self.post, threshold=threshold)
+        return post.mask(prob)
+
+    def predict_masks(self, images: list[np.ndarray], tta: bool | None = None,
                       threshold: float | None = None) -> list[np.ndarray]:
-        """Binary ``uint8 (H, W)`` masks (probability > threshold)."""
-        t = self.threshold if threshold is None else threshold
-        return [(p > t).astype(np.uint8) for p in self.predict_proba(images, tta=tta)]
+        """Binary ``uint8 (H, W)`` masks: probabilities, threshold and component filtering."""
+        return [self.mask(p, threshold) for p in self.predict_proba(images, tta=tta)]
 
 
 def channels_compatible(image_channels: int, model_channels: int) -> bool:

@@ -60,6 +60,14 @@ def build_model(cfg: ModelConfig, in_channels: int) -> torch.nn.Module:
             spatial_dims=2, init_filters=cfg.init_filters, in_channels=in_channels, out_channels=1,
             dropout_prob=cfg.dropout or None,
         )
+    if cfg.name == "dynunet":
+        # nnU-Net's network: 3x3 kernels, first level at full resolution, stride-2 downsampling.
+        return nets.DynUNet(
+            spatial_dims=2, in_channels=in_channels, out_channels=1,
+            kernel_size=[3] * len(cfg.channels), strides=[1, *strides], upsample_kernel_size=strides,
+            filters=cfg.channels, norm_name=_norm_arg(cfg.norm), dropout=cfg.dropout or None,
+            deep_supervision=cfg.deep_supervision, deep_supr_num=max(1, min(2, len(cfg.channels) - 2)),
+        )
     if cfg.name == "flexible_unet":
         net = nets.FlexibleUNet(
             in_channels=in_channels, out_channels=1, backbone=cfg.backbone, pretrained=False, spatial_dims=2,
@@ -132,14 +140,46 @@ def load_encoder_weights(net: torch.nn.Module, path: Path) -> None:
 
 
 def build_loss(cfg: LossConfig) -> torch.nn.Module:
-    """MONAI Dice-family loss on sigmoid outputs (binary, one channel)."""
+    """MONAI Dice-family loss on sigmoid outputs (binary, one channel).
+
+    Networks with deep supervision (``dynunet`` in training mode) return their heads stacked
+    on dim 1; the loss then weighs the heads with MONAI's ``DeepSupervisionLoss`` (halving per
+    level, as nnU-Net).
+    """
     from monai import losses
 
     kw: dict[str, Any] = {"sigmoid": True, "batch": cfg.batch, "smooth_nr": cfg.smooth, "smooth_dr": cfg.smooth}
     if cfg.name == "dice":
-        return losses.DiceLoss(**kw)
-    if cfg.name == "dice_ce":
-        return losses.DiceCELoss(**kw)
-    if cfg.name == "dice_focal":
-        return losses.DiceFocalLoss(**kw)
-    raise TumorsegError(f"loss.name: unknown loss {cfg.name!r}")  # pragma: no cover
+        base: torch.nn.Module = losses.DiceLoss(**kw)
+    elif cfg.name == "dice_ce":
+        base = losses.DiceCELoss(**kw)
+    elif cfg.name == "dice_focal":
+        base = losses.DiceFocalLoss(**kw)
+    else:  # pragma: no cover - pydantic guards it
+        raise TumorsegError(f"loss.name: unknown loss {cfg.name!r}")
+    return _HeadsLoss(base, losses.DeepSupervisionLoss(base, weight_mode="exp"))  # type: ignore[arg-type]
+
+
+def _heads_loss_type() -> type:
+    import torch
+
+    class HeadsLoss(torch.nn.Module):
+        def __init__(self, base: torch.nn.Module, deep: torch.nn.Module) -> None:
+            super().__init__()
+            self.base, self.deep = base, deep
+
+        def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            if out.dim() == target.dim() + 1:  # (N, heads, C, H, W): deep supervision
+                return self.deep(list(torch.unbind(out, dim=1)), target)
+            return self.base(out, target)
+
+    return HeadsLoss
+
+
+def _HeadsLoss(base: torch.nn.Module, deep: torch.nn.Module) -> torch.nn.Module:  # noqa: N802
+    return _heads_loss_type()(base, deep)  # type: ignore[no-any-return]
+
+
+def main_output(out: torch.Tensor, target_dim: int = 4) -> torch.Tensor:
+    """The full-resolution head of a network's output (deep-supervision heads are dropped)."""
+    return out[:, 0] if out.dim() == target_dim + 1 else out

@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,17 +202,23 @@ def load_item(item: Item, slice_axis: int) -> Loaded:
 # ----------------------------------------------------------------------------- writing
 
 
-def write_outputs(loaded: Loaded, probs: list[np.ndarray], threshold: float, cfg: PredictConfig) -> int:
-    """Write the mask (and probability map) of one input; returns the tumour pixel count."""
+def write_outputs(loaded: Loaded, probs: list[np.ndarray], to_mask: Callable[[np.ndarray], np.ndarray],
+                  cfg: PredictConfig) -> int:
+    """Write the mask (and probability map) of one input; returns the tumour pixel count.
+
+    ``to_mask`` turns one plane's probabilities into its mask (the model's threshold and
+    component filtering).
+    """
     from tumorseg.imageio import write_mask_png, write_nifti, write_png
 
     item = loaded.item
     dec = loaded.decoded
     if dec.is_volume:
         prob = np.stack(probs, axis=cfg.slice_axis)
+        mask = np.stack([to_mask(p) for p in probs], axis=cfg.slice_axis)
     else:
         prob = probs[0]
-    mask = (prob > threshold).astype(np.uint8)
+        mask = to_mask(prob)
     if item.mask_out.name.lower().endswith(".nii.gz"):
         affine = dec.affine if dec.mode == "NIfTI" else None
         shape = loaded.volume_shape
@@ -321,6 +327,10 @@ def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: Pred
     loaded_iter = prefetch(lambda it: load_item(it, cfg.slice_axis), items, workers, ahead=max(2, workers * 2))
     partial: dict[int, list[np.ndarray | None]] = {}
     rows: list[dict[str, Any]] = []
+
+    def to_mask(prob: np.ndarray) -> np.ndarray:
+        return seg.mask(prob, threshold)
+
     writes: deque[tuple[Loaded, Future[int]]] = deque()
 
     def collect(block: bool) -> None:
@@ -341,7 +351,7 @@ def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: Pred
                 if all(p is not None for p in buf):
                     del partial[loaded.item.index]
                     done = [p for p in buf if p is not None]
-                    writes.append((loaded, writer.submit(write_outputs, loaded, done, threshold, cfg)))
+                    writes.append((loaded, writer.submit(write_outputs, loaded, done, to_mask, cfg)))
             collect(block=False)
         collect(block=True)
     rows.sort(key=lambda r: r["input"])

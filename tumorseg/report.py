@@ -76,3 +76,14 @@ def print_eval_summary(res: EvaluateResult) -> None:
     con.print(f"model: {model.get('ref')} (sha256 {sha}, training run {train_run})")
     con.print(f"manifest digest: {s.get('manifest', {}).get('dataset_digest')}")
     con.print(f"outputs: {res.out_dir}   MLflow run: {res.run_id}")
+
+
+def print_rows(title: str, rows: list[tuple[str, str]], stderr: bool = False) -> None:
+    """A two-column table (setting, value) on the terminal (stdout, or stderr)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for key, value in rows:
+        table.add_row(key, value)
+    (Console(stderr=True, soft_wrap=True) if stderr else _console()).print(table)

@@ -154,6 +154,7 @@ def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str,
             base, idx = (m["base"], int(m["idx"] or 0)) if m else (stem, 0)
             masks[key_of(rel, base)][idx].append(rel_root)
 
+    _pair_sibling_folders(images, masks)
     tasks: list[Task] = []
     for key in sorted(set(images) | set(masks)):
         imgs = images.get(key, [])
@@ -188,6 +189,32 @@ def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str,
             continue
         tasks.append(Task(key, imgs[0], tuple(mask_files), group))
     return tasks, rejected, ignored
+
+
+def _pair_sibling_folders(images: dict[str, list[str]], masks: dict[str, dict[int, list[str]]]) -> None:
+    """Pair an image with masks of the same stem in a sibling folder (``x/images/a.png`` + ``x/masks/a_mask.png``).
+
+    Public datasets often keep images and masks in sibling folders under one parent (per
+    class or per patient). An image with no mask in its own folder takes the masks of the same
+    stem from a sibling folder, but only when that stem names exactly one such image and one
+    such mask set under the parent: an ambiguous stem stays unpaired (and is rejected).
+    """
+    def split(key: str) -> tuple[str, str]:
+        folder, _, stem = key.rpartition("/")
+        return folder.rpartition("/")[0] if folder else "\0", stem
+
+    lonely_images: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for key in images:
+        if key not in masks:
+            lonely_images[split(key)].append(key)
+    lonely_masks: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for key in masks:
+        if key not in images:
+            lonely_masks[split(key)].append(key)
+    for where, keys in lonely_images.items():
+        mask_keys = lonely_masks.get(where, [])
+        if len(keys) == 1 and len(mask_keys) == 1:
+            masks[keys[0]] = masks.pop(mask_keys[0])
 
 
 def _group_of(cfg: IngestConfig, rel: str, key: str) -> str | None:

@@ -74,6 +74,7 @@ class TrainContext:
         manifest_name: its name.
         run_dir: the run folder (checkpoints).
         run: the tracking run (``None`` on ranks other than 0).
+        deadline: ``time.perf_counter()`` value by which training must stop (the time budget), or ``None``.
     """
 
     cfg: TrainConfig
@@ -90,6 +91,12 @@ class TrainContext:
     manifest_name: str
     run_dir: Path
     run: Run | None = None
+    deadline: float | None = None
+    val_seconds: float = 0.0
+
+    def out_of_time(self) -> bool:
+        """True when one more validation would overrun the budget."""
+        return self.deadline is not None and time.perf_counter() + self.val_seconds >= self.deadline
 
     def payload(self, state: State) -> dict[str, Any]:
         """A full checkpoint of the current weights, state and resume information."""
@@ -141,7 +148,8 @@ def train_one_epoch(
     """
     import torch
 
-    from tumorseg.augment import augment_batch
+    from tumorseg.augment import augment_batch, crop_batch
+    from tumorseg.train.runtime import steps_per_step
 
     cfg, device = ctx.cfg, ctx.device
     ctx.net.train()
@@ -152,13 +160,19 @@ def train_one_epoch(
     bs = cfg.batch_size
     steps = n // bs if n >= bs else 1  # drop the ragged tail (equal steps on every DDP rank)
     dtype = amp_dtype(device, cfg.amp)
+    per_step = ctx.sched is not None and steps_per_step(cfg)
     total, seen = 0.0, 0
     for i in range(steps):
         if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
             break
+        if ctx.dist.world == 1 and ctx.out_of_time():  # DDP ranks stop together, at an epoch's end
+            state.stopped_reason = f"time budget {cfg.budget} reached"
+            break
         idx = order[i * bs : (i + 1) * bs]
         x = data.images[idx.to(data.images.device)].to(device, non_blocking=True)
         y = data.masks[idx.to(data.masks.device)].to(device, non_blocking=True).float()
+        if cfg.patch_size is not None:
+            x, y = crop_batch(x, y, cfg.patch_size, cfg.oversample_foreground, gen)
         x, y = augment_batch(x, y, cfg.augment, gen)
         if device.type == "cuda" and cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -170,11 +184,39 @@ def train_one_epoch(
                 "or set amp=false"
             )
         state.global_step += 1
+        if per_step:
+            ctx.sched.step()
         total += float(loss.detach()) * len(idx)
         seen += len(idx)
         if on_step is not None:
             on_step(i + 1, steps, total / seen)
     return (total / seen if seen else float("nan")), seen
+
+
+def val_probabilities(net: torch.nn.Module, data: CachedSplit, cfg: TrainConfig, device: torch.device,
+                      tta: bool = False) -> Iterator[np.ndarray]:
+    """Tumour probabilities ``float32 (H, W)`` of each cached case at its original resolution, in order.
+
+    The same path as inference (:func:`tumorseg.inference.network_logits`: whole image or sliding
+    window, optional mirroring), on the cached, already normalised inputs.
+    """
+    import torch
+
+    from tumorseg.inference import logits_to_original, network_logits
+
+    net.eval()
+    dtype = amp_dtype(device, cfg.amp)
+    bs = max(cfg.batch_size, 16)
+    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    for start in range(0, len(data), bs):
+        with torch.inference_mode(), autocast:
+            x = data.images[start : start + bs].to(device, non_blocking=True)
+            if device.type == "cuda" and cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = network_logits(net, x, cfg.patch_size, tta)
+        for j in range(logits.shape[0]):
+            gt = data.original_masks[start + j]
+            yield logits_to_original(logits[j], (int(gt.shape[0]), int(gt.shape[1]))).cpu().numpy()
 
 
 def validate(
@@ -185,27 +227,8 @@ def validate(
     Returns:
         (mean over scored cases, per-case Dice); both-empty cases are NaN and left out of the mean.
     """
-    import torch
-    import torch.nn.functional as F
-
-    net.eval()
-    dtype = amp_dtype(device, cfg.amp)
-    scores: list[float] = []
-    bs = max(cfg.batch_size, 16)
-    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-    with torch.inference_mode(), autocast:
-        for start in range(0, len(data), bs):
-            x = data.images[start : start + bs].to(device, non_blocking=True)
-            if device.type == "cuda" and cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            logits = net(x).float()
-            for j in range(logits.shape[0]):
-                gt = data.original_masks[start + j]
-                lg = logits[j : j + 1]
-                if tuple(lg.shape[-2:]) != gt.shape:
-                    lg = F.interpolate(lg, size=gt.shape, mode="bilinear", align_corners=False)
-                pred = (torch.sigmoid(lg)[0, 0] > cfg.threshold).cpu().numpy()
-                scores.append(dice(confusion(pred, gt)))
+    scores = [dice(confusion(prob > cfg.threshold, gt))
+              for prob, gt in zip(val_probabilities(net, data, cfg, device), data.original_masks, strict=True)]
     finite = [s for s in scores if math.isfinite(s)]
     return (float(np.mean(finite)) if finite else float("nan")), scores
 
@@ -232,7 +255,22 @@ def run_epochs(ctx: TrainContext, train_data: CachedSplit, val_data: CachedSplit
             if ctx.cfg.max_steps is not None and state.global_step >= ctx.cfg.max_steps:
                 state.stopped_reason = f"max_steps={ctx.cfg.max_steps} reached"
                 break
+            if _agreed(ctx, ctx.out_of_time()):
+                state.stopped_reason = f"time budget {ctx.cfg.budget} reached"
+                break
             last_dice = _epoch(ctx, train_data, val_data, state, bar, last_dice)
+
+
+def _agreed(ctx: TrainContext, flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (so DDP ranks stop on the same step)."""
+    if ctx.dist.world == 1:
+        return flag
+    import torch
+    import torch.distributed as td
+
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    td.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def _epoch(ctx: TrainContext, train_data: CachedSplit, val_data: CachedSplit | None, state: State, bar: Any,
@@ -262,6 +300,7 @@ def _epoch(ctx: TrainContext, train_data: CachedSplit, val_data: CachedSplit | N
     val_dice = float("nan")
     if dist.main and val_data is not None:
         val_dice, _ = validate(getattr(ctx.net, "module", ctx.net), val_data, cfg, device)
+        ctx.val_seconds = time.perf_counter() - t0 - train_seconds
     if dist.world > 1:
         import torch.distributed as td
 
@@ -270,8 +309,8 @@ def _epoch(ctx: TrainContext, train_data: CachedSplit, val_data: CachedSplit | N
         val_dice = float(shared.item())
     state.epoch += 1
     score = val_dice if math.isfinite(val_dice) else -1.0
-    if ctx.sched is not None:
-        ctx.sched.step(score) if cfg.optim.schedule == "plateau" else ctx.sched.step()
+    if ctx.sched is not None and cfg.optim.schedule == "plateau":
+        ctx.sched.step(score)
     improved = score > state.best_val_dice
     if improved:
         state.best_val_dice, state.best_epoch, state.bad_epochs = score, state.epoch, 0
@@ -280,7 +319,7 @@ def _epoch(ctx: TrainContext, train_data: CachedSplit, val_data: CachedSplit | N
     if cfg.early_stopping_patience is not None and state.bad_epochs >= cfg.early_stopping_patience:
         state.stopped_reason = f"early stopping: no val Dice gain for {state.bad_epochs} epochs"
     if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
-        state.stopped_reason = f"max_steps={cfg.max_steps} reached"
+        state.stopped_reason = state.stopped_reason or f"max_steps={cfg.max_steps} reached"
     epoch_seconds = time.perf_counter() - t0
     row = {"epoch": state.epoch, "train_loss": train_loss, "val_dice": val_dice,
            "lr": ctx.opt.param_groups[0]["lr"], "epoch_seconds": epoch_seconds,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -110,8 +111,19 @@ def build_optimizer(cfg: TrainConfig, params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
 
 
-def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer) -> Any:
-    """Plateau on val Dice, cosine over the epochs, or none."""
+def total_steps(cfg: TrainConfig, n_train: int, world: int = 1) -> int:
+    """Optimiser steps the run will take: epochs x steps per epoch, capped by ``max_steps``."""
+    per_rank = math.ceil(n_train / world)
+    per_epoch = per_rank // cfg.batch_size if per_rank >= cfg.batch_size else 1
+    steps = cfg.epochs * per_epoch
+    return min(steps, cfg.max_steps) if cfg.max_steps is not None else steps
+
+
+def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps: int) -> Any:
+    """Plateau on val Dice (stepped per epoch); cosine or poly decay over ``steps`` (per step); or none.
+
+    Cosine and poly start with ``warmup_steps`` of linear warm-up and end at ``min_lr``.
+    """
     import torch
 
     o = cfg.optim
@@ -119,6 +131,20 @@ def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer) -> Any:
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="max", factor=o.plateau_factor, patience=o.plateau_patience, min_lr=o.min_lr
         )
-    if o.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=o.min_lr)
+    if o.schedule in ("cosine", "poly"):
+        warm, floor = min(o.warmup_steps, max(0, steps - 1)), o.min_lr / o.lr
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            t = min(1.0, (step - warm) / max(1, steps - warm))
+            decay = 0.5 * (1 + math.cos(math.pi * t)) if o.schedule == "cosine" else (1 - t) ** 0.9
+            return floor + (1 - floor) * decay
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
     return None
+
+
+def steps_per_step(cfg: TrainConfig) -> bool:
+    """Whether the schedule steps after every optimiser step (else after every epoch)."""
+    return cfg.optim.schedule in ("cosine", "poly")

@@ -32,6 +32,7 @@ from tumorseg.train.runtime import (
     init_distributed,
     restore_rng,
     seed_everything,
+    total_steps,
 )
 
 if TYPE_CHECKING:
@@ -98,18 +99,23 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
     from tumorseg import data as datamod
     from tumorseg import tracking
 
+    t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
-    seed_everything(cfg.seed, cfg.deterministic)
 
     assert cfg.manifest is not None
     info, df = load_manifest(cfg.manifest)
+    plan = None
+    if ckpt is None and cfg.plan != "off":
+        cfg, plan = _planned(cfg, info, df, device, dist, run_dir)
+    manifest = Path(str(cfg.manifest))
+    seed_everything(cfg.seed, cfg.deterministic)
     if ckpt is not None and ckpt["manifest_digest"] != info.dataset_digest:
         raise TumorsegError(f"{cfg.manifest}: differs from the manifest this run was trained on (digest "
                             f"{ckpt['manifest_digest'][:12]} vs {info.dataset_digest[:12]}); start a new run")
-    source = str(Path(cfg.manifest) / "manifest.csv")
+    source = str(manifest / "manifest.csv")
     train_df = select_split(df, "train", source)
     val_df = select_split(df, "val", source)
     in_channels = datamod.infer_in_channels(df) if cfg.model.in_channels == "auto" else int(cfg.model.in_channels)
@@ -144,7 +150,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     loss_fn = build_loss(cfg.loss)
     opt = build_optimizer(cfg, net.parameters())
-    sched = build_scheduler(cfg, opt)
+    sched = build_scheduler(cfg, opt, total_steps(cfg, len(train_df), dist.world))
     dtype = amp_dtype(device, cfg.amp)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     state = State()
@@ -165,6 +171,9 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    budget = cfg.budget_seconds
+    spent = sum(float(r.get("epoch_seconds", 0.0)) for r in state.history)  # before a resume
+    deadline = None if budget is None else t_start + budget - spent
     run_cm = (tracking.start_run(cfg.tracking, "train", run_name=run_dir.name,
                                  run_id=(ckpt or {}).get("mlflow_run_id") or None,
                                  tags=_run_tags(cfg, info, device), system_metrics=True)
@@ -174,19 +183,26 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
             run.log_params(cfg.model_dump(mode="json"))
             run.log_params({"in_channels": in_channels, "train_cases": len(train_df), "val_cases": len(val_df),
                             "world_size": dist.world})
-            run.log_manifest_input(Path(cfg.manifest), context="training")
+            run.log_manifest_input(manifest, context="training")
             run.log_artifact(run_dir / "config.yaml")
+            if plan is not None:
+                from tumorseg import planning
+
+                planning.log_to(run, plan, run_dir / "plan.json", run_dir / "fingerprint.json")
         if ckpt is None and stats is not None:
             run.log_params({"intensity.mean": stats["mean"], "intensity.std": stats["std"]})
         ctx = TrainContext(cfg=cfg, net=net, loss_fn=loss_fn, opt=opt, sched=sched, scaler=scaler, device=device,
                            dist=dist, in_channels=in_channels, stats=stats, manifest_digest=info.dataset_digest,
-                           manifest_name=info.name, run_dir=run_dir, run=run if dist.main else None)
+                           manifest_name=info.name, run_dir=run_dir, run=run if dist.main else None,
+                           deadline=deadline)
         run_epochs(ctx, train_data, val_data, state)
         result = TrainResult(run_dir, run_dir / "best.pt", run_dir / "last.pt", state.best_val_dice,
                              state.best_epoch, state.epoch, run.run_id, None, dist.main, state.stopped_reason,
                              state.history)
         if dist.main:
             result.model_uri = _finish(run, run_dir, cfg, val_data, device, state)
+            if budget is not None:
+                run.log_metrics({"wall_seconds": spent + time.perf_counter() - t_start, "budget_seconds": budget})
             atomic_write_json(run_dir / "result.json", {
                 "best_val_dice": state.best_val_dice, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
                 "mlflow_run_id": run.run_id, "model_uri": result.model_uri, "stopped_reason": state.stopped_reason,
@@ -197,6 +213,74 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
         td.barrier()
         td.destroy_process_group()
     return result
+
+
+def _choose_postprocessing(run: Run, best: Path, cfg: TrainConfig, val_data: CachedSplit,
+                           device: torch.device) -> None:
+    """Choose threshold, mirroring and component filter on val; store the choice in ``best.pt``."""
+    from tumorseg.inference import Segmenter
+    from tumorseg.train import postprocess
+
+    seg = Segmenter.from_checkpoint(best, device=device.type)
+    post, scores = postprocess.choose(seg.net, val_data, cfg, device)
+    ckpt = checkpoint.load(best)
+    ckpt["postprocess"] = post.to_dict()
+    checkpoint.save(best, ckpt)
+    run.log_params({f"postprocess.{k}": v for k, v in post.to_dict().items()})
+    run.log_metrics({"val_dice_plain": scores["val_dice_plain"],
+                     "val_dice_postprocessed": scores["val_dice_postprocessed"]})
+    atomic_write_json(best.parent / "postprocess.json", {"chosen": post.to_dict(), **scores})
+    run.log_artifact(best.parent / "postprocess.json")
+
+
+def _planned(cfg: TrainConfig, info: Any, df: Any, device: torch.device, dist: Dist,
+             run_dir: Path) -> tuple[TrainConfig, Any]:
+    """Plan (or load the plan given), apply it under the user's settings, write it into the run folder.
+
+    Under DDP rank 0 plans and the others receive its plan, so every rank trains the same way.
+    """
+    from tumorseg import planning
+
+    source = str(Path(str(cfg.manifest)) / "manifest.csv")
+    plan = fp = None
+    if dist.main:
+        if cfg.plan == "auto":
+            plan, fp = planning.make(cfg, info, df, device, source)
+        else:
+            plan = planning.load(Path(cfg.plan), info)
+    if dist.world > 1:
+        import torch.distributed as td
+
+        box = [plan.model_dump_json() if plan is not None else None]
+        td.broadcast_object_list(box, src=0)
+        plan = planning.Plan.model_validate_json(str(box[0]))
+    assert plan is not None
+    merged, overrides = planning.apply(cfg, plan)
+    plan = plan.model_copy(update={"overrides": overrides})
+    if dist.main:
+        if fp is None:
+            from tumorseg.manifest import select_split
+            from tumorseg.planning.fingerprint import compute
+
+            fp = compute(info, select_split(df, "train", source), source)
+        planning.write(run_dir, plan, fp)
+        _show_plan(plan)
+    return merged, plan
+
+
+def _show_plan(plan: Any) -> None:
+    """The plan as a short table on a terminal, as log lines otherwise."""
+    from tumorseg import planning
+    from tumorseg.progress import is_interactive
+
+    rows = planning.summary_rows(plan)
+    if not is_interactive():
+        for key, value in rows:
+            log.info("plan: %s: %s", key, value)
+        return
+    from tumorseg.report import print_rows
+
+    print_rows(f"plan for {plan.manifest_name}", rows, stderr=True)
 
 
 def _dataset_stats(cfg: TrainConfig, cases: list[Case], in_channels: int, dist: Dist,
@@ -262,6 +346,8 @@ def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: CachedSplit | N
     from tumorseg.inference import Segmenter
 
     best = run_dir / "best.pt"
+    if cfg.postprocess == "auto" and val_data is not None and best.is_file():
+        _choose_postprocessing(run, best, cfg, val_data, device)
     curve = run_dir / "learning_curve.png"
     review.learning_curve(state.history, curve)
     run.log_artifact(curve)

@@ -1,0 +1,112 @@
+"""The dataset fingerprint: what planning needs to know about the train split, in seconds.
+
+Sizes, channels, tumour sizes and the share of tumour-free cases come from the manifest's
+columns (no decoding). Intensity percentiles, and whether colour images are grey stored as
+RGB, come from a seeded sample of decoded train images read through the one case reader.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from tumorseg.manifest import ManifestInfo
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+class Fingerprint(BaseModel):
+    """``fingerprint.json``: the train split in numbers.
+
+    Attributes:
+        manifest_name: the manifest.
+        manifest_digest: its digest.
+        n_train: train cases.
+        size_median: median ``(height, width)`` in pixels.
+        size_p10: 10th percentile of height and of width.
+        size_p90: 90th percentile of height and of width.
+        channels: stored channels (the most channels any case has).
+        grey_as_rgb: every sampled colour image has three equal channels.
+        intensity: per channel ``p0_5``, ``p50``, ``p99_5``, ``mean``, ``std`` of the sampled images.
+        foreground_fraction: mean tumour pixel fraction over the train cases.
+        empty_share: share of train cases without tumour.
+        tumour_pixels: over the cases with tumour: ``median``, ``p5``, ``p1`` tumour area in pixels.
+        tumour_diameter: the same as equivalent circle diameters in pixels.
+        sampled_images: images decoded for the intensity statistics.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest_name: str
+    manifest_digest: str
+    n_train: int
+    size_median: tuple[int, int]
+    size_p10: tuple[int, int]
+    size_p90: tuple[int, int]
+    channels: int
+    grey_as_rgb: bool
+    intensity: list[dict[str, float]]
+    foreground_fraction: float
+    empty_share: float
+    tumour_pixels: dict[str, float]
+    tumour_diameter: dict[str, float]
+    sampled_images: int
+
+
+def _diameter(area: float) -> float:
+    return float(math.sqrt(4.0 * area / math.pi)) if area > 0 else 0.0
+
+
+def compute(info: ManifestInfo, train: pd.DataFrame, source: str, sample: int = 48, seed: int = 0) -> Fingerprint:
+    """The fingerprint of ``train`` (the manifest's train rows).
+
+    Args:
+        info: the manifest's ``manifest.json``.
+        train: the train split's rows.
+        source: the manifest path named in errors.
+        sample: how many images to decode for the intensity statistics.
+        seed: which ones (a seeded choice: the same manifest gives the same fingerprint).
+    """
+    from tumorseg.data import CaseReader
+
+    h = train["height"].to_numpy(dtype=np.int64)
+    w = train["width"].to_numpy(dtype=np.int64)
+    frac = train["tumour_fraction"].to_numpy(dtype=np.float64)
+    has = train["has_tumour"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
+    area = frac * h * w
+    tumour = area[has & (area > 0)]
+    pick = np.sort(np.random.RandomState(seed).permutation(len(train))[: min(sample, len(train))])
+    cases = CaseReader(info, source).read_all(train.iloc[pick])
+    channels = int(train["channels"].astype(int).max())
+    colour = [c.image for c in cases if c.image.shape[0] == 3]
+    grey_as_rgb = bool(colour) and all(np.array_equal(im[0], im[1]) and np.array_equal(im[0], im[2])
+                                       for im in colour)
+    stats: list[dict[str, float]] = []
+    for ch in range(max(c.image.shape[0] for c in cases)):
+        values = np.concatenate([c.image[min(ch, c.image.shape[0] - 1)].ravel()[::7] for c in cases])
+        p = np.percentile(values, [0.5, 50, 99.5])
+        stats.append({"p0_5": float(p[0]), "p50": float(p[1]), "p99_5": float(p[2]),
+                      "mean": float(values.mean()), "std": float(values.std())})
+    pix = {"median": float(np.median(tumour)) if tumour.size else 0.0,
+           "p5": float(np.percentile(tumour, 5)) if tumour.size else 0.0,
+           "p1": float(np.percentile(tumour, 1)) if tumour.size else 0.0}
+    return Fingerprint(
+        manifest_name=info.name,
+        manifest_digest=info.dataset_digest,
+        n_train=len(train),
+        size_median=(int(np.median(h)), int(np.median(w))),
+        size_p10=(int(np.percentile(h, 10)), int(np.percentile(w, 10))),
+        size_p90=(int(np.percentile(h, 90)), int(np.percentile(w, 90))),
+        channels=channels,
+        grey_as_rgb=grey_as_rgb,
+        intensity=stats,
+        foreground_fraction=float(frac.mean()) if frac.size else 0.0,
+        empty_share=float(1.0 - has.mean()) if has.size else 0.0,
+        tumour_pixels=pix,
+        tumour_diameter={k: _diameter(v) for k, v in pix.items()},
+        sampled_images=len(cases),
+    )

@@ -1,0 +1,210 @@
+"""The planning rules: from a fingerprint, a device and a time budget to training settings.
+
+The rules, in order (each choice and its reason is written into ``plan.json``):
+
+1. **Resolution floor.** Never shrink the median tumour below ``MIN_TUMOUR_DIAMETER`` pixels
+   nor the small (5th percentile) tumours below ``MIN_SMALL_TUMOUR_DIAMETER``: that sets the
+   smallest scale allowed, whatever the budget. Why 64: Dice is scored at the original
+   resolution, and a boundary known to half a training pixel costs about ``2 * 0.5 / r`` of
+   a tumour of radius ``r``: 3% at a 64-pixel diameter, 12% for a 16-pixel small one.
+2. **Samples the budget must buy.** A U-Net needs to see each training image a few dozen
+   times with a decaying learning rate: ``TARGET_EPOCHS`` epochs, but at least
+   ``MIN_SAMPLES`` and at most ``MAX_SAMPLES`` images in all.
+3. **Network.** The largest of ``NETWORKS`` (nnU-Net's DynUNet with deep supervision first,
+   then MONAI U-Nets of decreasing width) whose measured throughput buys those samples at the
+   floor resolution; else the fastest. Depth: downsample until the feature map is about
+   ``MIN_FEATURE`` pixels (at most ``MAX_DOWNSAMPLINGS`` times).
+4. **Resolution.** The largest scale up to native (the median image size) whose throughput
+   still buys the samples, never below the floor. Sizes are multiples of 32.
+5. **Patches.** When the training size holds more pixels than fit (``MAX_PATCH_PIXELS_CPU`` on
+   a CPU; from the probe's memory per image on a GPU), train on random crops of the largest
+   size that fits, a third of them centred on tumour (nnU-Net's foreground oversampling), and
+   predict with a sliding window.
+6. **Steps.** Measured images per second at the chosen size x the budget left after
+   validation, post-processing and model logging; the LR schedule (poly, with warm-up) spans
+   exactly those steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from tumorseg.config import LossConfig, ModelConfig
+from tumorseg.planning.fingerprint import Fingerprint
+from tumorseg.planning.probe import Throughput
+
+MIN_TUMOUR_DIAMETER = 64.0
+MIN_SMALL_TUMOUR_DIAMETER = 16.0
+TARGET_EPOCHS = 40
+MIN_SAMPLES = 20_000
+MAX_SAMPLES = 500_000
+MIN_FEATURE = 8
+MAX_DOWNSAMPLINGS = 5
+MAX_PATCH_PIXELS_CPU = 512 * 512
+CPU_BATCH = 8
+GPU_BATCH_MAX = 32
+SIZE_STEP = 32
+FINISH_SECONDS = 10.0
+"""Fixed cost after the last step: learning curve, overlays, logging the model."""
+
+NETWORKS: list[tuple[str, dict[str, Any]]] = [
+    ("nnU-Net DynUNet, 32..512 channels, deep supervision",
+     {"name": "dynunet", "base": 32, "cap": 512, "deep_supervision": True}),
+    ("MONAI UNet, 32..512 channels, 2 residual units", {"name": "unet", "base": 32, "cap": 512}),
+    ("MONAI UNet, 16..256 channels, 2 residual units", {"name": "unet", "base": 16, "cap": 256}),
+]
+
+Probe = Callable[[ModelConfig, tuple[int, int], int], Throughput]
+"""``probe(model, size, batch) -> Throughput`` on the run's device."""
+
+
+def round_size(h: float, w: float) -> tuple[int, int]:
+    """Nearest multiples of :data:`SIZE_STEP` (at least one step)."""
+    return (max(SIZE_STEP, int(round(h / SIZE_STEP)) * SIZE_STEP),
+            max(SIZE_STEP, int(round(w / SIZE_STEP)) * SIZE_STEP))
+
+
+def floor_scale(fp: Fingerprint) -> float:
+    """The smallest scale that keeps the tumours visible (rule 1); 1.0 when tumours are already small."""
+    need = [MIN_TUMOUR_DIAMETER / fp.tumour_diameter["median"] if fp.tumour_diameter["median"] else 1.0,
+            MIN_SMALL_TUMOUR_DIAMETER / fp.tumour_diameter["p5"] if fp.tumour_diameter["p5"] else 1.0]
+    return min(1.0, max(need))
+
+
+def target_samples(n_train: int) -> int:
+    """Images the run should see (rule 2)."""
+    return int(min(MAX_SAMPLES, max(MIN_SAMPLES, TARGET_EPOCHS * n_train)))
+
+
+def network(spec: dict[str, Any], size: tuple[int, int], norm: str = "batch") -> ModelConfig:
+    """The network of ``spec`` sized for ``size`` (rule 3's depth)."""
+    depth = 0
+    while depth < MAX_DOWNSAMPLINGS and min(size) / 2 ** (depth + 1) >= MIN_FEATURE:
+        depth += 1
+    depth = max(depth, 2)
+    channels = [min(spec["cap"], spec["base"] * 2**i) for i in range(depth + 1)]
+    return ModelConfig(name=spec["name"], channels=channels, strides=[2] * depth, norm=norm,  # type: ignore[arg-type]
+                       deep_supervision=bool(spec.get("deep_supervision", False)))
+
+
+def patch_for(size: tuple[int, int], max_pixels: float) -> tuple[int, int] | None:
+    """The crop size when ``size`` holds more than ``max_pixels`` (rule 5); ``None`` for whole images."""
+    if size[0] * size[1] <= max_pixels:
+        return None
+    side = max(SIZE_STEP, int(math.sqrt(max_pixels)) // SIZE_STEP * SIZE_STEP)
+    return (min(size[0], side), min(size[1], side))
+
+
+def samples_in(budget: float, thr: Throughput, n_train: int, n_val: int, scale_px: float = 1.0) -> float:
+    """Training images a budget buys, after per-epoch validation and the post-processing search.
+
+    ``scale_px`` rescales the measured throughput to another image size (cost ~ pixels).
+    """
+    train_ips = thr.train_images_per_second / scale_px
+    infer_ips = thr.infer_images_per_second / scale_px
+    finish = FINISH_SECONDS + 5.0 * n_val / infer_ips  # val with and without mirroring, then filters
+    per_epoch = n_train / train_ips + n_val / infer_ips
+    epochs = max(0.0, budget - finish) / per_epoch
+    return epochs * n_train
+
+
+def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type: str,
+           free_memory: float = 0.0) -> dict[str, Any]:
+    """Apply rules 1-6; returns the training settings, the estimates and the reasons."""
+    native = (float(fp.size_median[0]), float(fp.size_median[1]))
+    lo = floor_scale(fp)
+    want = target_samples(fp.n_train)
+    reasons: dict[str, str] = {}
+    floor_size = round_size(native[0] * lo, native[1] * lo)
+    batch = CPU_BATCH
+
+    def patch_cap(thr: Throughput) -> float:
+        if device_type == "cuda" and thr.bytes_per_image > 0 and free_memory > 0:
+            return 0.5 * free_memory / (batch * thr.bytes_per_image) * floor_size[0] * floor_size[1]
+        return MAX_PATCH_PIXELS_CPU
+
+    # rule 3: the largest network that buys the samples at the floor resolution
+    chosen = NETWORKS[-1]
+    thr_floor = None
+    for name, spec in NETWORKS:
+        size = floor_size
+        thr = probe(network(spec, size), size, batch)
+        if samples_in(budget, thr, fp.n_train, n_val) >= want:
+            chosen, thr_floor = (name, spec), thr
+            break
+        thr_floor = thr
+    assert thr_floor is not None
+    if device_type == "cuda" and thr_floor.bytes_per_image > 0 and free_memory > 0:
+        batch = int(max(2, min(GPU_BATCH_MAX, 0.4 * free_memory / thr_floor.bytes_per_image)))
+    reasons["network"] = (f"{chosen[0]}: the largest network whose measured throughput buys {want} training "
+                          f"images within the budget at the floor size {floor_size[0]}x{floor_size[1]}")
+
+    # rule 4: the largest scale that still buys the samples
+    scale = lo
+    s = 1.0
+    while s > lo:
+        size = round_size(native[0] * s, native[1] * s)
+        px = (size[0] * size[1]) / (floor_size[0] * floor_size[1])
+        if samples_in(budget, thr_floor, fp.n_train, n_val, px) >= want:
+            scale = s
+            break
+        s *= 0.9
+    image_size = round_size(native[0] * scale, native[1] * scale)
+    if scale >= 1.0:
+        reasons["image_size"] = f"native: the median image {fp.size_median[0]}x{fp.size_median[1]} fits the budget"
+    elif scale <= lo:
+        reasons["image_size"] = (f"the tumour floor: scale {scale:.2f} keeps the median tumour at "
+                                 f"{fp.tumour_diameter['median'] * scale:.0f} px and the small ones at "
+                                 f"{fp.tumour_diameter['p5'] * scale:.0f} px across")
+    else:
+        reasons["image_size"] = (f"scale {scale:.2f} of the median image: the largest size whose throughput buys "
+                                 f"{want} training images in the budget")
+    patch = patch_for(image_size, patch_cap(thr_floor))
+    train_size = patch or image_size
+    model = network(chosen[1], train_size)
+    thr = probe(model, train_size, batch)
+    if patch is not None:
+        reasons["patch_size"] = (f"{image_size[0]}x{image_size[1]} images hold more pixels than fit; random "
+                                 f"{patch[0]}x{patch[1]} crops, a third centred on tumour, sliding-window inference")
+    # rule 6: steps from the measured throughput at the chosen size
+    val_px = (image_size[0] * image_size[1]) / (train_size[0] * train_size[1])
+    infer_ips = thr.infer_images_per_second / val_px
+    finish = FINISH_SECONDS + 5.0 * n_val / infer_ips
+    per_epoch = fp.n_train / thr.train_images_per_second + n_val / infer_ips
+    epochs = max(1.0, (budget - finish) / per_epoch)
+    steps = max(1, int(0.92 * epochs * fp.n_train / batch))  # 8% slack for decoding and logging
+    steps_per_epoch = max(1, fp.n_train // batch)
+    planned_epochs = max(1, math.ceil(steps / steps_per_epoch))
+    reasons["steps"] = (f"{thr.train_images_per_second:.1f} train img/s measured at {train_size[0]}x{train_size[1]}"
+                        f", batch {batch}: {steps} steps ({planned_epochs} epochs) fit the budget after validation "
+                        f"({n_val / infer_ips:.1f} s/epoch) and the post-processing search ({finish:.0f} s)")
+    oversample = 0.33 if patch is not None else 0.0
+    in_channels = 1 if fp.grey_as_rgb else fp.channels
+    train = {
+        "image_size": list(image_size),
+        "patch_size": list(patch) if patch else None,
+        "oversample_foreground": oversample,
+        "batch_size": batch,
+        "max_steps": steps,
+        "epochs": planned_epochs,
+        "early_stopping_patience": max(10, planned_epochs // 3),
+        "model": {**model.model_dump(mode="json"), "in_channels": in_channels},
+        "loss": LossConfig(name="dice_ce", batch=True).model_dump(mode="json"),
+        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "poly",
+                  "warmup_steps": min(200, steps // 20)},
+        "augment": {"flip": True, "rotate90": True, "affine": True, "intensity": True, "prob": 0.5},
+        "tta": False,
+        "postprocess": "auto",
+    }
+    if fp.grey_as_rgb:
+        reasons["in_channels"] = "colour images whose three channels are equal: trained as grey"
+    reasons["loss"] = "Dice + cross-entropy, batch Dice (nnU-Net); kept by the BUSI ablation (benchmarks/RESULTS.md)"
+    reasons["postprocess"] = "threshold, mirroring and component filtering chosen on val, kept only if val Dice rises"
+    estimates = {"steps": steps, "epochs": planned_epochs, "samples_target": want, "floor_scale": round(lo, 4),
+                 "scale": round(scale, 4), "val_seconds_per_epoch": round(n_val / infer_ips, 2),
+                 "finish_seconds": round(finish, 1),
+                 "train_images_per_second": round(thr.train_images_per_second, 2),
+                 "infer_images_per_second": round(thr.infer_images_per_second, 2)}
+    return {"train": train, "estimates": estimates, "reasons": reasons}

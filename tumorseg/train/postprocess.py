@@ -1,0 +1,70 @@
+"""Post-processing chosen on val after training, as nnU-Net's ``determine_postprocessing``.
+
+The best checkpoint predicts val once plainly and once with mirroring; every combination of
+mirroring, probability threshold and component filter (keep all, keep the largest, drop
+components smaller than half the smallest val tumour) is scored by mean val Dice (the same
+per-case Dice as validation, so a false positive on a tumour-free image counts as 0). A choice
+is kept only when it beats the plain prediction at threshold 0.5 by more than ``MIN_GAIN``;
+it is stored in the checkpoint, so evaluate, predict and the MLflow model apply the same one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from itertools import product
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from tumorseg.config import TrainConfig
+from tumorseg.inference import Postprocess
+from tumorseg.metrics import confusion, dice
+from tumorseg.train.loop import val_probabilities
+
+if TYPE_CHECKING:
+    import torch
+
+    from tumorseg.data import CachedSplit
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+MIN_GAIN = 0.002
+
+
+def mean_dice(post: Postprocess, probs: list[np.ndarray], masks: list[np.ndarray]) -> float:
+    """Mean per-case Dice of ``post`` applied to ``probs`` (both-empty cases left out)."""
+    scores = [dice(confusion(post.mask(p), m)) for p, m in zip(probs, masks, strict=True)]
+    finite = [s for s in scores if math.isfinite(s)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def smallest_tumour(masks: list[np.ndarray]) -> int:
+    """Pixels of the smallest connected tumour component in ``masks`` (0 when there is none)."""
+    from skimage.measure import label
+
+    sizes = [int(n) for m in masks if m.any() for n in np.bincount(label(m > 0, connectivity=2).ravel())[1:]]
+    return min(sizes) if sizes else 0
+
+
+def choose(net: torch.nn.Module, val: CachedSplit, cfg: TrainConfig,
+           device: torch.device) -> tuple[Postprocess, dict[str, Any]]:
+    """The post-processing that maximises mean val Dice, and the scores behind the choice."""
+    masks = val.original_masks
+    plain = list(val_probabilities(net, val, cfg, device, tta=False))
+    mirrored = list(val_probabilities(net, val, cfg, device, tta=True))
+    min_size = max(1, smallest_tumour(masks) // 2)
+    base = Postprocess(threshold=cfg.threshold)
+    base_score = mean_dice(base, plain, masks)
+    best, best_score = base, base_score
+    table: dict[str, float] = {}
+    keeps: tuple[Literal["all", "largest", "min_size"], ...] = ("all", "largest", "min_size")
+    for tta, threshold, keep in product((False, True), THRESHOLDS, keeps):
+        post = Postprocess(threshold=threshold, keep=keep, min_size=min_size if keep == "min_size" else 0, tta=tta)
+        score = mean_dice(post, mirrored if tta else plain, masks)
+        table[f"tta={int(tta)},t={threshold},keep={keep}"] = score
+        if math.isfinite(score) and score > best_score + MIN_GAIN:
+            best, best_score = post, score
+    log.info("post-processing on val: %s (val Dice %.4f, plain %.4f)", best.to_dict(), best_score, base_score)
+    return best, {"val_dice_plain": base_score, "val_dice_postprocessed": best_score, "candidates": table}
