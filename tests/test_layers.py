@@ -32,6 +32,8 @@ ABOVE = {
     "augment": set(BASE),
     "synth": set(BASE),
     "modelref": set(BASE) | {"checkpoint", "inference", "tracking"},
+    "mlflow_model": set(BASE) | {"checkpoint", "inference"},
+    "serve": set(BASE) | {"tracking", "modelref"},
 }
 """Middle modules and what they may import (besides ``tumorseg`` itself, for ``__version__``)."""
 

@@ -312,6 +312,24 @@ def predict(
     typer.echo(f"wrote {res.n_written} mask(s) to {res.output_dir}")
 
 
+# ----------------------------------------------------------------------------- serve
+
+
+@app.command()
+@user_errors
+def serve(
+    model: Annotated[str, typer.Argument(help="models:/NAME@alias, models:/NAME/VERSION, runs:/<id>/model, an "
+                                              "MLflow run id, or a downloaded MLflow model folder")],
+    host: Annotated[str, typer.Option("--host", help="address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="port to listen on")] = 5001,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Serve a logged model over HTTP with MLflow's scoring server (POST /invocations) until Ctrl-C."""
+    from tumorseg import serve as stage
+
+    stage.run(model, host=host, port=port, tracking=TrackingConfig(uri=tracking_uri))
+
+
 # ----------------------------------------------------------------------------- pipeline
 
 

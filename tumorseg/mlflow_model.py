@@ -1,21 +1,37 @@
 """The trained model as an ``mlflow.pyfunc`` model.
 
 It wraps the network, its config and the pre/post-processing (:class:`tumorseg.inference.
-Segmenter`), so it predicts on an image of any size: input ``float32 (C, H, W)`` (or
-``(H, W)``), output a ``uint8 (H, W)`` mask in ``{0, 1}``; ``params={"probabilities":
-True}`` returns ``float32`` probabilities instead. The model folder holds a slim checkpoint
-(``artifacts/model.pt``, no optimiser state) and a copy of the ``tumorseg`` package, so
+Segmenter`), so it predicts on images of any size. One float array goes in; its rank says what
+it is:
+
+* ``(H, W)``: one grey image, and ``(C, H, W)``: one image with C channels -> a ``uint8 (H, W)`` mask;
+* ``(N, C, H, W)``: a batch of N images of one size -> ``uint8 (N, H, W)`` masks.
+
+Masks hold ``{0, 1}``; ``params={"probabilities": True}`` returns ``float32`` probabilities of
+the same shape instead. A batch of grey images is ``(N, 1, H, W)``: a 3-D array is always *one*
+image, so ``(3, H, W)`` is one RGB image. Grey and RGB convert into each other to match the
+network; any other channel count, or another rank, is an error naming the shape. From Python, a
+list of 2-D/3-D arrays (sizes may differ) also works and returns a list of masks; the scoring
+server takes one array (``{"inputs": [...]}``).
+
+The logged signature declares the ``probabilities`` param but no input schema: MLflow checks a
+tensor's rank exactly, so one ``TensorSpec`` cannot admit all three ranks; :func:`as_images` checks
+them instead. The model folder holds a slim checkpoint (``artifacts/model.pt``, no optimiser
+state), a copy of the ``tumorseg`` package and a small input example (a batch of one image), so
 ``mlflow.pyfunc.load_model("models:/NAME@champion")`` needs only torch and MONAI.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tumorseg.errors import TumorsegError
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +44,49 @@ except ImportError:  # pragma: no cover
 
 MODEL_ARTIFACT = "model"
 CHECKPOINT_NAME = "model.pt"
+EXAMPLE_SIDE = 32
+"""The input example is a real validation image subsampled to at most this many pixels a side."""
+CHUNK = 16
+"""Images per forward pass; a larger batch is predicted in chunks of this size."""
+SHAPES = "send one image as (H, W) or (C, H, W), a batch as (N, C, H, W)"
+
+
+def as_images(array: Any, in_channels: int) -> tuple[list[np.ndarray], bool]:
+    """Split a model input into ``float32 (C, H, W)`` images by its rank.
+
+    Args:
+        array: ``(H, W)`` or ``(C, H, W)`` (one image) or ``(N, C, H, W)`` (a batch).
+        in_channels: channels the network takes (1 and 3 convert into each other).
+
+    Returns:
+        The images and whether the input was a single image.
+
+    Raises:
+        TumorsegError: not numeric, another rank, an empty image or a channel count the model cannot use.
+    """
+    try:
+        arr = np.asarray(array, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise TumorsegError(f"model input is not a numeric array ({exc}); {SHAPES}") from exc
+    if arr.ndim not in (2, 3, 4):
+        raise TumorsegError(f"model input of shape {arr.shape} has {arr.ndim} dimension(s); {SHAPES}")
+    single = arr.ndim < 4
+    batch = arr[None, None] if arr.ndim == 2 else arr[None] if arr.ndim == 3 else arr
+    if 0 in batch.shape[1:]:
+        raise TumorsegError(f"model input of shape {arr.shape} holds an empty image; {SHAPES}")
+    from tumorseg.inference import channels_compatible
+
+    channels = int(batch.shape[1])
+    if not channels_compatible(channels, in_channels):
+        read_as = "one image" if single else f"a batch of {batch.shape[0]} images"
+        hint = f"; a batch of {in_channels}-channel images is (N, {in_channels}, H, W)" if single else ""
+        raise TumorsegError(f"model input of shape {arr.shape} reads as {read_as} with {channels} channels, but "
+                            f"the model takes {in_channels} channel(s){hint}; {SHAPES}")
+    return list(batch), single
 
 
 class TumorsegPyfunc(_Base):  # type: ignore[misc]
-    """pyfunc wrapper around :class:`tumorseg.inference.Segmenter`."""
+    """pyfunc wrapper around :class:`tumorseg.inference.Segmenter` (input rules in the module docstring)."""
 
     def load_context(self, context: Any) -> None:
         """Build the network from the slim checkpoint artifact."""
@@ -39,18 +94,54 @@ class TumorsegPyfunc(_Base):  # type: ignore[misc]
 
         self.segmenter = Segmenter.from_checkpoint(context.artifacts["checkpoint"], device="auto")
 
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]  # noqa: ANN001
-        """Mask (or probabilities) for one ``(C, H, W)``/``(H, W)`` image, or a list of them."""
+    # `np.ndarray` as the type hint: MLflow infers no schema from it (the rank rules are checked
+    # here) and does not warn that `predict` lacks type hints.
+    def predict(
+        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> np.ndarray | list[np.ndarray]:
+        """Masks (or probabilities) for one image, a batch, or (from Python) a list of images.
+
+        Args:
+            context: MLflow's model context (unused; the network is loaded in :meth:`load_context`).
+            model_input: ``(H, W)``/``(C, H, W)`` one image, ``(N, C, H, W)`` a batch (an array or
+                nested lists); from Python also a list of 2-D/3-D ``np.ndarray`` images.
+            params: ``{"probabilities": True}`` for ``float32`` probabilities instead of masks.
+
+        Returns:
+            ``(H, W)`` for one image, ``(N, H, W)`` for a batch, a list for a list.
+
+        Raises:
+            MlflowException: (invalid parameter value, HTTP 400 from the scoring server) an input
+                it cannot read, naming its shape.
+        """
+        from mlflow.exceptions import MlflowException
+
         probabilities = bool((params or {}).get("probabilities", False))
-        single = isinstance(model_input, np.ndarray)
-        images = [model_input] if single else list(model_input)
-        arrays = [np.asarray(a, dtype=np.float32) for a in images]
-        arrays = [a[None] if a.ndim == 2 else a for a in arrays]
-        if probabilities:
-            out: list[np.ndarray] = self.segmenter.predict_proba(arrays)
-        else:
-            out = self.segmenter.predict_masks(arrays)
-        return out[0] if single else out
+        channels = self.segmenter.in_channels
+        try:
+            if isinstance(model_input, list | tuple) and model_input and all(
+                    isinstance(item, np.ndarray) for item in model_input):
+                images = []
+                for item in model_input:
+                    one, single = as_images(item, channels)
+                    if not single:
+                        raise TumorsegError(f"a list item of shape {np.shape(item)} is a batch; give a list "
+                                            "of (H, W) or (C, H, W) images, or one (N, C, H, W) array")
+                    images += one
+                return self._predict(images, probabilities)
+            images, single = as_images(model_input, channels)
+        except TumorsegError as exc:
+            raise MlflowException.invalid_parameter_value(str(exc)) from exc
+        if not images:  # an empty batch (0, C, H, W)
+            shape = np.shape(model_input)
+            return np.zeros((0, *shape[2:]), dtype=np.float32 if probabilities else np.uint8)
+        out = self._predict(images, probabilities)
+        return out[0] if single else np.stack(out)
+
+    def _predict(self, images: list[np.ndarray], probabilities: bool) -> list[np.ndarray]:
+        # in chunks: a client may post a large batch, and the network's activations grow with it
+        fn = self.segmenter.predict_proba if probabilities else self.segmenter.predict_masks
+        return [out for i in range(0, len(images), CHUNK) for out in fn(images[i:i + CHUNK])]
 
 
 def _pin(pkg: str) -> str:
@@ -60,32 +151,50 @@ def _pin(pkg: str) -> str:
         return pkg
 
 
+def input_example(image: np.ndarray | None, in_channels: int) -> np.ndarray:
+    """A batch of one ``float32 (1, C, h, w)`` image, subsampled to at most :data:`EXAMPLE_SIDE` a side.
+
+    Small, so ``serving_input_example.json`` stays readable; ``None`` gives a blank image.
+    """
+    if image is None:
+        return np.zeros((1, in_channels, EXAMPLE_SIDE, EXAMPLE_SIDE), dtype=np.float32)
+    img = np.asarray(image, dtype=np.float32)
+    img = img[None] if img.ndim == 2 else img
+    step = max(1, math.ceil(max(img.shape[1:]) / EXAMPLE_SIDE))
+    return np.ascontiguousarray(img[None, :, ::step, ::step])
+
+
 def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -> str:
-    """Log the best checkpoint as a pyfunc model in the active run; return its model URI."""
+    """Log the best checkpoint as a pyfunc model in the active run; return its model URI.
+
+    Args:
+        best: the checkpoint to log (written slim next to it in ``run_dir``).
+        run_dir: the training run folder.
+        example: one ``(C, H, W)`` validation image for the input example, or ``None``.
+    """
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.types.schema import ParamSchema, ParamSpec
 
     from tumorseg import checkpoint
 
     slim = checkpoint.write_slim(best, run_dir / CHECKPOINT_NAME)
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
-        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1))]),
-        params=ParamSchema([ParamSpec("probabilities", "boolean", False)]),
-    )
+    in_channels = int(checkpoint.load(slim)["in_channels"])
+    # No input schema: MLflow enforces a TensorSpec's rank exactly, and the model takes three ranks.
+    signature = ModelSignature(params=ParamSchema([ParamSpec("probabilities", "boolean", False)]))
     reqs = [_pin(p) for p in ("torch", "monai", "numpy", "pydantic", "pyyaml", "pandas", "pillow", "tifffile",
                               "nibabel", "scikit-image")]
-    import warnings
-
-    with warnings.catch_warnings():
-        # predict() takes ndarray or list input by design; the signature documents it.
-        warnings.filterwarnings("ignore", message=".*type hint.*", category=UserWarning)
-        info = _log_model(slim, signature, reqs, example)
+    metadata = {
+        "tumorseg_input": "float array: (H, W) or (C, H, W) one image; (N, C, H, W) a batch of one size",
+        "tumorseg_output": "uint8 {0,1} mask (H, W) for one image, (N, H, W) for a batch; float32 "
+                           "probabilities with params {'probabilities': true}",
+        "tumorseg_in_channels": in_channels,
+    }
+    info = _log_model(slim, signature, reqs, input_example(example, in_channels), metadata)
     log.info("logged MLflow model %s", info.model_uri)
     return str(info.model_uri)
 
 
-def _log_model(slim: Path, signature: Any, reqs: list[str], example: np.ndarray | None) -> Any:
+def _log_model(slim: Path, signature: Any, reqs: list[str], example: np.ndarray, metadata: dict[str, Any]) -> Any:
     import mlflow
 
     import tumorseg
@@ -97,5 +206,6 @@ def _log_model(slim: Path, signature: Any, reqs: list[str], example: np.ndarray 
         code_paths=[str(Path(tumorseg.__file__).parent)],
         pip_requirements=reqs,
         signature=signature,
-        input_example=None if example is None else np.asarray(example, dtype=np.float32),
+        input_example=example,
+        metadata=metadata,
     )
