@@ -98,7 +98,10 @@ def apply(cfg: TrainConfig, plan: Plan) -> tuple[TrainConfig, dict[str, Any]]:
         The merged config and the user's settings that replaced planned ones (dotted keys).
     """
     user = cfg.model_dump(mode="json", exclude_unset=True)
-    merged = deep_merge(plan.train, user)
+    planned = dict(plan.train)
+    if "channels" in user.get("model", {}) and "strides" not in user.get("model", {}):
+        planned["model"] = {k: v for k, v in planned.get("model", {}).items() if k != "strides"}
+    merged = deep_merge(planned, user)
     merged["plan"] = "off"  # resolved: the run folder's config.yaml reproduces the run without planning again
     merged.setdefault("budget", plan.budget)
     if merged.get("patch_size") and merged.get("image_size"):

@@ -180,7 +180,11 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
     reasons["steps"] = (f"{thr.train_images_per_second:.1f} train img/s measured at {train_size[0]}x{train_size[1]}"
                         f", batch {batch}: {steps} steps ({planned_epochs} epochs) fit the budget after validation "
                         f"({n_val / infer_ips:.1f} s/epoch) and the post-processing search ({finish:.0f} s)")
-    oversample = 0.33 if patch is not None else 0.0
+    # nnU-Net samples a third of its patches around tumour; whole images of a mostly tumour-free set likewise
+    oversample = 0.33 if patch is not None or fp.empty_share > 0.5 else 0.0
+    if oversample and patch is None:
+        reasons["oversample_foreground"] = (f"{fp.empty_share:.0%} of the train cases are tumour-free: a third of "
+                                            "the samples are drawn from cases with tumour")
     in_channels = 1 if fp.grey_as_rgb else fp.channels
     train = {
         "image_size": list(image_size),

@@ -113,6 +113,23 @@ class TrainContext:
         )
 
 
+def epoch_order(data: CachedSplit, oversample: float, gen: torch.Generator) -> torch.Tensor:
+    """This epoch's case order: a permutation, or a weighted draw favouring tumour cases.
+
+    With ``oversample`` above the tumour share of the cases, that share of the samples holds
+    tumour (nnU-Net's foreground oversampling, at the level of whole images).
+    """
+    import torch
+
+    n = len(data)
+    tumour = data.masks.flatten(1).any(dim=1).bool().cpu()
+    n_t = int(tumour.sum())
+    if oversample <= 0 or n_t == 0 or n_t == n or n_t / n >= oversample:
+        return torch.randperm(n, generator=gen)
+    weights = torch.where(tumour, oversample / n_t, (1 - oversample) / (n - n_t)).double()
+    return torch.multinomial(weights, n, replacement=True, generator=gen)
+
+
 def train_step(
     net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: torch.nn.Module, opt: torch.optim.Optimizer,
     scaler: Any, device: torch.device, dtype: torch.dtype | None,
@@ -156,7 +173,7 @@ def train_one_epoch(
     gen = epoch_generator(cfg.seed, state.epoch, ctx.dist.rank)
     torch.manual_seed(cfg.seed * 7 + state.epoch)  # dropout etc.: a function of (seed, epoch)
     n = len(data)
-    order = torch.randperm(n, generator=gen)
+    order = epoch_order(data, cfg.oversample_foreground, gen)
     bs = cfg.batch_size
     steps = n // bs if n >= bs else 1  # drop the ragged tail (equal steps on every DDP rank)
     dtype = amp_dtype(device, cfg.amp)

@@ -1,0 +1,278 @@
+"""tumorseg plan: the rules on fingerprints, determinism, the budget, sliding windows, post-processing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tumorseg.config import IngestConfig, LossConfig, ModelConfig, TrainConfig, load_config
+from tumorseg.planning import rules
+from tumorseg.planning.fingerprint import Fingerprint
+from tumorseg.planning.probe import Throughput
+
+
+def fingerprint(size: tuple[int, int], tumour_diameter: float, n_train: int = 500, empty_share: float = 0.2,
+                small_diameter: float | None = None) -> Fingerprint:
+    small = small_diameter if small_diameter is not None else tumour_diameter / 3
+    area = {k: float(np.pi * d * d / 4) for k, d in (("median", tumour_diameter), ("p5", small), ("p1", small))}
+    return Fingerprint(manifest_name="fp", manifest_digest="0" * 64, n_train=n_train, size_median=size,
+                       size_p10=size, size_p90=size, channels=1, grey_as_rgb=False,
+                       intensity=[{"p0_5": 0.0, "p50": 90.0, "p99_5": 250.0, "mean": 95.0, "std": 40.0}],
+                       foreground_fraction=0.05, empty_share=empty_share, tumour_pixels=area,
+                       tumour_diameter={"median": tumour_diameter, "p5": small, "p1": small}, sampled_images=10)
+
+
+def fake_probe(pixels_per_second: float) -> Any:
+    """A device that trains ``pixels_per_second`` (a nnU-Net DynUNet 4x slower), infers 3x faster."""
+    calls: list[tuple[str, tuple[int, int]]] = []
+
+    def probe(model: ModelConfig, size: tuple[int, int], batch: int) -> Throughput:
+        calls.append((model.name, size))
+        slow = 4.0 if model.name == "dynunet" else 2.0 if model.channels[0] == 32 else 1.0
+        ips = pixels_per_second / (size[0] * size[1]) / slow
+        return Throughput(ips, 3 * ips, 0.0)
+
+    probe.calls = calls  # type: ignore[attr-defined]
+    return probe
+
+
+def test_small_images_train_at_native_size_whole() -> None:
+    out = rules.choose(fingerprint((64, 64), 20.0), 3600.0, 100, fake_probe(5e6), "cpu")
+    t = out["train"]
+    assert t["image_size"] == [64, 64] and t["patch_size"] is None
+    assert out["estimates"]["scale"] == 1.0 and "native" in out["reasons"]["image_size"]
+    assert t["model"]["name"] == "dynunet" and t["model"]["deep_supervision"]  # plenty of compute: nnU-Net's net
+    assert t["model"]["channels"] == [32, 64, 128, 256]  # 64 -> 32 -> 16 -> 8 px: three downsamplings
+
+
+def test_large_images_train_on_patches_with_oversampling_and_sliding_window() -> None:
+    out = rules.choose(fingerprint((2048, 2048), 400.0), 36000.0, 100, fake_probe(5e9), "cpu")
+    t = out["train"]
+    assert t["image_size"] == [2048, 2048]
+    assert t["patch_size"] == [512, 512] and t["oversample_foreground"] == pytest.approx(0.33)
+    assert len(t["model"]["channels"]) == 6  # sized for the 512 patch: 5 downsamplings to 16 px
+    assert "sliding-window" in out["reasons"]["patch_size"]
+
+
+def test_the_budget_lowers_the_resolution_but_never_below_the_tumour_floor() -> None:
+    fp = fingerprint((512, 512), 256.0, small_diameter=64.0)
+    assert rules.floor_scale(fp) == pytest.approx(0.25)
+    tight = rules.choose(fp, 60.0, 100, fake_probe(1e6), "cpu")
+    assert tight["train"]["image_size"] == [128, 128]  # the floor: 256 * 0.25 = 64 px median tumour
+    assert tight["train"]["model"]["channels"][0] == 16  # and the fastest network
+    roomy = rules.choose(fp, 600.0, 100, fake_probe(1e7), "cpu")
+    assert 128 < roomy["train"]["image_size"][0] < 512
+    assert roomy["estimates"]["steps"] > tight["estimates"]["steps"]
+
+
+def test_steps_grow_with_the_budget_and_the_schedule_spans_them() -> None:
+    fp = fingerprint((64, 64), 20.0)
+    a = rules.choose(fp, 600.0, 100, fake_probe(5e6), "cpu")["train"]
+    b = rules.choose(fp, 1200.0, 100, fake_probe(5e6), "cpu")["train"]
+    assert b["max_steps"] > 1.9 * a["max_steps"]
+    assert a["optim"]["schedule"] == "poly" and 0 < a["optim"]["warmup_steps"] < a["max_steps"]
+
+
+def test_a_tumour_free_heavy_set_gets_oversampling() -> None:
+    mostly_empty = rules.choose(fingerprint((64, 64), 20.0, empty_share=0.9), 600.0, 100, fake_probe(5e6), "cpu")
+    balanced = rules.choose(fingerprint((64, 64), 20.0, empty_share=0.2), 600.0, 100, fake_probe(5e6), "cpu")
+    assert mostly_empty["train"]["oversample_foreground"] == pytest.approx(0.33)
+    assert "tumour-free" in mostly_empty["reasons"]["oversample_foreground"]
+    assert balanced["train"]["oversample_foreground"] == 0.0
+
+
+def test_oversampled_epochs_draw_that_share_of_tumour_cases() -> None:
+    import torch
+
+    from tumorseg.data import CachedSplit
+    from tumorseg.train.loop import epoch_order
+
+    masks = torch.zeros(100, 1, 4, 4, dtype=torch.uint8)
+    masks[:10, 0, 1, 1] = 1  # 10% of the cases hold tumour
+    data = CachedSplit([str(i) for i in range(100)], torch.zeros(100, 1, 4, 4), masks, [])
+    draws = torch.cat([epoch_order(data, 0.33, torch.Generator().manual_seed(s)) for s in range(50)])
+    assert float((draws < 10).float().mean()) == pytest.approx(0.33, abs=0.03)
+    plain = epoch_order(data, 0.0, torch.Generator().manual_seed(0))
+    assert sorted(plain.tolist()) == list(range(100))
+
+
+# ----------------------------------------------------------------------------- on real files
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory, synth_data: Path) -> Path:
+    from tumorseg import ingest
+
+    out = tmp_path_factory.mktemp("plan")
+    cfg = IngestConfig(images_dir=synth_data / "images", masks_dir=synth_data / "masks", name="p", out_dir=out,
+                       group_pattern=r"(patient_\d+)", seed=3, workers=1)
+    return ingest.run(cfg).manifest_dir
+
+
+def test_plan_is_deterministic_and_written_with_its_fingerprint(manifest: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from tumorseg.cli import app
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    runs = []
+    for k in range(2):
+        res = CliRunner().invoke(app, ["plan", str(manifest), "--budget", "90s", "--device", "cpu",
+                                       "--out", str(tmp_path / f"p{k}")])
+        assert res.exit_code == 0, res.output
+        assert "training size" in res.output and "batch / steps" in res.output
+        runs.append(json.loads((tmp_path / f"p{k}" / "plan.json").read_text()))
+    assert runs[0] == runs[1]  # the same manifest and device give the same plan
+    plan = runs[0]
+    assert plan["budget"] == "90s" and plan["budget_seconds"] == 90.0
+    assert plan["train"]["image_size"] == [64, 64]  # small synthetic images: native
+    fp = json.loads((tmp_path / "p0" / "fingerprint.json").read_text())
+    assert fp["size_median"] == [64, 64] and fp["n_train"] == plan["train"]["max_steps"] * 0 + fp["n_train"]
+    assert 0 < fp["empty_share"] < 1 and fp["tumour_pixels"]["median"] > 0
+    assert (tmp_path / "cache" / "tumorseg" / "throughput.json").is_file()
+
+
+def test_user_settings_win_over_the_plan_and_are_recorded(manifest: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from tumorseg import train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cfg = load_config(TrainConfig, None, ["budget=20s", "batch_size=4", "model.channels=[8,16,32]",
+                                          "model.name=unet", "model.num_res_units=1", "log_model=false",
+                                          "val_overlays=0", "device=cpu", "run_name=planned"],
+                      base={"manifest": str(manifest), "out": str(tmp_path)})
+    res = train.run(cfg)
+    run_dir = tmp_path / "planned"
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["overrides"]["batch_size"] == 4 and plan["overrides"]["model.channels"] == [8, 16, 32]
+    used = TrainConfig.model_validate(__import__("yaml").safe_load((run_dir / "config.yaml").read_text()))
+    assert used.batch_size == 4 and used.model.channels == [8, 16, 32]
+    assert used.max_steps == plan["train"]["max_steps"] and used.optim.schedule == "poly" and used.plan == "off"
+    assert (run_dir / "fingerprint.json").is_file() and (run_dir / "postprocess.json").is_file()
+    assert res.epochs_run >= 1
+
+
+def test_a_budget_run_stops_on_time_not_on_epochs(manifest: Path, tmp_path: Path) -> None:
+    from tumorseg import train
+
+    cfg = load_config(TrainConfig, None, ["plan=off", "budget=1s", "epochs=500", "batch_size=4", "image_size=[64,64]",
+                                          "model.channels=[8,16,32]", "model.num_res_units=1", "log_model=false",
+                                          "val_overlays=0", "device=cpu", "run_name=short"],
+                      base={"manifest": str(manifest), "out": str(tmp_path)})
+    res = train.run(cfg)
+    assert res.stopped_reason == "time budget 1s reached" and res.epochs_run < 500
+
+
+@pytest.mark.parametrize("budget", ["0", "soon", "0m", "-5m"])
+def test_bad_budgets_are_one_line_errors(manifest: Path, budget: str) -> None:
+    from tumorseg.cli import app
+
+    for args in (["train", str(manifest), "--budget", budget], ["plan", str(manifest), "--budget", budget]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2, res.output
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "budget" in lines[0], res.stderr
+
+
+def test_a_plan_for_another_manifest_is_refused(manifest: Path, tmp_path: Path) -> None:
+    from tumorseg.cli import app
+
+    bad = tmp_path / "plan.json"
+    bad.write_text(json.dumps({"manifest_name": "x", "manifest_digest": "f" * 64, "device": "cpu", "budget": "1m",
+                               "budget_seconds": 60, "train": {}, "estimates": {}, "reasons": {}}))
+    res = CliRunner().invoke(app, ["train", str(manifest), "--plan", str(bad)])
+    assert res.exit_code == 2 and "planned for another manifest" in res.stderr
+
+
+# ----------------------------------------------------------------------------- inference by sliding window
+
+
+def test_sliding_window_equals_the_whole_image_where_the_window_covers_it() -> None:
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from tumorseg.inference import network_logits
+    from tumorseg.model import build_model
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(channels=[8, 16, 32], num_res_units=1), 1).eval()
+    x = torch.randn(2, 1, 64, 96)
+    with torch.inference_mode():
+        whole = net(x)
+        assert torch.allclose(network_logits(net, x, (64, 96)), whole)  # the window is the image
+        covered = sliding_window_inference(x, (64, 96), 2, net, overlap=0.5, mode="gaussian")
+        assert torch.allclose(torch.as_tensor(covered), whole, atol=1e-5)
+        tiled = network_logits(net, x, (32, 32))  # smaller windows: tiled, same shape, blended
+        assert tiled.shape == whole.shape and torch.isfinite(tiled).all()
+
+
+def test_segmenter_predicts_large_images_by_sliding_window(tmp_path: Path) -> None:
+    import torch
+
+    from tumorseg import checkpoint
+    from tumorseg.inference import Segmenter
+    from tumorseg.model import build_model
+
+    torch.manual_seed(0)
+    model = ModelConfig(channels=[8, 16, 32], num_res_units=1)
+    net = build_model(model, 1)
+    image = np.random.default_rng(0).random((1, 100, 140)).astype(np.float32)
+    whole = TrainConfig(image_size=(64, 96), model=model, plan="off")
+    patched = whole.model_copy(update={"patch_size": (64, 96)})
+    for cfg, name in ((whole, "whole.pt"), (patched, "patch.pt")):
+        checkpoint.save(tmp_path / name, checkpoint.build_payload(net, cfg, 1))
+    a = Segmenter.from_checkpoint(tmp_path / "whole.pt", "cpu").predict_proba([image])[0]
+    b = Segmenter.from_checkpoint(tmp_path / "patch.pt", "cpu").predict_proba([image])[0]
+    assert a.shape == b.shape == (100, 140)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- post-processing
+
+
+def test_postprocess_filters_components_exactly() -> None:
+    from tumorseg.inference import Postprocess
+
+    prob = np.zeros((20, 20), np.float32)
+    prob[2:8, 2:8] = 0.9  # 36 px
+    prob[12:14, 12:14] = 0.45  # 4 px, below 0.5
+    prob[15:18, 15:18] = 0.8  # 9 px
+    assert int(Postprocess().mask(prob).sum()) == 45
+    assert int(Postprocess(threshold=0.4).mask(prob).sum()) == 49
+    assert int(Postprocess(keep="largest").mask(prob).sum()) == 36
+    assert int(Postprocess(threshold=0.4, keep="min_size", min_size=5).mask(prob).sum()) == 45
+    assert Postprocess(keep="largest").mask(np.zeros((4, 4), np.float32)).sum() == 0
+
+
+def test_postprocess_choice_travels_with_the_checkpoint_and_the_pyfunc_model(tmp_path: Path, mlflow_uri: str) -> None:
+    import mlflow
+    import torch
+
+    from tumorseg import checkpoint
+    from tumorseg.inference import Postprocess, Segmenter
+    from tumorseg.mlflow_model import log_segmenter_model
+    from tumorseg.model import build_model
+
+    torch.manual_seed(0)
+    model = ModelConfig(channels=[8, 16, 32], num_res_units=1)
+    cfg = TrainConfig(image_size=(32, 32), model=model, plan="off", loss=LossConfig())
+    payload = checkpoint.build_payload(build_model(model, 1), cfg, 1)
+    chosen = Postprocess(threshold=0.3, keep="min_size", min_size=7, tta=True)
+    payload["postprocess"] = chosen.to_dict()
+    best = tmp_path / "best.pt"
+    checkpoint.save(best, payload)
+    assert Segmenter.from_checkpoint(best, "cpu").post == chosen
+    old = dict(payload)
+    del old["postprocess"]  # a checkpoint from before post-processing: the config's threshold, nothing else
+    checkpoint.save(tmp_path / "old.pt", old)
+    assert Segmenter.from_checkpoint(tmp_path / "old.pt", "cpu").post == Postprocess(threshold=0.5)
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    with mlflow.start_run():
+        uri = log_segmenter_model(best, tmp_path, None)
+    loaded = mlflow.pyfunc.load_model(uri)
+    assert loaded.unwrap_python_model().segmenter.post == chosen
