@@ -64,8 +64,8 @@ SCORE_COLUMNS = ["gt_empty", "pred_empty", "dice", "iou", "precision", "recall"]
 PER_CASE_COLUMNS = ["case_id", "group", "split", *COUNT_COLUMNS, *SCORE_COLUMNS]
 SURFACE_COLUMNS = ["hd95", "assd"]
 PER_GROUP_COLUMNS = ["group", "n_cases", *COUNT_COLUMNS, *SCORE_COLUMNS]
-HEADLINE = ("dice_mean", "dice_median", "iou_mean", "dice_global", "dice_group_mean", "fp_rate_empty",
-            "dice_ci_low", "dice_ci_high")
+HEADLINE = ("dice_mean", "dice_mean_tumour", "dice_median", "iou_mean", "dice_global", "dice_group_mean",
+            "fp_rate_empty", "dice_ci_low", "dice_ci_high")
 """Summary keys written back to the training run as ``{split}_{key}``."""
 
 FILES = {
@@ -224,6 +224,7 @@ def summarize(per_case: pd.DataFrame, per_group: pd.DataFrame, cfg: EvaluateConf
         "n_both_empty": int((gt_empty & pred_empty).sum()),
         "n_groups": len(per_group),
         **distribution(dice_v, "dice"),
+        "dice_mean_tumour": _stat(dice_v[~gt_empty], np.mean),
         **distribution(iou_v, "iou"),
         "dice_ci_low": ci_low,
         "dice_ci_high": ci_high,

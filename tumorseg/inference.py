@@ -149,18 +149,19 @@ class Postprocess:
         mask = (prob > self.threshold).astype(np.uint8)
         if self.keep == "all" or not mask.any():
             return mask
-        import torch
+        return self.filter(*components(mask))
 
-        t = torch.from_numpy(mask)[None]
+    def filter(self, labels: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """Apply the component rule to a labelled mask (:func:`components`)."""
+        if self.keep == "all" or sizes.size <= 1:
+            return (labels > 0).astype(np.uint8)
         if self.keep == "largest":
-            from monai.transforms import KeepLargestConnectedComponent
-
-            out = KeepLargestConnectedComponent(applied_labels=[1], connectivity=2)(t)
+            keep = np.zeros(sizes.size, dtype=bool)
+            keep[1 + int(np.argmax(sizes[1:]))] = True
         else:
-            from monai.transforms import RemoveSmallObjects
-
-            out = RemoveSmallObjects(min_size=max(1, self.min_size), connectivity=2)(t)
-        return np.asarray(out[0], dtype=np.uint8)
+            keep = sizes >= max(1, self.min_size)
+            keep[0] = False
+        return keep[labels].astype(np.uint8)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for the checkpoint."""
@@ -173,6 +174,14 @@ class Postprocess:
         d = ckpt.get("postprocess") or {}
         return cls(threshold=float(d.get("threshold", cfg.threshold)), keep=d.get("keep", "all"),
                    min_size=int(d.get("min_size", 0)), tta=bool(d.get("tta", cfg.tta)))
+
+
+def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8-connected components of a binary mask: ``(labels, pixels per label)`` (label 0 is background)."""
+    from skimage.measure import label
+
+    labels = label(mask > 0, connectivity=2)
+    return labels, np.bincount(labels.ravel())
 
 
 def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[int, int] | None = None,

@@ -67,7 +67,7 @@ def _key(model: ModelConfig, loss: LossConfig, in_channels: int, size: tuple[int
 
 
 def measure(model: ModelConfig, loss: LossConfig, in_channels: int, size: tuple[int, int], batch: int,
-            device: torch.device, amp: bool = True, seconds: float = 2.5, use_cache: bool = True) -> Throughput:
+            device: torch.device, amp: bool = True, seconds: float = 2.0, use_cache: bool = True) -> Throughput:
     """Train and infer for about ``seconds`` each on random data of the run's shape; cached."""
     key = _key(model, loss, in_channels, size, batch, device, amp)
     path = cache_path()
@@ -111,8 +111,9 @@ def _run(model: ModelConfig, loss_cfg: LossConfig, in_channels: int, size: tuple
             torch.cuda.synchronize(device)
 
     def timed(step: Any, budget: float) -> float:
-        step()  # warm-up (allocations, cudnn autotune)
-        sync()
+        if device.type == "cuda":
+            step()  # warm-up: allocations, cudnn autotune (a CPU step costs the same the first time)
+            sync()
         n, t0 = 0, time.perf_counter()
         while True:
             step()

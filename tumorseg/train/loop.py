@@ -93,10 +93,12 @@ class TrainContext:
     run: Run | None = None
     deadline: float | None = None
     val_seconds: float = 0.0
+    finish_seconds: float = 10.0
 
     def out_of_time(self) -> bool:
-        """True when one more validation would overrun the budget."""
-        return self.deadline is not None and time.perf_counter() + self.val_seconds >= self.deadline
+        """True when one more validation and the end of the run would overrun the budget."""
+        return (self.deadline is not None
+                and time.perf_counter() + self.val_seconds + self.finish_seconds >= self.deadline)
 
     def payload(self, state: State) -> dict[str, Any]:
         """A full checkpoint of the current weights, state and resume information."""
@@ -318,6 +320,9 @@ def _epoch(ctx: TrainContext, train_data: CachedSplit, val_data: CachedSplit | N
     if dist.main and val_data is not None:
         val_dice, _ = validate(getattr(ctx.net, "module", ctx.net), val_data, cfg, device)
         ctx.val_seconds = time.perf_counter() - t0 - train_seconds
+        # after the last epoch: overlays and the model (~10 s), and the post-processing search, which
+        # predicts val once plainly and once with four mirrorings
+        ctx.finish_seconds = 10.0 + (5.5 * ctx.val_seconds if cfg.postprocess == "auto" else ctx.val_seconds)
     if dist.world > 1:
         import torch.distributed as td
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from tumorseg.config import TrainConfig
-from tumorseg.inference import Postprocess
+from tumorseg.inference import Postprocess, components
 from tumorseg.metrics import confusion, dice
 from tumorseg.train.loop import val_probabilities
 
@@ -35,7 +35,10 @@ MIN_GAIN = 0.002
 
 def mean_dice(post: Postprocess, probs: list[np.ndarray], masks: list[np.ndarray]) -> float:
     """Mean per-case Dice of ``post`` applied to ``probs`` (both-empty cases left out)."""
-    scores = [dice(confusion(post.mask(p), m)) for p, m in zip(probs, masks, strict=True)]
+    return _mean([dice(confusion(post.mask(p), m)) for p, m in zip(probs, masks, strict=True)])
+
+
+def _mean(scores: list[float]) -> float:
     finite = [s for s in scores if math.isfinite(s)]
     return float(np.mean(finite)) if finite else float("nan")
 
@@ -60,11 +63,15 @@ def choose(net: torch.nn.Module, val: CachedSplit, cfg: TrainConfig,
     best, best_score = base, base_score
     table: dict[str, float] = {}
     keeps: tuple[Literal["all", "largest", "min_size"], ...] = ("all", "largest", "min_size")
-    for tta, threshold, keep in product((False, True), THRESHOLDS, keeps):
-        post = Postprocess(threshold=threshold, keep=keep, min_size=min_size if keep == "min_size" else 0, tta=tta)
-        score = mean_dice(post, mirrored if tta else plain, masks)
-        table[f"tta={int(tta)},t={threshold},keep={keep}"] = score
-        if math.isfinite(score) and score > best_score + MIN_GAIN:
-            best, best_score = post, score
+    for tta, threshold in product((False, True), THRESHOLDS):
+        # label each case once per (mirroring, threshold); the three component rules reuse the labels
+        labelled = [components(p > threshold) for p in (mirrored if tta else plain)]
+        for keep in keeps:
+            post = Postprocess(threshold=threshold, keep=keep, min_size=min_size if keep == "min_size" else 0,
+                               tta=tta)
+            score = _mean([dice(confusion(post.filter(*lab), m)) for lab, m in zip(labelled, masks, strict=True)])
+            table[f"tta={int(tta)},t={threshold},keep={keep}"] = score
+            if math.isfinite(score) and score > best_score + MIN_GAIN:
+                best, best_score = post, score
     log.info("post-processing on val: %s (val Dice %.4f, plain %.4f)", best.to_dict(), best_score, base_score)
     return best, {"val_dice_plain": base_score, "val_dice_postprocessed": best_score, "candidates": table}

@@ -194,7 +194,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
         ctx = TrainContext(cfg=cfg, net=net, loss_fn=loss_fn, opt=opt, sched=sched, scaler=scaler, device=device,
                            dist=dist, in_channels=in_channels, stats=stats, manifest_digest=info.dataset_digest,
                            manifest_name=info.name, run_dir=run_dir, run=run if dist.main else None,
-                           deadline=deadline)
+                           deadline=deadline,
+                           finish_seconds=float(plan.estimates.get("finish_seconds", 10.0)) if plan else 10.0)
         run_epochs(ctx, train_data, val_data, state)
         result = TrainResult(run_dir, run_dir / "best.pt", run_dir / "last.pt", state.best_val_dice,
                              state.best_epoch, state.epoch, run.run_id, None, dist.main, state.stopped_reason,
