@@ -184,7 +184,8 @@ def train_one_epoch(
     for i in range(steps):
         if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
             break
-        if ctx.dist.world == 1 and ctx.out_of_time():  # DDP ranks stop together, at an epoch's end
+        # at least one step per epoch; DDP ranks stop together, at an epoch's end
+        if i > 0 and ctx.dist.world == 1 and ctx.out_of_time():
             state.stopped_reason = f"time budget {cfg.budget} reached"
             break
         idx = order[i * bs : (i + 1) * bs]
@@ -274,7 +275,7 @@ def run_epochs(ctx: TrainContext, train_data: CachedSplit, val_data: CachedSplit
             if ctx.cfg.max_steps is not None and state.global_step >= ctx.cfg.max_steps:
                 state.stopped_reason = f"max_steps={ctx.cfg.max_steps} reached"
                 break
-            if _agreed(ctx, ctx.out_of_time()):
+            if state.epoch > 0 and _agreed(ctx, ctx.out_of_time()):  # a run always ends with a checkpoint
                 state.stopped_reason = f"time budget {ctx.cfg.budget} reached"
                 break
             last_dice = _epoch(ctx, train_data, val_data, state, bar, last_dice)
