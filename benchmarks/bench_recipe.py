@@ -39,6 +39,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "full": ("+ threshold, mirroring, components chosen on val", ["PLAN"]),
     "deep-supervision": ("full, DynUNet (nnU-Net) with deep supervision at the planned width",
                          ["PLAN", "model.name=dynunet", "model.deep_supervision=true"]),
+    "nnunet-augment": ("full, nnU-Net-like augmentation: rotation 180, scale 30%, gamma, noise",
+                       ["PLAN", "augment.rotate_degrees=180", "augment.scale=0.3", "augment.gamma=true",
+                        "augment.noise=true"]),
     "no-augment": ("full, augmentation off", ["PLAN", "augment.flip=false", "augment.rotate90=false",
                                               "augment.affine=false", "augment.intensity=false"]),
 }

@@ -276,3 +276,21 @@ def test_postprocess_choice_travels_with_the_checkpoint_and_the_pyfunc_model(tmp
         uri = log_segmenter_model(best, tmp_path, None)
     loaded = mlflow.pyfunc.load_model(uri)
     assert loaded.unwrap_python_model().segmenter.post == chosen
+
+
+def test_nnunet_intensity_augmentation_is_seeded_and_leaves_masks_alone() -> None:
+    import torch
+
+    from tumorseg.augment import augment_batch
+    from tumorseg.config import AugmentConfig
+
+    cfg = AugmentConfig(flip=False, rotate90=False, affine=False, intensity=False, gamma=True, noise=True, prob=1.0)
+    x = torch.rand(4, 1, 16, 16) * 3 - 1
+    y = (torch.rand(4, 1, 16, 16) > 0.7).float()
+    a = augment_batch(x, y, cfg, torch.Generator().manual_seed(1))
+    b = augment_batch(x, y, cfg, torch.Generator().manual_seed(1))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], y)
+    assert not torch.allclose(a[0], x)
+    gamma_only = augment_batch(x, y, cfg.model_copy(update={"noise": False}), torch.Generator().manual_seed(2))[0]
+    assert torch.allclose(gamma_only.amin(dim=(1, 2, 3)), x.amin(dim=(1, 2, 3)), atol=1e-5)  # range kept
+    assert torch.allclose(gamma_only.amax(dim=(1, 2, 3)), x.amax(dim=(1, 2, 3)), atol=1e-5)

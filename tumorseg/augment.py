@@ -52,7 +52,13 @@ def augment_batch(
             images = torch.where(sel, torch.rot90(images, turns, (2, 3)), images)
             masks = torch.where(sel, torch.rot90(masks, turns, (2, 3)), masks)
     if cfg.affine:
-        images, masks = _random_affine(images, masks, p, gen)
+        images, masks = _random_affine(images, masks, p, gen, cfg.rotate_degrees, cfg.scale)
+    if cfg.gamma:
+        images = _random_gamma(images, p, gen)
+    if cfg.noise:
+        sigma = torch.rand(n, generator=gen) * 0.1 * (torch.rand(n, generator=gen) < p)
+        noise = torch.randn(images.shape, generator=gen).to(images.device, images.dtype)
+        images = images + noise * sigma.to(images.device, images.dtype)[:, None, None, None]
     if cfg.intensity:
         scale = 1.0 + (torch.rand(n, generator=gen) * 0.2 - 0.1)
         shift = torch.rand(n, generator=gen) * 0.2 - 0.1
@@ -63,17 +69,33 @@ def augment_batch(
     return images, masks
 
 
+def _random_gamma(images: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """nnU-Net's gamma: rescale each image to [0, 1], raise to gamma in 0.7..1.5, rescale back."""
+    import torch
+
+    n = images.shape[0]
+    on = torch.rand(n, generator=gen) < p
+    gamma = torch.where(torch.rand(n, generator=gen) < 0.5, 0.7 + 0.3 * torch.rand(n, generator=gen),
+                        1.0 + 0.5 * torch.rand(n, generator=gen))
+    gamma = torch.where(on, gamma, torch.ones_like(gamma)).to(images.device, images.dtype)[:, None, None, None]
+    flat = images.flatten(1)
+    lo = flat.min(dim=1).values[:, None, None, None]
+    span = (flat.max(dim=1).values[:, None, None, None] - lo).clamp_min(1e-6)
+    return ((images - lo) / span).clamp(0, 1).pow(gamma) * span + lo
+
+
 def _random_affine(
-    images: torch.Tensor, masks: torch.Tensor, p: float, gen: torch.Generator
+    images: torch.Tensor, masks: torch.Tensor, p: float, gen: torch.Generator, degrees: float = 15.0,
+    scale_range: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotation within ±15°, scale within ±10%, translation within ±5%, per sample."""
+    """Rotation within ±``degrees``, scale within ±``scale_range``, translation within ±5%, per sample."""
     import torch
     from monai.networks.layers import AffineTransform
 
     n = images.shape[0]
     on = torch.rand(n, generator=gen) < p
-    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(15)
-    scale = 1.0 + (torch.rand(n, generator=gen) * 2 - 1) * 0.1
+    angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(degrees)
+    scale = 1.0 + (torch.rand(n, generator=gen) * 2 - 1) * scale_range
     shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * 0.1  # normalised coords span 2
     if not bool(on.any()):
         return images, masks

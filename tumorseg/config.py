@@ -159,6 +159,10 @@ class AugmentConfig(StrictModel):
     affine: bool = True
     intensity: bool = True
     prob: float = Field(default=0.5, ge=0, le=1)
+    rotate_degrees: float = Field(default=15.0, ge=0, le=180, description="affine rotation range (+-)")
+    scale: float = Field(default=0.1, ge=0, lt=1, description="affine scale range (+-, as a fraction)")
+    gamma: bool = Field(default=False, description="random gamma 0.7..1.5 on the image's own range (nnU-Net)")
+    noise: bool = Field(default=False, description="additive Gaussian noise, sigma up to 0.1 (nnU-Net)")
 
 
 class TrainConfig(StrictModel):
