@@ -43,7 +43,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 TrackingUri = Annotated[
     str | None,
-    typer.Option("--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db]"),
+    typer.Option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)"),
 ]
 Experiment = Annotated[str, typer.Option("--experiment", help="MLflow experiment name")]
 Device = Annotated[str, typer.Option("--device", help="auto | cuda | cpu")]
@@ -124,7 +124,7 @@ def _parse_fractions(text: str) -> tuple[float, float, float]:
 @user_errors
 def ingest(
     images_dir: Annotated[Path, typer.Argument(help="folder of images (and masks, if MASKS_DIR is omitted)")],
-    masks_dir: Annotated[Path | None, typer.Argument(help="folder of masks [default: IMAGES_DIR]")] = None,
+    masks_dir: Annotated[Path | None, typer.Argument(help="folder of masks (default: IMAGES_DIR)")] = None,
     name: Annotated[str, typer.Option("--name", help="manifest name: writes data_manifest/NAME/")] = ...,  # type: ignore[assignment]
     out_dir: Annotated[Path, typer.Option("--out-dir", help="where manifests live")] = Path("data_manifest"),
     mask_suffix: Annotated[
@@ -171,9 +171,9 @@ def ingest(
 def plan(
     manifest: Annotated[Path, typer.Argument(help="manifest folder, e.g. data_manifest/NAME")],
     budget: Annotated[str | None, typer.Option("--budget", help="training time budget, e.g. 30m, 2h, 90s "
-                                               "[default: 30m on a CPU, 15m on a GPU]")] = None,
+                                               "(default: 30m on a CPU, 15m on a GPU)")] = None,
     device: Device = "auto",
-    out: Annotated[Path | None, typer.Option("--out", help="folder for plan.json [default: the manifest folder]")
+    out: Annotated[Path | None, typer.Option("--out", help="folder for plan.json (default: the manifest folder)")
                    ] = None,
     tracking_uri: TrackingUri = None,
     experiment: Experiment = "tumorseg",
@@ -200,13 +200,13 @@ def train(
     manifest: Annotated[Path | None, typer.Argument(help="manifest folder, e.g. data_manifest/NAME")] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML training config")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override: key=value, dotted for nested")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="folder for run folders [default: runs/]")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="folder for run folders (default: runs/)")] = None,
     resume: Annotated[Path | None, typer.Option("--resume", help="continue a run folder from its last.pt")] = None,
     budget: Annotated[str | None, typer.Option("--budget", help="wall-time budget, e.g. 30m, 2h, 90s: the run "
-                                               "ends within it and its LR schedule spans it [default: 30m on a "
-                                               "CPU, 15m on a GPU]")] = None,
-    plan_file: Annotated[Path | None, typer.Option("--plan", help="plan.json from tumorseg plan [default: plan "
-                                                   "now; --set plan=off trains the config as given]")] = None,
+                                               "ends within it and its LR schedule spans it (default: 30m on a "
+                                               "CPU, 15m on a GPU)")] = None,
+    plan_file: Annotated[Path | None, typer.Option("--plan", help="plan.json from tumorseg plan (default: plan "
+                                                   "now; --set plan=off trains the config as given)")] = None,
     tracking_uri: TrackingUri = None,
     experiment: Annotated[str | None, typer.Option("--experiment", help="MLflow experiment name")] = None,
 ) -> None:
@@ -251,7 +251,7 @@ def evaluate(
     model: Annotated[str, typer.Argument(help="run folder, checkpoint, MLflow run id, or models:/NAME@alias")],
     manifest: Annotated[Path, typer.Option("--manifest", help="manifest folder")] = ...,  # type: ignore[assignment]
     split: Annotated[str, typer.Option(help="split to score")] = "test",
-    out: Annotated[Path | None, typer.Option(help="output folder [default: eval/<manifest>-<split>-<model>]")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (default: eval/<manifest>-<split>-<model>)")] = None,
     empty_both: Annotated[str, typer.Option("--empty-both", help="score when both masks are empty: nan | 1")] = "nan",
     surface: Annotated[bool, typer.Option("--surface", help="also HD95 and ASSD (pixels)")] = False,
     batch_size: Annotated[int, typer.Option(help="inference batch size")] = 16,
@@ -288,8 +288,8 @@ def predict(
     format: Annotated[str, typer.Option("--format", help="png (0/255) | nifti (.nii.gz)")] = "png",
     probabilities: Annotated[bool, typer.Option("--probabilities", help="also write the sigmoid map")] = False,
     tta: Annotated[bool | None, typer.Option("--tta/--no-tta", help="average mirrored predictions "
-                                             "[default: what the model chose on val]")] = None,
-    threshold: Annotated[float | None, typer.Option(help="probability threshold [default: the model's]")] = None,
+                                             "(default: what the model chose on val)")] = None,
+    threshold: Annotated[float | None, typer.Option(help="probability threshold (default: the model's)")] = None,
     batch_size: Annotated[int, typer.Option(help="inference batch size")] = 16,
     device: Device = "auto",
     tracking_uri: TrackingUri = None,

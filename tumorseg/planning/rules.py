@@ -136,8 +136,6 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
             break
         thr_floor = thr
     assert thr_floor is not None
-    if device_type == "cuda" and thr_floor.bytes_per_image > 0 and free_memory > 0:
-        batch = int(max(2, min(GPU_BATCH_MAX, 0.4 * free_memory / thr_floor.bytes_per_image)))
     reasons["network"] = (f"{chosen[0]}: the largest network whose measured throughput buys {want} training "
                           f"images within the budget at the floor size {floor_size[0]}x{floor_size[1]}")
 
@@ -163,6 +161,11 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
                                  f"{want} training images in the budget")
     patch = patch_for(image_size, patch_cap(thr_floor))
     train_size = patch or image_size
+    if device_type == "cuda" and thr_floor.bytes_per_image > 0 and free_memory > 0:
+        # memory per image grows with its pixels; keep 60% of the free memory for everything else
+        per_image = thr_floor.bytes_per_image * (train_size[0] * train_size[1]) / (floor_size[0] * floor_size[1])
+        batch = int(max(2, min(GPU_BATCH_MAX, 0.4 * free_memory / per_image)))
+        reasons["batch_size"] = f"{batch}: 40% of the free GPU memory at the measured memory per image"
     model = network(chosen[1], train_size)
     thr = probe(model, train_size, batch)
     if patch is not None:
