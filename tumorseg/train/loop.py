@@ -22,7 +22,7 @@ import numpy as np
 from tumorseg import checkpoint
 from tumorseg.config import TrainConfig
 from tumorseg.errors import TumorsegError
-from tumorseg.inference import Stats, amp_dtype
+from tumorseg.inference import Fingerprint, Stats, amp_dtype
 from tumorseg.metrics import confusion, dice
 from tumorseg.progress import is_interactive
 from tumorseg.train.runtime import Dist, epoch_generator, rng_states
@@ -74,6 +74,7 @@ class TrainContext:
         manifest_name: its name.
         run_dir: the run folder (checkpoints).
         run: the tracking run (``None`` on ranks other than 0).
+        fingerprint: the raw intensity range of the training images (stored in the checkpoint).
     """
 
     cfg: TrainConfig
@@ -90,11 +91,12 @@ class TrainContext:
     manifest_name: str
     run_dir: Path
     run: Run | None = None
+    fingerprint: Fingerprint | None = None
 
     def payload(self, state: State) -> dict[str, Any]:
         """A full checkpoint of the current weights, state and resume information."""
         return checkpoint.build_payload(
-            self.net, self.cfg, self.in_channels, self.stats, state=asdict(state),
+            self.net, self.cfg, self.in_channels, self.stats, fingerprint=self.fingerprint, state=asdict(state),
             manifest_digest=self.manifest_digest, manifest_name=self.manifest_name,
             mlflow_run_id=self.run.run_id if self.run else "", tracking_uri=self.run.tracking_uri if self.run else "",
             resume={
