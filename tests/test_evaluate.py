@@ -335,6 +335,9 @@ class OracleSegmenter:
     def mask(self, prob: np.ndarray, threshold: float | None = None) -> np.ndarray:
         return (prob > (self.threshold if threshold is None else threshold)).astype(np.uint8)
 
+    def intensity_outside_training(self, image: np.ndarray) -> str | None:
+        return None
+
     def predict_proba(self, images: list[np.ndarray], tta: bool | None = None) -> list[np.ndarray]:
         out = []
         for img in images:
@@ -378,6 +381,58 @@ def test_perfect_model_scores_one_and_empty_rule_nan(world: dict[str, Any], orac
     assert s["dice_mean"] == 1.0 and s["dice_global"] == 1.0 and s["dice_group_mean"] == 1.0
     assert s["n_scored"] == len(full) and s["n_both_empty"] == len(empty)
     assert s["fp_rate_empty"] == 0.0 and s["hd95_mean"] == 0.0
+    # the definition, the unit and the cases left out of hd95_mean are stated next to it
+    assert "max(p95 of prediction->truth, p95 of truth->prediction)" in s["hd95_definition"]
+    assert "not medpy" in s["hd95_definition"]
+    assert s["surface_unit"] == "pixels" and s["hd95_empty"] == "nan"
+    assert s["n_hd95_undefined"] == s["n_hd95_both_empty"] == len(empty) and s["n_hd95"] == len(full)
+    assert s["n_hd95_missed_tumour"] == 0 and s["n_hd95_fp_on_empty"] == 0 and s["n_hd95_penalised"] == 0
+    saved = json.loads((res.out_dir / "summary.json").read_text())
+    assert saved["hd95_definition"] == s["hd95_definition"] and saved["n_hd95_undefined"] == len(empty)
+
+
+def test_hd95_of_missed_tumours_and_false_positives_nan_or_diagonal(world: dict[str, Any], oracle: Any,
+                                                                    tmp_path: Path) -> None:
+    from tumorseg import evaluate
+
+    diagonal = math.sqrt(64**2 + 64**2)  # the synthetic images are 64x64 pixels
+    oracle("zeros")  # every tumour missed; tumour-free cases both empty
+    nan_rule = evaluate.run(evaluate_cfg(world, "oracle", tmp_path / "zeros", surface=True))
+    s = nan_rule.summary
+    n_tumour = s["n_cases"] - s["n_gt_empty"]
+    assert math.isnan(s["hd95_mean"]) and s["n_hd95"] == 0
+    assert s["n_hd95_undefined"] == s["n_cases"]
+    assert s["n_hd95_missed_tumour"] == n_tumour and s["n_hd95_both_empty"] == s["n_gt_empty"]
+    diag = evaluate.run(evaluate_cfg(world, "oracle", tmp_path / "zeros_diag", surface=True, hd95_empty="diagonal"))
+    s = diag.summary
+    pc = pd.read_csv(diag.out_dir / "per_case.csv")
+    assert np.allclose(pc.loc[~pc["gt_empty"], "hd95"], diagonal)
+    assert pc.loc[pc["gt_empty"], "hd95"].isna().all() and pc["assd"].isna().all()
+    assert s["hd95_mean"] == pytest.approx(diagonal) and s["n_hd95"] == n_tumour
+    assert s["n_hd95_penalised"] == n_tumour and s["n_hd95_undefined"] == s["n_hd95_both_empty"]
+    assert "image diagonal" in s["hd95_empty_rule"]
+
+    oracle("ones")  # a false positive on every tumour-free case
+    ones = evaluate.run(evaluate_cfg(world, "oracle", tmp_path / "ones", surface=True, hd95_empty="diagonal"))
+    s = ones.summary
+    pc = pd.read_csv(ones.out_dir / "per_case.csv")
+    assert np.allclose(pc.loc[pc["gt_empty"], "hd95"], diagonal)
+    assert s["n_hd95_fp_on_empty"] == s["n_gt_empty"] == s["n_hd95_penalised"] >= 1
+    assert s["n_hd95_undefined"] == 0 and s["n_hd95"] == s["n_cases"]
+
+
+def test_hd95_empty_option_on_the_command_line(world: dict[str, Any], oracle: Any, tmp_path: Path) -> None:
+    from tumorseg.cli import app
+
+    oracle("zeros")
+    out = tmp_path / "ev"
+    result = CliRunner().invoke(app, ["evaluate", "oracle", "--manifest", str(world["manifest"]), "--split", SPLIT,
+                                      "--out", str(out), "--surface", "--hd95-empty", "diagonal",
+                                      "--experiment", EXPERIMENT])
+    assert result.exit_code == 0, result.output
+    s = json.loads((out / "summary.json").read_text())
+    assert s["hd95_empty"] == "diagonal" and s["n_hd95_penalised"] == s["n_cases"] - s["n_gt_empty"]
+    assert "HD95 (px)" in result.stdout and "HD95 left out of the mean" in result.stdout
 
 
 def test_empty_both_one_via_cli_counts_both_empty_cases(world: dict[str, Any], oracle: Any, tmp_path: Path) -> None:
@@ -450,6 +505,48 @@ def test_nifti_volume_manifest_is_scored_per_slice(world: dict[str, Any], monkey
     assert (pc.loc[~pc["gt_empty"], "dice"] == 1.0).all() and pc.loc[pc["gt_empty"], "dice"].isna().all()
     assert list(pc["gt_pixels"]) == [int(truth[load_image(image_path(info, r), int(r["slice_index"])).tobytes()]
                                          .sum()) for r in rows.to_dict("records")]
+
+
+def test_nifti_surface_distances_use_the_voxel_spacing(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    """Anisotropic voxels (0.5 x 2.0 mm in-plane): a 3-pixel offset along the 2 mm axis is HD95 = 6 mm."""
+    import nibabel as nib
+
+    from tumorseg import evaluate
+    from tumorseg.imageio import load_image
+    from tumorseg.manifest import image_path, load_manifest
+    from tumorseg.modelref import ModelRef
+
+    rng = np.random.default_rng(2)
+    data = tmp_path / "vols"
+    data.mkdir()
+    affine = np.diag([0.5, 2.0, 3.0, 1.0])
+    square = np.zeros((32, 32), np.uint8)
+    square[10:20, 10:20] = 1
+    shifted = np.zeros_like(square)
+    shifted[10:20, 13:23] = 1  # 3 pixels along the second axis (2.0 mm pixels)
+    for p in range(6):
+        mask = np.zeros((32, 32, 2), np.uint8)
+        if p % 2:
+            mask[..., :] = square[..., None]
+        vol = (rng.random((32, 32, 2)) * 50).astype(np.float32) + 200 * mask
+        nib.save(nib.Nifti1Image(vol, affine), str(data / f"patient_{p:03d}.nii.gz"))
+        nib.save(nib.Nifti1Image(mask, affine), str(data / f"patient_{p:03d}_mask.nii.gz"))
+    man = ingest_synth(data, data, tmp_path / "man", "aniso", world["tracking"])
+    info, df = load_manifest(man)
+    truth = {}
+    for r in df.to_dict("records"):
+        img = load_image(image_path(info, r), int(r["slice_index"]))
+        truth[img.tobytes()] = shifted if img.max() > 100 else np.zeros_like(square)
+    monkeypatch.setattr("tumorseg.modelref.resolve_model", lambda ref, tracking, device: (
+        OracleSegmenter(truth, "perfect"), ModelRef(ref=ref, checkpoint_path=ref, checkpoint_sha256="0" * 64)))
+    res = evaluate.run(evaluate_cfg(world, "oracle", tmp_path / "ev", manifest=man, surface=True))
+    pc = pd.read_csv(res.out_dir / "per_case.csv")
+    tumour = pc[~pc["gt_empty"]]
+    assert len(tumour) >= 2
+    assert np.allclose(tumour["hd95"], 6.0)  # in pixels it would be 3
+    assert np.allclose(tumour["assd"], 82 / 36, rtol=1e-5)
+    assert res.summary["surface_unit"] == "mm" and res.summary["hd95_mean"] == pytest.approx(6.0)
 
 
 # ----------------------------------------------------------------------------- errors: one line, exit 2

@@ -25,8 +25,9 @@ BASE = ["errors", "fsutil", "progress", "streaming", "splits", "config", "imagei
 
 ABOVE = {
     "checkpoint": set(BASE),
-    "inference": set(BASE) | {"checkpoint"},
-    "data": set(BASE) | {"checkpoint", "inference"},
+    "intensity": set(BASE),
+    "inference": set(BASE) | {"checkpoint", "intensity"},
+    "data": set(BASE) | {"checkpoint", "inference", "intensity"},
     "tracking": set(BASE),
     "review": set(BASE),
     "augment": set(BASE),

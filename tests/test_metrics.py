@@ -1,4 +1,4 @@
-"""Metric math: hand-computed cases, the empty-mask rule, agreement with MONAI, bootstrap CI."""
+"""Metric math: hand-computed cases, the empty-mask rules, surface distances, agreement with MONAI, bootstrap CI."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from tumorseg.metrics import (
     bootstrap_ci,
     confusion,
     dice,
+    image_diagonal,
     iou,
     precision,
     recall,
     scores_from_counts,
+    surface_distances,
 )
 
 Z = np.zeros((3, 4), dtype=np.uint8)
@@ -180,3 +182,81 @@ def test_bootstrap_ci_is_seeded_ignores_nan_and_handles_degenerate_input() -> No
     assert bootstrap_ci(np.full(10, 0.7), n=100) == pytest.approx((0.7, 0.7))
     assert all(math.isnan(x) for x in bootstrap_ci(np.array([np.nan, np.nan])))
     assert all(math.isnan(x) for x in bootstrap_ci(np.array([0.5]), n=0))
+
+
+# ----------------------------------------------------------------------------- surface distances, by hand
+
+
+def _squares(offset: int) -> tuple[np.ndarray, np.ndarray]:
+    gt = np.zeros((32, 32), np.uint8)
+    gt[10:20, 10:20] = 1
+    pred = np.zeros_like(gt)
+    pred[10:20, 10 + offset : 20 + offset] = 1
+    return pred, gt
+
+
+def test_hd95_of_two_squares_offset_by_three_pixels() -> None:
+    # Each 10x10 square has a 36-pixel boundary ring. From the shifted ring to the other: 14 pixels at 0, four at
+    # 1, four at 2 and 14 at 3 px (the far column, the overhanging corners, the middle of the near column).
+    # p95 of those 36 distances (numpy's linear rule: position 0.95 * 35 = 33.25) is 3; the other direction mirrors
+    # it. ASSD = (4*1 + 4*2 + 14*3) / 36 = 1.5.
+    pred, gt = _squares(3)
+    hd95, assd = surface_distances(pred, gt)
+    assert hd95 == pytest.approx(3.0) and assd == pytest.approx(1.5)
+    assert surface_distances(gt, gt) == (0.0, 0.0)
+
+
+def test_hd95_is_the_max_of_the_two_directed_percentiles_not_the_pooled_one() -> None:
+    # ground truth: one pixel; prediction: a 21-pixel line starting on it.
+    # prediction -> truth: 0, 1, ..., 20 -> p95 = 0.95 * 20 = 19; truth -> prediction: 0 -> p95 = 0.
+    # HD95 = max(19, 0) = 19. medpy pools the 22 distances [0, 0, 1, ..., 20]: p95 = 18.95 (it would differ).
+    gt = np.zeros((40, 40), np.uint8)
+    gt[5, 5] = 1
+    pred = np.zeros_like(gt)
+    pred[5, 5:26] = 1
+    hd95, assd = surface_distances(pred, gt)
+    assert hd95 == pytest.approx(19.0)
+    assert assd == pytest.approx(sum(range(21)) / 22, rel=1e-6)  # both directions together: 210 / 22
+    pooled = float(np.percentile([0, *range(21)], 95))
+    assert pooled == pytest.approx(18.95) and hd95 != pytest.approx(pooled)
+
+
+def test_surface_distances_use_an_anisotropic_spacing() -> None:
+    # the same squares with pixels 0.5 (rows) x 2.0 (columns) mm, offset 3 columns = 6 mm: the far column is 6 mm
+    # away, the near column's pixels reach the rows above/below at 0.5-2 mm. Distances (mm) from the shifted ring:
+    # 14 at 0; 0.5, 1, 1.5 twice each; 2 four times; 4 twice; 6 ten times -> p95 = 6, ASSD = 82 / 36.
+    pred, gt = _squares(3)
+    hd95, assd = surface_distances(pred, gt, spacing=(0.5, 2.0))
+    assert hd95 == pytest.approx(6.0) and assd == pytest.approx(82 / 36, rel=1e-6)
+    hd95_t, _ = surface_distances(pred, gt, spacing=(2.0, 0.5))  # the offset now runs along 0.5 mm pixels
+    assert hd95_t == pytest.approx(1.5)
+
+
+def test_hd95_of_empty_masks_nan_or_the_image_diagonal() -> None:
+    pred, gt = _squares(0)
+    empty = np.zeros_like(gt)
+    for p, g in ((empty, gt), (pred, empty), (empty, empty)):  # missed tumour, false positive, both empty
+        assert all(math.isnan(v) for v in surface_distances(p, g))
+    diag = math.sqrt(32**2 + 32**2)  # 45.25 px
+    assert image_diagonal((32, 32)) == pytest.approx(diag)
+    assert surface_distances(empty, gt, hd95_empty="diagonal")[0] == pytest.approx(diag)
+    assert surface_distances(pred, empty, hd95_empty="diagonal")[0] == pytest.approx(diag)
+    assert math.isnan(surface_distances(pred, empty, hd95_empty="diagonal")[1])  # ASSD stays NaN
+    assert math.isnan(surface_distances(empty, empty, hd95_empty="diagonal")[0])  # both empty: not a miss
+    # in mm: 32 rows of 0.5 mm and 32 columns of 2 mm -> sqrt(16^2 + 64^2)
+    assert surface_distances(empty, gt, (0.5, 2.0), "diagonal")[0] == pytest.approx(math.sqrt(16**2 + 64**2))
+    assert image_diagonal((240, 240, 155)) == pytest.approx(373.13, abs=0.01)  # BraTS' penalty
+
+
+def test_surface_distances_agree_with_monai_directed_percentiles() -> None:
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
+    rng = np.random.default_rng(4)
+    for _ in range(10):
+        gt = (rng.random((24, 30)) < 0.3).astype(np.uint8)
+        pred = (rng.random((24, 30)) < 0.3).astype(np.uint8)
+        yp, yg = (torch.from_numpy(a[None, None].astype(np.float32)) for a in (pred, gt))
+        directed = [float(compute_hausdorff_distance(a, b, include_background=True, percentile=95, directed=True,
+                                                     spacing=[1.5, 0.7]).item()) for a, b in ((yp, yg), (yg, yp))]
+        assert surface_distances(pred, gt, (1.5, 0.7))[0] == pytest.approx(max(directed), rel=1e-6)

@@ -7,7 +7,10 @@ model, tests and benchmarks all use it rather than writing the keys by hand.
 
 Keys: ``format`` (:data:`CHECKPOINT_FORMAT`), ``model`` (state dict), ``config`` (the
 resolved :class:`~tumorseg.config.TrainConfig`), ``in_channels``, ``intensity`` (the
-training split's per-channel mean/std, or ``None`` for per-image normalisation), the
+normalisation rule: the training split's per-channel mean/std, with ``percentiles`` when each
+image is percentile-scaled first, or ``None`` for per-image z-score; see :mod:`tumorseg.inference`),
+``intensity_fingerprint`` (the raw range of the training images, for out-of-range warnings;
+absent in checkpoints written before it existed), the
 training state (``epoch``, ``global_step``, ``best_val_dice``, ``best_epoch``,
 ``bad_epochs``, ``history``, ``stopped_reason``), the data identity (``manifest_digest``,
 ``manifest_name``) and the run identity (``mlflow_run_id``, ``tracking_uri``). A full
@@ -41,6 +44,7 @@ def build_payload(
     in_channels: int,
     intensity: Mapping[str, list[float]] | None = None,
     *,
+    fingerprint: Mapping[str, float] | None = None,
     state: Mapping[str, Any] | None = None,
     manifest_digest: str = "",
     manifest_name: str = "",
@@ -54,7 +58,9 @@ def build_payload(
         net: the network (a DDP wrapper is unwrapped); its weights are copied to the CPU.
         cfg: the training config the network was built from.
         in_channels: channels the network takes.
-        intensity: per-channel ``{"mean": [...], "std": [...]}`` of the training split, or ``None``.
+        intensity: per-channel ``{"mean": [...], "std": [...]}`` of the training split (plus
+            ``"percentiles"`` for per-image percentile scaling first), or ``None``.
+        fingerprint: the raw intensity range of the training images (:data:`tumorseg.inference.Fingerprint`).
         state: training state (``epoch``, ``global_step``, ``best_val_dice``, ``best_epoch``,
             ``bad_epochs``, ``history``, ``stopped_reason``); missing keys get neutral values.
         manifest_digest: digest of the manifest trained on.
@@ -74,6 +80,7 @@ def build_payload(
         "config": cfg.model_dump(mode="json"),
         "in_channels": int(in_channels),
         "intensity": None if intensity is None else {k: list(v) for k, v in intensity.items()},
+        "intensity_fingerprint": None if fingerprint is None else {k: float(v) for k, v in fingerprint.items()},
         "epoch": int(st.get("epoch", 0)),
         "global_step": int(st.get("global_step", 0)),
         "best_val_dice": float(st.get("best_val_dice", -1.0)),

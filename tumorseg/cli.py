@@ -253,7 +253,10 @@ def evaluate(
     split: Annotated[str, typer.Option(help="split to score")] = "test",
     out: Annotated[Path | None, typer.Option(help="output folder (default: eval/<manifest>-<split>-<model>)")] = None,
     empty_both: Annotated[str, typer.Option("--empty-both", help="score when both masks are empty: nan | 1")] = "nan",
-    surface: Annotated[bool, typer.Option("--surface", help="also HD95 and ASSD (pixels)")] = False,
+    surface: Annotated[bool, typer.Option("--surface", help="also HD95 and ASSD (pixels; mm for NIfTI)")] = False,
+    hd95_empty: Annotated[str, typer.Option(
+        "--hd95-empty", help="HD95 of a missed tumour / false positive on a tumour-free image: nan (left out of "
+                             "the mean, counted) | diagonal (the image diagonal)")] = "nan",
     batch_size: Annotated[int, typer.Option(help="inference batch size")] = 16,
     device: Device = "auto",
     tracking_uri: TrackingUri = None,
@@ -265,7 +268,7 @@ def evaluate(
     cfg = build_config(
         EvaluateConfig,
         dict(model=model, manifest=manifest, split=split, out=out, empty_both=empty_both, surface=surface,
-             batch_size=batch_size, device=device, tracking=_tracking(tracking_uri, experiment)),
+             hd95_empty=hd95_empty, batch_size=batch_size, device=device, tracking=_tracking(tracking_uri, experiment)),
         "evaluate options",
     )
     res = stage.run(cfg)

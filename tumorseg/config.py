@@ -189,7 +189,12 @@ class TrainConfig(StrictModel):
     amp: bool = True
     channels_last: bool = True
     cache: Literal["auto", "ram", "gpu"] = "auto"
-    normalize: Literal["dataset", "image"] = "dataset"
+    normalize: Literal["percentile", "dataset", "image"] = Field(
+        default="percentile",
+        description="percentile: each image scaled by its own 0.5/99.5 percentiles, then the training split's "
+                    "mean/std (robust to the stored bit depth); dataset: the training split's mean/std in stored "
+                    "units (physical units such as CT); image: per-image z-score",
+    )
     early_stopping_patience: int | None = Field(default=15, ge=1)
     val_overlays: int = Field(default=4, ge=0)
     threshold: float = Field(default=0.5, gt=0, lt=1)
@@ -278,6 +283,11 @@ class EvaluateConfig(StrictModel):
     out: Path | None = None
     empty_both: Literal["nan", "1"] = "nan"
     surface: bool = False
+    hd95_empty: Literal["nan", "diagonal"] = Field(
+        default="nan",
+        description="HD95 of a missed tumour or a false positive on a tumour-free image: nan (left out of the mean, "
+                    "counted) or diagonal (the image diagonal, the challenge convention); both empty stays nan",
+    )
     batch_size: int = Field(default=16, ge=1)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     gallery_k: int = Field(default=4, ge=1)

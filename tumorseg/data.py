@@ -23,7 +23,16 @@ import pandas as pd
 
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import sha256_bytes
-from tumorseg.imageio import Decoded, DecodeError, binarize_decoded_mask, decode, read_bytes, slice_of, union_masks
+from tumorseg.imageio import (
+    Decoded,
+    DecodeError,
+    binarize_decoded_mask,
+    decode,
+    plane_spacing,
+    read_bytes,
+    slice_of,
+    union_masks,
+)
 from tumorseg.inference import Stats, preprocess, resize_mask
 from tumorseg.manifest import MASK_SEP, ManifestInfo, combine_hashes
 from tumorseg.streaming import prefetch
@@ -44,6 +53,7 @@ class Case:
         group: the patient (group) it belongs to.
         image: ``float32 (C, H, W)``.
         mask: ``uint8 (H, W)`` in ``{0, 1}`` (several mask files merged by union).
+        spacing: pixel size ``(dy, dx)`` from a NIfTI image's affine (usually mm); ``None`` for PNG/TIFF.
     """
 
     index: int
@@ -51,6 +61,7 @@ class Case:
     group: str
     image: np.ndarray
     mask: np.ndarray
+    spacing: tuple[float, float] | None = None
 
 
 @dataclass
@@ -132,7 +143,8 @@ class CaseReader:
         if tuple(image.shape[1:]) != tuple(mask.shape):
             raise TumorsegError(f"{img_path}: image {image.shape[1]}x{image.shape[2]} but mask "
                                 f"{mask.shape[0]}x{mask.shape[1]}; re-run tumorseg ingest")
-        return Case(index, str(row["case_id"]), str(row["group"]), image, mask)
+        return Case(index, str(row["case_id"]), str(row["group"]), image, mask,
+                    plane_spacing(img, slice_index, axis))
 
     def stream(self, df: pd.DataFrame, workers: int = 0, ahead: int = 32) -> Iterator[Case]:
         """Cases of ``df`` in order, decoded by ``workers`` threads at most ``ahead`` rows in advance."""

@@ -6,10 +6,12 @@ resizes logits back) and compared with its original mask, both read by the one c
 by a thread pool, a bounded number ahead, while the network runs on the previous batch.
 Scores come from :mod:`tumorseg.metrics` (the one place for the empty-mask rule). Outputs, in ``--out``:
 
-* ``per_case.csv``: counts, emptiness and scores per case (+ ``hd95``, ``assd`` with ``--surface``);
+* ``per_case.csv``: counts, emptiness and scores per case (+ ``hd95``, ``assd`` with ``--surface``, in
+  pixels, or in mm from the voxel spacing for NIfTI; :data:`tumorseg.metrics.HD95_DEFINITION`);
 * ``per_group.csv``: counts summed per group (patient) and the volumetric scores they give;
 * ``summary.json``: distribution of the scores, bootstrap CI, pooled and per-group Dice,
-  false-positive rate on empty cases, the empty rule, model and manifest identity;
+  false-positive rate on empty cases, the empty rule, model and manifest identity; with ``--surface``
+  also the HD95 definition, its unit, its empty-mask rule and the count of cases left out of ``hd95_mean``;
 * ``gallery.png`` (worst and best cases) and ``dice.png`` (histogram and box plot);
 * ``config.yaml``: the resolved options.
 
@@ -24,7 +26,6 @@ import heapq
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ import numpy as np
 from tumorseg.config import EvaluateConfig, dump_config
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+from tumorseg.imageio import image_format
 from tumorseg.manifest import (
     ManifestInfo,
     image_path,
@@ -47,8 +49,11 @@ from tumorseg.metrics import (
     Counts,
     bootstrap_ci,
     confusion,
+    distribution,
+    finite_stat,
     scores_from_counts,
     surface_distances,
+    surface_summary,
 )
 
 if TYPE_CHECKING:
@@ -187,26 +192,9 @@ def per_group_table(per_case: pd.DataFrame, empty_both: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=PER_GROUP_COLUMNS)
 
 
-def _stat(values: np.ndarray, fn: Callable[[np.ndarray], Any]) -> float:
-    v = values[np.isfinite(values)]
-    return float(fn(v)) if v.size else float("nan")
-
-
-def distribution(values: np.ndarray, prefix: str) -> dict[str, float]:
-    """Mean, median, std (sample, ddof=1), p5 and p95 of the finite values."""
-    v = np.asarray(values, dtype=np.float64)
-    finite = v[np.isfinite(v)]
-    return {
-        f"{prefix}_mean": _stat(v, np.mean),
-        f"{prefix}_median": _stat(v, np.median),
-        f"{prefix}_std": float(np.std(finite, ddof=1)) if finite.size > 1 else float("nan"),
-        f"{prefix}_p5": _stat(v, lambda x: np.percentile(x, 5)),
-        f"{prefix}_p95": _stat(v, lambda x: np.percentile(x, 95)),
-    }
-
-
-def summarize(per_case: pd.DataFrame, per_group: pd.DataFrame, cfg: EvaluateConfig) -> dict[str, Any]:
-    """Compute the numbers of ``summary.json`` from the two tables."""
+def summarize(per_case: pd.DataFrame, per_group: pd.DataFrame, cfg: EvaluateConfig,
+              surface_unit: str = "pixels") -> dict[str, Any]:
+    """Compute the numbers of ``summary.json`` from the two tables (``surface_unit``: what HD95/ASSD are in)."""
     from tumorseg.metrics import dice, iou
 
     dice_v = per_case["dice"].to_numpy(dtype=np.float64)
@@ -224,7 +212,7 @@ def summarize(per_case: pd.DataFrame, per_group: pd.DataFrame, cfg: EvaluateConf
         "n_both_empty": int((gt_empty & pred_empty).sum()),
         "n_groups": len(per_group),
         **distribution(dice_v, "dice"),
-        "dice_mean_tumour": _stat(dice_v[~gt_empty], np.mean),
+        "dice_mean_tumour": finite_stat(dice_v[~gt_empty], np.mean),
         **distribution(iou_v, "iou"),
         "dice_ci_low": ci_low,
         "dice_ci_high": ci_high,
@@ -232,19 +220,17 @@ def summarize(per_case: pd.DataFrame, per_group: pd.DataFrame, cfg: EvaluateConf
         "bootstrap_samples": cfg.bootstrap,
         "dice_global": dice(pooled, cfg.empty_both),
         "iou_global": iou(pooled, cfg.empty_both),
-        "dice_group_mean": _stat(group_dice, np.mean),
-        "iou_group_mean": _stat(per_group["iou"].to_numpy(dtype=np.float64), np.mean),
+        "dice_group_mean": finite_stat(group_dice, np.mean),
+        "iou_group_mean": finite_stat(per_group["iou"].to_numpy(dtype=np.float64), np.mean),
         "n_fp_empty": int((gt_empty & ~pred_empty).sum()),
         "fp_rate_empty": float((gt_empty & ~pred_empty).sum() / n_gt_empty) if n_gt_empty else float("nan"),
         "empty_both": cfg.empty_both,
         "empty_rule": EMPTY_RULES[cfg.empty_both],
     }
     if cfg.surface:
-        for col in SURFACE_COLUMNS:
-            v = per_case[col].to_numpy(dtype=np.float64)
-            out[f"{col}_mean"] = _stat(v, np.mean)
-            out[f"{col}_median"] = _stat(v, np.median)
-            out[f"n_{col}"] = int(np.isfinite(v).sum())
+        out.update(surface_summary(per_case["hd95"].to_numpy(dtype=np.float64),
+                                   per_case["assd"].to_numpy(dtype=np.float64), gt_empty, pred_empty,
+                                   cfg.hd95_empty, surface_unit))
     return out
 
 
@@ -311,12 +297,16 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     with tracking.start_run(cfg.tracking, "evaluate", run_name=f"evaluate-{cfg.split}-{mref.short_name}",
                             tags=tags) as trk:
         t1 = time.perf_counter()
-        per_case, gallery = predict_and_score(seg, info, rows, cfg)
+        per_case, gallery, outside = predict_and_score(seg, info, rows, cfg)
         timings["predict_score"] = time.perf_counter() - t1
+        if outside:
+            log.warning("%d of %d %s cases have stored intensities far from the training images'; first: %s",
+                        len(outside), len(per_case), cfg.split, outside[0])
         t2 = time.perf_counter()
         per_group = per_group_table(per_case, cfg.empty_both)
-        summary = summarize(per_case, per_group, cfg)
+        summary = summarize(per_case, per_group, cfg, surface_unit(rows))
         summary.update({
+            "n_intensity_outside_training": len(outside),
             "split": cfg.split,
             "threshold": float(seg.threshold),
             "model": mref.to_dict(),
@@ -341,7 +331,8 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
 
         trk.log_params({
             "model": mref.ref, "manifest": str(mdir), "split": cfg.split, "empty_both": cfg.empty_both,
-            "surface": cfg.surface, "batch_size": cfg.batch_size, "device": str(seg.device),
+            "surface": cfg.surface, "hd95_empty": cfg.hd95_empty, "batch_size": cfg.batch_size,
+            "device": str(seg.device),
             "threshold": seg.threshold, "bootstrap": cfg.bootstrap, "seed": cfg.seed,
             "checkpoint_sha256": mref.checkpoint_sha256, "checkpoint_path": mref.checkpoint_path,
             "train_run_id": mref.train_run_id,
@@ -360,9 +351,18 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
                           split=cfg.split, model=mref, files=files, timings=timings)
 
 
+def surface_unit(rows: pd.DataFrame) -> str:
+    """What HD95/ASSD are in: ``pixels`` (PNG/TIFF), ``mm`` (NIfTI voxel spacing), or which is which."""
+    nifti = sum(image_format(str(p)) == "nifti" for p in rows["image"])
+    return "pixels" if nifti == 0 else "mm" if nifti == len(rows) else "mm for NIfTI cases, pixels for the others"
+
+
 def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame,
-                      cfg: EvaluateConfig) -> tuple[pd.DataFrame, Gallery]:
-    """Batched inference over the split with decoding in background threads; one score row per case."""
+                      cfg: EvaluateConfig) -> tuple[pd.DataFrame, Gallery, list[str]]:
+    """Batched inference over the split with decoding in background threads; one score row per case.
+
+    Also returns ``"file: why"`` for each case whose stored intensities are far from the training images'.
+    """
     import pandas as pd
 
     from tumorseg.data import CaseReader
@@ -375,6 +375,7 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame,
     n_batches = math.ceil(len(rows) / cfg.batch_size)
     reader = CaseReader(info, str(Path(cfg.manifest) / "manifest.csv"))
     cases = reader.stream(rows, cfg.workers, ahead=2 * cfg.batch_size)
+    outside: list[str] = []
     for batch in track(batched(cases, cfg.batch_size), n_batches, f"evaluate {cfg.split}"):
         probs = seg.predict_proba([c.image for c in batch])
         for case, prob in zip(batch, probs, strict=True):
@@ -383,11 +384,14 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame,
             row: dict[str, Any] = {"case_id": case.case_id, "group": case.group,
                                    "split": split_of[case.index], **scores}
             if cfg.surface:
-                row["hd95"], row["assd"] = surface_distances(pred, case.mask)
+                row["hd95"], row["assd"] = surface_distances(pred, case.mask, case.spacing, cfg.hd95_empty)
             out.append(row)
             gallery.offer(float(scores["dice"]), case.index, (case.image, case.mask, pred, case.case_id))
+            why = seg.intensity_outside_training(case.image)
+            if why is not None:
+                outside.append(f"{image_path(info, rows.iloc[case.index])}: {why}")
     columns = PER_CASE_COLUMNS + (SURFACE_COLUMNS if cfg.surface else [])
-    return pd.DataFrame(out, columns=columns), gallery
+    return pd.DataFrame(out, columns=columns), gallery, outside
 
 
 def split_metrics(summary: dict[str, Any], split: str) -> dict[str, float]:

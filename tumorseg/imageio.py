@@ -206,6 +206,19 @@ def slice_of(decoded: Decoded, slice_index: int, slice_axis: int) -> np.ndarray:
     return np.take(arr, slice_index, axis=slice_axis)[None]
 
 
+def plane_spacing(decoded: Decoded, slice_index: int, slice_axis: int) -> tuple[float, float] | None:
+    """Pixel size of the plane :func:`slice_of` returns; ``None`` for PNG/TIFF (pixels).
+
+    The NIfTI voxel sizes (the affine's column norms, usually mm) of the two axes the plane keeps.
+    """
+    if decoded.mode != "NIfTI" or decoded.affine is None:
+        return None
+    zooms = np.sqrt(np.square(decoded.affine[:3, :3]).sum(axis=0))
+    axis = 2 if slice_index < 0 else slice_axis
+    kept = [float(zooms[i]) for i in range(3) if i != axis]
+    return kept[0], kept[1]
+
+
 def mask_plane(arr: np.ndarray, path: str | os.PathLike[str]) -> np.ndarray:
     """Reduce a mask's channels to one plane; a colour mask must be grey stored as RGB."""
     if arr.shape[0] == 1:

@@ -2,8 +2,11 @@
 
 Train's validation, ``evaluate``, ``predict`` and the MLflow pyfunc model all predict
 through the functions here, so they share one preprocessing and one resize-back rule:
-the network sees the image resized to ``image_size`` and z-scored per channel; its logits
-are resized back (bilinear) to the original size before the sigmoid and threshold.
+the network sees the image normalised (:func:`normalize`) and resized to ``image_size``;
+its logits are resized back (bilinear) to the original size before the sigmoid and threshold.
+
+The normalisation rules live in :mod:`tumorseg.intensity`; they travel in the checkpoint
+(``intensity``), so every stage applies the rule the model was trained with.
 """
 
 from __future__ import annotations
@@ -19,51 +22,12 @@ from tumorseg import checkpoint
 from tumorseg.config import TrainConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.imageio import to_channels
+from tumorseg.intensity import Fingerprint, Stats, legacy_fingerprint, normalize, range_message
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-
-
-Stats = dict[str, list[float]]
-"""Per-channel intensity statistics ``{"mean": [...], "std": [...]}`` of a training split."""
-
-
-def normalize(image: np.ndarray, stats: Stats | None = None) -> np.ndarray:
-    """Z-score a ``(C, H, W)`` float image per channel.
-
-    With ``stats`` (the training split's mean/std, the default ``normalize: dataset``) every
-    image is scaled the same way, so a tumour-free image's faint noise stays faint. Without,
-    each image is z-scored by its own statistics (``normalize: image``; constant images -> 0).
-    """
-    img = image.astype(np.float32, copy=False)
-    if stats is not None:
-        mean = np.asarray(stats["mean"], dtype=np.float32)[:, None, None]
-        std = np.asarray(stats["std"], dtype=np.float32)[:, None, None]
-        return (img - mean) / np.where(std > 1e-8, std, 1.0)
-    mean = img.mean(axis=(1, 2), keepdims=True)
-    std = img.std(axis=(1, 2), keepdims=True)
-    return (img - mean) / np.where(std > 1e-8, std, 1.0)
-
-
-def intensity_sums(images: list[np.ndarray], in_channels: int) -> np.ndarray:
-    """``(3, C)`` float64 per-channel pixel count, sum and sum of squares (reducible across ranks)."""
-    out = np.zeros((3, in_channels), dtype=np.float64)
-    for image in images:
-        img = to_channels(image, in_channels).astype(np.float64)
-        out[0] += img.shape[1] * img.shape[2]
-        out[1] += img.sum(axis=(1, 2))
-        out[2] += np.square(img).sum(axis=(1, 2))
-    return out
-
-
-def stats_from_sums(sums: np.ndarray) -> Stats:
-    """Mean and std per channel from :func:`intensity_sums`."""
-    n = np.maximum(sums[0], 1.0)
-    mean = sums[1] / n
-    std = np.sqrt(np.maximum(sums[2] / n - mean**2, 0.0))
-    return {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
 
 def preprocess(
@@ -222,16 +186,19 @@ class Segmenter:
         config: the training config (image size, patch size, model).
         in_channels: channels the network takes (images are converted to match).
         device: where to run.
-        stats: the training split's intensity statistics (``None``: per-image normalisation).
+        stats: the normalisation rule and statistics (the checkpoint's ``intensity``; see the module docstring).
         post: the post-processing chosen after training (default: the config's threshold).
+        fingerprint: the training images' raw range (the checkpoint's ``intensity_fingerprint``); older
+            checkpoints get an estimate from ``stats`` (:func:`legacy_fingerprint`) or none.
     """
 
     def __init__(
         self, net: torch.nn.Module, config: TrainConfig, in_channels: int, device: torch.device,
-        stats: Stats | None = None, post: Postprocess | None = None,
+        stats: Stats | None = None, post: Postprocess | None = None, fingerprint: Fingerprint | None = None,
     ) -> None:
         self.net = net.to(device).eval()
         self.stats = stats
+        self.fingerprint = fingerprint or legacy_fingerprint(stats)
         self.config = config
         self.in_channels = in_channels
         self.device = device
@@ -273,9 +240,13 @@ class Segmenter:
             raise TumorsegError(f"{path}: corrupt or foreign checkpoint ({detail}); "
                                 "use a best.pt/last.pt written by tumorseg train") from exc
         seg = cls(net, cfg, int(ckpt["in_channels"]), resolve_device(device), ckpt.get("intensity"),
-                  Postprocess.from_checkpoint(ckpt, cfg))
+                  Postprocess.from_checkpoint(ckpt, cfg), ckpt.get("intensity_fingerprint"))
         seg.checkpoint_meta = {k: ckpt.get(k) for k in checkpoint.META_KEYS}
         return seg
+
+    def intensity_outside_training(self, image: np.ndarray) -> str | None:
+        """Why an image's (or volume's) stored intensities are far from the training images', else ``None``."""
+        return range_message(image, self.fingerprint, self.stats)
 
     def predict_proba(self, images: list[np.ndarray], tta: bool | None = None) -> list[np.ndarray]:
         """Tumour probabilities ``float32 (H, W)`` for ``(C, H, W)`` images of any sizes.

@@ -13,6 +13,10 @@ volume of the input's shape and affine (always NIfTI: a PNG cannot hold a volume
 
 Inputs are never written: an output folder equal to an input folder, or an output that
 would replace an input file (or a copy of it), is refused before any work is done.
+
+An input whose stored intensity range is far from the training images' (another bit depth,
+another kind of image) is named in a warning (:meth:`tumorseg.inference.Segmenter.intensity_outside_training`;
+the first few by name, the rest counted) and flagged in ``predictions.csv``.
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ class PredictResult:
         run_id: the predict MLflow run.
         model: where the model came from.
         seconds: wall time of the prediction loop.
+        n_intensity_outside_training: inputs whose stored intensities are far from the training images'
+            (each named in a warning, the first few at least).
     """
 
     output_dir: Path
@@ -70,6 +76,7 @@ class PredictResult:
     run_id: str = ""
     model: ModelRef | None = None
     seconds: float = 0.0
+    n_intensity_outside_training: int = 0
 
 
 @dataclass
@@ -276,8 +283,10 @@ def run(cfg: PredictConfig) -> PredictResult:
         seconds = time.perf_counter() - t0
         n_slices = sum(r["slices"] for r in rows)
         n_empty = sum(1 for r in rows if r["tumour_pixels"] == 0)
+        n_outside = sum(1 for r in rows if r["intensity_outside_training"])
         trk.log_metrics({"n_inputs": len(items), "n_written": len(rows), "n_slices": n_slices,
-                         "n_empty_predictions": n_empty, "seconds": seconds,
+                         "n_empty_predictions": n_empty, "n_intensity_outside_training": n_outside,
+                         "seconds": seconds,
                          "slices_per_second": n_slices / seconds if seconds > 0 else float("nan")})
         _log_listing(trk, rows)
         run_id = trk.run_id
@@ -285,7 +294,7 @@ def run(cfg: PredictConfig) -> PredictResult:
     log.info("wrote %d mask(s) for %d slice(s) to %s in %.1f s", len(rows), n_slices, cfg.output_dir, seconds)
     return PredictResult(output_dir=cfg.output_dir, n_written=len(rows), n_inputs=len(items), n_slices=n_slices,
                          n_probabilities=sum(1 for it in items if it.prob_out is not None), outputs=outputs,
-                         run_id=run_id, model=mref, seconds=seconds)
+                         run_id=run_id, model=mref, seconds=seconds, n_intensity_outside_training=n_outside)
 
 
 def _volume_indices(items: list[Item]) -> set[int]:
@@ -306,7 +315,16 @@ def _volume_indices(items: list[Item]) -> set[int]:
     return out
 
 
-def _planes(loaded_iter: Iterator[Loaded], seg: Segmenter) -> Iterator[tuple[Loaded, int, np.ndarray]]:
+RANGE_WARNINGS = 5
+"""Inputs named one by one when their intensities are far from the training images'; the rest are counted."""
+
+
+def _planes(loaded_iter: Iterator[Loaded], seg: Segmenter,
+            outside: dict[int, Path]) -> Iterator[tuple[Loaded, int, np.ndarray]]:
+    """The planes of every input, in order.
+
+    Inputs far from the training intensities are warned about and recorded in ``outside`` (index -> path).
+    """
     from tumorseg.inference import channels_compatible
 
     for loaded in loaded_iter:
@@ -314,6 +332,11 @@ def _planes(loaded_iter: Iterator[Loaded], seg: Segmenter) -> Iterator[tuple[Loa
         if not channels_compatible(c, int(seg.in_channels)):
             raise TumorsegError(f"{loaded.item.path}: {c}-channel image but the model takes {seg.in_channels} "
                                 "channel(s)")
+        why = seg.intensity_outside_training(loaded.decoded.array)
+        if why is not None:
+            outside[loaded.item.index] = loaded.item.path
+            if len(outside) <= RANGE_WARNINGS:
+                log.warning("%s: %s", loaded.item.path, why)
         for i, plane in enumerate(loaded.planes):
             yield loaded, i, plane
 
@@ -326,6 +349,7 @@ def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: Pred
     workers = min(4, os.cpu_count() or 1)
     loaded_iter = prefetch(lambda it: load_item(it, cfg.slice_axis), items, workers, ahead=max(2, workers * 2))
     partial: dict[int, list[np.ndarray | None]] = {}
+    outside: dict[int, Path] = {}
     rows: list[dict[str, Any]] = []
 
     def to_mask(prob: np.ndarray) -> np.ndarray:
@@ -340,10 +364,10 @@ def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: Pred
             rows.append({"input": str(it.path), "mask": str(it.mask_out),
                          "probabilities": str(it.prob_out or ""), "height": int(loaded.planes[0].shape[1]),
                          "width": int(loaded.planes[0].shape[2]), "slices": len(loaded.planes),
-                         "tumour_pixels": fut.result()})
+                         "tumour_pixels": fut.result(), "intensity_outside_training": it.index in outside})
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="tumorseg-write") as writer:
-        for batch in track(batched(_planes(loaded_iter, seg), cfg.batch_size), None, "predict"):
+        for batch in track(batched(_planes(loaded_iter, seg, outside), cfg.batch_size), None, "predict"):
             probs = seg.predict_proba([plane for _, _, plane in batch], tta=cfg.tta)
             for (loaded, i, _), prob in zip(batch, probs, strict=True):
                 buf = partial.setdefault(loaded.item.index, [None] * len(loaded.planes))
@@ -354,6 +378,10 @@ def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: Pred
                     writes.append((loaded, writer.submit(write_outputs, loaded, done, to_mask, cfg)))
             collect(block=False)
         collect(block=True)
+    if len(outside) > RANGE_WARNINGS:
+        log.warning("%d more inputs have intensities far from the training images' (%d of %d in all; column "
+                    "intensity_outside_training of predictions.csv in the MLflow run)",
+                    len(outside) - RANGE_WARNINGS, len(outside), len(items))
     rows.sort(key=lambda r: r["input"])
     return rows
 

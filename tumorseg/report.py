@@ -58,11 +58,22 @@ def print_eval_summary(res: EvaluateResult) -> None:
     for key, label in (("dice", "Dice"), ("iou", "IoU")):
         stats = ("mean", "median", "std", "p5", "p95")
         table.add_row(label, *(_num(s.get(f"{key}_{stat}")) for stat in stats))
-    for key, label in (("hd95", "HD95 (px)"), ("assd", "ASSD (px)")):
+    unit = {"pixels": "px"}.get(str(s.get("surface_unit", "pixels")), str(s.get("surface_unit", "")))
+    for key, label in (("hd95", f"HD95 ({unit})"), ("assd", f"ASSD ({unit})")):
         if f"{key}_mean" in s:
             table.add_row(label, _num(s[f"{key}_mean"], ".2f"), _num(s[f"{key}_median"], ".2f"), "", "", "")
     con = _console()
     con.print(table)
+    if "n_hd95_undefined" in s:
+        penalised = (f"; {s['n_hd95_penalised']} scored the image diagonal"
+                     if s.get("hd95_empty") == "diagonal" else "")
+        con.print(f"HD95 left out of the mean: {s['n_hd95_undefined']} of {s.get('n_cases')} cases (missed tumour "
+                  f"{s['n_hd95_missed_tumour']}, false positive on tumour-free {s['n_hd95_fp_on_empty']}, both "
+                  f"empty {s['n_hd95_both_empty']}){penalised}; HD95 = max of the two directed 95th percentiles "
+                  "(MONAI, DeepMind surface-distance; not medpy)")
+    if s.get("n_intensity_outside_training"):
+        con.print(f"cases with intensities far from the training images': {s['n_intensity_outside_training']} "
+                  "(see the warning above)")
     con.print(f"mean Dice 95% bootstrap CI: [{_num(s.get('dice_ci_low'))}, {_num(s.get('dice_ci_high'))}] "
               f"over {s.get('n_scored')} scored cases")
     con.print(f"global (pooled) Dice: {_num(s.get('dice_global'))}   mean per-group Dice: "

@@ -22,7 +22,7 @@ import numpy as np
 from tumorseg import checkpoint
 from tumorseg.config import TrainConfig
 from tumorseg.errors import TumorsegError
-from tumorseg.inference import Stats, amp_dtype
+from tumorseg.inference import Fingerprint, Stats, amp_dtype
 from tumorseg.metrics import confusion, dice
 from tumorseg.progress import is_interactive
 from tumorseg.train.runtime import Dist, epoch_generator, rng_states
@@ -75,6 +75,7 @@ class TrainContext:
         run_dir: the run folder (checkpoints).
         run: the tracking run (``None`` on ranks other than 0).
         deadline: ``time.perf_counter()`` value by which training must stop (the time budget), or ``None``.
+        fingerprint: the raw intensity range of the training images (stored in the checkpoint).
     """
 
     cfg: TrainConfig
@@ -99,11 +100,12 @@ class TrainContext:
         """True when one more validation and the end of the run would overrun the budget."""
         return (self.deadline is not None
                 and time.perf_counter() + self.val_seconds + self.finish_seconds >= self.deadline)
+    fingerprint: Fingerprint | None = None
 
     def payload(self, state: State) -> dict[str, Any]:
         """A full checkpoint of the current weights, state and resume information."""
         return checkpoint.build_payload(
-            self.net, self.cfg, self.in_channels, self.stats, state=asdict(state),
+            self.net, self.cfg, self.in_channels, self.stats, fingerprint=self.fingerprint, state=asdict(state),
             manifest_digest=self.manifest_digest, manifest_name=self.manifest_name,
             mlflow_run_id=self.run.run_id if self.run else "", tracking_uri=self.run.tracking_uri if self.run else "",
             resume={

@@ -20,7 +20,16 @@ from tumorseg import checkpoint
 from tumorseg.config import TrainConfig, dump_config
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_json, atomic_write_text, sha256_file
-from tumorseg.inference import Stats, amp_dtype, intensity_sums, resolve_device, stats_from_sums
+from tumorseg.inference import amp_dtype, resolve_device
+from tumorseg.intensity import (
+    SCALE_PERCENTILES,
+    Fingerprint,
+    Stats,
+    fingerprint_from_sums,
+    intensity_sums,
+    range_sums,
+    stats_from_sums,
+)
 from tumorseg.manifest import load_manifest, select_split
 from tumorseg.metrics import confusion, dice
 from tumorseg.model import build_loss, build_model, init_output_bias
@@ -130,7 +139,14 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
     t0 = time.perf_counter()
     reader = datamod.CaseReader(info, source)
     train_cases = reader.read_all(train_df.iloc[np.sort(shard)])
-    stats = (ckpt or {}).get("intensity") or _dataset_stats(cfg, train_cases, in_channels, dist, device)
+    if ckpt is None:
+        stats = _dataset_stats(cfg, train_cases, in_channels, dist, device)
+        fingerprint = _fingerprint(train_cases, dist, device)
+    else:  # a resumed run keeps the rule it started with (older checkpoints have no fingerprint)
+        stats = ckpt.get("intensity")
+        fingerprint = ckpt.get("intensity_fingerprint") or _fingerprint(train_cases, dist, device)
+    if dist.main and cfg.normalize == "dataset" and ckpt is None and fingerprint:
+        _warn_mixed_ranges(fingerprint)
     train_data = datamod.place(datamod.cache_split(train_cases, cfg.image_size, in_channels, stats=stats),
                                device, cfg.cache)
     del train_cases
@@ -191,10 +207,12 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
                 planning.log_to(run, plan, run_dir / "plan.json", run_dir / "fingerprint.json")
         if ckpt is None and stats is not None:
             run.log_params({"intensity.mean": stats["mean"], "intensity.std": stats["std"]})
+        if ckpt is None and fingerprint is not None:
+            run.log_params({f"intensity.raw_{k}": round(v, 6) for k, v in fingerprint.items()})
         ctx = TrainContext(cfg=cfg, net=net, loss_fn=loss_fn, opt=opt, sched=sched, scaler=scaler, device=device,
                            dist=dist, in_channels=in_channels, stats=stats, manifest_digest=info.dataset_digest,
                            manifest_name=info.name, run_dir=run_dir, run=run if dist.main else None,
-                           deadline=deadline,
+                           deadline=deadline, fingerprint=fingerprint,
                            finish_seconds=float(plan.estimates.get("finish_seconds", 10.0)) if plan else 10.0)
         run_epochs(ctx, train_data, val_data, state)
         result = TrainResult(run_dir, run_dir / "best.pt", run_dir / "last.pt", state.best_val_dice,
@@ -286,19 +304,43 @@ def _show_plan(plan: Any) -> None:
 
 def _dataset_stats(cfg: TrainConfig, cases: list[Case], in_channels: int, dist: Dist,
                    device: torch.device) -> Stats | None:
-    """Training-split intensity mean/std (summed over all DDP ranks), or None for per-image z-score."""
-    if cfg.normalize != "dataset":
+    """Training-split intensity mean/std (summed over all DDP ranks), or None for per-image z-score.
+
+    With ``normalize: percentile`` the statistics are those of the percentile-scaled images, and the
+    result carries the percentiles, so inference applies the same two steps.
+    """
+    if cfg.normalize == "image":
         return None
+    percentiles = SCALE_PERCENTILES if cfg.normalize == "percentile" else None
+    sums = _all_reduce(intensity_sums([c.image for c in cases], in_channels, percentiles), dist, device, "sum")
+    return stats_from_sums(sums, percentiles)
+
+
+def _fingerprint(cases: list[Case], dist: Dist, device: torch.device) -> Fingerprint | None:
+    """The raw intensity range of the training images (over all DDP ranks), for out-of-range warnings."""
+    sums, maxes = range_sums([c.image for c in cases])
+    return fingerprint_from_sums(_all_reduce(sums, dist, device, "sum"), _all_reduce(maxes, dist, device, "max"))
+
+
+def _all_reduce(values: np.ndarray, dist: Dist, device: torch.device, op: str) -> np.ndarray:
+    if dist.world == 1:
+        return values
     import torch
+    import torch.distributed as td
 
-    sums = intensity_sums([c.image for c in cases], in_channels)
-    if dist.world > 1:
-        import torch.distributed as td
+    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(device)
+    td.all_reduce(t, op=td.ReduceOp.MAX if op == "max" else td.ReduceOp.SUM)
+    return t.cpu().numpy()
 
-        t = torch.from_numpy(sums).to(device)
-        td.all_reduce(t)
-        sums = t.cpu().numpy()
-    return stats_from_sums(sums)
+
+def _warn_mixed_ranges(fp: Fingerprint) -> None:
+    """Stored-unit statistics cannot serve images stored at different bit depths: say so before training."""
+    lo, hi = fp["p99_5_min"], fp["p99_5_max"]
+    if lo > 0 and hi / lo > 16:
+        log.warning("normalize: dataset with training images whose intensity ranges differ %.0fx (99.5th "
+                    "percentiles %g to %g: mixed bit depths?); the dimmer images will look almost constant to the "
+                    "network. Use normalize: percentile (the default), which scales each image by its own range",
+                    hi / lo, lo, hi)
 
 
 def _foreground_fraction(data: CachedSplit, dist: Dist, device: torch.device) -> float:

@@ -1,0 +1,183 @@
+"""Intensity normalisation: the rules, their statistics, and the raw-range fingerprint.
+
+The normalisation rule travels in the checkpoint (``intensity``), so every stage applies the
+rule the model was trained with, and a checkpoint written before a rule existed keeps its own:
+
+* ``{"mean", "std", "percentiles"}`` (``normalize: percentile``, the default): each image is
+  first scaled by its own 0.5/99.5 percentiles to about [0, 1], then z-scored by the training
+  split's mean/std of the scaled images. The same picture stored as 8-bit, as 16-bit (x257) or
+  as 12-bit in a 16-bit container (x16) gives the same network input.
+* ``{"mean", "std"}`` (``normalize: dataset``): z-scored by the training split's mean/std in the
+  stored units (physical units such as CT Hounsfield; a 16-bit file given to an 8-bit model
+  is out of range).
+* ``None`` (``normalize: image``): each image z-scored by its own mean/std (nnU-Net's non-CT rule).
+
+A separate intensity *fingerprint* of the raw training images (``intensity_fingerprint``)
+lets :meth:`Segmenter.intensity_outside_training` say when an input's stored range is far from
+what the model saw.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from tumorseg.imageio import to_channels
+
+log = logging.getLogger(__name__)
+
+
+Stats = dict[str, list[float]]
+"""Per-channel intensity statistics ``{"mean": [...], "std": [...]}`` of a training split, plus
+``"percentiles": [0.5, 99.5]`` when each image is first scaled by its own percentiles."""
+
+Fingerprint = dict[str, float]
+"""Raw intensity range of the training images: the mean of their per-image 0.5 and 99.5 percentiles
+(``p0_5``, ``p99_5``), the lowest and highest per-image 99.5 percentile (``p99_5_min``, ``p99_5_max``)
+and ``n_images``."""
+
+SCALE_PERCENTILES = (0.5, 99.5)
+"""Per-image percentiles mapped to 0 and 1 by ``normalize: percentile``."""
+RANGE_FACTOR = 4.0
+"""An input whose 99.5th percentile is more than this factor above (or below) every training image's is
+reported (:meth:`Segmenter.intensity_outside_training`)."""
+
+
+def percentile_scale(image: np.ndarray, percentiles: tuple[float, float] | list[float] = SCALE_PERCENTILES
+                     ) -> np.ndarray:
+    """``(x - p_lo) / (p_hi - p_lo)`` with the image's own percentiles (over all channels, so colours keep).
+
+    Invariant to the stored scale and offset (8-bit, 16-bit x257, 12-bit in 16-bit x16 give the same
+    result). A nearly constant image falls back to its min/max; a constant one becomes 0.
+    """
+    img = image.astype(np.float32, copy=False)
+    lo, hi = (float(v) for v in np.percentile(img, [float(percentiles[0]), float(percentiles[1])]))
+    if not hi > lo:
+        lo, hi = float(img.min()), float(img.max())
+    if not hi > lo:
+        return np.zeros_like(img)
+    return (img - np.float32(lo)) / np.float32(hi - lo)
+
+
+def normalize(image: np.ndarray, stats: Stats | None = None) -> np.ndarray:
+    """Normalise a ``(C, H, W)`` float image by the rule ``stats`` holds (see the module docstring).
+
+    With ``stats`` every image is scaled by the training split's mean/std - after its own
+    percentile scaling when ``stats`` has ``percentiles`` - one affine map for all images, so
+    an image's mean and spread are not forced to 0 and 1. Without, each image is z-scored by
+    its own statistics (``normalize: image``; constant images -> 0).
+    """
+    img = image.astype(np.float32, copy=False)
+    if stats is not None:
+        if stats.get("percentiles"):
+            img = percentile_scale(img, stats["percentiles"])
+        mean = np.asarray(stats["mean"], dtype=np.float32)[:, None, None]
+        std = np.asarray(stats["std"], dtype=np.float32)[:, None, None]
+        return (img - mean) / np.where(std > 1e-8, std, 1.0)
+    mean = img.mean(axis=(1, 2), keepdims=True)
+    std = img.std(axis=(1, 2), keepdims=True)
+    return (img - mean) / np.where(std > 1e-8, std, 1.0)
+
+
+def intensity_sums(images: list[np.ndarray], in_channels: int,
+                   percentiles: tuple[float, float] | list[float] | None = None) -> np.ndarray:
+    """``(3, C)`` float64 per-channel pixel count, sum and sum of squares (reducible across ranks).
+
+    With ``percentiles`` each image is percentile-scaled first (:func:`percentile_scale`).
+    """
+    out = np.zeros((3, in_channels), dtype=np.float64)
+    for image in images:
+        img = to_channels(image, in_channels)
+        if percentiles is not None:
+            img = percentile_scale(img, percentiles)
+        img = img.astype(np.float64)
+        out[0] += img.shape[1] * img.shape[2]
+        out[1] += img.sum(axis=(1, 2))
+        out[2] += np.square(img).sum(axis=(1, 2))
+    return out
+
+
+def stats_from_sums(sums: np.ndarray, percentiles: tuple[float, float] | list[float] | None = None) -> Stats:
+    """Mean and std per channel from :func:`intensity_sums` (with the ``percentiles`` they were scaled by)."""
+    n = np.maximum(sums[0], 1.0)
+    mean = sums[1] / n
+    std = np.sqrt(np.maximum(sums[2] / n - mean**2, 0.0))
+    out: Stats = {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+    if percentiles is not None:
+        out["percentiles"] = [float(percentiles[0]), float(percentiles[1])]
+    return out
+
+
+def raw_range(image: np.ndarray) -> tuple[float, float]:
+    """The stored 0.5 and 99.5 percentiles of an image or volume (on at most ~1M evenly spaced values)."""
+    flat = np.asarray(image).reshape(-1)
+    step = max(1, flat.size // 1_000_000)
+    lo, hi = np.percentile(flat[::step], SCALE_PERCENTILES)
+    return float(lo), float(hi)
+
+
+def range_sums(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``[sum p0.5, sum p99.5, n]`` (SUM-reducible) and ``[max p99.5, -min p99.5]`` (MAX-reducible) of raw images."""
+    sums = np.zeros(3, dtype=np.float64)
+    maxes = np.array([-np.inf, -np.inf], dtype=np.float64)
+    for image in images:
+        lo, hi = raw_range(image)
+        sums += (lo, hi, 1.0)
+        maxes = np.maximum(maxes, (hi, -hi))
+    return sums, maxes
+
+
+def fingerprint_from_sums(sums: np.ndarray, maxes: np.ndarray) -> Fingerprint | None:
+    """The :data:`Fingerprint` from :func:`range_sums` (``None`` without images)."""
+    n = float(sums[2])
+    if n < 1:
+        return None
+    return {"p0_5": float(sums[0] / n), "p99_5": float(sums[1] / n), "p99_5_min": float(-maxes[1]),
+            "p99_5_max": float(maxes[0]), "n_images": n}
+
+
+def legacy_fingerprint(stats: Stats | None) -> Fingerprint | None:
+    """An approximate fingerprint for checkpoints written before fingerprints existed.
+
+    ``mean + 3 std`` of the stored-unit statistics stands in for the highest training 99.5th
+    percentile; the lowest is unknown (0: no check below). ``None`` for checkpoints without
+    stored-unit statistics.
+    """
+    if not stats or stats.get("percentiles") or not stats.get("mean"):
+        return None
+    ref = max(m + 3.0 * s for m, s in zip(stats["mean"], stats["std"], strict=True))
+    if not ref > 0:
+        return None
+    return {"p0_5": 0.0, "p99_5": ref, "p99_5_min": 0.0, "p99_5_max": ref, "n_images": 0.0}
+
+
+def range_message(image: np.ndarray, fingerprint: Fingerprint | None, stats: Stats | None) -> str | None:
+    """Why ``image``'s stored intensities are far from the training images', or ``None``.
+
+    Far means its 99.5th percentile is more than :data:`RANGE_FACTOR` times the highest training
+    image's, or less than that fraction of the lowest one's.
+    """
+    if not fingerprint:
+        return None
+    lo_t, hi_t = float(fingerprint["p99_5_min"]), float(fingerprint["p99_5_max"])
+    _, hi = raw_range(image)
+    above = hi_t > 0 and hi > RANGE_FACTOR * hi_t
+    below = lo_t > 0 and hi * RANGE_FACTOR < lo_t  # ratios mean nothing for signed data (CT): no lower check
+    if not (above or below):
+        return None
+    if above:
+        how = f"{hi / hi_t:.0f}x above"
+    else:
+        how = f"{lo_t / hi:.0f}x below" if hi > 0 else "far below"
+    trained = f"{lo_t:g}" if lo_t == hi_t else f"{lo_t:g}-{hi_t:g}"
+    if fingerprint.get("n_images", 1.0) == 0:
+        trained = f"~{hi_t:g} (estimated from the checkpoint's mean/std)"
+    head = (f"intensities up to {hi:g} (99.5th percentile), {how} the training images' {trained} - another "
+            "bit depth (16-bit, 12-bit in 16) or another kind of image?")
+    if stats is not None and not stats.get("percentiles"):
+        return (f"{head} This model normalises in the training images' stored units (normalize: dataset), so its "
+                "predictions on this image are likely wrong: store it like the training images, or retrain with "
+                "normalize: percentile")
+    return (f"{head} The model scales each image by its own intensity range, so the bit depth alone does not "
+            "change its predictions; check that this is the kind of image it was trained on")
