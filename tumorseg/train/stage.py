@@ -170,6 +170,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
                                  tags=_run_tags(cfg, info, device), system_metrics=True)
               if dist.main else _null_run())
     with run_cm as run:
+        run.set_description(_describe(cfg, info, len(train_df), len(val_df), None if ckpt is None else state))
         if ckpt is None:
             run.log_params(cfg.model_dump(mode="json"))
             run.log_params({"in_channels": in_channels, "train_cases": len(train_df), "val_cases": len(val_df),
@@ -187,6 +188,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
                              state.history)
         if dist.main:
             result.model_uri = _finish(run, run_dir, cfg, val_data, device, state)
+            run.set_description(_describe(cfg, info, len(train_df), len(val_df), state, done=True))
             atomic_write_json(run_dir / "result.json", {
                 "best_val_dice": state.best_val_dice, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
                 "mlflow_run_id": run.run_id, "model_uri": result.model_uri, "stopped_reason": state.stopped_reason,
@@ -253,6 +255,20 @@ def _run_tags(cfg: TrainConfig, info: Any, device: torch.device) -> dict[str, st
     if device.type == "cuda":
         tags["gpu.name"] = torch.cuda.get_device_name(device)
     return tags
+
+
+def _describe(cfg: TrainConfig, info: Any, n_train: int, n_val: int, state: State | None,
+              done: bool = False) -> str:
+    """The training run's description, headline first: the best val Dice (or "running"), model, data."""
+    size = "x".join(str(v) for v in cfg.image_size)
+    what = (f"`{cfg.model.name}` (channels {list(cfg.model.channels)}, {size}, loss {cfg.loss.name}) on "
+            f"`{info.name}` (digest `{info.dataset_digest[:12]}`; {n_train} train / {n_val} val cases)")
+    if state is None:
+        return f"running: training {what}, up to {cfg.epochs} epochs."
+    best = f"best val Dice {state.best_val_dice:.4f} at epoch {state.best_epoch}"
+    if not done:
+        return f"running, resumed at epoch {state.epoch} of {cfg.epochs} ({best} so far): training {what}."
+    return f"{best} of {state.epoch} ({state.stopped_reason or 'all epochs done'}): trained {what}."
 
 
 def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: CachedSplit | None, device: torch.device,
