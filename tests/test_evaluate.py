@@ -251,6 +251,8 @@ def test_run_folder_outputs_are_complete_and_consistent(world: dict[str, Any], t
     run = client.get_run(res.run_id)
     assert run.data.tags["tumorseg.stage"] == "evaluate"
     assert run.data.tags["tumorseg.checkpoint_sha256"] == sha256_file(world["best"])
+    note = run.data.tags["mlflow.note.content"]  # the run's description in the UI
+    assert note.startswith(f"{SPLIT} mean Dice {s['dice_mean']:.4f} on {len(pc)} cases") and "`evalsyn`" in note
     assert "tumorseg.train_run_id" not in run.data.tags  # a checkpoint without a training run
     assert res.model.train_run_id == ""
     m = run.data.metrics

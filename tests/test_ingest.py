@@ -1006,6 +1006,10 @@ def test_mlflow_run_is_logged(tmp_path: Path, mlflow_uri: str) -> None:
     assert (m["train_cases"], m["val_cases"], m["test_cases"]) == (2, 0, 0)
     assert run_.data.tags["tumorseg.stage"] == "ingest"
     assert run_.data.tags["tumorseg.dataset_digest"] == res.dataset_digest
+    note = run_.data.tags["mlflow.note.content"]  # the run's description in the UI
+    assert note.startswith("2 cases (train 2 / val 0 / test 0)")  # headline first: the runs table shows the start
+    assert "`tracked`" in note and res.dataset_digest[:12] in note
+    assert "1 rejected and 1 ignored file(s)" in note
     assert sorted(a.path for a in client.list_artifacts(res.run_id, "manifest")) == [
         f"manifest/{n}" for n in sorted(OUTPUTS)]
     local = Path(client.download_artifacts(res.run_id, "manifest", str(tmp_path / "dl")))

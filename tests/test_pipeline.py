@@ -155,6 +155,50 @@ def test_full_pipeline(first_run: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
+def test_mlflow_ui_shows_a_training_experiment_with_described_runs_and_models(first_run: dict[str, Any]) -> None:
+    """What a reviewer sees in the UI: kind, run descriptions with their numbers, parent metrics, model notes."""
+    assert first_run["res"].exit_code == 0, first_run["res"].output
+    state, cl = state_of(first_run["work"]), client(first_run["uri"])
+    parent = cl.get_run(state["parent_run_id"])
+    exp = cl.get_experiment(parent.info.experiment_id)
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"  # "Machine learning", not GenAI
+    assert exp.tags[tracking.NOTE_TAG]
+
+    digest = state["stages"]["ingest"]["dataset_digest"]
+    ev, tr = state["stages"]["evaluate"], state["stages"]["train"]
+    test_dice = f"{ev['dice_mean']:.4f}"
+    note = {r.data.tags["tumorseg.stage"]: r.data.tags.get(tracking.NOTE_TAG, "") for r in child_runs(cl, parent)}
+    note["pipeline"] = parent.data.tags.get(tracking.NOTE_TAG, "")
+    assert sorted(note) == ["evaluate", "ingest", "pipeline", "promote", "train"]
+    assert all(note.values()), note
+    # each starts with its headline (the runs table shows the first ~50 characters)
+    assert note["pipeline"].startswith(f"test Dice {test_dice} on {ev['n_cases']} cases; v1 promoted to champion")
+    assert digest[:12] in note["pipeline"]
+    assert note["ingest"].startswith("24 cases (") and digest[:12] in note["ingest"]
+    assert note["train"].startswith(f"best val Dice {tr['best_val_dice']:.4f} at epoch")
+    assert note["evaluate"].startswith(f"test mean Dice {test_dice} on {ev['n_cases']} cases")
+    assert note["promote"].startswith(f"`tiny-a` v1 promoted to champion (the first): test Dice {test_dice}")
+
+    # the headline metrics on the parent, under the names the evaluate and training runs use
+    m = parent.data.metrics
+    assert m["test_dice_mean"] == pytest.approx(ev["dice_mean"])
+    assert {"test_dice_median", "test_iou_mean", "test_dice_global", "train.best_val_dice"} <= set(m)
+    train_run = cl.get_run(tr["mlflow_run_id"])
+    assert train_run.data.metrics["test_dice_mean"] == m["test_dice_mean"]
+    # the runs table's Dataset column: the manifest is the parent's input too
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["tiny"]
+
+    model = cl.get_registered_model("tiny-a")
+    assert digest[:12] in model.description and f"**v1**, test Dice {test_dice} on" in model.description
+    assert 'mlflow.pyfunc.load_model("models:/tiny-a@champion")' in model.description
+    assert "tumorseg predict models:/tiny-a@champion" in model.description
+    assert "`unet`" in model.description and "`test` split" in model.description
+    v1 = cl.get_model_version("tiny-a", "1")
+    assert v1.description.startswith(f"v1 promoted to champion (the first): test Dice {test_dice} on")
+    assert digest[:12] in v1.description and tr["mlflow_run_id"] in v1.description
+
+
+@pytest.mark.slow
 def test_champion_loads_as_pyfunc_and_predicts(first_run: dict[str, Any], tmp_path: Path) -> None:
     import mlflow
     import numpy as np
@@ -195,6 +239,7 @@ def test_unchanged_data_skips_then_force_trains(first_run: dict[str, Any]) -> No
     parent = cl.get_run(state["parent_run_id"])
     assert parent.data.tags["pipeline.outcome"] == "nothing_new"
     assert parent.data.tags["pipeline.train.status"] == "not_needed"
+    assert parent.data.tags[tracking.NOTE_TAG].startswith("nothing new: the data (digest")
     assert [r.data.tags["tumorseg.stage"] for r in child_runs(cl, parent)] == ["ingest"]
 
     res = invoke(str(yml), "--force")
@@ -234,6 +279,15 @@ def test_worse_challenger_is_not_promoted(first_run: dict[str, Any], tmp_path: P
     assert parent.data.tags[registry.TAG_DECISION] == "rejected"
     assert parent.data.tags[registry.TAG_CHAMPION_DICE] == tags[registry.TAG_CHAMPION_DICE]
     assert parent.info.status == "FINISHED"
+    note = parent.data.tags[tracking.NOTE_TAG]
+    assert note.startswith("test Dice ")
+    assert f"v{new.version} not promoted (v{champion_before} stays champion)" in note
+    desc = cl.get_model_version("tiny-a", new.version).description
+    champion_dice = float(tags[registry.TAG_CHAMPION_DICE])
+    assert desc.startswith(f"v{new.version} not promoted")
+    assert f"champion v{champion_before}: {champion_dice:.4f}" in desc
+    # the registered model still describes the champion that kept the alias
+    assert f"**v{champion_before}**" in cl.get_registered_model("tiny-a").description
 
 
 # ----------------------------------------------------------------------------- scenario B: failures and resume
@@ -324,6 +378,7 @@ def test_failed_stage_stops_and_rerun_resumes(resumed: dict[str, Any]) -> None:
     assert parent.data.tags["pipeline.outcome"] == "first_champion"
     assert "pipeline.failed_stage" not in parent.data.tags and "pipeline.error" not in parent.data.tags
     assert parent.data.tags["pipeline.attempt"] == "3"
+    assert parent.data.tags[tracking.NOTE_TAG].startswith("test Dice ")  # not "running", not "failed"
     stages = [r.data.tags["tumorseg.stage"] for r in child_runs(cl, parent)]
     # one ingest and one train run (resumed, not repeated); the failed evaluate made no run
     assert sorted(stages) == ["evaluate", "ingest", "promote", "train"]

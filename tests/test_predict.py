@@ -138,6 +138,7 @@ def test_png_masks_keep_name_size_orientation(env: dict[str, Any], tmp_path: Pat
     assert run.data.params["model"] == str(env["ckpt"])
     assert run.data.params["checkpoint_sha256"] == sha256_file(env["ckpt"])
     assert run.data.metrics["n_written"] == 3 and run.data.metrics["n_inputs"] == 3
+    assert run.data.tags["mlflow.note.content"].startswith("3 masks for 3 inputs")
     assert "predictions.csv" in {a.path for a in client.list_artifacts(res.run_id)}
 
 

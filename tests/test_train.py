@@ -161,6 +161,10 @@ def test_train_writes_run_folder_and_mlflow_run(manifest: Path, tmp_path: Path, 
     assert run.data.params["optim.lr"] == "0.001"
     assert run.data.tags["tumorseg.stage"] == "train"
     assert run.data.tags["tumorseg.dataset_digest"] == ckpt["manifest_digest"]
+    note = run.data.tags["mlflow.note.content"]  # the run's description in the UI, final, not "running"
+    assert note.startswith(f"best val Dice {res.best_val_dice:.4f} at epoch {res.best_epoch} of 3")
+    assert "trained `unet`" in note
+    assert ckpt["manifest_digest"][:12] in note
     for metric in ("train_loss", "val_dice", "lr", "epoch_seconds", "images_per_second"):
         assert [m.step for m in client.get_metric_history(res.mlflow_run_id, metric)] == [1, 2, 3], metric
     assert run.inputs.dataset_inputs[0].dataset.digest == ckpt["manifest_digest"][:36]

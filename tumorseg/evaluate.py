@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tumorseg import tracking
 from tumorseg.config import EvaluateConfig, dump_config
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -280,9 +281,6 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     out_dir = cfg.out or Path("eval") / f"{info.name}-{cfg.split}-{mref.short_name}"
     out_dir.mkdir(parents=True, exist_ok=True)
     timings = {"load": time.perf_counter() - t0}
-
-    from tumorseg import tracking
-
     tags = {
         "tumorseg.model_ref": mref.ref,
         "tumorseg.checkpoint_sha256": mref.checkpoint_sha256,
@@ -341,9 +339,15 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
         for path in files.values():
             trk.log_artifact(path, "evaluation")
         trk.log_manifest_input(mdir, context=cfg.split)
+        ci = (f", 95% CI {summary['dice_ci_low']:.4f}-{summary['dice_ci_high']:.4f}"
+              if math.isfinite(summary["dice_ci_low"]) else "")
+        trk.set_description(  # headline first: the runs table shows the start
+            f"{cfg.split} mean Dice {summary['dice_mean']:.4f} on {len(per_case)} cases{ci}, pooled Dice "
+            f"{summary['dice_global']:.4f}, false positives on {summary['n_fp_empty']} of {summary['n_gt_empty']} "
+            f"tumour-free cases: `{mref.short_name}` on `{info.name}` (digest `{info.dataset_digest[:12]}`).")
         run_id = trk.run_id
     if mref.train_run_id and cfg.write_back:
-        write_back(mref.train_run_id, summary, cfg.split, run_id)
+        write_back(trk.tracking_uri, mref.train_run_id, summary, cfg.split, run_id)
     timings["total"] = time.perf_counter() - t0
     log.info("evaluated %d %s cases in %.1f s: mean Dice %.4f -> %s", len(per_case), cfg.split,
              timings["total"], summary["dice_mean"], out_dir)
@@ -406,14 +410,9 @@ def split_metrics(summary: dict[str, Any], split: str) -> dict[str, float]:
     return out
 
 
-def write_back(train_run_id: str, summary: dict[str, Any], split: str, eval_run_id: str) -> None:
+def write_back(uri: str, train_run_id: str, summary: dict[str, Any], split: str, eval_run_id: str) -> None:
     """Log the headline metrics to the training run (skipped with a warning when not in this store)."""
-    import mlflow
-
-    from tumorseg import tracking
-
     metrics = {f"{split}_{key}": summary.get(key) for key in HEADLINE}
-    uri = mlflow.get_tracking_uri()
     if not tracking.log_to_run(uri, train_run_id, metrics, {f"tumorseg.eval_run_id.{split}": eval_run_id}):
         log.warning("training run %s is not in tracking store %s; %s metrics not written back",
                     train_run_id, uri, split)

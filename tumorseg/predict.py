@@ -289,6 +289,9 @@ def run(cfg: PredictConfig) -> PredictResult:
                          "seconds": seconds,
                          "slices_per_second": n_slices / seconds if seconds > 0 else float("nan")})
         _log_listing(trk, rows)
+        trk.set_description(
+            f"{len(rows)} masks for {len(items)} inputs ({n_slices} slices), {n_empty} predicted tumour-free: "
+            f"`{mref.short_name}` into `{cfg.output_dir}`, threshold {threshold:g}.")
         run_id = trk.run_id
     outputs = [(it.path, it.mask_out) + ((it.prob_out,) if it.prob_out is not None else ()) for it in items]
     log.info("wrote %d mask(s) for %d slice(s) to %s in %.1f s", len(rows), n_slices, cfg.output_dir, seconds)

@@ -26,6 +26,17 @@ log = logging.getLogger(__name__)
 
 _MAX_PARAM_LEN = 6000
 
+NOTE_TAG = "mlflow.note.content"
+"""The run's (and experiment's) description in the MLflow UI: markdown."""
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""What MLflow's UI calls a "Machine learning" / model-training experiment (not GenAI)."""
+EXPERIMENT_NOTE = (
+    "Tumour segmentation runs of tumorseg. A pipeline run (`pipeline-NAME`) holds its "
+    "`ingest`, `train`, `evaluate` and `promote` runs as children (expand it in the runs table); every "
+    "run's description says what ran on which data and its headline result."
+)
+
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The tracking URI to use: ``uri``, else ``$MLFLOW_TRACKING_URI``, else local SQLite."""
@@ -112,6 +123,45 @@ def log_to_run(
     return True
 
 
+def ui_link(uri: str, experiment_id: str) -> str:
+    """Where the experiment's runs are in the MLflow UI, in its model-training view.
+
+    MLflow 3.17's UI picks the GenAI or the model-training view per browser (the toggle at the
+    top left, default GenAI) and not from the experiment's kind tag; ``workflowType`` in the
+    link opens the model-training view, with the runs table, whatever the browser last chose.
+    """
+    path = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{path}"
+    return f"http://127.0.0.1:5000/{path} (after: mlflow ui --backend-store-uri {uri})"
+
+
+def describe_run(uri: str, run_id: str, text: str) -> None:
+    """Set the description (MLflow's run note, markdown) of a run by id."""
+    client(uri).set_tag(run_id, NOTE_TAG, text)
+
+
+def log_manifest_input(uri: str, run_id: str, manifest_dir: Path, context: str) -> None:
+    """Log a manifest as an MLflow dataset input (name, digest, source) of a run by id."""
+    import warnings
+
+    import pandas as pd
+    from mlflow.data.pandas_dataset import from_pandas
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from tumorseg.manifest import read_manifest_info
+
+    info = read_manifest_info(manifest_dir)
+    df = pd.read_csv(manifest_dir / "manifest.csv", dtype=str, keep_default_na=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "source can be interpreted in multiple ways"
+        dataset = from_pandas(df, source=str((manifest_dir / "manifest.csv").resolve()), name=info.name,
+                              digest=info.dataset_digest[:36])
+    entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+    client(uri).log_inputs(run_id, datasets=[entity])
+
+
 def delete_tags(uri: str, run_id: str, keys: list[str]) -> None:
     """Delete tags from a run; absent tags are fine."""
     from mlflow.exceptions import MlflowException
@@ -144,9 +194,10 @@ class Run:
     few places that address a run by id or the model registry.
     """
 
-    def __init__(self, run_id: str, uri: str) -> None:
+    def __init__(self, run_id: str, uri: str, experiment_id: str = "") -> None:
         self.run_id = run_id
         self.tracking_uri = uri
+        self.experiment_id = experiment_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log (flattened) params; long values are truncated to MLflow's limit."""
@@ -184,25 +235,11 @@ class Run:
 
     def log_manifest_input(self, manifest_dir: Path, context: str) -> None:
         """Log a manifest as an MLflow dataset input carrying its digest."""
-        import mlflow
-        import pandas as pd
-        from mlflow.data.pandas_dataset import from_pandas
+        log_manifest_input(self.tracking_uri, self.run_id, manifest_dir, context)
 
-        from tumorseg.manifest import read_manifest_info
-
-        info = read_manifest_info(manifest_dir)
-        df = pd.read_csv(manifest_dir / "manifest.csv", dtype=str, keep_default_na=False)
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "source can be interpreted in multiple ways"
-            dataset = from_pandas(
-                df,
-                source=str((manifest_dir / "manifest.csv").resolve()),
-                name=info.name,
-                digest=info.dataset_digest[:36],
-            )
-        mlflow.log_input(dataset, context=context)
+    def set_description(self, text: str) -> None:
+        """Set the run's description (the note the MLflow UI shows on the run page): short markdown."""
+        describe_run(self.tracking_uri, self.run_id, text)
 
 
 class NullRun(Run):
@@ -224,6 +261,9 @@ class NullRun(Run):
         pass
 
     def log_manifest_input(self, manifest_dir: Path, context: str) -> None:  # noqa: D102
+        pass
+
+    def set_description(self, text: str) -> None:  # noqa: D102
         pass
 
 
@@ -262,20 +302,28 @@ def git_commit() -> str | None:
 
 
 def _ensure_experiment(name: str, uri: str) -> None:
-    """Create the experiment; with SQLite its artifacts go beside the database (``mlartifacts/``).
+    """Create the experiment as a model-training one; with SQLite its artifacts go beside the database.
 
-    MLflow's default puts them in ``./mlruns`` of whatever folder first created the
-    experiment, so runs started from different folders would scatter their artifacts.
+    MLflow's default puts artifacts in ``./mlruns`` of whatever folder first created the
+    experiment, so runs started from different folders would scatter them; ``mlartifacts/``
+    beside the database keeps them together. The kind tag says it is a model-training ("Machine
+    learning") experiment, not a GenAI app, to a UI that picks its view per experiment (MLflow
+    3.17's UI as shipped picks it per browser: see :func:`ui_link`). An existing experiment
+    without a kind gets it too; one someone set a kind on keeps theirs.
     """
     import mlflow
 
-    if mlflow.get_experiment_by_name(name) is not None:
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+            client(uri).set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
     try:
-        mlflow.create_experiment(name, artifact_location=location)
+        mlflow.create_experiment(name, artifact_location=location,
+                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, NOTE_TAG: EXPERIMENT_NOTE})
     except mlflow.exceptions.MlflowException:  # created concurrently by another process
         if mlflow.get_experiment_by_name(name) is None:
             raise
@@ -316,4 +364,4 @@ def start_run(
         log_system_metrics=system_metrics or None,
     ) as active:
         log.info("MLflow run %s (%s) at %s", active.info.run_id, stage, uri)
-        yield Run(active.info.run_id, uri)
+        yield Run(active.info.run_id, uri, active.info.experiment_id)

@@ -252,4 +252,14 @@ def _track(cfg: IngestConfig, result: IngestResult) -> str:
         for name in ("manifest.csv", "manifest.json", "rejected.csv", "ignored.csv"):
             run.log_artifact(result.manifest_dir / name, "manifest")
         run.log_manifest_input(result.manifest_dir, context="ingest")
+        run.set_description(describe(cfg, result))
         return run.run_id
+
+
+def describe(cfg: IngestConfig, result: IngestResult) -> str:
+    """The ingest run's description, headline first (the runs table shows its start): cases, splits, data."""
+    s = result.summary
+    splits = " / ".join(f"{split} {v['cases']}" for split, v in s["splits"].items())
+    return (f"{result.n_cases} cases ({splits}) in {s['groups']} groups, {s['tumour']} with tumour: ingest of "
+            f"`{cfg.name}` (digest `{result.dataset_digest[:12]}`) from `{cfg.images_dir}`; {result.n_rejected} "
+            f"rejected and {result.n_ignored} ignored file(s); split seed {cfg.seed}.")

@@ -158,10 +158,15 @@ def _register_and_decide(ctx: Cycle, ing: dict[str, Any], tr: dict[str, Any], ev
             **decision.tags(),
             registry.TAG_CHAMPION_VERSION: champ_version or "none",
             registry.TAG_SPLIT: split,
+            registry.TAG_EVAL_CASES: ev.get("n_cases"),
         }
         registry.tag_version(cl, name, version, tags)
         if decision.promote:
             registry.set_alias(cl, name, registry.CHAMPION, version)
+        note = version_note(ing, tr, ev, split, version, decision, champ_version)
+        registry.describe_version(cl, name, version, note)
+        registry.describe_model(cl, name, model_note(ctx, cl, Path(ing["manifest_dir"]), split))
+        run.set_description(f"`{name}` {note}")
         run.set_tags({**tags, "tumorseg.model_version": version})
         run.log_metrics(
             {
@@ -171,3 +176,59 @@ def _register_and_decide(ctx: Cycle, ing: dict[str, Any], tr: dict[str, Any], ev
         )
         ctx.parent_tags(tags)
         return {"version": version, "run_id": run.run_id}
+
+
+def outcome_phrase(version: str, decision: registry.Decision, champ_version: str | None) -> str:
+    """``v2 promoted to champion, replacing v1`` and the like."""
+    if decision.outcome == "first_champion":
+        return f"v{version} promoted to champion (the first)"
+    if decision.promote:
+        return f"v{version} promoted to champion, replacing v{champ_version}"
+    keeper = f"v{champ_version} stays champion" if champ_version else "no champion yet"
+    return f"v{version} not promoted ({keeper})"
+
+
+def version_note(ing: dict[str, Any], tr: dict[str, Any], ev: dict[str, Any], split: str, version: str,
+                 decision: registry.Decision, champ_version: str | None) -> str:
+    """A version's description, decision first: test Dice against the champion's, data, training run."""
+    rival = ("" if decision.champion_dice is None
+             else f" (champion v{champ_version}: {decision.champion_dice:.4f} on the same cases)")
+    return (
+        f"{outcome_phrase(version, decision, champ_version)}: test Dice {decision.challenger_dice:.4f} on "
+        f"{ev.get('n_cases', '?')} `{split}` cases{rival}. Trained on manifest `{Path(ing['manifest_dir']).name}` "
+        f"(digest `{ing['dataset_digest'][:12]}`, {ing.get('n_cases', '?')} cases) in training run "
+        f"`{tr['mlflow_run_id']}` (best val Dice {tr['best_val_dice']:.4f}). Rule: {decision.reason}. "
+        f"Evaluate run `{ev.get('run_id')}`."
+    )
+
+
+def model_note(ctx: Cycle, cl: Any, manifest: Path, split: str) -> str:
+    """The registered model's description: what it does, the data, the plan, the promotion rule, how to load."""
+    cfg = ctx.cfg
+    name = cfg.registry.model_name
+    icfg = cfg.ingest_config(ctx.tracking)
+    tcfg = cfg.train_cfg(manifest, ctx.work_dir / "runs", ctx.tracking)
+    champ = registry.get_alias(cl, name, registry.CHAMPION)
+    if champ is None:
+        current = "no champion yet (no version has a scorable test Dice)."
+    else:
+        t = champ.tags or {}
+        current = (f"**v{champ.version}**, test Dice {float(t.get(registry.TAG_CHALLENGER_DICE, 'nan')):.4f} on "
+                   f"{t.get(registry.TAG_EVAL_CASES, '?')} `{t.get(registry.TAG_SPLIT, split)}` cases of manifest "
+                   f"`{t.get(registry.TAG_MANIFEST, '?')}` (digest `{t.get(registry.TAG_DIGEST, '?')[:12]}`).")
+    size = "x".join(str(v) for v in tcfg.image_size)
+    groups = f"pattern `{icfg.group_pattern}`" if icfg.group_pattern else f"by {icfg.group_by}"
+    return "\n".join([
+        f"Tumour segmentation: a binary tumour mask per 2-D image, trained by the tumorseg pipeline `{cfg.name}`.",
+        "",
+        f"- **Data**: manifest `{icfg.name}` from `{icfg.images_dir}`, split by patient group "
+        f"({groups}, fractions {list(icfg.fractions)}, seed {icfg.seed}) "
+        "into train / val / test; each version trains on train and keeps its best-val-Dice epoch.",
+        f"- **Plan**: `{tcfg.model.name}` channels {list(tcfg.model.channels)}, {size}, loss `{tcfg.loss.name}`, "
+        f"up to {tcfg.epochs} epochs, batch {tcfg.batch_size}, normalisation `{tcfg.normalize}`.",
+        f"- **Promotion**: every version is `@challenger`; it takes `@champion` when its mean Dice on the "
+        f"`{split}` split beats the champion's on the same cases by at least {cfg.registry.margin:g}.",
+        f"- **Champion**: {current}",
+        f"- **Load**: `mlflow.pyfunc.load_model(\"models:/{name}@champion\")`, or "
+        f"`tumorseg predict models:/{name}@champion IMAGES OUT_DIR`.",
+    ])

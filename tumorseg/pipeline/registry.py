@@ -37,6 +37,7 @@ TAG_CHAMPION_DICE = "tumorseg.champion_test_dice"
 TAG_CHAMPION_VERSION = "tumorseg.compared_with_version"
 TAG_MARGIN = "tumorseg.margin"
 TAG_SPLIT = "tumorseg.eval_split"
+TAG_EVAL_CASES = "tumorseg.eval_cases"
 
 Outcome = Literal["first_champion", "promoted", "rejected"]
 
@@ -169,6 +170,16 @@ def tag_version(cl: MlflowClient, name: str, version: str, tags: Mapping[str, An
     for key, value in tags.items():
         if value is not None:
             cl.set_model_version_tag(name, version, key, str(value))
+
+
+def describe_model(cl: MlflowClient, name: str, text: str) -> None:
+    """Set the registered model's description (markdown, shown on its page in the MLflow UI)."""
+    cl.update_registered_model(name, description=text)
+
+
+def describe_version(cl: MlflowClient, name: str, version: str, text: str) -> None:
+    """Set one version's description (markdown)."""
+    cl.update_model_version(name, version, description=text)
 
 
 def set_alias(cl: MlflowClient, name: str, alias: str, version: str) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from tumorseg import tracking
 from tumorseg.config import TrackingConfig
 from tumorseg.errors import ExitCode
 from tumorseg.pipeline.config import PipelineConfig
-from tumorseg.pipeline.promote import promote
+from tumorseg.pipeline.promote import outcome_phrase, promote
 from tumorseg.pipeline.stages import evaluate_stage, ingest_stage, nothing_new, train_stage
 from tumorseg.pipeline.state import (
     STAGES,
@@ -76,8 +77,10 @@ def _run_cycle(ctx: Cycle) -> PipelineResult:
                     **{f"pipeline.{s}.status": ctx.peek(s).get("status", "pending") for s in STAGES},
                 }
             )
+            ctx.describe_parent(f"running: pipeline `{cfg.name}`, cycle `{ctx.cycle}`, attempt {state['attempt']}.")
             result = run_stages(ctx)
             _finish(ctx, result)
+            log.info("runs in the MLflow UI: %s", tracking.ui_link(ctx.uri, parent.experiment_id))
             return result
     except StageFailed as exc:
         result = PipelineResult(
@@ -92,6 +95,7 @@ def _run_cycle(ctx: Cycle) -> PipelineResult:
         )
         state["outcome"] = "failed"
         ctx.save()
+        ctx.describe_parent(describe(ctx, result))
         return result
 
 
@@ -107,6 +111,7 @@ def _finish(ctx: Cycle, result: PipelineResult) -> None:
         }
     )
     ctx.parent_metrics({"pipeline.exit_code": result.exit_code})
+    ctx.describe_parent(describe(ctx, result))
     if ctx.state.get("attempt", 1) > 1:
         ctx.clear_parent_tags(["pipeline.failed_stage", "pipeline.error"])  # from an earlier attempt
     ctx.state.update(
@@ -118,6 +123,29 @@ def _finish(ctx: Cycle, result: PipelineResult) -> None:
     )
     ctx.save()
     log.info("%s", result.message)
+
+
+def describe(ctx: Cycle, result: PipelineResult) -> str:
+    """The parent run's description: the outcome line first (the runs table shows it), then the stages' figures."""
+    ing, tr, ev, pr = (ctx.peek(s) for s in STAGES)
+    d = result.decision
+    if d is not None and ev and result.outcome != "failed":
+        head = (f"test Dice {d.challenger_dice:.4f} on {ev.get('n_cases')} cases; "
+                f"{outcome_phrase(str(result.model_version), d, pr.get('champion_version'))}")
+    else:
+        head = result.message
+    lines = [head, "", f"Pipeline `{ctx.cfg.name}`, cycle `{ctx.cycle}`, exit code {result.exit_code}."]
+    if ing.get("dataset_digest"):
+        lines.append(f"- ingest: manifest `{Path(ing['manifest_dir']).name}` (digest "
+                     f"`{ing['dataset_digest'][:12]}`), {ing.get('n_cases')} cases, {ing.get('n_rejected')} rejected")
+    if tr.get("status") == "done":
+        lines.append(f"- train: best val Dice {tr['best_val_dice']:.4f} at epoch {tr['best_epoch']} "
+                     f"(run `{tr['mlflow_run_id']}`)")
+    if ev.get("status") == "done":
+        lines.append(f"- evaluate: mean Dice {ev['dice_mean']:.4f} on {ev['n_cases']} `{ev['split']}` cases")
+    if d is not None:
+        lines.append(f"- promote: `{ctx.cfg.registry.model_name}` v{result.model_version}: {d.reason}")
+    return "\n".join(lines)
 
 
 def run_stages(ctx: Cycle) -> PipelineResult:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ def ingest_stage(ctx: Cycle) -> dict[str, Any]:
         }
     )
     ctx.parent_metrics({"ingest.cases": out["n_cases"], "ingest.rejected": out["n_rejected"]})
+    ctx.parent_input(Path(out["manifest_dir"]))
     return out
 
 
@@ -188,7 +190,9 @@ def evaluate_stage(ctx: Cycle, ing: dict[str, Any], tr: dict[str, Any]) -> dict[
         from tumorseg import evaluate
 
         res = evaluate.run(ecfg)
+        headline = {f"{ecfg.split}_{k}": res.summary.get(k) for k in evaluate.HEADLINE}
         return {
+            "headline": {k: float(v) for k, v in headline.items() if isinstance(v, int | float) and math.isfinite(v)},
             "dice_mean": dice_of(res.summary),
             "run_id": res.run_id,
             "out_dir": str(res.out_dir),
@@ -198,5 +202,7 @@ def evaluate_stage(ctx: Cycle, ing: dict[str, Any], tr: dict[str, Any]) -> dict[
 
     out = run_stage(ctx, "evaluate", key, work)
     ctx.parent_tags({"pipeline.evaluate.run_id": out["run_id"], "pipeline.evaluate.split": out["split"]})
-    ctx.parent_metrics({"evaluate.dice_mean": out["dice_mean"], "evaluate.n_cases": out["n_cases"]})
+    # the same names as on the evaluate and training runs (test_dice_mean...), so the runs table lines them up
+    ctx.parent_metrics({"evaluate.dice_mean": out["dice_mean"], "evaluate.n_cases": out["n_cases"],
+                        **out.get("headline", {})})
     return out

@@ -189,6 +189,17 @@ class Cycle:
         """Log finite metrics on the parent run; best effort."""
         self._record(metrics=metrics)
 
+    def describe_parent(self, text: str) -> None:
+        """Set the parent run's description (the note the MLflow UI shows); best effort."""
+        self._record(tags={tracking.NOTE_TAG: text})
+
+    def parent_input(self, manifest_dir: Path) -> None:
+        """Log the cycle's manifest as the parent run's dataset (the runs table's Dataset column); best effort."""
+        try:
+            tracking.log_manifest_input(self.uri, self.parent_id, manifest_dir, "pipeline")
+        except Exception as exc:  # a tracking hiccup must not fail a finished ingest
+            log.warning("could not log the manifest as the pipeline run's dataset: %s", exc)
+
     def clear_parent_tags(self, keys: list[str]) -> None:
         """Delete tags from the parent run (missing ones are fine); best effort."""
         try:

@@ -13,11 +13,14 @@ from __future__ import annotations
 import logging
 import math
 from itertools import product
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from tumorseg import checkpoint
 from tumorseg.config import TrainConfig
+from tumorseg.fsutil import atomic_write_json
 from tumorseg.inference import Postprocess, components
 from tumorseg.metrics import confusion, dice
 from tumorseg.train.loop import val_probabilities
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     import torch
 
     from tumorseg.data import CachedSplit
+    from tumorseg.tracking import Run
 
 log = logging.getLogger(__name__)
 
@@ -75,3 +79,20 @@ def choose(net: torch.nn.Module, val: CachedSplit, cfg: TrainConfig,
                 best, best_score = post, score
     log.info("post-processing on val: %s (val Dice %.4f, plain %.4f)", best.to_dict(), best_score, base_score)
     return best, {"val_dice_plain": base_score, "val_dice_postprocessed": best_score, "candidates": table}
+
+
+def choose_and_store(run: Run, best: Path, cfg: TrainConfig, val_data: CachedSplit,
+                           device: torch.device) -> None:
+    """Choose threshold, mirroring and component filter on val; store the choice in ``best.pt``."""
+    from tumorseg.inference import Segmenter
+
+    seg = Segmenter.from_checkpoint(best, device=device.type)
+    post, scores = choose(seg.net, val_data, cfg, device)
+    ckpt = checkpoint.load(best)
+    ckpt["postprocess"] = post.to_dict()
+    checkpoint.save(best, ckpt)
+    run.log_params({f"postprocess.{k}": v for k, v in post.to_dict().items()})
+    run.log_metrics({"val_dice_plain": scores["val_dice_plain"],
+                     "val_dice_postprocessed": scores["val_dice_postprocessed"]})
+    atomic_write_json(best.parent / "postprocess.json", {"chosen": post.to_dict(), **scores})
+    run.log_artifact(best.parent / "postprocess.json")

@@ -132,17 +132,27 @@ def build_scheduler(cfg: TrainConfig, opt: torch.optim.Optimizer, steps: int) ->
             opt, mode="max", factor=o.plateau_factor, patience=o.plateau_patience, min_lr=o.min_lr
         )
     if o.schedule in ("cosine", "poly"):
+        span = [steps]  # the run's length; a budget run refines it after its first epoch (set_span)
         warm, floor = min(o.warmup_steps, max(0, steps - 1)), o.min_lr / o.lr
 
         def factor(step: int) -> float:
             if step < warm:
                 return (step + 1) / (warm + 1)
-            t = min(1.0, (step - warm) / max(1, steps - warm))
+            t = min(1.0, (step - warm) / max(1, span[0] - warm))
             decay = 0.5 * (1 + math.cos(math.pi * t)) if o.schedule == "cosine" else (1 - t) ** 0.9
             return floor + (1 - floor) * decay
 
-        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        sched.span = span  # type: ignore[attr-defined]
+        return sched
     return None
+
+
+def set_span(sched: Any, steps: int) -> None:
+    """Stretch or shrink a cosine/poly schedule to end at ``steps`` (no-op for other schedules)."""
+    span = getattr(sched, "span", None)
+    if span is not None:
+        span[0] = steps
 
 
 def steps_per_step(cfg: TrainConfig) -> bool:

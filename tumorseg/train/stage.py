@@ -33,7 +33,9 @@ from tumorseg.intensity import (
 from tumorseg.manifest import load_manifest, select_split
 from tumorseg.metrics import confusion, dice
 from tumorseg.model import build_loss, build_model, init_output_bias
+from tumorseg.train import postprocess
 from tumorseg.train.loop import State, TrainContext, run_epochs
+from tumorseg.train.planned import planned
 from tumorseg.train.runtime import (
     Dist,
     build_optimizer,
@@ -118,7 +120,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
     info, df = load_manifest(cfg.manifest)
     plan = None
     if ckpt is None and cfg.plan != "off":
-        cfg, plan = _planned(cfg, info, df, device, dist, run_dir)
+        cfg, plan = planned(cfg, info, df, device, dist, run_dir)
     manifest = Path(str(cfg.manifest))
     seed_everything(cfg.seed, cfg.deterministic)
     if ckpt is not None and ckpt["manifest_digest"] != info.dataset_digest:
@@ -195,6 +197,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
                                  tags=_run_tags(cfg, info, device), system_metrics=True)
               if dist.main else _null_run())
     with run_cm as run:
+        run.set_description(_describe(cfg, info, len(train_df), len(val_df), None if ckpt is None else state))
         if ckpt is None:
             run.log_params(cfg.model_dump(mode="json"))
             run.log_params({"in_channels": in_channels, "train_cases": len(train_df), "val_cases": len(val_df),
@@ -213,7 +216,10 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
                            dist=dist, in_channels=in_channels, stats=stats, manifest_digest=info.dataset_digest,
                            manifest_name=info.name, run_dir=run_dir, run=run if dist.main else None,
                            deadline=deadline, fingerprint=fingerprint,
-                           finish_seconds=float(plan.estimates.get("finish_seconds", 10.0)) if plan else 10.0)
+                           finish_seconds=float(plan.estimates.get("finish_seconds", 10.0)) if plan else 10.0,
+                           # planned steps are refitted to the first epoch's speed (one process: DDP ranks
+                           # would each measure their own)
+                           refine_steps=plan is not None and dist.world == 1 and "max_steps" not in plan.overrides)
         run_epochs(ctx, train_data, val_data, state)
         result = TrainResult(run_dir, run_dir / "best.pt", run_dir / "last.pt", state.best_val_dice,
                              state.best_epoch, state.epoch, run.run_id, None, dist.main, state.stopped_reason,
@@ -222,6 +228,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
             result.model_uri = _finish(run, run_dir, cfg, val_data, device, state)
             if budget is not None:
                 run.log_metrics({"wall_seconds": spent + time.perf_counter() - t_start, "budget_seconds": budget})
+            run.set_description(_describe(cfg, info, len(train_df), len(val_df), state, done=True))
             atomic_write_json(run_dir / "result.json", {
                 "best_val_dice": state.best_val_dice, "best_epoch": state.best_epoch, "epochs_run": state.epoch,
                 "mlflow_run_id": run.run_id, "model_uri": result.model_uri, "stopped_reason": state.stopped_reason,
@@ -232,74 +239,6 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
         td.barrier()
         td.destroy_process_group()
     return result
-
-
-def _choose_postprocessing(run: Run, best: Path, cfg: TrainConfig, val_data: CachedSplit,
-                           device: torch.device) -> None:
-    """Choose threshold, mirroring and component filter on val; store the choice in ``best.pt``."""
-    from tumorseg.inference import Segmenter
-    from tumorseg.train import postprocess
-
-    seg = Segmenter.from_checkpoint(best, device=device.type)
-    post, scores = postprocess.choose(seg.net, val_data, cfg, device)
-    ckpt = checkpoint.load(best)
-    ckpt["postprocess"] = post.to_dict()
-    checkpoint.save(best, ckpt)
-    run.log_params({f"postprocess.{k}": v for k, v in post.to_dict().items()})
-    run.log_metrics({"val_dice_plain": scores["val_dice_plain"],
-                     "val_dice_postprocessed": scores["val_dice_postprocessed"]})
-    atomic_write_json(best.parent / "postprocess.json", {"chosen": post.to_dict(), **scores})
-    run.log_artifact(best.parent / "postprocess.json")
-
-
-def _planned(cfg: TrainConfig, info: Any, df: Any, device: torch.device, dist: Dist,
-             run_dir: Path) -> tuple[TrainConfig, Any]:
-    """Plan (or load the plan given), apply it under the user's settings, write it into the run folder.
-
-    Under DDP rank 0 plans and the others receive its plan, so every rank trains the same way.
-    """
-    from tumorseg import planning
-
-    source = str(Path(str(cfg.manifest)) / "manifest.csv")
-    plan = fp = None
-    if dist.main:
-        if cfg.plan == "auto":
-            plan, fp = planning.make(cfg, info, df, device, source)
-        else:
-            plan = planning.load(Path(cfg.plan), info)
-    if dist.world > 1:
-        import torch.distributed as td
-
-        box = [plan.model_dump_json() if plan is not None else None]
-        td.broadcast_object_list(box, src=0)
-        plan = planning.Plan.model_validate_json(str(box[0]))
-    assert plan is not None
-    merged, overrides = planning.apply(cfg, plan)
-    plan = plan.model_copy(update={"overrides": overrides})
-    if dist.main:
-        if fp is None:
-            from tumorseg.manifest import select_split
-            from tumorseg.planning.fingerprint import compute
-
-            fp = compute(info, select_split(df, "train", source), source)
-        planning.write(run_dir, plan, fp)
-        _show_plan(plan)
-    return merged, plan
-
-
-def _show_plan(plan: Any) -> None:
-    """The plan as a short table on a terminal, as log lines otherwise."""
-    from tumorseg import planning
-    from tumorseg.progress import is_interactive
-
-    rows = planning.summary_rows(plan)
-    if not is_interactive():
-        for key, value in rows:
-            log.info("plan: %s: %s", key, value)
-        return
-    from tumorseg.report import print_rows
-
-    print_rows(f"plan for {plan.manifest_name}", rows, stderr=True)
 
 
 def _dataset_stats(cfg: TrainConfig, cases: list[Case], in_channels: int, dist: Dist,
@@ -382,6 +321,20 @@ def _run_tags(cfg: TrainConfig, info: Any, device: torch.device) -> dict[str, st
     return tags
 
 
+def _describe(cfg: TrainConfig, info: Any, n_train: int, n_val: int, state: State | None,
+              done: bool = False) -> str:
+    """The training run's description, headline first: the best val Dice (or "running"), model, data."""
+    size = "x".join(str(v) for v in cfg.image_size)
+    what = (f"`{cfg.model.name}` (channels {list(cfg.model.channels)}, {size}, loss {cfg.loss.name}) on "
+            f"`{info.name}` (digest `{info.dataset_digest[:12]}`; {n_train} train / {n_val} val cases)")
+    if state is None:
+        return f"running: training {what}, up to {cfg.epochs} epochs."
+    best = f"best val Dice {state.best_val_dice:.4f} at epoch {state.best_epoch}"
+    if not done:
+        return f"running, resumed at epoch {state.epoch} of {cfg.epochs} ({best} so far): training {what}."
+    return f"{best} of {state.epoch} ({state.stopped_reason or 'all epochs done'}): trained {what}."
+
+
 def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: CachedSplit | None, device: torch.device,
             state: State) -> str | None:
     """Learning curve, val overlays at the best epoch, and the MLflow model."""
@@ -390,7 +343,7 @@ def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: CachedSplit | N
 
     best = run_dir / "best.pt"
     if cfg.postprocess == "auto" and val_data is not None and best.is_file():
-        _choose_postprocessing(run, best, cfg, val_data, device)
+        postprocess.choose_and_store(run, best, cfg, val_data, device)
     curve = run_dir / "learning_curve.png"
     review.learning_curve(state.history, curve)
     run.log_artifact(curve)
