@@ -1024,3 +1024,29 @@ def test_mlflow_run_is_logged(tmp_path: Path, mlflow_uri: str) -> None:
     assert json.loads(ds.source)["uri"] == str((res.manifest_dir / "manifest.csv").resolve())
     assert json.loads(ds.profile)["num_rows"] == 2
     assert {t.key: t.value for t in inputs[0].tags}.get("mlflow.data.context") == "ingest"
+
+
+def test_masks_in_a_sibling_folder_pair_by_stem(tmp_path: Path) -> None:
+    """A public dataset's layout (BUSI): CLASS/images/x.png beside CLASS/mask/x_mask.png (+ x_mask_1.png)."""
+    data = tmp_path / "data"
+    png(data / "benign" / "images" / "benign (1).png", image(1))
+    png(data / "benign" / "mask" / "benign (1)_mask.png", box(2, 6, 3, 9))
+    png(data / "benign" / "mask" / "benign (1)_mask_1.png", box(8, 10, 8, 10))
+    png(data / "benign" / "images" / "benign (2).png", image(2))
+    png(data / "benign" / "mask" / "benign (2)_mask.png", box(1, 3, 1, 3))
+    png(data / "normal" / "images" / "normal (1).png", image(3))
+    png(data / "normal" / "mask" / "normal (1)_mask.png", np.zeros((S, S), np.uint8))
+    # an ambiguous stem: two sibling folders of images hold 'x' under one parent, so neither is paired
+    png(data / "amb" / "a" / "x.png", image(4))
+    png(data / "amb" / "b" / "x.png", image(5))
+    png(data / "amb" / "masks" / "x_mask.png", box(2, 6, 3, 9))
+    res = ingest(data, out=tmp_path / "out", recursive=True, fractions=(1.0, 0.0, 0.0))
+    rows = by_id(res)
+    assert sorted(rows) == ["benign/images/benign (1)", "benign/images/benign (2)", "normal/images/normal (1)"]
+    merged = "benign/mask/benign (1)_mask.png|benign/mask/benign (1)_mask_1.png"
+    assert rows["benign/images/benign (1)"]["mask"] == merged
+    assert rows["benign/images/benign (1)"]["n_masks"] == "2"
+    assert rows["normal/images/normal (1)"]["has_tumour"] == "false"
+    rejected = rejected_of(res)
+    assert set(rejected) == {"amb/a/x.png", "amb/b/x.png", "amb/masks/x_mask.png"}
+    assert "image without mask" in rejected["amb/a/x.png"] and "mask without image" in rejected["amb/masks/x_mask.png"]

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tumorseg.errors import TumorsegError
 
@@ -165,13 +165,23 @@ class AugmentConfig(StrictModel):
     noise: bool = Field(default=False, description="additive Gaussian noise, sigma up to 0.1 (nnU-Net)")
 
 
+def _check_budget(v: str | None) -> str | None:
+    if v is not None:
+        parse_duration(v)
+    return v
+
+
+Budget = Annotated[str | None, AfterValidator(_check_budget)]
+"""A wall-time budget such as ``30m``; checked by :func:`parse_duration`."""
+
+
 class TrainConfig(StrictModel):
     """Options of ``tumorseg train``."""
 
     manifest: Path | None = None
     out: Path = Path("runs")
     run_name: str | None = None
-    budget: str | None = Field(default=None, description="wall-time budget, e.g. 30m, 2h, 90s; plans the steps")
+    budget: Budget = Field(default=None, description="wall-time budget, e.g. 30m, 2h, 90s; plans the steps")
     plan: str = Field(default="auto", description="auto (plan from the data), off, or a plan.json path")
     epochs: int = Field(default=40, ge=1)
     batch_size: int = Field(default=8, ge=1)
@@ -212,13 +222,6 @@ class TrainConfig(StrictModel):
             raise ValueError("sizes must be multiples of 16 and at least 16 (e.g. [256, 256])")
         return v
 
-    @field_validator("budget")
-    @classmethod
-    def _budget_parses(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_duration(v)
-        return v
-
     @field_validator("plan", mode="before")
     @classmethod
     def _plan_yaml_bool(cls, v: Any) -> Any:
@@ -257,18 +260,11 @@ class PlanConfig(StrictModel):
     """Options of ``tumorseg plan``."""
 
     manifest: Path
-    budget: str | None = Field(default=None, description="wall-time budget of the training run, e.g. 30m")
+    budget: Budget = Field(default=None, description="wall-time budget of the training run, e.g. 30m")
     device: Literal["auto", "cuda", "cpu"] = "auto"
     out: Path | None = Field(default=None, description="folder for plan.json; default: the manifest folder")
     amp: bool = True
     tracking: TrackingConfig = TrackingConfig()
-
-    @field_validator("budget")
-    @classmethod
-    def _budget_parses(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_duration(v)
-        return v
 
 
 # ----------------------------------------------------------------------------- evaluate / predict
