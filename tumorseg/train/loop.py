@@ -285,11 +285,12 @@ def run_epochs(ctx: TrainContext, train_data: CachedSplit, val_data: CachedSplit
 
 
 def _refine_steps(ctx: TrainContext, train_seconds: float, seen: int, state: State) -> None:
-    """After the first epoch, fit the planned steps to the throughput measured in it.
+    """After each epoch, fit the planned steps to the throughput measured in it.
 
-    The plan's probe lasts seconds and a shared machine's speed drifts; the first epoch is the
+    The plan's probe lasts seconds and a shared machine's speed drifts; the epochs are the
     better measurement. The run's ``max_steps`` (saved with every checkpoint, so a resume keeps
-    it) and the LR schedule's length are set to the steps that fill the rest of the budget.
+    it) and the LR schedule's length are set to the steps that fill the rest of the budget;
+    changes under 2% are left alone, so the schedule does not jitter.
     """
     from tumorseg.train.runtime import set_span
 
@@ -297,13 +298,14 @@ def _refine_steps(ctx: TrainContext, train_seconds: float, seen: int, state: Sta
     if ctx.deadline is None or seen == 0 or train_seconds <= 0 or cfg.max_steps is None:
         return
     images_per_second = seen * ctx.dist.world / train_seconds
-    steps_per_epoch = max(1, state.global_step)
+    steps_per_epoch = max(1, seen // cfg.batch_size)
     epoch_seconds = steps_per_epoch * cfg.batch_size * ctx.dist.world / images_per_second + ctx.val_seconds
     left = ctx.deadline - time.perf_counter() - ctx.finish_seconds
     steps = state.global_step + int(0.95 * max(0.0, left) / epoch_seconds * steps_per_epoch)
     steps = max(state.global_step + 1, steps)
-    if steps != cfg.max_steps:
-        log.info("budget: %.1f img/s measured in epoch 1; steps %d -> %d", images_per_second, cfg.max_steps, steps)
+    if abs(steps - cfg.max_steps) > 0.02 * cfg.max_steps:
+        log.info("budget: %.1f img/s in epoch %d; steps %d -> %d", images_per_second, state.epoch, cfg.max_steps,
+                 steps)
         cfg.max_steps = steps
         cfg.epochs = max(cfg.epochs, math.ceil(steps / steps_per_epoch))
         set_span(ctx.sched, steps)
@@ -359,7 +361,7 @@ def _epoch(ctx: TrainContext, train_data: CachedSplit, val_data: CachedSplit | N
         td.broadcast(shared, src=0)
         val_dice = float(shared.item())
     state.epoch += 1
-    if state.epoch == 1 and ctx.refine_steps:
+    if ctx.refine_steps and not state.stopped_reason:
         _refine_steps(ctx, train_seconds, seen, state)
     score = val_dice if math.isfinite(val_dice) else -1.0
     if ctx.sched is not None and cfg.optim.schedule == "plateau":
