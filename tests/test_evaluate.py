@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import ingest_synth
 from typer.testing import CliRunner
 
-from tumorseg.config import EvaluateConfig, IngestConfig, LossConfig, ModelConfig, TrackingConfig, TrainConfig
-from tumorseg.errors import TumorsegError
+from tumorseg.config import EvaluateConfig, LossConfig, ModelConfig, TrackingConfig, TrainConfig
 from tumorseg.fsutil import sha256_file
 
 EXPERIMENT = "test-evaluate"
@@ -29,23 +29,6 @@ MODEL_CFG = ModelConfig(channels=[8, 16, 32], num_res_units=1)
 
 # ----------------------------------------------------------------------------- fixtures
 
-
-def ingest_synth(images: Path, masks: Path, out_dir: Path, name: str, tracking: TrackingConfig) -> Path:
-    """Ingest, retrying once with the seed ingest suggests when a split lacks tumour cases."""
-    from tumorseg import ingest
-
-    seed = 3
-    for _ in range(3):
-        try:
-            res = ingest.run(IngestConfig(images_dir=images, masks_dir=masks, name=name, out_dir=out_dir,
-                                          group_pattern=r"(patient_\d+)", seed=seed, workers=1, tracking=tracking))
-            return res.manifest_dir
-        except TumorsegError as exc:
-            m = re.search(r"pass --seed (\d+)", str(exc))
-            if not m:
-                raise
-            seed = int(m.group(1))
-    raise AssertionError("ingest kept refusing the suggested seed")
 
 
 def make_checkpoint(path: Path, manifest_dir: Path | None, *, train_steps: int = 40, in_channels: int = 1,

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers import ingest_synth as _ingest
 
-from tumorseg.config import IngestConfig, PredictConfig, TrackingConfig, TrainConfig, load_config
-from tumorseg.errors import TumorsegError
+from tumorseg.config import PredictConfig, TrackingConfig, TrainConfig, load_config
 from tumorseg.intensity import (
     fingerprint_from_sums,
     normalize,
@@ -81,22 +80,6 @@ def test_range_message_factor_four_both_ways() -> None:
 
 # ----------------------------------------------------------------------------- real files
 
-
-def _ingest(images: Path, masks: Path, out: Path, name: str) -> Path:
-    """Ingest, retrying with the seed ingest suggests when a split lacks tumour cases."""
-    from tumorseg import ingest
-
-    seed = 3
-    for _ in range(3):
-        try:
-            return ingest.run(IngestConfig(images_dir=images, masks_dir=masks, name=name, out_dir=out,
-                                           group_pattern=r"(patient_\d+)", seed=seed, workers=1)).manifest_dir
-        except TumorsegError as exc:
-            m = re.search(r"pass --seed (\d+)", str(exc))
-            if not m:
-                raise
-            seed = int(m.group(1))
-    raise AssertionError("ingest kept refusing the suggested seed")
 
 
 def _store(src: Path, dest: Path, dtype: type, factor: int, ext: str, which: Any = lambda name: True) -> None:

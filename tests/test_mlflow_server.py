@@ -8,8 +8,6 @@ and stops the server by its PID in every case.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +18,8 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import free_port as _free_port
+from helpers import stop_server as _stop
 from typer.testing import CliRunner
 
 from tumorseg.cli import app
@@ -27,11 +27,6 @@ from tumorseg.cli import app
 MODEL = "tiny-server"
 EXPERIMENT = "test-server"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _healthy(uri: str) -> bool:
@@ -41,30 +36,6 @@ def _healthy(uri: str) -> bool:
     except OSError:
         return False
 
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's PID, wait, SIGKILL if needed; then any worker it left, by PID."""
-    import psutil
-
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    for child in children:
-        try:
-            child.terminate()
-            child.wait(timeout=10)
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.TimeoutExpired:
-            child.kill()
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import free_port as _free_port
+from helpers import stop_server as _stop
 from typer.testing import CliRunner
 
 from tumorseg.cli import app
@@ -132,11 +133,6 @@ def test_logged_model_declares_params_and_a_small_input_example(served: dict[str
 # ----------------------------------------------------------------------------- tumorseg serve
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 def test_serve_refuses_what_it_cannot_serve(served: dict[str, Any]) -> None:
     runner = CliRunner()
@@ -171,29 +167,6 @@ def test_serve_runs_mlflow_with_this_interpreter(served: dict[str, Any], monkeyp
     assert shutil.which("uvicorn", path=cmd.env["PATH"]) is not None
     assert cmd.env["MLFLOW_TRACKING_URI"] == cmd.env["MLFLOW_REGISTRY_URI"] == served["tracking"]
 
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's PID, wait, SIGKILL if needed; then any worker it left, by PID."""
-    import psutil
-
-    try:
-        children = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        children = []
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    for child in children:
-        try:
-            child.wait(timeout=10)  # the scoring server gets SIGTERM when its parent dies
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.TimeoutExpired:
-            child.kill()
 
 
 def _post(url: str, body: dict[str, Any]) -> Any:
