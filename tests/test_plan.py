@@ -47,7 +47,7 @@ def test_small_images_train_at_native_size_whole() -> None:
     assert t["image_size"] == [64, 64] and t["patch_size"] is None
     assert out["estimates"]["scale"] == 1.0 and "native" in out["reasons"]["image_size"]
     assert t["model"]["name"] == "dynunet" and t["model"]["deep_supervision"]  # plenty of compute: nnU-Net's net
-    assert t["model"]["channels"] == [32, 64, 128, 256]  # 64 -> 32 -> 16 -> 8 px: three downsamplings
+    assert t["model"]["channels"] == [32, 64, 128, 256, 512]  # 64 -> 4 px: four downsamplings (nnU-Net)
 
 
 def test_large_images_train_on_patches_with_oversampling_and_sliding_window() -> None:
@@ -55,7 +55,7 @@ def test_large_images_train_on_patches_with_oversampling_and_sliding_window() ->
     t = out["train"]
     assert t["image_size"] == [2048, 2048]
     assert t["patch_size"] == [512, 512] and t["oversample_foreground"] == pytest.approx(0.33)
-    assert len(t["model"]["channels"]) == 6  # sized for the 512 patch: 5 downsamplings to 16 px
+    assert len(t["model"]["channels"]) == 6  # sized for the 512 patch: 5 downsamplings (the cap) to 16 px
     assert "sliding-window" in out["reasons"]["patch_size"]
 
 
@@ -89,12 +89,13 @@ def test_a_tumour_free_heavy_set_gets_oversampling() -> None:
 def test_oversampled_epochs_draw_that_share_of_tumour_cases() -> None:
     import torch
 
-    from tumorseg.data import CachedSplit
+    from tumorseg.data import RamSplit
     from tumorseg.train.loop import epoch_order
 
     masks = torch.zeros(100, 1, 4, 4, dtype=torch.uint8)
     masks[:10, 0, 1, 1] = 1  # 10% of the cases hold tumour
-    data = CachedSplit([str(i) for i in range(100)], torch.zeros(100, 1, 4, 4), masks, [])
+    data = RamSplit([str(i) for i in range(100)], torch.zeros(100, 1, 4, 4), masks,
+                    fg_pixels=masks.flatten(1).sum(1).numpy(), pixels=16)
     draws = torch.cat([epoch_order(data, 0.33, torch.Generator().manual_seed(s)) for s in range(50)])
     assert float((draws < 10).float().mean()) == pytest.approx(0.33, abs=0.03)
     plain = epoch_order(data, 0.0, torch.Generator().manual_seed(0))

@@ -177,13 +177,14 @@ def test_train_writes_run_folder_and_mlflow_run(manifest: Path, tmp_path: Path, 
 
 
 @pytest.mark.slow
-def test_exact_resume_after_killed_process(manifest: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache", ["ram", "disk"])
+def test_exact_resume_after_killed_process(manifest: Path, tmp_path: Path, cache: str) -> None:
     """Deterministic mode: kill a training process, resume it, get the uninterrupted weights."""
     from tumorseg import train
     from tumorseg.checkpoint import load as load_checkpoint
 
     extra = ("deterministic=true", "epochs=40", "early_stopping_patience=null", "optim.schedule=plateau",
-             "optim.plateau_patience=1")
+             "optim.plateau_patience=1", f"cache={cache}", f"cache_dir={tmp_path / 'cache'}")
     full = train.run(tiny_cfg(manifest, tmp_path, "run_name=full", *extra))
 
     args = [f"--set={s}" for s in (*TINY, "run_name=killed", *extra)]
@@ -327,12 +328,14 @@ def test_cuda_requested_without_gpu_is_one_line(manifest: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(manifest: Path, tmp_path: Path, mlflow_uri: str) -> None:
+@pytest.mark.parametrize("cache", ["ram", "disk"])
+def test_ddp_two_cpu_processes(manifest: Path, tmp_path: Path, mlflow_uri: str, cache: str) -> None:
     """torchrun with 2 CPU processes on gloo: rank 0 alone logs, checkpoints and prints."""
     import mlflow
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": mlflow_uri}
-    args = [f"--set={s}" for s in (*TINY, "run_name=ddp", "device=cpu")]
+    args = [f"--set={s}" for s in (*TINY, f"run_name=ddp-{cache}", "device=cpu", f"cache={cache}",
+                                   f"cache_dir={tmp_path / 'cache'}")]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tumorseg",
          "train", str(manifest), "--out", str(tmp_path), *args],
@@ -340,13 +343,17 @@ def test_ddp_two_cpu_processes(manifest: Path, tmp_path: Path, mlflow_uri: str) 
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("best val Dice") == 1  # printed by rank 0 only
-    assert (tmp_path / "ddp" / "last.pt").is_file() and (tmp_path / "ddp" / "best.pt").is_file()
+    run_dir = tmp_path / f"ddp-{cache}"
+    assert (run_dir / "last.pt").is_file() and (run_dir / "best.pt").is_file()
     runs = mlflow.MlflowClient(mlflow_uri).search_runs(
         [e.experiment_id for e in mlflow.MlflowClient(mlflow_uri).search_experiments()],
-        filter_string="attributes.run_name = 'ddp'",
+        filter_string=f"attributes.run_name = 'ddp-{cache}'",
     )
     assert len(runs) == 1  # one MLflow run, not one per rank
     assert runs[0].data.params["world_size"] == "2"
+    # on disk, rank 0 built each split once and both ranks read it
+    built = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*") if cache == "disk")
+    assert built == (["train", "val"] if cache == "disk" else [])
 
 
 # ----------------------------------------------------------------------------- CUDA

@@ -38,6 +38,9 @@ app = typer.Typer(
 pipeline_app = typer.Typer(help="Run a pipeline YAML from pipelines/ (ingest -> train -> evaluate -> promote).",
                            no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
+cache_app = typer.Typer(help="The on-disk training cache (cache: disk, or auto above 2 GiB of cases).",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -331,6 +334,38 @@ def serve(
     from tumorseg import serve as stage
 
     stage.run(model, host=host, port=port, tracking=TrackingConfig(uri=tracking_uri))
+
+
+# ----------------------------------------------------------------------------- cache
+
+CacheManifest = Annotated[Path, typer.Argument(help="manifest folder, e.g. data_manifest/NAME", metavar="manifest")]
+CacheDir = Annotated[Path | None, typer.Option("--cache-dir", help="cache folder (default: MANIFEST/cache)")]
+
+
+@cache_app.command("list")
+@user_errors
+def cache_list(manifest: CacheManifest, cache_dir: CacheDir = None) -> None:
+    """List the cache folders of a manifest: split, size, cases, disk used."""
+    from tumorseg.data import disk
+    from tumorseg.report import print_rows
+
+    rows = disk.entries(cache_dir or manifest / "cache")
+    if not rows:
+        typer.echo(f"{cache_dir or manifest / 'cache'}: no cache")
+        return
+    for row in rows:
+        print_rows(row["folder"], [(k, str(v)) for k, v in row.items() if k != "folder"])
+
+
+@cache_app.command("clear")
+@user_errors
+def cache_clear(manifest: CacheManifest, cache_dir: CacheDir = None) -> None:
+    """Delete the cache folders of a manifest (they are rebuilt by the next run that needs them)."""
+    from tumorseg.data import disk
+
+    root = cache_dir or manifest / "cache"
+    folders, size = disk.clear(root)
+    typer.echo(f"{root}: removed {folders} cache folder(s), {size / 2**20:.1f} MiB")
 
 
 # ----------------------------------------------------------------------------- pipeline

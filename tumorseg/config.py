@@ -198,7 +198,9 @@ class TrainConfig(StrictModel):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     amp: bool = True
     channels_last: bool = True
-    cache: Literal["auto", "ram", "gpu"] = "auto"
+    cache: Literal["auto", "ram", "disk", "gpu"] = Field(
+        default="auto", description="auto: RAM (or the GPU) up to 2 GiB of preprocessed cases, else the disk cache")
+    cache_dir: Path | None = Field(default=None, description="on-disk cache folder (default: cache/ in the manifest's)")
     normalize: Literal["percentile", "dataset", "image"] = Field(
         default="percentile",
         description="percentile: each image scaled by its own 0.5/99.5 percentiles, then the training split's "

@@ -66,18 +66,48 @@ def normalize(image: np.ndarray, stats: Stats | None = None) -> np.ndarray:
     With ``stats`` every image is scaled by the training split's mean/std - after its own
     percentile scaling when ``stats`` has ``percentiles`` - one affine map for all images, so
     an image's mean and spread are not forced to 0 and 1. Without, each image is z-scored by
-    its own statistics (``normalize: image``; constant images -> 0).
+    its own statistics (``normalize: image``; constant images -> 0). It is
+    :func:`prescale` (per image) followed by :func:`affine` (the dataset's map).
+    """
+    mode = "image" if stats is None else ("percentile" if stats.get("percentiles") else "dataset")
+    img = prescale(image, mode, stats["percentiles"] if stats and stats.get("percentiles") else SCALE_PERCENTILES)
+    mapping = affine(stats)
+    if mapping is None:
+        return img
+    return (img - mapping[0]) / mapping[1]
+
+
+def prescale(image: np.ndarray, mode: str,
+             percentiles: tuple[float, float] | list[float] = SCALE_PERCENTILES) -> np.ndarray:
+    """The per-image part of ``normalize: mode``: percentile-scaled, z-scored by itself, or as stored.
+
+    It commutes with resizing up to rounding (the rest, :func:`affine`, is one map for all
+    images), so a training cache can hold prescaled images before the dataset statistics exist.
     """
     img = image.astype(np.float32, copy=False)
-    if stats is not None:
-        if stats.get("percentiles"):
-            img = percentile_scale(img, stats["percentiles"])
-        mean = np.asarray(stats["mean"], dtype=np.float32)[:, None, None]
-        std = np.asarray(stats["std"], dtype=np.float32)[:, None, None]
+    if mode == "percentile":
+        return percentile_scale(img, percentiles)
+    if mode == "image":
+        mean = img.mean(axis=(1, 2), keepdims=True)
+        std = img.std(axis=(1, 2), keepdims=True)
         return (img - mean) / np.where(std > 1e-8, std, 1.0)
-    mean = img.mean(axis=(1, 2), keepdims=True)
-    std = img.std(axis=(1, 2), keepdims=True)
-    return (img - mean) / np.where(std > 1e-8, std, 1.0)
+    return img
+
+
+def affine(stats: Stats | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(mean, std)`` as ``float32 (C, 1, 1)`` arrays (std of constant channels: 1), or ``None`` (per image)."""
+    if stats is None:
+        return None
+    mean = np.asarray(stats["mean"], dtype=np.float32)[:, None, None]
+    std = np.asarray(stats["std"], dtype=np.float32)[:, None, None]
+    return mean, np.where(std > 1e-8, std, np.float32(1.0)).astype(np.float32)
+
+
+def prescaled_sums(image: np.ndarray) -> np.ndarray:
+    """``(3, C)`` pixel count, sum and sum of squares of one prescaled image (see :func:`intensity_sums`)."""
+    img = image.astype(np.float64)
+    return np.stack([np.full(img.shape[0], img.shape[1] * img.shape[2], dtype=np.float64),
+                     img.sum(axis=(1, 2)), np.square(img).sum(axis=(1, 2))])
 
 
 def intensity_sums(images: list[np.ndarray], in_channels: int,
@@ -89,12 +119,7 @@ def intensity_sums(images: list[np.ndarray], in_channels: int,
     out = np.zeros((3, in_channels), dtype=np.float64)
     for image in images:
         img = to_channels(image, in_channels)
-        if percentiles is not None:
-            img = percentile_scale(img, percentiles)
-        img = img.astype(np.float64)
-        out[0] += img.shape[1] * img.shape[2]
-        out[1] += img.sum(axis=(1, 2))
-        out[2] += np.square(img).sum(axis=(1, 2))
+        out += prescaled_sums(percentile_scale(img, percentiles) if percentiles is not None else img)
     return out
 
 

@@ -42,7 +42,10 @@ MIN_SMALL_TUMOUR_DIAMETER = 16.0
 TARGET_EPOCHS = 80
 MIN_SAMPLES = 20_000
 MAX_SAMPLES = 500_000
-MIN_FEATURE = 8
+MIN_FEATURE = 4
+"""nnU-Net's smallest feature map edge (``unet_featuremap_min_edge_length``). Was 8: on BUSI val, at
+224x256 and an equal 30-minute budget, 4 downsamplings (14 px bottleneck) scored 0.69 against 0.75 for 5
+(7 px): the receptive field must span the tumour (benchmarks/RESULTS.md)."""
 MAX_DOWNSAMPLINGS = 5
 MAX_PATCH_PIXELS_CPU = 512 * 512
 CPU_BATCH = 8

@@ -30,7 +30,7 @@ from tumorseg.train.runtime import Dist, epoch_generator, rng_states
 if TYPE_CHECKING:
     import torch
 
-    from tumorseg.data import CachedSplit
+    from tumorseg.data import Split
     from tumorseg.tracking import Run
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class TrainContext:
         )
 
 
-def epoch_order(data: CachedSplit, oversample: float, gen: torch.Generator) -> torch.Tensor:
+def epoch_order(data: Split, oversample: float, gen: torch.Generator) -> torch.Tensor:
     """This epoch's case order: a permutation, or a weighted draw favouring tumour cases.
 
     With ``oversample`` above the tumour share of the cases, that share of the samples holds
@@ -127,7 +127,7 @@ def epoch_order(data: CachedSplit, oversample: float, gen: torch.Generator) -> t
     import torch
 
     n = len(data)
-    tumour = data.masks.flatten(1).any(dim=1).bool().cpu()
+    tumour = torch.from_numpy(data.tumour())
     n_t = int(tumour.sum())
     if oversample <= 0 or n_t == 0 or n_t == n or n_t / n >= oversample:
         return torch.randperm(n, generator=gen)
@@ -162,7 +162,7 @@ def train_step(
 
 
 def train_one_epoch(
-    ctx: TrainContext, data: CachedSplit, state: State, on_step: Callable[[int, int, float], None] | None = None,
+    ctx: TrainContext, data: Split, state: State, on_step: Callable[[int, int, float], None] | None = None,
 ) -> tuple[float, int]:
     """One pass over this rank's shard; returns (mean loss, images seen).
 
@@ -171,6 +171,7 @@ def train_one_epoch(
     import torch
 
     from tumorseg.augment import augment_batch, crop_batch
+    from tumorseg.streaming import prefetch
     from tumorseg.train.runtime import steps_per_step
 
     cfg, device = ctx.cfg, ctx.device
@@ -184,16 +185,20 @@ def train_one_epoch(
     dtype = amp_dtype(device, cfg.amp)
     per_step = ctx.sched is not None and steps_per_step(cfg)
     total, seen = 0.0, 0
-    for i in range(steps):
+    # the next batches are read in a thread while this one trains (disk cache); the order is fixed
+    # above, so the batches do not depend on the thread's timing
+    batches = prefetch(data.read, (order[i * bs : (i + 1) * bs].numpy() for i in range(steps)),
+                       1 if data.streams else 0, 2)
+    for i, batch in enumerate(batches):
         if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
             break
         # at least one step per epoch; DDP ranks stop together, at an epoch's end
         if i > 0 and ctx.dist.world == 1 and ctx.out_of_time():
             state.stopped_reason = f"time budget {cfg.budget} reached"
             break
-        idx = order[i * bs : (i + 1) * bs]
-        x = data.images[idx.to(data.images.device)].to(device, non_blocking=True)
-        y = data.masks[idx.to(data.masks.device)].to(device, non_blocking=True).float()
+        x, y_opt = data.to_device(batch, device)
+        assert y_opt is not None
+        y = y_opt
         if cfg.patch_size is not None:
             x, y = crop_batch(x, y, cfg.patch_size, cfg.oversample_foreground, gen)
         x, y = augment_batch(x, y, cfg.augment, gen)
@@ -209,14 +214,14 @@ def train_one_epoch(
         state.global_step += 1
         if per_step:
             ctx.sched.step()
-        total += float(loss.detach()) * len(idx)
-        seen += len(idx)
+        total += float(loss.detach()) * len(x)
+        seen += len(x)
         if on_step is not None:
             on_step(i + 1, steps, total / seen)
     return (total / seen if seen else float("nan")), seen
 
 
-def val_probabilities(net: torch.nn.Module, data: CachedSplit, cfg: TrainConfig, device: torch.device,
+def val_probabilities(net: torch.nn.Module, data: Split, cfg: TrainConfig, device: torch.device,
                       tta: bool = False) -> Iterator[np.ndarray]:
     """Tumour probabilities ``float32 (H, W)`` of each cached case at its original resolution, in order.
 
@@ -226,32 +231,35 @@ def val_probabilities(net: torch.nn.Module, data: CachedSplit, cfg: TrainConfig,
     import torch
 
     from tumorseg.inference import logits_to_original, network_logits
+    from tumorseg.streaming import prefetch
 
     net.eval()
     dtype = amp_dtype(device, cfg.amp)
     bs = max(cfg.batch_size, 16)
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-    for start in range(0, len(data), bs):
+    chunks = prefetch(lambda start: (start, data.read(np.arange(start, min(start + bs, len(data))), masks=False)),
+                      range(0, len(data), bs), 1 if data.streams else 0, 2)
+    for start, batch in chunks:
         with torch.inference_mode(), autocast:
-            x = data.images[start : start + bs].to(device, non_blocking=True)
+            x, _ = data.to_device(batch, device)
             if device.type == "cuda" and cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             logits = network_logits(net, x, cfg.patch_size, tta)
         for j in range(logits.shape[0]):
-            gt = data.original_masks[start + j]
+            gt = data.original_mask(start + j)
             yield logits_to_original(logits[j], (int(gt.shape[0]), int(gt.shape[1]))).cpu().numpy()
 
 
 def validate(
-    net: torch.nn.Module, data: CachedSplit, cfg: TrainConfig, device: torch.device
+    net: torch.nn.Module, data: Split, cfg: TrainConfig, device: torch.device
 ) -> tuple[float, list[float]]:
     """Per-case Dice at the original resolution (the counts of :func:`tumorseg.metrics.confusion`).
 
     Returns:
         (mean over scored cases, per-case Dice); both-empty cases are NaN and left out of the mean.
     """
-    scores = [dice(confusion(prob > cfg.threshold, gt))
-              for prob, gt in zip(val_probabilities(net, data, cfg, device), data.original_masks, strict=True)]
+    scores = [dice(confusion(prob > cfg.threshold, data.original_mask(i)))
+              for i, prob in enumerate(val_probabilities(net, data, cfg, device))]
     finite = [s for s in scores if math.isfinite(s)]
     return (float(np.mean(finite)) if finite else float("nan")), scores
 
@@ -270,7 +278,7 @@ def _progress(enabled: bool) -> Iterator[Any]:
         yield progress
 
 
-def run_epochs(ctx: TrainContext, train_data: CachedSplit, val_data: CachedSplit | None, state: State) -> None:
+def run_epochs(ctx: TrainContext, train_data: Split, val_data: Split | None, state: State) -> None:
     """Train until the epochs, ``max_steps`` or early stopping end the run; checkpoint every epoch."""
     with _progress(is_interactive() and ctx.dist.main) as bar:
         last_dice = "-"
@@ -323,7 +331,7 @@ def _agreed(ctx: TrainContext, flag: bool) -> bool:
     return bool(t.item())
 
 
-def _epoch(ctx: TrainContext, train_data: CachedSplit, val_data: CachedSplit | None, state: State, bar: Any,
+def _epoch(ctx: TrainContext, train_data: Split, val_data: Split | None, state: State, bar: Any,
            last_dice: str) -> str:
     """One epoch: train, validate, step the schedule, record, checkpoint; returns the val Dice label."""
     import torch

@@ -7,33 +7,23 @@ on its shard of the train split (decoded through :class:`tumorseg.data.CaseReade
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from tumorseg import checkpoint
 from tumorseg.config import TrainConfig, dump_config
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from tumorseg.inference import amp_dtype, resolve_device
-from tumorseg.intensity import (
-    SCALE_PERCENTILES,
-    Fingerprint,
-    Stats,
-    fingerprint_from_sums,
-    intensity_sums,
-    range_sums,
-    stats_from_sums,
-)
-from tumorseg.manifest import load_manifest, select_split
+from tumorseg.manifest import ManifestInfo, load_manifest, select_split
 from tumorseg.metrics import confusion, dice
 from tumorseg.model import build_loss, build_model, init_output_bias
 from tumorseg.train import postprocess
+from tumorseg.train.inputs import foreground_fraction, warn_mixed_ranges
+from tumorseg.train.inputs import load as load_inputs
 from tumorseg.train.loop import State, TrainContext, run_epochs
 from tumorseg.train.planned import planned
 from tumorseg.train.runtime import (
@@ -47,9 +37,10 @@ from tumorseg.train.runtime import (
 )
 
 if TYPE_CHECKING:
+    import pandas as pd
     import torch
 
-    from tumorseg.data import CachedSplit, Case
+    from tumorseg.data import Split
     from tumorseg.tracking import Run
 
 log = logging.getLogger(__name__)
@@ -133,36 +124,15 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
     if ckpt is not None:
         in_channels = int(ckpt["in_channels"])
 
-    # Each rank decodes only its shard of train (a fixed, seeded partition); rank 0 holds val.
-    shard = np.random.RandomState(cfg.seed).permutation(len(train_df))
-    if dist.world > 1:
-        per_rank = math.ceil(len(shard) / dist.world)
-        shard = np.resize(shard, per_rank * dist.world)[dist.rank :: dist.world]
-    t0 = time.perf_counter()
-    reader = datamod.CaseReader(info, source)
-    train_cases = reader.read_all(train_df.iloc[np.sort(shard)])
-    if ckpt is None:
-        stats = _dataset_stats(cfg, train_cases, in_channels, dist, device)
-        fingerprint = _fingerprint(train_cases, dist, device)
-    else:  # a resumed run keeps the rule it started with (older checkpoints have no fingerprint)
-        stats = ckpt.get("intensity")
-        fingerprint = ckpt.get("intensity_fingerprint") or _fingerprint(train_cases, dist, device)
+    inputs = load_inputs(cfg, info, train_df, val_df, in_channels, ckpt, dist, device, source)
+    stats, fingerprint = inputs.stats, inputs.fingerprint
     if dist.main and cfg.normalize == "dataset" and ckpt is None and fingerprint:
-        _warn_mixed_ranges(fingerprint)
-    train_data = datamod.place(datamod.cache_split(train_cases, cfg.image_size, in_channels, stats=stats),
-                               device, cfg.cache)
-    del train_cases
-    val_data = None
-    if dist.main:
-        val_cases = reader.read_all(val_df)
-        val_data = datamod.place(datamod.cache_split(val_cases, cfg.image_size, in_channels, keep_originals=True,
-                                                     stats=stats), device, cfg.cache)
-    log.info("decoded and cached %d train / %d val cases in %.1f s", len(train_data), len(val_df),
-             time.perf_counter() - t0)
+        warn_mixed_ranges(fingerprint)
+    train_data, val_data = inputs.train, inputs.val
 
     net = build_model(cfg.model, in_channels)
     if ckpt is None:
-        init_output_bias(net, _foreground_fraction(train_data, dist, device))
+        init_output_bias(net, foreground_fraction(train_data, dist, device))
     net = net.to(device)
     if device.type == "cuda" and cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -201,7 +171,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
         if ckpt is None:
             run.log_params(cfg.model_dump(mode="json"))
             run.log_params({"in_channels": in_channels, "train_cases": len(train_df), "val_cases": len(val_df),
-                            "world_size": dist.world})
+                            "world_size": dist.world, "data_storage": "disk" if inputs.storage == "disk" else "memory"})
             run.log_manifest_input(manifest, context="training")
             run.log_artifact(run_dir / "config.yaml")
             if plan is not None:
@@ -225,7 +195,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
                              state.best_epoch, state.epoch, run.run_id, None, dist.main, state.stopped_reason,
                              state.history)
         if dist.main:
-            result.model_uri = _finish(run, run_dir, cfg, val_data, device, state)
+            result.model_uri = _finish(run, run_dir, cfg, val_data, device, state, info, val_df, source)
             if budget is not None:
                 run.log_metrics({"wall_seconds": spent + time.perf_counter() - t_start, "budget_seconds": budget})
             run.set_description(_describe(cfg, info, len(train_df), len(val_df), state, done=True))
@@ -239,59 +209,6 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
         td.barrier()
         td.destroy_process_group()
     return result
-
-
-def _dataset_stats(cfg: TrainConfig, cases: list[Case], in_channels: int, dist: Dist,
-                   device: torch.device) -> Stats | None:
-    """Training-split intensity mean/std (summed over all DDP ranks), or None for per-image z-score.
-
-    With ``normalize: percentile`` the statistics are those of the percentile-scaled images, and the
-    result carries the percentiles, so inference applies the same two steps.
-    """
-    if cfg.normalize == "image":
-        return None
-    percentiles = SCALE_PERCENTILES if cfg.normalize == "percentile" else None
-    sums = _all_reduce(intensity_sums([c.image for c in cases], in_channels, percentiles), dist, device, "sum")
-    return stats_from_sums(sums, percentiles)
-
-
-def _fingerprint(cases: list[Case], dist: Dist, device: torch.device) -> Fingerprint | None:
-    """The raw intensity range of the training images (over all DDP ranks), for out-of-range warnings."""
-    sums, maxes = range_sums([c.image for c in cases])
-    return fingerprint_from_sums(_all_reduce(sums, dist, device, "sum"), _all_reduce(maxes, dist, device, "max"))
-
-
-def _all_reduce(values: np.ndarray, dist: Dist, device: torch.device, op: str) -> np.ndarray:
-    if dist.world == 1:
-        return values
-    import torch
-    import torch.distributed as td
-
-    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(device)
-    td.all_reduce(t, op=td.ReduceOp.MAX if op == "max" else td.ReduceOp.SUM)
-    return t.cpu().numpy()
-
-
-def _warn_mixed_ranges(fp: Fingerprint) -> None:
-    """Stored-unit statistics cannot serve images stored at different bit depths: say so before training."""
-    lo, hi = fp["p99_5_min"], fp["p99_5_max"]
-    if lo > 0 and hi / lo > 16:
-        log.warning("normalize: dataset with training images whose intensity ranges differ %.0fx (99.5th "
-                    "percentiles %g to %g: mixed bit depths?); the dimmer images will look almost constant to the "
-                    "network. Use normalize: percentile (the default), which scales each image by its own range",
-                    hi / lo, lo, hi)
-
-
-def _foreground_fraction(data: CachedSplit, dist: Dist, device: torch.device) -> float:
-    """Tumour pixel fraction of the (whole, across ranks) training split at image_size."""
-    import torch
-
-    t = torch.tensor([float(data.masks.sum()), float(data.masks.numel())], dtype=torch.float64, device=device)
-    if dist.world > 1:
-        import torch.distributed as td
-
-        td.all_reduce(t)
-    return float(t[0] / t[1]) if t[1] > 0 else 0.5
 
 
 class _null_run:
@@ -335,10 +252,11 @@ def _describe(cfg: TrainConfig, info: Any, n_train: int, n_val: int, state: Stat
     return f"{best} of {state.epoch} ({state.stopped_reason or 'all epochs done'}): trained {what}."
 
 
-def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: CachedSplit | None, device: torch.device,
-            state: State) -> str | None:
+def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: Split | None, device: torch.device,
+            state: State, info: ManifestInfo, val_df: pd.DataFrame, source: str) -> str | None:
     """Learning curve, val overlays at the best epoch, and the MLflow model."""
     from tumorseg import review
+    from tumorseg.data import CaseReader
     from tumorseg.inference import Segmenter
 
     best = run_dir / "best.pt"
@@ -351,18 +269,20 @@ def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: CachedSplit | N
     run.set_tags({"tumorseg.stopped_reason": state.stopped_reason or "epochs done",
                   "tumorseg.best_checkpoint_sha256": sha256_file(best)})
     seg = Segmenter.from_checkpoint(best, device=device.type)
-    if val_data is not None and val_data.originals and cfg.val_overlays:
-        k = min(cfg.val_overlays, len(val_data))
-        images = val_data.originals[:k]
+    # the first val cases at their original resolution (overlays, and the model's input example)
+    k = min(max(cfg.val_overlays, 1), len(val_df)) if val_data is not None else 0
+    firsts = CaseReader(info, source).read_all(val_df.iloc[:k]) if k else []
+    if firsts and cfg.val_overlays:
+        images = [c.image for c in firsts]
         preds = seg.predict_masks(images)
         items = []
-        for i in range(k):
-            d = dice(confusion(preds[i], val_data.original_masks[i]))
-            items.append((images[i], val_data.original_masks[i], preds[i], f"{val_data.case_ids[i]} Dice {d:.3f}"))
+        for c, pred in zip(firsts, preds, strict=True):
+            d = dice(confusion(pred, c.mask))
+            items.append((c.image, c.mask, pred, f"{c.case_id} Dice {d:.3f}"))
         review.overlay_grid(items, run_dir / "val_overlays.png")
         run.log_artifact(run_dir / "val_overlays.png")
     if not cfg.log_model:
         return None
     from tumorseg.mlflow_model import log_segmenter_model
 
-    return log_segmenter_model(best, run_dir, val_data.originals[0] if val_data and val_data.originals else None)
+    return log_segmenter_model(best, run_dir, firsts[0].image if firsts else None)

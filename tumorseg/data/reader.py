@@ -1,10 +1,8 @@
-"""From manifest rows to arrays: the one case reader, and train's cached splits.
+"""From manifest rows to arrays: the one case reader.
 
 :class:`CaseReader` reads each image and mask through :mod:`tumorseg.imageio` and checks its
 SHA-256 against the manifest (a changed or missing file stops the stage with its name);
-train and evaluate both read cases through it. For training, :func:`cache_split` then
-normalises and resizes the cases to ``image_size`` once and keeps them as one tensor (RAM,
-or GPU memory when it fits), so no file is decoded again during training.
+train, evaluate and the planner all read cases through it.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,12 +31,8 @@ from tumorseg.imageio import (
     slice_of,
     union_masks,
 )
-from tumorseg.inference import Stats, preprocess, resize_mask
 from tumorseg.manifest import MASK_SEP, ManifestInfo, combine_hashes
 from tumorseg.streaming import prefetch
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +56,6 @@ class Case:
     image: np.ndarray
     mask: np.ndarray
     spacing: tuple[float, float] | None = None
-
-
-@dataclass
-class CachedSplit:
-    """A split ready for the network: inputs at ``image_size`` plus the original masks."""
-
-    case_ids: list[str]
-    images: torch.Tensor  # float32 (N, C, h, w), normalised
-    masks: torch.Tensor  # uint8 (N, 1, h, w) at image_size (training targets)
-    original_masks: list[np.ndarray]  # uint8 (H, W) at the original resolution (scoring)
-    originals: list[np.ndarray] | None = None  # float32 (C, H, W), kept only when asked
-
-    def __len__(self) -> int:
-        return len(self.case_ids)
 
 
 class CaseReader:
@@ -157,48 +137,6 @@ class CaseReader:
         if n <= 1 or len(df) < 4:
             n = 0
         return list(self.stream(df, n, ahead=max(2 * n, 1)))
-
-
-def cache_split(
-    cases: list[Case], size: tuple[int, int], in_channels: int, keep_originals: bool = False,
-    stats: Stats | None = None,
-) -> CachedSplit:
-    """Preprocess decoded cases into stacked tensors at ``size``."""
-    import torch
-
-    images = torch.stack([preprocess(c.image, size, in_channels, stats) for c in cases])
-    masks = torch.stack([resize_mask(c.mask, size) for c in cases]).to(torch.uint8)
-    return CachedSplit(
-        case_ids=[c.case_id for c in cases],
-        images=images,
-        masks=masks,
-        original_masks=[c.mask for c in cases],
-        originals=[c.image for c in cases] if keep_originals else None,
-    )
-
-
-def place(split: CachedSplit, device: torch.device, mode: str) -> CachedSplit:
-    """Move the cached tensors to the GPU when asked, or when ``auto`` and they fit.
-
-    ``auto`` uses the GPU when the tensors take less than a quarter of the free memory.
-    On the CPU (or when they stay in RAM on a CUDA machine) tensors are pinned for
-    asynchronous copies.
-    """
-    import torch
-
-    if device.type != "cuda":
-        return split
-    nbytes = split.images.numel() * split.images.element_size() + split.masks.numel()
-    free, _ = torch.cuda.mem_get_info(device)
-    if mode == "gpu" or (mode == "auto" and nbytes < free / 4):
-        split.images = split.images.to(device)
-        split.masks = split.masks.to(device)
-        log.info("cached %d cases on the GPU (%.1f MiB)", len(split), nbytes / 2**20)
-    else:
-        split.images = split.images.pin_memory()
-        split.masks = split.masks.pin_memory()
-        log.info("cached %d cases in pinned RAM (%.1f MiB)", len(split), nbytes / 2**20)
-    return split
 
 
 def infer_in_channels(df: pd.DataFrame) -> int:

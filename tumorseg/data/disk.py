@@ -1,0 +1,375 @@
+"""The preprocessed on-disk cache: train and val at training size, memory flat in the number of cases.
+
+One folder per split and preprocessing, ``<cache root>/<split>-<h>x<w>-<key>/``, where the key
+hashes the manifest digest, the split's case ids, the training size, the channels and the
+normalisation rule (see :func:`cache_key`); the default root is ``cache/`` in the manifest's folder.
+
+* ``images.npy``: ``float16 (N, C, h, w)``, each case prescaled and divided by its own
+  storage scale (``index.npz``), so any stored range fits float16;
+* ``masks.npy``: ``uint8 (N, 1, h, w)`` training targets;
+* ``original_masks.bin``: each case's mask at its original resolution, zlib-compressed
+  (offsets and shapes in ``index.npz``), for scoring;
+* ``meta.json``: the settings, case ids, the summed statistics and every file's size, written last.
+
+Both arrays are ``.npy`` files (``np.load(mmap_mode="r")`` maps them), but batches are read
+with ``os.pread`` into a (pinned) buffer rather than through a mapping: pages a mapping touches
+count in the process's resident memory, which would then grow with every case read (see
+``benchmarks/RESULTS.md``). A build writes into a ``.partial-*`` folder renamed into place only
+when complete, so a killed build is never trusted; a folder whose files are missing or truncated
+is detected on opening, logged, and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from tumorseg.data.split import Batch, Prepared, Split, Summary, build, pack_mask, unpack_mask
+from tumorseg.errors import TumorsegError
+from tumorseg.fsutil import atomic_write_json
+from tumorseg.intensity import SCALE_PERCENTILES, Stats, affine
+
+if TYPE_CHECKING:
+    import torch
+
+    from tumorseg.data.reader import CaseReader
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+"""Bumped whenever the layout or the preprocessing changes, so older folders are not reused."""
+
+
+def cache_key(digest: str, split: str, case_ids: list[str], size: tuple[int, int], in_channels: int,
+              mode: str) -> str:
+    """What a cache folder's contents depend on, hashed (the same inputs give the same folder)."""
+    ids = hashlib.sha256("\n".join(case_ids).encode()).hexdigest()
+    spec = {"format": FORMAT, "digest": digest, "split": split, "cases": ids, "size": list(size),
+            "in_channels": in_channels, "normalize": mode,
+            "percentiles": list(SCALE_PERCENTILES) if mode == "percentile" else None}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def folder_name(split: str, size: tuple[int, int], key: str) -> str:
+    """The folder of one split and preprocessing: ``<split>-<h>x<w>-<key>``."""
+    return f"{split}-{size[0]}x{size[1]}-{key}"
+
+
+@dataclass
+class DiskSink:
+    """Writes a build's cases sequentially (plain writes: no mapping, so no resident pages)."""
+
+    folder: Path
+    n: int
+    channels: int
+    size: tuple[int, int]
+    scale: np.ndarray = field(init=False)
+    fg: np.ndarray = field(init=False)
+    offsets: list[int] = field(default_factory=lambda: [0])
+    shapes: list[tuple[int, int]] = field(default_factory=list)
+    _files: list[IO[bytes]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.scale = np.ones(self.n, dtype=np.float32)
+        self.fg = np.zeros(self.n, dtype=np.int64)
+        self.images = open(self.folder / "images.npy", "wb")  # noqa: SIM115 - closed in close()
+        self.masks = open(self.folder / "masks.npy", "wb")  # noqa: SIM115
+        self.originals = open(self.folder / "original_masks.bin", "wb")  # noqa: SIM115
+        self._files = [self.images, self.masks, self.originals]
+        h, w = self.size
+        np.lib.format.write_array_header_1_0(
+            self.images, {"descr": "<f2", "fortran_order": False, "shape": (self.n, self.channels, h, w)})
+        np.lib.format.write_array_header_1_0(
+            self.masks, {"descr": "|u1", "fortran_order": False, "shape": (self.n, 1, h, w)})
+
+    def put(self, i: int, p: Prepared) -> None:
+        """Append case ``i`` (cases arrive in order)."""
+        peak = float(np.abs(p.image).max()) if p.image.size else 0.0
+        s = peak if np.isfinite(peak) and peak > 0 else 1.0
+        self.scale[i] = s
+        self.images.write(np.ascontiguousarray(p.image / s, dtype=np.float16).tobytes())
+        self.masks.write(np.ascontiguousarray(p.mask, dtype=np.uint8).tobytes())
+        self.fg[i] = int(p.mask.sum())
+        packed = pack_mask(p.original_mask)
+        self.originals.write(packed)
+        self.offsets.append(self.offsets[-1] + len(packed))
+        self.shapes.append((int(p.original_mask.shape[0]), int(p.original_mask.shape[1])))
+
+    def close(self) -> None:
+        """Flush the files to disk and write the index."""
+        for f in self._files:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        np.savez(self.folder / "index.npz", scale=self.scale, fg=self.fg, offsets=np.asarray(self.offsets, np.int64),
+                 shapes=np.asarray(self.shapes, np.int32).reshape(-1, 2))
+
+
+class DiskSplit(Split):
+    """A split read from its cache folder batch by batch (``rows`` selects a DDP rank's shard)."""
+
+    streams = True
+
+    def __init__(self, folder: Path, meta: dict[str, Any], rows: np.ndarray | None = None) -> None:
+        self.folder, self.meta = folder, meta
+        index = np.load(folder / "index.npz")
+        all_rows = np.arange(int(meta["n"]), dtype=np.int64)
+        self.rows = all_rows if rows is None else np.asarray(rows, dtype=np.int64)
+        self.case_ids = [meta["case_ids"][r] for r in self.rows]
+        self._scale = index["scale"]
+        self._fg = index["fg"]
+        self.fg_pixels = self._fg[self.rows]
+        self._offsets, self._shapes = index["offsets"], index["shapes"]
+        self.channels, self.size = int(meta["channels"]), (int(meta["size"][0]), int(meta["size"][1]))
+        self.pixels = self.size[0] * self.size[1]
+        self._img_bytes = 2 * self.channels * self.pixels
+        self._mask_bytes = self.pixels
+        self._img_header = _npy_header_length(folder / "images.npy")
+        self._mask_header = _npy_header_length(folder / "masks.npy")
+        self.stats = None
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._mapping: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pin = False
+
+    def subset(self, rows: np.ndarray) -> DiskSplit:
+        """This split restricted to ``rows`` (positions in it)."""
+        out = DiskSplit(self.folder, self.meta, self.rows[np.asarray(rows, dtype=np.int64)])
+        out.stats, out.pin = self.stats, self.pin
+        return out
+
+    def normalise(self, stats: Stats | None) -> None:
+        """Apply ``stats`` to every batch read from now on."""
+        self.stats = stats
+        self._mapping = None
+
+    def _fd(self, name: str) -> int:
+        with self._lock:
+            if name not in self._fds:
+                self._fds[name] = os.open(self.folder / name, os.O_RDONLY)
+            return self._fds[name]
+
+    def close(self) -> None:
+        """Close the open files (reads reopen them)."""
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def _read_rows(self, name: str, header: int, row_bytes: int, rows: np.ndarray, out: np.ndarray) -> None:
+        """Rows into ``out`` (a uint8 view), one ``pread`` per run of consecutive rows."""
+        fd = self._fd(name)
+        flat = out.reshape(len(rows), row_bytes)
+        j = 0
+        while j < len(rows):
+            k = j + 1
+            while k < len(rows) and rows[k] == rows[k - 1] + 1:
+                k += 1
+            want = (k - j) * row_bytes
+            got = os.preadv(fd, [flat[j:k].data], header + int(rows[j]) * row_bytes)
+            if got != want:
+                raise TumorsegError(f"{self.folder / name}: truncated (read {got} of {want} bytes); remove the cache "
+                                    f"folder (tumorseg cache clear) and run again")
+            j = k
+
+    def read(self, idx: np.ndarray, masks: bool = True) -> Batch:
+        """Rows ``idx`` as float16 images (and uint8 masks) with their storage scales."""
+        import torch
+
+        rows = self.rows[np.asarray(idx, dtype=np.int64)]
+        b = len(rows)
+        h, w = self.size
+        images = torch.empty((b, self.channels, h, w), dtype=torch.float16, pin_memory=self.pin)
+        self._read_rows("images.npy", self._img_header, self._img_bytes, rows, images.numpy().view(np.uint8))
+        out_masks = None
+        if masks:
+            out_masks = torch.empty((b, 1, h, w), dtype=torch.uint8, pin_memory=self.pin)
+            self._read_rows("masks.npy", self._mask_header, self._mask_bytes, rows, out_masks.numpy())
+        return Batch(images, out_masks, torch.from_numpy(self._scale[rows]))
+
+    def to_device(self, batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Copy, widen to float32, undo the storage scale and normalise, on ``device``."""
+        import torch
+
+        x = batch.images.to(device, non_blocking=True).float()
+        assert batch.scale is not None
+        x.mul_(batch.scale.to(device, non_blocking=True).view(-1, 1, 1, 1))
+        mapping = affine(self.stats)
+        if mapping is not None:
+            if self._mapping is None or self._mapping[0].device != device:
+                self._mapping = (torch.from_numpy(mapping[0]).to(device), torch.from_numpy(mapping[1]).to(device))
+            x.sub_(self._mapping[0]).div_(self._mapping[1])
+        y = batch.masks.to(device, non_blocking=True).float() if batch.masks is not None else None
+        return x, y
+
+    def original_mask(self, i: int) -> np.ndarray:
+        """Case ``i``'s mask at its original resolution, decompressed."""
+        r = int(self.rows[i])
+        start, end = int(self._offsets[r]), int(self._offsets[r + 1])
+        data = os.pread(self._fd("original_masks.bin"), end - start, start)
+        if len(data) != end - start:
+            raise TumorsegError(f"{self.folder / 'original_masks.bin'}: truncated; remove the cache folder (tumorseg "
+                                "cache clear) and run again")
+        shape = self._shapes[r]
+        return unpack_mask(data, (int(shape[0]), int(shape[1])))
+
+
+def _npy_header_length(path: Path) -> int:
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            np.lib.format.read_array_header_1_0(f)
+        else:
+            np.lib.format.read_array_header_2_0(f)
+        return f.tell()
+
+
+def _expected_sizes(meta: dict[str, Any], header: dict[str, int]) -> dict[str, int]:
+    n, c = int(meta["n"]), int(meta["channels"])
+    pixels = int(meta["size"][0]) * int(meta["size"][1])
+    return {"images.npy": header["images.npy"] + 2 * n * c * pixels, "masks.npy": header["masks.npy"] + n * pixels,
+            "original_masks.bin": int(meta["original_bytes"])}
+
+
+def check(folder: Path, key: str) -> tuple[dict[str, Any] | None, str]:
+    """A cache folder's ``meta.json`` when every file is there at its full size, else ``(None, why)``."""
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        return None, "no meta.json (an interrupted build?)"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return None, f"meta.json unreadable ({exc})"
+    if meta.get("key") != key or meta.get("format") != FORMAT:
+        return None, "meta.json belongs to other settings"
+    for name, size in meta.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            return None, f"{name} is missing"
+        if path.stat().st_size != int(size):
+            return None, f"{name} is truncated or changed ({path.stat().st_size} bytes, expected {size})"
+    if set(meta.get("files", {})) != {"images.npy", "masks.npy", "original_masks.bin", "index.npz"}:
+        return None, "meta.json lists the wrong files"
+    return meta, ""
+
+
+def _remove_stale_partials(root: Path, name: str) -> None:
+    for old in root.glob(f"{name}.partial-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def open_or_build(reader: CaseReader, rows: pd.DataFrame, root: Path, split: str, size: tuple[int, int],
+                  in_channels: int, mode: str, digest: str) -> tuple[DiskSplit, Summary]:
+    """The split's cache folder under ``root``, built first when absent, incomplete or stale."""
+    case_ids = [str(c) for c in rows["case_id"]]
+    key = cache_key(digest, split, case_ids, size, in_channels, mode)
+    name = folder_name(split, size, key)
+    folder = root / name
+    meta, why = check(folder, key) if folder.exists() else (None, "")
+    if meta is None:
+        if folder.exists():
+            log.warning("cache %s: %s; rebuilding it", folder, why)
+            shutil.rmtree(folder, ignore_errors=True)
+        meta = _build(reader, rows, root, name, key, case_ids, size, in_channels, mode, split)
+    else:
+        log.info("cache %s: reusing %d cases", folder, meta["n"])
+    return DiskSplit(root / name, meta), Summary.from_json(meta["summary"])
+
+
+def _build(reader: CaseReader, rows: pd.DataFrame, root: Path, name: str, key: str, case_ids: list[str],
+           size: tuple[int, int], in_channels: int, mode: str, split: str) -> dict[str, Any]:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TumorsegError(f"{root}: cannot create the cache folder ({exc.strerror}); set cache_dir to a writable "
+                            "folder (--set cache_dir=/scratch/tumorseg-cache)") from exc
+    _remove_stale_partials(root, name)
+    tmp = root / f"{name}.partial-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        sink = DiskSink(tmp, len(rows), in_channels, size)
+        try:
+            summary = build(reader, rows, size, in_channels, mode, sink, description=f"caching {split} on disk")
+        finally:
+            sink.close()
+        meta: dict[str, Any] = {"format": FORMAT, "key": key, "split": split, "n": len(rows), "channels": in_channels,
+                "size": list(size), "normalize": mode, "case_ids": case_ids, "original_bytes": sink.offsets[-1],
+                "summary": summary.to_json()}
+        headers = {f: _npy_header_length(tmp / f) for f in ("images.npy", "masks.npy")}
+        meta["files"] = {**_expected_sizes(meta, headers), "index.npz": (tmp / "index.npz").stat().st_size}
+        atomic_write_json(tmp / "meta.json", meta)
+        try:
+            os.rename(tmp, root / name)
+        except OSError:  # another process finished the same build first: use its folder
+            shutil.rmtree(tmp, ignore_errors=True)
+            done, why = check(root / name, key)
+            if done is None:
+                raise TumorsegError(f"{root / name}: could not be written ({why}); remove it and run again") from None
+            return done
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    used = sum(int(v) for v in meta["files"].values())
+    log.info("cache %s: built %d cases (%.1f MiB on disk)", root / name, len(rows), used / 2**20)
+    return meta
+
+
+def clear(root: Path) -> tuple[int, int]:
+    """Remove every cache folder under ``root``; returns (folders, bytes) removed."""
+    if not root.is_dir():
+        return 0, 0
+    folders, size = 0, 0
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and ((child / "meta.json").exists() or ".partial-" in child.name):
+            size += sum(f.stat().st_size for f in child.rglob("*") if f.is_file())
+            shutil.rmtree(child, ignore_errors=True)
+            folders += 1
+    return folders, size
+
+
+def entries(root: Path) -> list[dict[str, Any]]:
+    """One row per complete cache folder under ``root``: folder, split, size, cases, MiB."""
+    rows: list[dict[str, Any]] = []
+    if not root.is_dir():
+        return rows
+    for child in sorted(root.iterdir()):
+        meta_path = child / "meta.json"
+        if not meta_path.is_file():
+            continue
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        used = sum(f.stat().st_size for f in child.iterdir() if f.is_file())
+        rows.append({"folder": child.name, "split": meta.get("split"), "size": "x".join(map(str, meta.get("size", []))),
+                     "cases": meta.get("n"), "MiB": round(used / 2**20, 1)})
+    return rows

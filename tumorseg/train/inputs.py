@@ -1,0 +1,169 @@
+"""Train's inputs: the preprocessed train and val splits, and the statistics summed while building them.
+
+``cache: auto`` keeps small datasets in RAM (or on the GPU) and puts larger ones in the
+on-disk cache (:mod:`tumorseg.data.disk`), whose size in memory does not grow with the number
+of cases. In RAM, every DDP rank builds its own shard and the statistics are summed over the
+ranks; on disk, rank 0 builds (or reuses) the whole split and every rank reads its shard.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from tumorseg.config import TrainConfig
+from tumorseg.intensity import SCALE_PERCENTILES, Fingerprint, Stats, fingerprint_from_sums, stats_from_sums
+from tumorseg.manifest import ManifestInfo
+from tumorseg.train.runtime import Dist
+
+if TYPE_CHECKING:
+    import torch
+
+    from tumorseg.data import Split, Summary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Inputs:
+    """What training reads: the splits and the normalisation they apply."""
+
+    train: Split
+    val: Split | None
+    stats: Stats | None
+    fingerprint: Fingerprint | None
+    storage: str
+
+
+def cache_root(cfg: TrainConfig) -> Path:
+    """Where the on-disk cache lives: ``cache_dir``, else ``cache/`` in the manifest's folder."""
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(str(cfg.manifest)) / "cache"
+
+
+def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: pd.DataFrame, in_channels: int,
+         ckpt: dict[str, Any] | None, dist: Dist, device: torch.device, source: str) -> Inputs:
+    """Build (or reuse) the train and val splits at ``cfg.image_size`` and normalise them."""
+    from tumorseg.data import CaseReader, storage_for
+
+    t0 = time.perf_counter()
+    reader = CaseReader(info, source)
+    mode = cfg.normalize
+    storage = storage_for(cfg.cache, len(train_df) + len(val_df), in_channels, cfg.image_size)
+    # a fixed, seeded partition of train over the DDP ranks (ranks take equal shares)
+    shard = np.random.RandomState(cfg.seed).permutation(len(train_df))
+    if dist.world > 1:
+        per_rank = math.ceil(len(shard) / dist.world)
+        shard = np.resize(shard, per_rank * dist.world)[dist.rank :: dist.world]
+    shard = np.sort(shard)
+    train: Split
+    val: Split | None = None
+    if storage == "disk":
+        train, summary, val = _on_disk(cfg, info, reader, train_df, val_df, in_channels, dist, shard)
+    else:
+        from tumorseg.data.split import in_ram
+
+        train_ram, summary = in_ram(reader, train_df.iloc[shard], cfg.image_size, in_channels, mode, "caching train")
+        summary = _all_reduce_summary(summary, dist, device)
+        train = train_ram
+        if dist.main:
+            val, _ = in_ram(reader, val_df, cfg.image_size, in_channels, mode, "caching val")
+    if ckpt is None:
+        stats = _stats(mode, summary)
+        fingerprint = fingerprint_from_sums(summary.range_sums, summary.range_max)
+    else:  # a resumed run keeps the rule it started with (older checkpoints have no fingerprint)
+        stats = ckpt.get("intensity")
+        fingerprint = ckpt.get("intensity_fingerprint") or fingerprint_from_sums(summary.range_sums,
+                                                                                   summary.range_max)
+    from tumorseg.data import RamSplit
+    from tumorseg.data.disk import DiskSplit
+
+    for split in (train, val):
+        if split is None:
+            continue
+        split.normalise(stats)
+        if isinstance(split, RamSplit):
+            split.place(device, cfg.cache)
+        elif isinstance(split, DiskSplit):
+            split.pin = device.type == "cuda"
+    log.info("%s: %d train / %d val cases ready in %.1f s", "disk cache" if storage == "disk" else "cached",
+             len(train), len(val_df), time.perf_counter() - t0)
+    return Inputs(train, val, stats, fingerprint, storage)
+
+
+def _on_disk(cfg: TrainConfig, info: ManifestInfo, reader: Any, train_df: pd.DataFrame, val_df: pd.DataFrame,
+             in_channels: int, dist: Dist, shard: np.ndarray) -> tuple[Split, Summary, Split | None]:
+    """Rank 0 builds or reuses the cache folders; then every rank opens them and takes its shard."""
+    from tumorseg.data.disk import open_or_build
+
+    root = cache_root(cfg)
+
+    def open_split(name: str, rows: pd.DataFrame) -> tuple[Any, Summary]:
+        return open_or_build(reader, rows, root, name, cfg.image_size, in_channels, cfg.normalize,
+                             info.dataset_digest)
+
+    if dist.main:
+        train, summary = open_split("train", train_df)
+        val, _ = open_split("val", val_df)
+    if dist.world > 1:
+        import torch.distributed as td
+
+        td.barrier()  # rank 0's build is complete (and renamed into place)
+        if not dist.main:
+            train, summary = open_split("train", train_df)
+            val = None
+    return train.subset(shard), summary, (val if dist.main else None)
+
+
+def _stats(mode: str, summary: Summary) -> Stats | None:
+    """The dataset normalisation for ``normalize: mode`` from the summed prescaled intensities."""
+    if mode == "image":
+        return None
+    return stats_from_sums(summary.sums, SCALE_PERCENTILES if mode == "percentile" else None)
+
+
+def _all_reduce_summary(summary: Summary, dist: Dist, device: torch.device) -> Summary:
+    if dist.world == 1:
+        return summary
+    from tumorseg.data import Summary as S
+
+    return S(_all_reduce(summary.sums, dist, device, "sum"), _all_reduce(summary.range_sums, dist, device, "sum"),
+             _all_reduce(summary.range_max, dist, device, "max"))
+
+
+def _all_reduce(values: np.ndarray, dist: Dist, device: torch.device, op: str) -> np.ndarray:
+    import torch
+    import torch.distributed as td
+
+    t = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)).to(device)
+    td.all_reduce(t, op=td.ReduceOp.MAX if op == "max" else td.ReduceOp.SUM)
+    return t.cpu().numpy()
+
+
+def foreground_fraction(data: Split, dist: Dist, device: torch.device) -> float:
+    """Tumour pixel fraction of the (whole, across ranks) training split at image_size."""
+    import torch
+
+    t = torch.tensor([float(np.sum(data.fg_pixels)), float(len(data) * data.pixels)], dtype=torch.float64,
+                     device=device)
+    if dist.world > 1:
+        import torch.distributed as td
+
+        td.all_reduce(t)
+    return float(t[0] / t[1]) if t[1] > 0 else 0.5
+
+
+def warn_mixed_ranges(fp: Fingerprint) -> None:
+    """Stored-unit statistics cannot serve images stored at different bit depths: say so before training."""
+    lo, hi = fp["p99_5_min"], fp["p99_5_max"]
+    if lo > 0 and hi / lo > 16:
+        log.warning("normalize: dataset with training images whose intensity ranges differ %.0fx (99.5th "
+                    "percentiles %g to %g: mixed bit depths?); the dimmer images will look almost constant to the "
+                    "network. Use normalize: percentile (the default), which scales each image by its own range",
+                    hi / lo, lo, hi)
