@@ -78,8 +78,11 @@ def main() -> None:
         return net, build_optimizer(cfg, net.parameters()), build_loss(cfg.loss)
 
     # (a) tumorseg
-    cases = datamod.CaseReader(info, "bench").read_all(train_df)
-    cached = datamod.place(datamod.cache_split(cases, cfg.image_size, 1), device, "auto")
+    from tumorseg.data.split import in_ram
+
+    cached, _ = in_ram(datamod.CaseReader(info, "bench"), train_df, cfg.image_size, 1, "image", "bench")
+    cached.normalise(None)
+    cached.place(device, "auto")
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
     def context(c: TrainConfig, net: Any, opt: Any, loss_fn: Any) -> TrainContext:
