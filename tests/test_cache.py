@@ -181,3 +181,39 @@ def test_unwritable_cache_folder_is_one_line(manifest: Path, tmp_path: Path) -> 
         root = tmp_path / "cache"
     with pytest.raises(TumorsegError, match="cannot create the cache folder.*cache_dir"):
         _disk(manifest, root)
+
+
+def test_reingested_manifest_gets_a_new_cache_and_the_old_one_goes(synth_data: Path, tmp_path: Path) -> None:
+    """A scheduled pipeline re-ingests every cycle: the old version's cache must not pile up."""
+    import shutil
+
+    from tumorseg import ingest
+    from tumorseg.data import CaseReader
+    from tumorseg.data.disk import open_or_build
+    from tumorseg.manifest import load_manifest, select_split
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data)
+    other = tmp_path / "other-cache"
+    cfg = IngestConfig(images_dir=data / "images", masks_dir=data / "masks", name="grows", out_dir=tmp_path / "dm",
+                       group_pattern=r"(patient_\d+)", seed=3, workers=1)
+
+    def build(manifest: Path, root: Path, size: tuple[int, int] = SIZE) -> Path:
+        info, df = load_manifest(manifest)
+        reader = CaseReader(info, str(manifest / "manifest.csv"))
+        split, _ = open_or_build(reader, select_split(df, "train", "m"), root, "train", size, 1, "percentile",
+                                 info.dataset_digest)
+        return split.folder
+
+    manifest = ingest.run(cfg).manifest_dir
+    first = build(manifest, tmp_path / "cache")
+    # another manifest sharing the cache root is left alone
+    shutil.copytree(manifest, tmp_path / "dm2" / "grows")
+    kept = build(tmp_path / "dm2" / "grows", other, (32, 32))
+    shutil.copytree(kept, tmp_path / "cache" / kept.name)
+    for name in ("images", "masks"):  # a new patient arrives; ingest again into the same manifest
+        shutil.copy(data / name / "patient_000_slice_0.png", data / name / "patient_999_slice_0.png")
+    manifest = ingest.run(cfg).manifest_dir
+    second = build(manifest, tmp_path / "cache")
+    assert second != first and second.is_dir() and not first.exists()
+    assert (tmp_path / "cache" / kept.name).is_dir()

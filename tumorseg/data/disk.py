@@ -299,14 +299,16 @@ def open_or_build(reader: CaseReader, rows: pd.DataFrame, root: Path, split: str
         if folder.exists():
             log.warning("cache %s: %s; rebuilding it", folder, why)
             shutil.rmtree(folder, ignore_errors=True)
-        meta = _build(reader, rows, root, name, key, case_ids, size, in_channels, mode, split)
+        meta = _build(reader, rows, root, name, key, case_ids, size, in_channels, mode, split, digest)
+        meta_digest = {"manifest_path": meta.get("manifest_path"), "digest": digest}
+        _prune_stale(root, meta_digest)
     else:
         log.info("cache %s: reusing %d cases", folder, meta["n"])
     return DiskSplit(root / name, meta), Summary.from_json(meta["summary"])
 
 
 def _build(reader: CaseReader, rows: pd.DataFrame, root: Path, name: str, key: str, case_ids: list[str],
-           size: tuple[int, int], in_channels: int, mode: str, split: str) -> dict[str, Any]:
+           size: tuple[int, int], in_channels: int, mode: str, split: str, digest: str) -> dict[str, Any]:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -323,7 +325,8 @@ def _build(reader: CaseReader, rows: pd.DataFrame, root: Path, name: str, key: s
             sink.close()
         meta: dict[str, Any] = {"format": FORMAT, "key": key, "split": split, "n": len(rows), "channels": in_channels,
                 "size": list(size), "normalize": mode, "case_ids": case_ids, "original_bytes": sink.offsets[-1],
-                "summary": summary.to_json()}
+                "summary": summary.to_json(), "digest": digest,
+                "manifest_path": str(Path(reader.source).resolve().parent)}
         headers = {f: _npy_header_length(tmp / f) for f in ("images.npy", "masks.npy")}
         meta["files"] = {**_expected_sizes(meta, headers), "index.npz": (tmp / "index.npz").stat().st_size}
         atomic_write_json(tmp / "meta.json", meta)
@@ -341,6 +344,22 @@ def _build(reader: CaseReader, rows: pd.DataFrame, root: Path, name: str, key: s
     used = sum(int(v) for v in meta["files"].values())
     log.info("cache %s: built %d cases (%.1f MiB on disk)", root / name, len(rows), used / 2**20)
     return meta
+
+
+def _prune_stale(root: Path, current: dict[str, Any]) -> None:
+    """Remove folders built from an older version of the same manifest (re-ingested since: never used again).
+
+    A scheduled pipeline re-ingests into the same manifest folder every cycle; without this, each
+    cycle would leave a full cache behind. Folders of other manifests sharing ``root`` are kept.
+    """
+    for child in sorted(root.iterdir()):
+        try:
+            meta = json.loads((child / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if meta.get("manifest_path") == current["manifest_path"] and meta.get("digest") != current["digest"]:
+            log.info("cache %s: built for an older version of %s; removing it", child, current["manifest_path"])
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def clear(root: Path) -> tuple[int, int]:
