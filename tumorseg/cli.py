@@ -26,6 +26,7 @@ from tumorseg.config import (
     build_config,
 )
 from tumorseg.errors import ExitCode, TumorsegError
+from tumorseg.labels import parse_labels
 
 app = typer.Typer(
     name="tumorseg",
@@ -142,6 +143,8 @@ def ingest(
     seed: Annotated[int, typer.Option(help="split seed")] = 0,
     folds: Annotated[int, typer.Option(help="cross-validation folds over non-test cases (0 = none)")] = 0,
     mask_threshold: Annotated[float | None, typer.Option(help="binarise multi-valued masks: values > T")] = None,
+    labels: Annotated[str | None, typer.Option(
+        help="label maps: declared values and names, e.g. 0=background,1=necrosis,2=edema")] = None,
     slice_axis: Annotated[int, typer.Option(help="axis along which 3D NIfTI volumes are sliced")] = 2,
     strict: Annotated[bool, typer.Option("--strict", help="fail (exit 2, no manifest) on any rejected file")] = False,
     workers: Annotated[int, typer.Option(help="decode processes (0 = one per core, max 8)")] = 0,
@@ -156,6 +159,7 @@ def ingest(
         dict(images_dir=images_dir, masks_dir=masks_dir, name=name, out_dir=out_dir, mask_suffix=mask_suffix,
              recursive=recursive, group_pattern=group_pattern, group_by=group_by,
              fractions=_parse_fractions(fractions), seed=seed, folds=folds, mask_threshold=mask_threshold,
+             labels=parse_labels(labels) if labels is not None else None,
              slice_axis=slice_axis, strict=strict, workers=workers,
              tracking=_tracking(tracking_uri, experiment)),
         "ingest options",

@@ -53,6 +53,7 @@ class IngestConfig(StrictModel):
     seed: int = 0
     folds: int = 0
     mask_threshold: float | None = None
+    labels: dict[int, str] | None = Field(default=None, description="label value -> class name (multi-class)")
     slice_axis: int = Field(default=2, ge=0, le=2)
     strict: bool = False
     workers: int = Field(default=0, ge=0, description="decode processes; 0 = one per CPU core (at most 8)")

@@ -42,6 +42,7 @@ from tumorseg.manifest import (
     image_path,
     load_manifest,
     mask_paths,
+    require_binary,
     resolve_manifest_dir,
     select_split,
 )
@@ -270,6 +271,7 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     t0 = time.perf_counter()
     mdir = resolve_manifest_dir(cfg.manifest)
     info, df = load_manifest(mdir)
+    require_binary(info, mdir, "evaluation")
     rows = select_split(df, cfg.split, mdir)
     check_files(info, rows, mdir / "manifest.csv")
     seg, mref = resolve_model(cfg.model, cfg.tracking, cfg.device)

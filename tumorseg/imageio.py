@@ -266,6 +266,30 @@ def binarize_mask(
     )
 
 
+def label_map(raw: np.ndarray, path: str | os.PathLike[str], labels: dict[int, str]) -> tuple[np.ndarray, str]:
+    """A mask of declared label values -> ``uint8`` class indices (the ``k``-th declared value is class ``k``).
+
+    Returns:
+        The class-index map and the values found, e.g. ``"0/3"``.
+
+    Raises:
+        DecodeError: a value that is not declared (named, with the declared set).
+    """
+    if raw.dtype.kind == "f" and np.isnan(raw).any():
+        raise DecodeError(f"{path}: mask contains NaN values; save label maps as integers")
+    values = np.unique(raw)
+    declared = sorted(labels)
+    undeclared = [v for v in values.tolist() if v not in labels]
+    if undeclared:
+        shown = ", ".join(f"{v:g}" for v in undeclared[:4])
+        raise DecodeError(f"{path}: value {shown} is not a declared label ({', '.join(map(str, declared))}); fix the "
+                          "mask or add the value to --labels")
+    lut = np.zeros(max(declared) + 1, dtype=np.uint8)
+    for k, v in enumerate(declared):
+        lut[v] = k
+    return lut[raw.astype(np.int64)], "/".join(f"{v:g}" for v in values.tolist())
+
+
 def load_image(path: str | os.PathLike[str], slice_index: int = -1, slice_axis: int = 2) -> np.ndarray:
     """Read an image as ``float32 (C, H, W)`` (C is 1 or 3)."""
     decoded = decode(read_bytes(path), path, "image")
@@ -283,6 +307,15 @@ def binarize_decoded_mask(decoded: Decoded, path: str | os.PathLike[str], thresh
         return Decoded(binary, decoded.mode, decoded.affine)
     binary, _ = binarize_mask(mask_plane(decoded.array, path), path, threshold)
     return Decoded(binary[None], decoded.mode, decoded.affine)
+
+
+def label_decoded_mask(decoded: Decoded, path: str | os.PathLike[str], labels: dict[int, str]) -> Decoded:
+    """A whole decoded label-map file as class indices (:func:`label_map`), shaped like :func:`binarize_decoded_mask`."""
+    if decoded.mode == "NIfTI":
+        classes, _ = label_map(decoded.array, path, labels)
+        return Decoded(classes, decoded.mode, decoded.affine)
+    classes, _ = label_map(mask_plane(decoded.array, path), path, labels)
+    return Decoded(classes[None], decoded.mode, decoded.affine)
 
 
 def mask_from_decoded(

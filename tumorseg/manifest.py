@@ -54,9 +54,29 @@ class ManifestInfo(BaseModel):
     dataset_digest: str
     slice_axis: int = 2
     mask_threshold: float | None = None
+    labels: dict[str, str] | None = None  # declared label values (as strings) -> class names; None: binary
     config: dict[str, Any]
+
+    @property
+    def label_set(self) -> dict[int, str] | None:
+        """The declared labels as ``{value: name}``, or ``None`` for binary masks."""
+        return {int(v): n for v, n in self.labels.items()} if self.labels else None
+
+    @property
+    def multiclass(self) -> bool:
+        """True when more than one foreground class is declared."""
+        return bool(self.labels) and len(self.labels or {}) > 2
     counts: dict[str, Any]
     summary: dict[str, Any]
+
+
+def require_binary(info: ManifestInfo, source: str | os.PathLike[str], stage: str) -> None:
+    """Stop with one line when ``info`` declares several tumour classes: the stage handles binary masks only."""
+    if info.multiclass:
+        names = ", ".join(n for v, n in sorted((info.label_set or {}).items()) if v != 0)
+        raise TumorsegError(f"{source}: declares {len(info.labels or {}) - 1} tumour classes ({names}); {stage} of "
+                            "multi-class label maps is not built yet: ingest binary masks for now (--mask-threshold "
+                            "T, or --labels with one tumour class)")
 
 
 def resolve_manifest_dir(path: str | os.PathLike[str]) -> Path:

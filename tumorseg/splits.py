@@ -82,8 +82,13 @@ def splits_without_tumour(
 
 def suggest_seed(tumour_groups: Iterable[str], seed: int, fractions: Sequence[float], tries: int = 1000) -> int | None:
     """The first seed after ``seed`` that gives every split a tumour group."""
-    groups = list(tumour_groups)
+    return covering_seed([list(tumour_groups)], seed, fractions, tries)
+
+
+def covering_seed(group_sets: Sequence[Sequence[str]], seed: int, fractions: Sequence[float],
+                  tries: int = 1000) -> int | None:
+    """The first seed after ``seed`` that gives every split a group of each set (one set per class)."""
     for candidate in range(seed + 1, seed + 1 + tries):
-        if not splits_without_tumour(groups, candidate, fractions):
+        if not any(splits_without_tumour(groups, candidate, fractions) for groups in group_sets):
             return candidate
     return None

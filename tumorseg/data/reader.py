@@ -25,6 +25,7 @@ from tumorseg.imageio import (
     Decoded,
     DecodeError,
     binarize_decoded_mask,
+    label_decoded_mask,
     decode,
     plane_spacing,
     read_bytes,
@@ -96,7 +97,11 @@ class CaseReader:
                                 "tumorseg ingest") from exc
         decoded = decode(data, path, "mask" if role == "mask" else "image")
         if role == "mask":
-            decoded = binarize_decoded_mask(decoded, path, self.info.mask_threshold)
+            labels = self.info.label_set
+            if labels:
+                decoded = label_decoded_mask(decoded, path, labels)
+            else:
+                decoded = binarize_decoded_mask(decoded, path, self.info.mask_threshold)
         out = (sha256_bytes(data), decoded)
         if volume:
             with self._lock:

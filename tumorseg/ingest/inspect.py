@@ -15,6 +15,7 @@ from tumorseg.fsutil import sha256_bytes
 from tumorseg.imageio import (
     DecodeError,
     binarize_mask,
+    label_map,
     decode,
     mask_plane,
     read_bytes,
@@ -33,11 +34,25 @@ class InspectContext:
     root: str
     mask_threshold: float | None
     slice_axis: int
+    labels: dict[int, str] | None = None  # declared label values -> names (multi-class); None: binary masks
 
 
 def _fraction(mask: Any) -> tuple[bool, float]:
     n = int(np.count_nonzero(mask))
     return n > 0, round(n / mask.size, 6)
+
+
+def class_columns(labels: dict[int, str] | None) -> list[str]:
+    """The manifest's per-class pixel-count columns (``px_<name>`` per foreground class)."""
+    return [f"px_{name}" for value, name in sorted(labels.items()) if value != 0] if labels else []
+
+
+def _class_counts(plane: Any, labels: dict[int, str] | None) -> dict[str, int]:
+    """Pixels of each foreground class in a class-index plane."""
+    if not labels:
+        return {}
+    counts = np.bincount(plane.ravel(), minlength=len(labels))
+    return {col: int(counts[k + 1]) for k, col in enumerate(class_columns(labels))}
 
 
 _DTYPE_NAMES: dict[Any, str] = {}
@@ -82,7 +97,10 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
                 plane = decoded.array if decoded.is_volume or volume else decoded.array[:, :, 0]
             else:
                 plane = mask_plane(decoded.array, path)
-            binary, values = binarize_mask(plane, path, ctx.mask_threshold)
+            if ctx.labels:
+                binary, values = label_map(plane, path, ctx.labels)
+            else:
+                binary, values = binarize_mask(plane, path, ctx.mask_threshold)
         except DecodeError as exc:
             return [], [(rel, _reason(exc, path)), (rel_img, f"its mask {base_name(rel)} was rejected")]
         if binary.shape != img_shape:
@@ -114,12 +132,12 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
             has, frac = _fraction(plane2d)
             rows.append({**common, "case_id": f"{task.key}#{'xyz'[ctx.slice_axis]}{k:03d}", "slice_index": k,
                          "has_tumour": has, "tumour_fraction": frac,
-                         "height": plane2d.shape[0], "width": plane2d.shape[1]})
+                         "height": plane2d.shape[0], "width": plane2d.shape[1], **_class_counts(plane2d, ctx.labels)})
         return rows, []
     plane2d = mask
     has, frac = _fraction(plane2d)
     return [{**common, "case_id": task.key, "slice_index": -1, "has_tumour": has, "tumour_fraction": frac,
-             "height": plane2d.shape[0], "width": plane2d.shape[1]}], []
+             "height": plane2d.shape[0], "width": plane2d.shape[1], **_class_counts(plane2d, ctx.labels)}], []
 
 
 def _plane(arr: Any, mode: str) -> Any:

@@ -16,10 +16,11 @@ from tumorseg.config import IngestConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_bytes, atomic_write_json, sha256_bytes
 from tumorseg.ingest.discover import discover
-from tumorseg.ingest.inspect import InspectContext, inspect_all
+from tumorseg.ingest.inspect import InspectContext, class_columns, inspect_all
+from tumorseg.labels import check_labels
 from tumorseg.manifest import COLUMNS, SPLITS
 from tumorseg.progress import track
-from tumorseg.splits import assign_fold, assign_split, merge_groups, splits_without_tumour, suggest_seed
+from tumorseg.splits import assign_fold, assign_split, covering_seed, merge_groups, splits_without_tumour
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +109,39 @@ def summarize(rows: list[dict[str, Any]], n_rejected: int, n_ignored: int = 0) -
 
 
 def _check_tumour_coverage(rows: list[dict[str, Any]], cfg: IngestConfig) -> None:
-    tumour_groups = sorted({r["group"] for r in rows if r["has_tumour"]})
-    missing = splits_without_tumour(tumour_groups, cfg.seed, cfg.fractions)
-    if not missing:
+    """Every split gets tumour cases - of every declared class, for label maps - or a seed that does it."""
+    classes = [("tumour", "has_tumour")] + [(col[3:], col) for col in class_columns(cfg.labels)]
+    sets = {name: sorted({r["group"] for r in rows if r[col]}) for name, col in classes}
+    for name, groups in sets.items():
+        missing = splits_without_tumour(groups, cfg.seed, cfg.fractions)
+        if not missing:
+            continue
+        better = covering_seed(list(sets.values()), cfg.seed, cfg.fractions)
+        what = "tumour" if name == "tumour" else f"class {name}"
+        cover = "cases of every class" if cfg.labels else "tumour cases"
+        hint = f"pass --seed {better}, which gives every split {cover}" if better is not None else "change --fractions"
+        raise TumorsegError(
+            f"{cfg.images_dir}: with --seed {cfg.seed} split(s) {', '.join(missing)} would get no {what} case "
+            f"({len(groups)} groups with {what}); {hint}. Keep that seed for later ingests: splits stay stable."
+        )
+
+
+_MULTI = re.compile(r"mask has \d+ distinct values \(([^)]*)\)")
+
+
+def _check_label_maps(rejected: list[tuple[str, str]], cfg: IngestConfig) -> None:
+    """Multi-valued masks without ``--labels``: one line with the values found and the option to declare."""
+    if cfg.labels or cfg.mask_threshold is not None:
         return
-    better = suggest_seed(tumour_groups, cfg.seed, cfg.fractions)
-    hint = f"pass --seed {better}, which gives every split tumour cases" if better is not None else "change --fractions"
+    found = [(p, m.group(1)) for p, r in rejected if (m := _MULTI.search(r))]
+    if not found:
+        return
+    values = sorted({int(float(v)) for _, shown in found for v in shown.split(", ") if v != "..."} | {0})
+    suggestion = ",".join(f"{v}={'background' if v == 0 else f'class{v}'}" for v in values)
     raise TumorsegError(
-        f"{cfg.images_dir}: with --seed {cfg.seed} split(s) {', '.join(missing)} would get no tumour case "
-        f"({len(tumour_groups)} tumour groups); {hint}. Keep that seed for later ingests: splits stay stable."
+        f"{cfg.images_dir}: {len(found)} mask file(s) hold more than two values ({', '.join(map(str, values))}; "
+        f"first: {found[0][0]}): label maps, not binary masks; declare the labels, e.g. --labels {suggestion} "
+        "(or binarise them with --mask-threshold T)"
     )
 
 
@@ -156,6 +181,11 @@ def _check_inputs(cfg: IngestConfig) -> None:
             raise TumorsegError(f"{folder}: {label} does not exist; check the path")
         if not folder.is_dir():
             raise TumorsegError(f"{folder}: {label} is not a folder; pass the folder that holds the files")
+    if cfg.labels is not None:
+        check_labels(cfg.labels, "labels")
+        if cfg.mask_threshold is not None:
+            raise TumorsegError("--labels and --mask-threshold: give one (label maps keep their values; a threshold "
+                                "binarises)")
     if cfg.group_pattern:
         try:
             re.compile(cfg.group_pattern)
@@ -183,7 +213,7 @@ def run(cfg: IngestConfig) -> IngestResult:
             raise TumorsegError(f"{cfg.images_dir}: no image files found, only {len(ignored)} other file(s) "
                                 f"(first: {ignored[0][0]}: {ignored[0][1]}); check the folder{hint}")
         raise TumorsegError(f"{cfg.images_dir}: no files found; check the folder{hint}")
-    ctx = InspectContext(str(root), cfg.mask_threshold, cfg.slice_axis)
+    ctx = InspectContext(str(root), cfg.mask_threshold, cfg.slice_axis, cfg.labels)
     workers = cfg.workers or min(8, os.cpu_count() or 1)
     rows: list[dict[str, Any]] = []
     for case_rows, case_rejected in track(inspect_all(tasks, ctx, workers), len(tasks), "ingest"):
@@ -191,6 +221,7 @@ def run(cfg: IngestConfig) -> IngestResult:
         rejected.extend(case_rejected)
     rows = _drop_duplicate_ids(rows, rejected)
     rejected = sorted(set(rejected))
+    _check_label_maps(rejected, cfg)
     if cfg.strict and rejected:
         path, reason = rejected[0]
         raise TumorsegError(
@@ -205,7 +236,7 @@ def run(cfg: IngestConfig) -> IngestResult:
     rows.sort(key=lambda r: r["case_id"])
     summary = summarize(rows, len(rejected), len(ignored))
 
-    manifest_csv = _csv_bytes(rows, COLUMNS)
+    manifest_csv = _csv_bytes(rows, COLUMNS + class_columns(cfg.labels))
     rejected_csv = _csv_bytes([{"path": p, "reason": r} for p, r in rejected], ["path", "reason"])
     ignored_csv = _csv_bytes([{"path": p, "reason": r} for p, r in ignored], ["path", "reason"])
     digest = sha256_bytes(manifest_csv)
@@ -216,6 +247,7 @@ def run(cfg: IngestConfig) -> IngestResult:
         "dataset_digest": digest,
         "slice_axis": cfg.slice_axis,
         "mask_threshold": cfg.mask_threshold,
+        "labels": {str(v): n for v, n in sorted(cfg.labels.items())} if cfg.labels else None,
         # where the manifest was written and how fast it was built do not describe the data:
         # without them, the same inputs and options give byte-identical files in any out_dir
         "config": cfg.model_dump(mode="json", exclude={"tracking", "workers", "out_dir"}),

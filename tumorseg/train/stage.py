@@ -18,7 +18,7 @@ from tumorseg.config import TrainConfig, dump_config
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from tumorseg.inference import amp_dtype, resolve_device
-from tumorseg.manifest import ManifestInfo, load_manifest, select_split
+from tumorseg.manifest import ManifestInfo, load_manifest, require_binary, select_split
 from tumorseg.metrics import confusion, dice
 from tumorseg.model import build_loss, build_model, init_output_bias
 from tumorseg.train import postprocess
@@ -109,6 +109,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
 
     assert cfg.manifest is not None
     info, df = load_manifest(cfg.manifest)
+    require_binary(info, cfg.manifest, "training")
     plan = None
     if ckpt is None and cfg.plan != "off":
         cfg, plan = planned(cfg, info, df, device, dist, run_dir)
