@@ -36,7 +36,7 @@ def _rows(manifest: Path, split: str = "train") -> tuple[object, object, object]
 
     info, df = load_manifest(manifest)
     rows = select_split(df, split, "m")
-    return info, rows, CaseReader(info, "m")
+    return info, rows, CaseReader(info, str(manifest / "manifest.csv"))
 
 
 def _disk(manifest: Path, root: Path, mode: str = "percentile"):  # type: ignore[no-untyped-def]
@@ -71,6 +71,13 @@ def test_disk_split_reads_what_the_ram_split_holds(manifest: Path, tmp_path: Pat
     for i in (0, len(ram) - 1):
         np.testing.assert_array_equal(disk.original_mask(i), ram.original_mask(i))
         assert disk.original_mask(i).shape == (64, 64)
+    # and both are what inference feeds the network (tumorseg.inference.preprocess) for the same image
+    from tumorseg.inference import preprocess
+
+    case = reader.read(rows.iloc[3])  # type: ignore[attr-defined]
+    expected = preprocess(case.image, SIZE, 1, stats)
+    assert torch.allclose(xr[0], expected, atol=1e-4)
+    assert float((xd[0] - expected).abs().max()) <= 2e-3 * max(float(expected.abs().max()), 1.0)
 
 
 def test_cache_is_reused_and_keyed_by_settings(manifest: Path, tmp_path: Path,
@@ -124,11 +131,25 @@ def test_interrupted_build_leaves_nothing_trusted(manifest: Path, tmp_path: Path
     with pytest.raises(KeyboardInterrupt):
         _disk(manifest, tmp_path)
     assert list(tmp_path.iterdir()) == []  # no half-cache left to trust
-    # a build killed outright (no chance to clean up) leaves a .partial folder: ignored, then removed
-    (tmp_path / "train-48x40-0123456789abcdef.partial-999999999").mkdir()
+    # a build killed outright (no chance to clean up) leaves a .partial folder: never trusted, then removed;
+    # one of a build still running on another host (shared filesystem) is left alone
+    import socket
+
+    from tumorseg.data.disk import cache_key, folder_name
+
+    info, rows, _ = _rows(manifest)
+    name = folder_name("train", SIZE, cache_key(info.dataset_digest, "train",  # type: ignore[attr-defined]
+                                                [str(c) for c in rows["case_id"]], SIZE, 1, "percentile"))  # type: ignore[index]
+    host = socket.gethostname().replace("-", "_")
+    dead = tmp_path / f"{name}.partial-{host}-999999999"
+    elsewhere = tmp_path / f"{name}.partial-otherhost-{os.getpid()}"
+    for p in (dead, elsewhere):
+        p.mkdir()
+        (p / "meta.json").write_text("{}")
     monkeypatch.setattr(split, "prepare", real)
     done, _ = _disk(manifest, tmp_path)
-    assert (done.folder / "meta.json").is_file()
+    assert done.folder.name == name and (done.folder / "meta.json").is_file()
+    assert not dead.exists() and elsewhere.exists()
 
 
 def test_truncated_read_is_one_line(manifest: Path, tmp_path: Path) -> None:
@@ -165,7 +186,7 @@ def test_cache_cli_lists_and_clears(manifest: Path, tmp_path: Path) -> None:
     res = runner.invoke(app, ["cache", "list", str(manifest), "--cache-dir", str(tmp_path)])
     assert res.exit_code == 0 and "train" in res.output and "48x40" in res.output
     res = runner.invoke(app, ["cache", "clear", str(manifest), "--cache-dir", str(tmp_path)])
-    assert res.exit_code == 0 and "removed 1 cache folder(s)" in res.output
+    assert res.exit_code == 0 and "removed 1 cache folder(s) of tiny" in res.output
     assert list(tmp_path.iterdir()) == []
     res = runner.invoke(app, ["cache", "list", str(manifest), "--cache-dir", str(tmp_path)])
     assert res.exit_code == 0 and "no cache" in res.output
@@ -217,3 +238,18 @@ def test_reingested_manifest_gets_a_new_cache_and_the_old_one_goes(synth_data: P
     second = build(manifest, tmp_path / "cache")
     assert second != first and second.is_dir() and not first.exists()
     assert (tmp_path / "cache" / kept.name).is_dir()
+
+
+def test_folders_in_use_are_neither_pruned_nor_cleared(manifest: Path, tmp_path: Path) -> None:
+    """An overlapping run still reading an older cache keeps it; once closed, it can go."""
+    from tumorseg.data.maintenance import clear, prune_stale
+
+    split, _ = _disk(manifest, tmp_path)
+    folder, owner = split.folder, split.meta["manifest_path"]
+    prune_stale(tmp_path, {"manifest_path": owner, "digest": "a newer ingest"})
+    assert folder.is_dir()
+    assert clear(tmp_path, manifest) == (0, 0, 1)
+    assert split.read(np.array([0])).images.shape[0] == 1  # still readable
+    split.close()
+    prune_stale(tmp_path, {"manifest_path": owner, "digest": "a newer ingest"})
+    assert not folder.exists()

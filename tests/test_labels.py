@@ -113,8 +113,10 @@ def test_label_maps_ingest_with_per_class_counts(tmp_path: Path) -> None:
     np.testing.assert_array_equal(reader.read(row).mask, truth["patient_00_a"])  # values 0..3 are indices 0..3
 
     # training or evaluating it is refused in one line until multi-class training lands
-    res = CliRunner().invoke(app, ["train", str(tmp_path / "dm" / "bra"), "--out", str(tmp_path / "runs")])
-    assert res.exit_code == 2 and "declares 3 tumour classes (necrosis, edema, enhancing)" in res.output
+    for cmd in (["train", str(tmp_path / "dm" / "bra"), "--out", str(tmp_path / "runs")],
+                ["plan", str(tmp_path / "dm" / "bra")]):
+        res = CliRunner().invoke(app, cmd)
+        assert res.exit_code == 2 and "declares 3 tumour classes (necrosis, edema, enhancing)" in res.output, cmd
 
 
 def test_class_indices_follow_declared_order(tmp_path: Path) -> None:
@@ -168,3 +170,23 @@ def test_labels_and_threshold_together_are_refused(tmp_path: Path) -> None:
     _dataset(tmp_path / "data", 2)
     code, out = _ingest(tmp_path / "data", tmp_path / "dm", "--labels", LABELS, "--mask-threshold", "0")
     assert code == 2 and "give one" in out
+
+
+def test_a_stray_multi_valued_mask_in_a_binary_dataset_stays_a_rejected_row(tmp_path: Path) -> None:
+    """Under a quarter of the cases with more values: stray files, not label maps (the binary behaviour)."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((32, 32), 9 + i, np.uint8)).save(images / f"c{i}.png")
+        m = _blob(32, 255, 16, 16, 6)
+        if i == 0:
+            m[0, 0] = 100  # 0 / 100 / 255
+        Image.fromarray(m).save(masks / f"c{i}.png")
+    res = CliRunner().invoke(app, ["ingest", str(images), str(masks), "--name", "b", "--out-dir", str(tmp_path / "dm"),
+                                   "--fractions", "1,0,0", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    rejected = pd.read_csv(tmp_path / "dm" / "b" / "rejected.csv")
+    reasons = dict(zip(rejected["path"], rejected["reason"], strict=True))
+    assert "mask has 3 distinct values (0, 100, 255)" in reasons["masks/c0.png"]
+    assert "--labels" in reasons["masks/c0.png"]

@@ -20,7 +20,8 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "tumorseg"
 
-BASE = ["errors", "fsutil", "progress", "streaming", "splits", "labels", "config", "imageio", "manifest", "metrics", "model"]
+BASE = ["errors", "fsutil", "progress", "streaming", "splits", "labels", "config",
+        "imageio", "manifest", "metrics", "model"]
 """Bottom layers, lowest first: each may import only those before it."""
 
 ABOVE = {

@@ -350,12 +350,14 @@ CacheDir = Annotated[Path | None, typer.Option("--cache-dir", help="cache folder
 @user_errors
 def cache_list(manifest: CacheManifest, cache_dir: CacheDir = None) -> None:
     """List the cache folders of a manifest: split, size, cases, disk used."""
-    from tumorseg.data import disk
+    from tumorseg.data import maintenance
+    from tumorseg.manifest import resolve_manifest_dir
     from tumorseg.report import print_rows
 
-    rows = disk.entries(cache_dir or manifest / "cache")
+    manifest = resolve_manifest_dir(manifest)
+    rows = maintenance.entries(cache_dir or manifest / "cache", manifest)
     if not rows:
-        typer.echo(f"{cache_dir or manifest / 'cache'}: no cache")
+        typer.echo(f"{cache_dir or manifest / 'cache'}: no cache of {manifest}")
         return
     for row in rows:
         print_rows(row["folder"], [(k, str(v)) for k, v in row.items() if k != "folder"])
@@ -365,11 +367,14 @@ def cache_list(manifest: CacheManifest, cache_dir: CacheDir = None) -> None:
 @user_errors
 def cache_clear(manifest: CacheManifest, cache_dir: CacheDir = None) -> None:
     """Delete the cache folders of a manifest (they are rebuilt by the next run that needs them)."""
-    from tumorseg.data import disk
+    from tumorseg.data import maintenance
+    from tumorseg.manifest import resolve_manifest_dir
 
+    manifest = resolve_manifest_dir(manifest)
     root = cache_dir or manifest / "cache"
-    folders, size = disk.clear(root)
-    typer.echo(f"{root}: removed {folders} cache folder(s), {size / 2**20:.1f} MiB")
+    folders, size, busy = maintenance.clear(root, manifest)
+    kept = f"; kept {busy} folder(s) a running training still reads" if busy else ""
+    typer.echo(f"{root}: removed {folders} cache folder(s) of {manifest.name}, {size / 2**20:.1f} MiB{kept}")
 
 
 # ----------------------------------------------------------------------------- pipeline

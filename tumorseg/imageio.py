@@ -262,7 +262,7 @@ def binarize_mask(
     shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if len(values) > 6 else "")
     raise DecodeError(
         f"{path}: mask has {len(values)} distinct values ({shown}); a binary mask has 2 - "
-        "pass --mask-threshold T to treat values > T as tumour"
+        "pass --mask-threshold T to treat values > T as tumour, or --labels to declare label maps"
     )
 
 
@@ -310,7 +310,7 @@ def binarize_decoded_mask(decoded: Decoded, path: str | os.PathLike[str], thresh
 
 
 def label_decoded_mask(decoded: Decoded, path: str | os.PathLike[str], labels: dict[int, str]) -> Decoded:
-    """A whole decoded label-map file as class indices (:func:`label_map`), shaped like :func:`binarize_decoded_mask`."""
+    """A whole decoded label-map file as class indices (:func:`label_map`), shaped like a binarised mask."""
     if decoded.mode == "NIfTI":
         classes, _ = label_map(decoded.array, path, labels)
         return Decoded(classes, decoded.mode, decoded.affine)

@@ -21,6 +21,7 @@ is detected on opening, logged, and rebuilt.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -34,6 +35,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from tumorseg.data.maintenance import partial_suffix, prune_stale, remove_stale_partials
 from tumorseg.data.split import Batch, Prepared, Split, Summary, build, pack_mask, unpack_mask
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_json
@@ -122,14 +124,18 @@ class DiskSplit(Split):
 
     def __init__(self, folder: Path, meta: dict[str, Any], rows: np.ndarray | None = None) -> None:
         self.folder, self.meta = folder, meta
-        index = np.load(folder / "index.npz")
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        # a shared lock for as long as this split is open: pruning and `cache clear` skip folders in use
+        self._fds["meta.json"] = _open(folder / "meta.json")
+        fcntl.flock(self._fds["meta.json"], fcntl.LOCK_SH)
+        with np.load(folder / "index.npz") as index:
+            self._scale, self._fg = index["scale"], index["fg"]
+            self._offsets, self._shapes = index["offsets"], index["shapes"]
         all_rows = np.arange(int(meta["n"]), dtype=np.int64)
         self.rows = all_rows if rows is None else np.asarray(rows, dtype=np.int64)
         self.case_ids = [meta["case_ids"][r] for r in self.rows]
-        self._scale = index["scale"]
-        self._fg = index["fg"]
         self.fg_pixels = self._fg[self.rows]
-        self._offsets, self._shapes = index["offsets"], index["shapes"]
         self.channels, self.size = int(meta["channels"]), (int(meta["size"][0]), int(meta["size"][1]))
         self.pixels = self.size[0] * self.size[1]
         self._img_bytes = 2 * self.channels * self.pixels
@@ -137,8 +143,6 @@ class DiskSplit(Split):
         self._img_header = _npy_header_length(folder / "images.npy")
         self._mask_header = _npy_header_length(folder / "masks.npy")
         self.stats = None
-        self._fds: dict[str, int] = {}
-        self._lock = threading.Lock()
         self._mapping: tuple[torch.Tensor, torch.Tensor] | None = None
         self.pin = False
 
@@ -156,7 +160,7 @@ class DiskSplit(Split):
     def _fd(self, name: str) -> int:
         with self._lock:
             if name not in self._fds:
-                self._fds[name] = os.open(self.folder / name, os.O_RDONLY)
+                self._fds[name] = _open(self.folder / name)
             return self._fds[name]
 
     def close(self) -> None:
@@ -269,39 +273,35 @@ def check(folder: Path, key: str) -> tuple[dict[str, Any] | None, str]:
     return meta, ""
 
 
-def _remove_stale_partials(root: Path, name: str) -> None:
-    for old in root.glob(f"{name}.partial-*"):
-        pid = old.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
-            continue
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
+def _open(path: Path) -> int:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise TumorsegError(f"{path}: cache file gone ({exc.strerror}); was the cache cleared while a run used it? "
+                            "Run again: the cache is rebuilt") from exc
 
 
 def open_or_build(reader: CaseReader, rows: pd.DataFrame, root: Path, split: str, size: tuple[int, int],
-                  in_channels: int, mode: str, digest: str) -> tuple[DiskSplit, Summary]:
-    """The split's cache folder under ``root``, built first when absent, incomplete or stale."""
+                  in_channels: int, mode: str, digest: str, build: bool = True) -> tuple[DiskSplit, Summary]:
+    """The split's cache folder under ``root``, built first when absent, incomplete or stale.
+
+    ``build=False`` (DDP ranks other than 0, after rank 0 built it) only opens the folder.
+    """
     case_ids = [str(c) for c in rows["case_id"]]
     key = cache_key(digest, split, case_ids, size, in_channels, mode)
     name = folder_name(split, size, key)
     folder = root / name
     meta, why = check(folder, key) if folder.exists() else (None, "")
+    if meta is None and not build:
+        raise TumorsegError(f"{folder}: cache folder not found or incomplete ({why or 'missing'}) after rank 0 built "
+                            "it; is cache_dir on a filesystem every rank sees?")
     if meta is None:
         if folder.exists():
             log.warning("cache %s: %s; rebuilding it", folder, why)
             shutil.rmtree(folder, ignore_errors=True)
         meta = _build(reader, rows, root, name, key, case_ids, size, in_channels, mode, split, digest)
         meta_digest = {"manifest_path": meta.get("manifest_path"), "digest": digest}
-        _prune_stale(root, meta_digest)
+        prune_stale(root, meta_digest)
     else:
         log.info("cache %s: reusing %d cases", folder, meta["n"])
     return DiskSplit(root / name, meta), Summary.from_json(meta["summary"])
@@ -314,8 +314,8 @@ def _build(reader: CaseReader, rows: pd.DataFrame, root: Path, name: str, key: s
     except OSError as exc:
         raise TumorsegError(f"{root}: cannot create the cache folder ({exc.strerror}); set cache_dir to a writable "
                             "folder (--set cache_dir=/scratch/tumorseg-cache)") from exc
-    _remove_stale_partials(root, name)
-    tmp = root / f"{name}.partial-{os.getpid()}"
+    remove_stale_partials(root, name)
+    tmp = root / f"{name}{partial_suffix()}"
     tmp.mkdir()
     try:
         sink = DiskSink(tmp, len(rows), in_channels, size)
@@ -345,50 +345,3 @@ def _build(reader: CaseReader, rows: pd.DataFrame, root: Path, name: str, key: s
     log.info("cache %s: built %d cases (%.1f MiB on disk)", root / name, len(rows), used / 2**20)
     return meta
 
-
-def _prune_stale(root: Path, current: dict[str, Any]) -> None:
-    """Remove folders built from an older version of the same manifest (re-ingested since: never used again).
-
-    A scheduled pipeline re-ingests into the same manifest folder every cycle; without this, each
-    cycle would leave a full cache behind. Folders of other manifests sharing ``root`` are kept.
-    """
-    for child in sorted(root.iterdir()):
-        try:
-            meta = json.loads((child / "meta.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if meta.get("manifest_path") == current["manifest_path"] and meta.get("digest") != current["digest"]:
-            log.info("cache %s: built for an older version of %s; removing it", child, current["manifest_path"])
-            shutil.rmtree(child, ignore_errors=True)
-
-
-def clear(root: Path) -> tuple[int, int]:
-    """Remove every cache folder under ``root``; returns (folders, bytes) removed."""
-    if not root.is_dir():
-        return 0, 0
-    folders, size = 0, 0
-    for child in sorted(root.iterdir()):
-        if child.is_dir() and ((child / "meta.json").exists() or ".partial-" in child.name):
-            size += sum(f.stat().st_size for f in child.rglob("*") if f.is_file())
-            shutil.rmtree(child, ignore_errors=True)
-            folders += 1
-    return folders, size
-
-
-def entries(root: Path) -> list[dict[str, Any]]:
-    """One row per complete cache folder under ``root``: folder, split, size, cases, MiB."""
-    rows: list[dict[str, Any]] = []
-    if not root.is_dir():
-        return rows
-    for child in sorted(root.iterdir()):
-        meta_path = child / "meta.json"
-        if not meta_path.is_file():
-            continue
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        used = sum(f.stat().st_size for f in child.iterdir() if f.is_file())
-        rows.append({"folder": child.name, "split": meta.get("split"), "size": "x".join(map(str, meta.get("size", []))),
-                     "cases": meta.get("n"), "MiB": round(used / 2**20, 1)})
-    return rows

@@ -15,8 +15,8 @@ from tumorseg.fsutil import sha256_bytes
 from tumorseg.imageio import (
     DecodeError,
     binarize_mask,
-    label_map,
     decode,
+    label_map,
     mask_plane,
     read_bytes,
     union_masks,

@@ -129,12 +129,17 @@ def _check_tumour_coverage(rows: list[dict[str, Any]], cfg: IngestConfig) -> Non
 _MULTI = re.compile(r"mask has \d+ distinct values \(([^)]*)\)")
 
 
-def _check_label_maps(rejected: list[tuple[str, str]], cfg: IngestConfig) -> None:
+LABEL_MAP_SHARE = 0.25
+"""Without ``--labels``: when at least this share of the cases hold masks of more than two values, the dataset
+is label maps and ingest stops with the ``--labels`` to pass; fewer are stray files (rejected rows)."""
+
+
+def _check_label_maps(rejected: list[tuple[str, str]], n_cases: int, cfg: IngestConfig) -> None:
     """Multi-valued masks without ``--labels``: one line with the values found and the option to declare."""
     if cfg.labels or cfg.mask_threshold is not None:
         return
     found = [(p, m.group(1)) for p, r in rejected if (m := _MULTI.search(r))]
-    if not found:
+    if not found or len(found) < LABEL_MAP_SHARE * n_cases:
         return
     values = sorted({int(float(v)) for _, shown in found for v in shown.split(", ") if v != "..."} | {0})
     suggestion = ",".join(f"{v}={'background' if v == 0 else f'class{v}'}" for v in values)
@@ -221,7 +226,7 @@ def run(cfg: IngestConfig) -> IngestResult:
         rejected.extend(case_rejected)
     rows = _drop_duplicate_ids(rows, rejected)
     rejected = sorted(set(rejected))
-    _check_label_maps(rejected, cfg)
+    _check_label_maps(rejected, len(tasks), cfg)
     if cfg.strict and rejected:
         path, reason = rejected[0]
         raise TumorsegError(

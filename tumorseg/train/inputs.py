@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from tumorseg.config import TrainConfig
+from tumorseg.errors import TumorsegError
 from tumorseg.intensity import SCALE_PERCENTILES, Fingerprint, Stats, fingerprint_from_sums, stats_from_sums
 from tumorseg.manifest import ManifestInfo
 from tumorseg.train.runtime import Dist
@@ -44,7 +46,9 @@ class Inputs:
 
 def cache_root(cfg: TrainConfig) -> Path:
     """Where the on-disk cache lives: ``cache_dir``, else ``cache/`` in the manifest's folder."""
-    return Path(cfg.cache_dir) if cfg.cache_dir else Path(str(cfg.manifest)) / "cache"
+    from tumorseg.manifest import resolve_manifest_dir
+
+    return Path(cfg.cache_dir) if cfg.cache_dir else resolve_manifest_dir(str(cfg.manifest)) / "cache"
 
 
 def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: pd.DataFrame, in_channels: int,
@@ -54,8 +58,9 @@ def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: p
 
     t0 = time.perf_counter()
     reader = CaseReader(info, source)
-    mode = cfg.normalize
-    storage = storage_for(cfg.cache, len(train_df) + len(val_df), in_channels, cfg.image_size)
+    mode = cfg.normalize if ckpt is None else _mode_of(ckpt.get("intensity"))
+    group = _cpu_group(dist)
+    storage = _agree(storage_for(cfg.cache, len(train_df) + len(val_df), in_channels, cfg.image_size), group)
     # a fixed, seeded partition of train over the DDP ranks (ranks take equal shares)
     shard = np.random.RandomState(cfg.seed).permutation(len(train_df))
     if dist.world > 1:
@@ -65,7 +70,7 @@ def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: p
     train: Split
     val: Split | None = None
     if storage == "disk":
-        train, summary, val = _on_disk(cfg, info, reader, train_df, val_df, in_channels, dist, shard)
+        train, summary, val = _on_disk(cfg, info, reader, train_df, val_df, in_channels, mode, dist, shard, group)
     else:
         from tumorseg.data.split import in_ram
 
@@ -98,27 +103,75 @@ def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: p
 
 
 def _on_disk(cfg: TrainConfig, info: ManifestInfo, reader: Any, train_df: pd.DataFrame, val_df: pd.DataFrame,
-             in_channels: int, dist: Dist, shard: np.ndarray) -> tuple[Split, Summary, Split | None]:
-    """Rank 0 builds or reuses the cache folders; then every rank opens them and takes its shard."""
+             in_channels: int, mode: str, dist: Dist, shard: np.ndarray, group: Any
+             ) -> tuple[Split, Summary, Split | None]:
+    """Rank 0 builds or reuses the cache folders; then every rank opens them and takes its shard.
+
+    The other ranks wait on a gloo group with a long timeout (a large build outlasts NCCL's default
+    10 minutes), and learn whether rank 0 succeeded, so a failed build stops every rank.
+    """
     from tumorseg.data.disk import open_or_build
 
     root = cache_root(cfg)
 
-    def open_split(name: str, rows: pd.DataFrame) -> tuple[Any, Summary]:
-        return open_or_build(reader, rows, root, name, cfg.image_size, in_channels, cfg.normalize,
-                             info.dataset_digest)
+    def open_split(name: str, rows: pd.DataFrame, build: bool = True) -> tuple[Any, Summary]:
+        return open_or_build(reader, rows, root, name, cfg.image_size, in_channels, mode, info.dataset_digest,
+                             build=build)
 
-    if dist.main:
+    if dist.world == 1:
         train, summary = open_split("train", train_df)
         val, _ = open_split("val", val_df)
-    if dist.world > 1:
-        import torch.distributed as td
+        return train.subset(shard), summary, val
+    import torch
+    import torch.distributed as td
 
-        td.barrier()  # rank 0's build is complete (and renamed into place)
-        if not dist.main:
+    ok = torch.zeros(1)
+    failure: BaseException | None = None
+    if dist.main:
+        try:
             train, summary = open_split("train", train_df)
-            val = None
+            val, _ = open_split("val", val_df)
+            ok[0] = 1
+        except BaseException as exc:  # noqa: BLE001 - told to the other ranks, then raised
+            failure = exc
+    td.broadcast(ok, src=0, group=group)
+    if failure is not None:
+        raise failure
+    if not ok[0]:
+        raise TumorsegError("rank 0 could not build the disk cache (its error is in its log); stopping this rank")
+    if not dist.main:
+        train, summary = open_split("train", train_df, build=False)
+        val = None
     return train.subset(shard), summary, (val if dist.main else None)
+
+
+def _mode_of(stats: Stats | None) -> str:
+    """The normalisation rule a checkpoint's statistics were made with (a resume keeps it)."""
+    if stats is None:
+        return "image"
+    return "percentile" if stats.get("percentiles") else "dataset"
+
+
+def _cpu_group(dist: Dist) -> Any:
+    """A gloo group over all ranks with a long timeout (CPU tensors, even under NCCL), or ``None`` alone."""
+    if dist.world == 1:
+        return None
+    import torch.distributed as td
+
+    return td.new_group(backend="gloo", timeout=timedelta(hours=24))
+
+
+def _agree(storage: str, group: Any) -> str:
+    """Rank 0's storage choice on every rank (ranks on hosts with different memory must not differ)."""
+    if group is None:
+        return storage
+    import torch
+    import torch.distributed as td
+
+    choices = ["auto", "ram", "gpu", "disk"]
+    t = torch.tensor([choices.index(storage)])
+    td.broadcast(t, src=0, group=group)
+    return choices[int(t.item())]
 
 
 def _stats(mode: str, summary: Summary) -> Stats | None:
