@@ -175,6 +175,9 @@ def test_training_from_disk_is_deterministic_and_auto_switches(manifest: Path, t
     assert sorted(p.name.split("-")[0] for p in (manifest / "cache").iterdir()) == ["train", "val"]
     monkeypatch.setattr(split, "RAM_LIMIT_BYTES", 1024)  # auto: this dataset is now "large"
     b = train.run(cfg("b", "cache=auto"))
+    from tumorseg.checkpoint import train_config
+
+    assert train_config(load_checkpoint(tmp_path / "b" / "last.pt")).cache == "disk"  # a resume reads the same cache
     wa, wb = load_checkpoint(tmp_path / "a" / "last.pt")["model"], load_checkpoint(tmp_path / "b" / "last.pt")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [h["val_dice"] for h in a.history] == [h["val_dice"] for h in b.history]

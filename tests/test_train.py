@@ -351,7 +351,8 @@ def test_ddp_two_cpu_processes(manifest: Path, tmp_path: Path, mlflow_uri: str, 
     )
     assert len(runs) == 1  # one MLflow run, not one per rank
     assert runs[0].data.params["world_size"] == "2"
-    # on disk, rank 0 built each split once and both ranks read it
+    # on disk, rank 0 built each split once (no other rank built) and both ranks read it
+    assert proc.stderr.count(": built ") == (2 if cache == "disk" else 0), proc.stderr[-3000:]
     built = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*") if cache == "disk")
     assert built == (["train", "val"] if cache == "disk" else [])
 

@@ -61,6 +61,10 @@ def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: p
     mode = cfg.normalize if ckpt is None else _mode_of(ckpt.get("intensity"))
     group = _cpu_group(dist)
     storage = _agree(storage_for(cfg.cache, len(train_df) + len(val_df), in_channels, cfg.image_size), group)
+    if storage == "disk":
+        # recorded in the run's config (and so its checkpoints): a resume on a host with more memory reads
+        # the same float16 cache, so it continues exactly
+        cfg.cache = "disk"
     # a fixed, seeded partition of train over the DDP ranks (ranks take equal shares)
     shard = np.random.RandomState(cfg.seed).permutation(len(train_df))
     if dist.world > 1:
