@@ -37,3 +37,15 @@ def synth_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     synth.run(root, n=24, size=64, seed=0)
     return root
+
+
+@pytest.fixture(scope="module")
+def manifest(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic data ingested by patient (a fresh manifest per test module)."""
+    from tumorseg import ingest
+    from tumorseg.config import IngestConfig
+
+    cfg = IngestConfig(images_dir=synth_data / "images", masks_dir=synth_data / "masks", name="tiny",
+                       out_dir=tmp_path_factory.mktemp("manifests"), group_pattern=r"(patient_\d+)", seed=3,
+                       workers=1)
+    return ingest.run(cfg).manifest_dir

@@ -20,16 +20,6 @@ TINY = ["plan=off", "epochs=2", "batch_size=4", "image_size=[48,48]", "model.cha
 SIZE = (48, 40)  # not the images' 64x64: the cache resizes
 
 
-@pytest.fixture(scope="module")
-def manifest(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tumorseg import ingest
-
-    out = tmp_path_factory.mktemp("manifests")
-    cfg = IngestConfig(images_dir=synth_data / "images", masks_dir=synth_data / "masks", name="tiny", out_dir=out,
-                       group_pattern=r"(patient_\d+)", seed=3, workers=1)
-    return ingest.run(cfg).manifest_dir
-
-
 def _rows(manifest: Path, split: str = "train") -> tuple[object, object, object]:
     from tumorseg.data import CaseReader
     from tumorseg.manifest import load_manifest, select_split

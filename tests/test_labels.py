@@ -82,12 +82,17 @@ def _ingest(root: Path, out: Path, *extra: str) -> tuple[int, str]:
     return res.exit_code, res.output
 
 
+def _ingest_labels(root: Path, out: Path) -> tuple[int, str]:
+    """Ingest with ``--labels``, taking the seed ingest names when a split would miss a class."""
+    code, text = _ingest(root, out, "--labels", LABELS, "--seed", "1")
+    if code == 2 and "pass --seed" in text:
+        code, text = _ingest(root, out, "--labels", LABELS, "--seed", text.split("pass --seed ")[1].split(",")[0])
+    return code, text
+
+
 def test_label_maps_ingest_with_per_class_counts(tmp_path: Path) -> None:
     truth = _dataset(tmp_path / "data")
-    code, out = _ingest(tmp_path / "data", tmp_path / "dm", "--labels", LABELS, "--seed", "1")
-    if code == 2 and "pass --seed" in out:  # a split without some class: take the seed ingest names
-        seed = out.split("pass --seed ")[1].split(",")[0]
-        code, out = _ingest(tmp_path / "data", tmp_path / "dm", "--labels", LABELS, "--seed", seed)
+    code, out = _ingest_labels(tmp_path / "data", tmp_path / "dm")
     assert code == 0, out
     info = json.loads((tmp_path / "dm" / "bra" / "manifest.json").read_text())
     assert info["labels"] == {"0": "background", "1": "necrosis", "2": "edema", "3": "enhancing"}
@@ -147,10 +152,7 @@ def test_undeclared_value_is_a_rejected_row_naming_file_and_value(tmp_path: Path
     arr = np.array(Image.open(bad))
     arr[0, 0] = 7
     Image.fromarray(arr).save(bad)
-    code, out = _ingest(tmp_path / "data", tmp_path / "dm", "--labels", LABELS, "--seed", "1")
-    if code == 2 and "pass --seed" in out:
-        seed = out.split("pass --seed ")[1].split(",")[0]
-        code, out = _ingest(tmp_path / "data", tmp_path / "dm", "--labels", LABELS, "--seed", seed)
+    code, out = _ingest_labels(tmp_path / "data", tmp_path / "dm")
     assert code == 0, out
     rejected = pd.read_csv(tmp_path / "dm" / "bra" / "rejected.csv")
     reasons = dict(zip(rejected["path"], rejected["reason"], strict=True))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tumorseg.config import IngestConfig, LossConfig, ModelConfig, TrainConfig, load_config
+from tumorseg.config import LossConfig, ModelConfig, TrainConfig, load_config
 from tumorseg.planning import rules
 from tumorseg.planning.fingerprint import Fingerprint
 from tumorseg.planning.probe import Throughput
@@ -103,16 +103,6 @@ def test_oversampled_epochs_draw_that_share_of_tumour_cases() -> None:
 
 
 # ----------------------------------------------------------------------------- on real files
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory: pytest.TempPathFactory, synth_data: Path) -> Path:
-    from tumorseg import ingest
-
-    out = tmp_path_factory.mktemp("plan")
-    cfg = IngestConfig(images_dir=synth_data / "images", masks_dir=synth_data / "masks", name="p", out_dir=out,
-                       group_pattern=r"(patient_\d+)", seed=3, workers=1)
-    return ingest.run(cfg).manifest_dir
 
 
 def test_plan_is_deterministic_and_written_with_its_fingerprint(manifest: Path, tmp_path: Path,

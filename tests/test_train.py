@@ -31,16 +31,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def manifest(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tumorseg import ingest
-
-    out = tmp_path_factory.mktemp("manifests")
-    cfg = IngestConfig(images_dir=synth_data / "images", masks_dir=synth_data / "masks", name="tiny", out_dir=out,
-                       group_pattern=r"(patient_\d+)", seed=3, workers=1)
-    return ingest.run(cfg).manifest_dir
-
-
 def tiny_cfg(manifest: Path, out: Path, *extra: str) -> TrainConfig:
     cfg = load_config(TrainConfig, None, [*TINY, *extra], base={"manifest": str(manifest), "out": str(out)})
     return cfg
