@@ -34,11 +34,15 @@ def preprocess(
     image: np.ndarray, size: tuple[int, int], in_channels: int, stats: Stats | None = None
 ) -> torch.Tensor:
     """``(C, H, W)`` image -> ``float32 (in_channels, *size)`` network input."""
+    return resize_image(normalize(to_channels(image, in_channels), stats), size)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """``float32 (C, H, W)`` -> ``(C, *size)`` tensor (bilinear, antialiased; as is when the size matches)."""
     import torch
     import torch.nn.functional as F
 
-    arr = normalize(to_channels(image, in_channels), stats)
-    t = torch.from_numpy(np.ascontiguousarray(arr))[None]
+    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
     if tuple(t.shape[-2:]) != tuple(size):
         t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
     return t[0]

@@ -23,8 +23,6 @@ import logging
 
 import numpy as np
 
-from tumorseg.imageio import to_channels
-
 log = logging.getLogger(__name__)
 
 
@@ -104,27 +102,17 @@ def affine(stats: Stats | None) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def prescaled_sums(image: np.ndarray) -> np.ndarray:
-    """``(3, C)`` pixel count, sum and sum of squares of one prescaled image (see :func:`intensity_sums`)."""
+    """``(3, C)`` float64 pixel count, sum and sum of squares of one prescaled image.
+
+    Summed over the training split (and over DDP ranks) they give :func:`stats_from_sums`.
+    """
     img = image.astype(np.float64)
     return np.stack([np.full(img.shape[0], img.shape[1] * img.shape[2], dtype=np.float64),
                      img.sum(axis=(1, 2)), np.square(img).sum(axis=(1, 2))])
 
 
-def intensity_sums(images: list[np.ndarray], in_channels: int,
-                   percentiles: tuple[float, float] | list[float] | None = None) -> np.ndarray:
-    """``(3, C)`` float64 per-channel pixel count, sum and sum of squares (reducible across ranks).
-
-    With ``percentiles`` each image is percentile-scaled first (:func:`percentile_scale`).
-    """
-    out = np.zeros((3, in_channels), dtype=np.float64)
-    for image in images:
-        img = to_channels(image, in_channels)
-        out += prescaled_sums(percentile_scale(img, percentiles) if percentiles is not None else img)
-    return out
-
-
 def stats_from_sums(sums: np.ndarray, percentiles: tuple[float, float] | list[float] | None = None) -> Stats:
-    """Mean and std per channel from :func:`intensity_sums` (with the ``percentiles`` they were scaled by)."""
+    """Mean and std per channel from summed :func:`prescaled_sums` (with the ``percentiles`` they were scaled by)."""
     n = np.maximum(sums[0], 1.0)
     mean = sums[1] / n
     std = np.sqrt(np.maximum(sums[2] / n - mean**2, 0.0))
@@ -144,13 +132,21 @@ def raw_range(image: np.ndarray) -> tuple[float, float]:
 
 def range_sums(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """``[sum p0.5, sum p99.5, n]`` (SUM-reducible) and ``[max p99.5, -min p99.5]`` (MAX-reducible) of raw images."""
-    sums = np.zeros(3, dtype=np.float64)
-    maxes = np.array([-np.inf, -np.inf], dtype=np.float64)
+    sums, maxes = empty_range()
     for image in images:
-        lo, hi = raw_range(image)
-        sums += (lo, hi, 1.0)
-        maxes = np.maximum(maxes, (hi, -hi))
+        add_range(sums, maxes, *raw_range(image))
     return sums, maxes
+
+
+def empty_range() -> tuple[np.ndarray, np.ndarray]:
+    """The zero of :func:`range_sums`."""
+    return np.zeros(3, dtype=np.float64), np.array([-np.inf, -np.inf], dtype=np.float64)
+
+
+def add_range(sums: np.ndarray, maxes: np.ndarray, lo: float, hi: float) -> None:
+    """Add one image's raw 0.5/99.5 percentiles to :func:`range_sums`' accumulators, in place."""
+    sums += (lo, hi, 1.0)
+    np.maximum(maxes, (hi, -hi), out=maxes)
 
 
 def fingerprint_from_sums(sums: np.ndarray, maxes: np.ndarray) -> Fingerprint | None:

@@ -214,10 +214,10 @@ class DiskSplit(Split):
         x = batch.images.to(device, non_blocking=True).float()
         assert batch.scale is not None
         x.mul_(batch.scale.to(device, non_blocking=True).view(-1, 1, 1, 1))
-        mapping = affine(self.stats)
-        if mapping is not None:
+        if self.stats is not None:
             if self._mapping is None or self._mapping[0].device != device:
-                self._mapping = (torch.from_numpy(mapping[0]).to(device), torch.from_numpy(mapping[1]).to(device))
+                mean, std = affine(self.stats)  # type: ignore[misc]  # stats given: never None
+                self._mapping = (torch.from_numpy(mean).to(device), torch.from_numpy(std).to(device))
             x.sub_(self._mapping[0]).div_(self._mapping[1])
         y = batch.masks.to(device, non_blocking=True).float() if batch.masks is not None else None
         return x, y

@@ -11,10 +11,10 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,8 @@ from tumorseg.manifest import MASK_SEP, ManifestInfo, combine_hashes
 from tumorseg.streaming import prefetch
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -133,15 +135,27 @@ class CaseReader:
 
     def stream(self, df: pd.DataFrame, workers: int = 0, ahead: int = 32) -> Iterator[Case]:
         """Cases of ``df`` in order, decoded by ``workers`` threads at most ``ahead`` rows in advance."""
-        rows = df.to_dict("records")
-        return prefetch(lambda ir: self.read(ir[1], ir[0]), enumerate(rows), workers, ahead)
+        return prefetch(lambda ir: self.read(ir[1], ir[0]), enumerate(_records(df)), workers, ahead)
 
-    def read_all(self, df: pd.DataFrame, workers: int = 0) -> list[Case]:
-        """All cases of ``df`` in manifest order (decoders release the GIL, so threads overlap)."""
+    def map(self, fn: Callable[[Case], T], df: pd.DataFrame, workers: int = 0) -> Iterator[T]:
+        """``fn(case)`` for the cases of ``df`` in order, decoded and run by ``workers`` threads.
+
+        Decoders and torch release the GIL, so the threads overlap; ``workers=0``: one per core, at most 8.
+        """
         n = workers or min(8, os.cpu_count() or 1)
         if n <= 1 or len(df) < 4:
             n = 0
-        return list(self.stream(df, n, ahead=max(2 * n, 1)))
+        return prefetch(lambda ir: fn(self.read(ir[1], ir[0])), enumerate(_records(df)), n, max(2 * n, 1))
+
+    def read_all(self, df: pd.DataFrame, workers: int = 0) -> list[Case]:
+        """All cases of ``df`` in manifest order."""
+        return list(self.map(lambda case: case, df, workers))
+
+
+def _records(df: pd.DataFrame) -> Iterator[dict[str, Any]]:
+    """The rows of ``df`` as dicts, one at a time (``to_dict("records")`` would hold them all)."""
+    columns = list(df.columns)
+    return (dict(zip(columns, values, strict=True)) for values in df.itertuples(index=False, name=None))
 
 
 def infer_in_channels(df: pd.DataFrame) -> int:

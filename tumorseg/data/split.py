@@ -17,14 +17,22 @@ from __future__ import annotations
 import logging
 import os
 import zlib
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
 
-from tumorseg.intensity import SCALE_PERCENTILES, Stats, affine, prescale, prescaled_sums, raw_range
+from tumorseg.intensity import (
+    SCALE_PERCENTILES,
+    Stats,
+    add_range,
+    affine,
+    empty_range,
+    prescale,
+    prescaled_sums,
+    raw_range,
+)
 from tumorseg.progress import track
 
 if TYPE_CHECKING:
@@ -65,14 +73,12 @@ class Summary:
     @classmethod
     def empty(cls, channels: int) -> Summary:
         """Nothing summed yet."""
-        return cls(np.zeros((3, channels)), np.zeros(3), np.array([-np.inf, -np.inf]))
+        return cls(np.zeros((3, channels)), *empty_range())
 
     def add(self, p: Prepared) -> None:
         """Add one case."""
-        lo, hi = p.raw_range
         self.sums += p.sums
-        self.range_sums += (lo, hi, 1.0)
-        self.range_max = np.maximum(self.range_max, (hi, -hi))
+        add_range(self.range_sums, self.range_max, *p.raw_range)
 
     def to_json(self) -> dict[str, Any]:
         """Plain lists (the disk cache's ``meta.json``)."""
@@ -131,30 +137,9 @@ class Split:
         """Apply the dataset's normalisation ``stats`` to everything read from now on."""
         raise NotImplementedError
 
-    @property
-    def original_masks(self) -> Sequence[np.ndarray]:
-        """All original masks, read lazily in order."""
-        return _LazyMasks(self)
-
     def tumour(self) -> np.ndarray:
         """``bool (N,)``: which cases hold tumour at training size."""
         return np.asarray(self.fg_pixels) > 0
-
-
-class _LazyMasks(Sequence[np.ndarray]):
-    def __init__(self, split: Split) -> None:
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, i: Any) -> Any:
-        if isinstance(i, slice):
-            return [self.split.original_mask(j) for j in range(*i.indices(len(self)))]
-        return self.split.original_mask(int(i))
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return (self.split.original_mask(j) for j in range(len(self)))
 
 
 @dataclass
@@ -239,18 +224,13 @@ def storage_for(mode: str, n_cases: int, channels: int, size: tuple[int, int]) -
 def prepare(case: Case, size: tuple[int, int], in_channels: int, mode: str) -> Prepared:
     """Prescale, resize and sum one decoded case (runs in the decode threads)."""
     import torch
-    import torch.nn.functional as F
 
     from tumorseg.imageio import to_channels
-    from tumorseg.inference import resize_mask
+    from tumorseg.inference import resize_image, resize_mask
 
-    raw = to_channels(case.image, in_channels)
-    pre = prescale(raw, mode, SCALE_PERCENTILES)
-    t = torch.from_numpy(np.ascontiguousarray(pre))[None]
-    if tuple(t.shape[-2:]) != tuple(size):
-        t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
+    pre = prescale(to_channels(case.image, in_channels), mode, SCALE_PERCENTILES)
     mask = resize_mask(case.mask, size).to(torch.uint8).numpy()
-    return Prepared(t[0].numpy(), mask, case.mask, prescaled_sums(pre), raw_range(case.image))
+    return Prepared(resize_image(pre, size).numpy(), mask, case.mask, prescaled_sums(pre), raw_range(case.image))
 
 
 class Sink(Protocol):
@@ -263,16 +243,9 @@ class Sink(Protocol):
 def build(reader: CaseReader, rows: pd.DataFrame, size: tuple[int, int], in_channels: int, mode: str,
           sink: Sink, workers: int = 0, description: str = "caching") -> Summary:
     """Stream ``rows`` through ``prepare`` into ``sink`` in order; returns the summed statistics."""
-    n = workers or min(8, os.cpu_count() or 1)
-    if n <= 1 or len(rows) < 4:
-        n = 0
-    from tumorseg.streaming import prefetch
-
-    records = rows.to_dict("records")
     summary = Summary.empty(in_channels)
-    prepared = prefetch(lambda ir: prepare(reader.read(ir[1], ir[0]), size, in_channels, mode), enumerate(records),
-                        n, max(2 * n, 1))
-    for i, p in enumerate(track(prepared, len(records), description)):
+    prepared = reader.map(lambda case: prepare(case, size, in_channels, mode), rows, workers)
+    for i, p in enumerate(track(prepared, len(rows), description)):
         sink.put(i, p)
         summary.add(p)
     return summary

@@ -196,9 +196,8 @@ def train_one_epoch(
         if i > 0 and ctx.dist.world == 1 and ctx.out_of_time():
             state.stopped_reason = f"time budget {cfg.budget} reached"
             break
-        x, y_opt = data.to_device(batch, device)
-        assert y_opt is not None
-        y = y_opt
+        x, y = data.to_device(batch, device)
+        assert y is not None
         if cfg.patch_size is not None:
             x, y = crop_batch(x, y, cfg.patch_size, cfg.oversample_foreground, gen)
         x, y = augment_batch(x, y, cfg.augment, gen)

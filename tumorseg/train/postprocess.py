@@ -53,7 +53,7 @@ def choose(net: torch.nn.Module, val: Split, cfg: TrainConfig,
     One streaming pass: each case is predicted plainly and mirrored, every candidate scored on it,
     and only the running sums kept, so memory does not grow with the number of val cases.
     """
-    min_size = max(1, smallest_tumour(val.original_masks) // 2)
+    min_size = max(1, smallest_tumour(val.original_mask(i) for i in range(len(val))) // 2)
     base = Postprocess(threshold=cfg.threshold)
     keeps: tuple[Literal["all", "largest", "min_size"], ...] = ("all", "largest", "min_size")
     grid = [(tta, threshold, Postprocess(threshold=threshold, keep=keep, min_size=min_size if keep == "min_size"
