@@ -1,4 +1,4 @@
-"""Label maps at ingest (issue #9, first part): --labels, per-class counts, undeclared values, clear refusals."""
+"""Label maps at ingest (issue #9): --labels, per-class counts, undeclared values, clear refusals."""
 
 from __future__ import annotations
 
@@ -117,11 +117,11 @@ def test_label_maps_ingest_with_per_class_counts(tmp_path: Path) -> None:
     row = mdf[mdf["case_id"] == "patient_00_a"].iloc[0]
     np.testing.assert_array_equal(reader.read(row).mask, truth["patient_00_a"])  # values 0..3 are indices 0..3
 
-    # training or evaluating it is refused in one line until multi-class training lands
-    for cmd in (["train", str(tmp_path / "dm" / "bra"), "--out", str(tmp_path / "runs")],
-                ["plan", str(tmp_path / "dm" / "bra")]):
-        res = CliRunner().invoke(app, cmd)
-        assert res.exit_code == 2 and "declares 3 tumour classes (necrosis, edema, enhancing)" in res.output, cmd
+    # and the planner reads the label map (training, evaluating and predicting it: tests/test_multiclass.py)
+    res = CliRunner().invoke(app, ["plan", str(tmp_path / "dm" / "bra"), "--budget", "20s", "--device", "cpu",
+                                   "--out", str(tmp_path / "plan")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "plan" / "plan.json").read_text())["budget"] == "20s"
 
 
 def test_class_indices_follow_declared_order(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ image is percentile-scaled first, or ``None`` for per-image z-score; see :mod:`t
 absent in checkpoints written before it existed), the
 training state (``epoch``, ``global_step``, ``best_val_dice``, ``best_epoch``,
 ``bad_epochs``, ``history``, ``stopped_reason``), the data identity (``manifest_digest``,
-``manifest_name``) and the run identity (``mlflow_run_id``, ``tracking_uri``). A full
+``manifest_name``), ``labels`` (the declared ``{value: name}`` of a multi-class model, values as
+strings; ``None`` or absent: binary) and the run identity (``mlflow_run_id``, ``tracking_uri``). A full
 checkpoint (``last.pt``/``best.pt``) adds ``optimizer``, ``scheduler``, ``scaler`` and
 ``rng`` for an exact resume; a slim one (the MLflow model's ``model.pt``) leaves them out.
 """
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from tumorseg.config import TrainConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_path
+from tumorseg.labels import Classes
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +47,7 @@ def build_payload(
     intensity: Mapping[str, list[float]] | None = None,
     *,
     fingerprint: Mapping[str, float] | None = None,
+    labels: Mapping[str, str] | None = None,
     state: Mapping[str, Any] | None = None,
     manifest_digest: str = "",
     manifest_name: str = "",
@@ -61,6 +64,7 @@ def build_payload(
         intensity: per-channel ``{"mean": [...], "std": [...]}`` of the training split (plus
             ``"percentiles"`` for per-image percentile scaling first), or ``None``.
         fingerprint: the raw intensity range of the training images (:data:`tumorseg.inference.Fingerprint`).
+        labels: the label set of a multi-class model (:meth:`tumorseg.labels.Classes.to_json`); ``None``: binary.
         state: training state (``epoch``, ``global_step``, ``best_val_dice``, ``best_epoch``,
             ``bad_epochs``, ``history``, ``stopped_reason``); missing keys get neutral values.
         manifest_digest: digest of the manifest trained on.
@@ -81,6 +85,7 @@ def build_payload(
         "in_channels": int(in_channels),
         "intensity": None if intensity is None else {k: list(v) for k, v in intensity.items()},
         "intensity_fingerprint": None if fingerprint is None else {k: float(v) for k, v in fingerprint.items()},
+        "labels": None if labels is None else {str(k): str(v) for k, v in labels.items()},
         "epoch": int(st.get("epoch", 0)),
         "global_step": int(st.get("global_step", 0)),
         "best_val_dice": float(st.get("best_val_dice", -1.0)),
@@ -131,6 +136,11 @@ def write_slim(source: str | Path, dest: str | Path) -> Path:
     save(dest, ckpt)
     load(dest)  # fail here, not at serving time
     return Path(dest)
+
+
+def classes(ckpt: Mapping[str, Any]) -> Classes:
+    """The label set a checkpoint's network predicts (binary for checkpoints without one)."""
+    return Classes.from_json(ckpt.get("labels"))
 
 
 def train_config(ckpt: Mapping[str, Any]) -> TrainConfig:

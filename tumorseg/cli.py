@@ -101,14 +101,17 @@ def synth(
     n: Annotated[int, typer.Option("--n", help="number of image/mask pairs")] = 160,
     size: Annotated[int, typer.Option("--size", help="image side in pixels")] = 128,
     seed: Annotated[int, typer.Option("--seed", help="random seed (same seed, same files)")] = 0,
+    classes: Annotated[int, typer.Option("--classes", help="tumour classes: 1 = binary masks, K > 1 = label "
+                                         "maps of the values 0..K")] = 1,
 ) -> None:
     """Write the built-in synthetic dataset: N image/mask PNG pairs, 4 slices per patient."""
     from tumorseg import synth as stage
 
-    res = stage.run(out_dir, n=n, size=size, seed=seed)
+    res = stage.run(out_dir, n=n, size=size, seed=seed, classes=classes)
     typer.echo(f"wrote {res.n} pairs ({res.n_empty} with empty masks) to {res.images_dir} and {res.masks_dir}")
+    labels = f" --labels {stage.labels_text(classes)}" if classes > 1 else ""
     typer.echo(f"ingest with: tumorseg ingest {res.images_dir} {res.masks_dir} --name NAME "
-               f"--group-pattern '{stage.GROUP_PATTERN}'")
+               f"--group-pattern '{stage.GROUP_PATTERN}'{labels}")
 
 
 # ----------------------------------------------------------------------------- ingest

@@ -23,6 +23,7 @@ from tumorseg.config import TrainConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.imageio import to_channels
 from tumorseg.intensity import Fingerprint, Stats, legacy_fingerprint, normalize, range_message
+from tumorseg.labels import Classes
 
 if TYPE_CHECKING:
     import torch
@@ -49,24 +50,40 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """``{0, 1} (H, W)`` mask -> ``float32 (1, *size)`` training target (area-resampled, >= 0.5)."""
+    """``(H, W)`` mask -> ``float32 (1, *size)`` training target.
+
+    A ``{0, 1}`` mask is area-resampled and kept where at least half covered; a label map (class
+    indices above 1) gets each pixel's majority class: its one-hot planes area-resampled, then the
+    argmax (so no class is invented at a border, as nearest-neighbour or bilinear would do).
+    """
     import torch
     import torch.nn.functional as F
 
-    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-    if tuple(t.shape[-2:]) != tuple(size):
-        t = (F.interpolate(t, size=size, mode="area") >= 0.5).float()
-    return t[0]
+    if tuple(mask.shape) == tuple(size):
+        return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
+    idx = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
+    k = int(idx.max()) + 1 if idx.numel() else 1
+    if k <= 2:
+        t = F.interpolate(idx.float()[None, None], size=size, mode="area")
+        return (t >= 0.5).float()[0]
+    onehot = F.one_hot(idx, k).permute(2, 0, 1).float()[None]
+    return F.interpolate(onehot, size=size, mode="area")[0].argmax(0, keepdim=True).float()
 
 
 def logits_to_original(logits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """``(1, h, w)`` logits -> ``(H, W)`` probabilities at the original size."""
+    """Logits -> probabilities at the original size (``(H, W)``, or ``(K, H, W)`` for K classes).
+
+    ``(1, h, w)`` logits give tumour probabilities (sigmoid); the ``(K, h, w)`` logits of a
+    multi-class network give class probabilities (softmax).
+    """
     import torch
     import torch.nn.functional as F
 
     x = logits.float()[None]
     if tuple(x.shape[-2:]) != tuple(shape):
         x = F.interpolate(x, size=shape, mode="bilinear", align_corners=False)
+    if x.shape[1] > 1:
+        return torch.softmax(x, dim=1)[0]
     return torch.sigmoid(x)[0, 0]
 
 
@@ -100,8 +117,12 @@ def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
 class Postprocess:
     """How probabilities become a mask: chosen on val after training, stored in the checkpoint.
 
+    A multi-class probability map ``(K, H, W)`` becomes the argmax class of each pixel (the threshold
+    plays no part), and the component rule applies to each tumour class on its own (removed
+    components become background, as nnU-Net's post-processing).
+
     Attributes:
-        threshold: a pixel is tumour when its probability exceeds this.
+        threshold: a pixel is tumour when its probability exceeds this (binary).
         keep: ``all`` components, only the ``largest``, or those of at least ``min_size`` pixels.
         min_size: the smallest component kept with ``keep="min_size"`` (pixels at the original resolution).
         tta: average the network over mirrored copies of the input.
@@ -113,11 +134,22 @@ class Postprocess:
     tta: bool = False
 
     def mask(self, prob: np.ndarray) -> np.ndarray:
-        """``uint8 (H, W)`` mask from ``float (H, W)`` probabilities."""
+        """``uint8 (H, W)`` mask from ``float (H, W)`` probabilities; class indices from ``(K, H, W)``."""
+        if prob.ndim == 3:
+            return self.classes(np.argmax(prob, axis=0).astype(np.uint8))
         mask = (prob > self.threshold).astype(np.uint8)
         if self.keep == "all" or not mask.any():
             return mask
         return self.filter(*components(mask))
+
+    def classes(self, index: np.ndarray) -> np.ndarray:
+        """The component rule applied to each class of a class-index map (removed pixels become 0)."""
+        if self.keep == "all":
+            return index
+        out = index.copy()
+        for k in np.unique(index)[1:] if index.any() else []:
+            out[(index == k) & (self.filter(*components(index == k)) == 0)] = 0
+        return out
 
     def filter(self, labels: np.ndarray, sizes: np.ndarray) -> np.ndarray:
         """Apply the component rule to a labelled mask (:func:`components`)."""
@@ -194,13 +226,16 @@ class Segmenter:
         post: the post-processing chosen after training (default: the config's threshold).
         fingerprint: the training images' raw range (the checkpoint's ``intensity_fingerprint``); older
             checkpoints get an estimate from ``stats`` (:func:`legacy_fingerprint`) or none.
+        classes: the label set the network predicts (binary by default).
     """
 
     def __init__(
         self, net: torch.nn.Module, config: TrainConfig, in_channels: int, device: torch.device,
         stats: Stats | None = None, post: Postprocess | None = None, fingerprint: Fingerprint | None = None,
+        classes: Classes | None = None,
     ) -> None:
         self.net = net.to(device).eval()
+        self.classes = classes or Classes()
         self.stats = stats
         self.fingerprint = fingerprint or legacy_fingerprint(stats)
         self.config = config
@@ -233,7 +268,7 @@ class Segmenter:
             cfg = checkpoint.train_config(ckpt)
             from tumorseg.model import build_model
 
-            net = build_model(cfg.model, int(ckpt["in_channels"]))
+            net = build_model(cfg.model, int(ckpt["in_channels"]), checkpoint.classes(ckpt).out_channels)
             net.load_state_dict(ckpt["model"])
         except ValidationError as exc:
             raise TumorsegError(f"{path}: checkpoint config is not a valid tumorseg TrainConfig "
@@ -244,7 +279,7 @@ class Segmenter:
             raise TumorsegError(f"{path}: corrupt or foreign checkpoint ({detail}); "
                                 "use a best.pt/last.pt written by tumorseg train") from exc
         seg = cls(net, cfg, int(ckpt["in_channels"]), resolve_device(device), ckpt.get("intensity"),
-                  Postprocess.from_checkpoint(ckpt, cfg), ckpt.get("intensity_fingerprint"))
+                  Postprocess.from_checkpoint(ckpt, cfg), ckpt.get("intensity_fingerprint"), checkpoint.classes(ckpt))
         seg.checkpoint_meta = {k: ckpt.get(k) for k in checkpoint.META_KEYS}
         return seg
 
@@ -254,6 +289,8 @@ class Segmenter:
 
     def predict_proba(self, images: list[np.ndarray], tta: bool | None = None) -> list[np.ndarray]:
         """Tumour probabilities ``float32 (H, W)`` for ``(C, H, W)`` images of any sizes.
+
+        A multi-class model gives ``(K, H, W)``, one plane per class.
 
         ``tta`` (default: the model's choice) averages over mirrored inputs.
         """
@@ -282,7 +319,7 @@ class Segmenter:
 
     def predict_masks(self, images: list[np.ndarray], tta: bool | None = None,
                       threshold: float | None = None) -> list[np.ndarray]:
-        """Binary ``uint8 (H, W)`` masks: probabilities, threshold and component filtering."""
+        """``uint8 (H, W)`` masks (binary, or class indices): probabilities, threshold and component filtering."""
         return [self.mask(p, threshold) for p in self.predict_proba(images, tta=tta)]
 
 

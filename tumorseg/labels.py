@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+
 from tumorseg.errors import TumorsegError
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -52,3 +54,60 @@ def check_labels(labels: dict[int, str], source: str = "--labels") -> dict[int, 
 def format_labels(labels: dict[int, str]) -> str:
     """The ``--labels`` text of a label set."""
     return ",".join(f"{v}={n}" for v, n in sorted(labels.items()))
+
+
+BINARY = {0: "background", 1: "tumour"}
+"""The label set of a binary manifest (and of every model trained before label sets existed)."""
+
+
+class Classes:
+    """What a label set means to the network: its output channels and how indices map to values.
+
+    Masks travel as class *indices* (``k``: the ``k``-th declared value in ascending order, 0 is
+    background). A set with one tumour class is binary (one sigmoid channel, as always); with more it is
+    multi-class (one softmax channel per class, background included).
+
+    Args:
+        labels: ``{value: name}``; ``None`` means binary (:data:`BINARY`).
+    """
+
+    def __init__(self, labels: dict[int, str] | None = None) -> None:
+        self.labels = dict(sorted((labels or BINARY).items()))
+        self.values = list(self.labels)
+        self.names = list(self.labels.values())
+
+    @classmethod
+    def from_json(cls, d: dict[str, str] | dict[int, str] | None) -> Classes:
+        """From ``manifest.json``/checkpoint form (values as strings); ``None``: binary."""
+        return cls({int(v): str(n) for v, n in d.items()} if d else None)
+
+    def to_json(self) -> dict[str, str] | None:
+        """``{"0": "background", ...}``, or ``None`` for a binary set (so old and new binary models compare equal)."""
+        return {str(v): n for v, n in self.labels.items()} if self.multiclass else None
+
+    @property
+    def multiclass(self) -> bool:
+        """More than one tumour class."""
+        return len(self.labels) > 2
+
+    @property
+    def out_channels(self) -> int:
+        """Network output channels: one per class (softmax) when multi-class, else one (sigmoid)."""
+        return len(self.labels) if self.multiclass else 1
+
+    @property
+    def foreground(self) -> list[tuple[int, str]]:
+        """``(index, name)`` of each tumour class (index 0, background, left out)."""
+        return list(enumerate(self.names))[1:]
+
+    def same_as(self, other: Classes) -> bool:
+        """Whether two label sets are identical (values and names)."""
+        return self.to_json() == other.to_json()
+
+    def describe(self) -> str:
+        """``binary`` or the ``--labels`` text."""
+        return format_labels(self.labels) if self.multiclass else "binary"
+
+    def to_values(self, index: np.ndarray) -> np.ndarray:
+        """Class indices -> the declared label values (``uint8``); binary masks stay ``{0, 1}``."""
+        return np.asarray(self.values if self.multiclass else [0, 1], dtype=np.uint8)[index]

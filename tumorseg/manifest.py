@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import sha256_bytes, sha256_file
+from tumorseg.labels import Classes
 
 COLUMNS: list[str] = [
     "case_id",
@@ -66,17 +67,21 @@ class ManifestInfo(BaseModel):
     def multiclass(self) -> bool:
         """True when more than one foreground class is declared."""
         return bool(self.labels) and len(self.labels or {}) > 2
+
+    @property
+    def classes(self) -> Classes:
+        """The label set as the network sees it (binary without declared labels)."""
+        return Classes(self.label_set)
+
     counts: dict[str, Any]
     summary: dict[str, Any]
 
 
-def require_binary(info: ManifestInfo, source: str | os.PathLike[str], stage: str) -> None:
-    """Stop with one line when ``info`` declares several tumour classes: the stage handles binary masks only."""
-    if info.multiclass:
-        names = ", ".join(n for v, n in sorted((info.label_set or {}).items()) if v != 0)
-        raise TumorsegError(f"{source}: declares {len(info.labels or {}) - 1} tumour classes ({names}); {stage} of "
-                            "multi-class label maps is not built yet: ingest binary masks for now (--mask-threshold "
-                            "T, or --labels with one tumour class)")
+def require_same_labels(model: Classes, data: Classes, source: str | os.PathLike[str], what: str) -> None:
+    """Stop with one line when a model's label set is not the manifest's (scores would be meaningless)."""
+    if not model.same_as(data):
+        raise TumorsegError(f"{source}: its labels are {data.describe()} but {what} was trained on "
+                            f"{model.describe()}; use a model trained on this label set")
 
 
 def resolve_manifest_dir(path: str | os.PathLike[str]) -> Path:

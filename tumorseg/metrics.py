@@ -54,6 +54,24 @@ def confusion(pred: np.ndarray, gt: np.ndarray) -> Counts:
     return Counts(tp, fp, fn, tn)
 
 
+def class_confusions(pred: np.ndarray, gt: np.ndarray, n_classes: int) -> list[Counts]:
+    """Per tumour class ``k = 1..n_classes-1``, the counts of ``pred == k`` against ``gt == k`` (class-index maps).
+
+    With ``n_classes == 2`` this is ``[confusion(pred, gt)]``: the binary case is the one-class case.
+    """
+    if n_classes <= 2:
+        return [confusion(pred, gt)]
+    return [confusion(pred == k, gt == k) for k in range(1, n_classes)]
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, n_classes: int) -> np.ndarray:
+    """``int64 (K, K)`` pixel counts: row = true class, column = predicted class (class-index maps)."""
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} != ground truth shape {gt.shape}")
+    flat = np.asarray(gt, dtype=np.int64).ravel() * n_classes + np.asarray(pred, dtype=np.int64).ravel()
+    return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
 def dice(c: Counts, empty_both: EmptyBoth = "nan") -> float:
     """``2tp / (2tp + fp + fn)``; both empty -> NaN or 1 by ``empty_both``."""
     denom = 2 * c.tp + c.fp + c.fn

@@ -8,7 +8,10 @@ it is:
 * ``(N, C, H, W)``: a batch of N images of one size -> ``uint8 (N, H, W)`` masks.
 
 Masks hold ``{0, 1}``; ``params={"probabilities": True}`` returns ``float32`` probabilities of
-the same shape instead. A batch of grey images is ``(N, 1, H, W)``: a 3-D array is always *one*
+the same shape instead. A multi-class model returns label maps of its declared values (``uint8``),
+and probabilities with one channel per class after the batch axis (``(K, H, W)``, ``(N, K, H, W)``);
+its labels travel in the checkpoint and in the model's metadata (``tumorseg_labels``).
+A batch of grey images is ``(N, 1, H, W)``: a 3-D array is always *one*
 image, so ``(3, H, W)`` is one RGB image. Grey and RGB convert into each other to match the
 network; any other channel count, or another rank, is an error naming the shape. From Python, a
 list of 2-D/3-D arrays (sizes may differ) also works and returns a list of masks; the scoring
@@ -140,8 +143,12 @@ class TumorsegPyfunc(_Base):  # type: ignore[misc]
 
     def _predict(self, images: list[np.ndarray], probabilities: bool) -> list[np.ndarray]:
         # in chunks: a client may post a large batch, and the network's activations grow with it
-        fn = self.segmenter.predict_proba if probabilities else self.segmenter.predict_masks
-        return [out for i in range(0, len(images), CHUNK) for out in fn(images[i:i + CHUNK])]
+        seg = self.segmenter
+        fn = seg.predict_proba if probabilities else seg.predict_masks
+        out = [o for i in range(0, len(images), CHUNK) for o in fn(images[i:i + CHUNK])]
+        if not probabilities and seg.classes.multiclass:
+            out = [seg.classes.to_values(o) for o in out]
+        return out
 
 
 def _pin(pkg: str) -> str:
@@ -178,7 +185,9 @@ def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -
     from tumorseg import checkpoint
 
     slim = checkpoint.write_slim(best, run_dir / CHECKPOINT_NAME)
-    in_channels = int(checkpoint.load(slim)["in_channels"])
+    ckpt = checkpoint.load(slim)
+    in_channels = int(ckpt["in_channels"])
+    classes = checkpoint.classes(ckpt)
     # No input schema: MLflow enforces a TensorSpec's rank exactly, and the model takes three ranks.
     signature = ModelSignature(params=ParamSchema([ParamSpec("probabilities", "boolean", False)]))
     reqs = [_pin(p) for p in ("torch", "monai", "numpy", "pydantic", "pyyaml", "pandas", "pillow", "tifffile",
@@ -188,7 +197,12 @@ def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -
         "tumorseg_output": "uint8 {0,1} mask (H, W) for one image, (N, H, W) for a batch; float32 "
                            "probabilities with params {'probabilities': true}",
         "tumorseg_in_channels": in_channels,
+        "tumorseg_labels": classes.describe(),
     }
+    if classes.multiclass:
+        metadata["tumorseg_output"] = ("uint8 label map of the values " + ", ".join(map(str, classes.values)) +
+                                       " (H, W) for one image, (N, H, W) for a batch; float32 class "
+                                       "probabilities (K, H, W) / (N, K, H, W) with params {'probabilities': true}")
     info = _log_model(slim, signature, reqs, input_example(example, in_channels), metadata)
     log.info("logged MLflow model %s", info.model_uri)
     return str(info.model_uri)

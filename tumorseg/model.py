@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: ModelConfig, in_channels: int) -> torch.nn.Module:
-    """A 2D MONAI network with one output channel (tumour logits)."""
+def build_model(cfg: ModelConfig, in_channels: int, out_channels: int = 1) -> torch.nn.Module:
+    """A 2D MONAI network: one output channel (tumour logits), or one per class (multi-class)."""
     from monai.networks import nets
 
     strides = cfg.strides or [2] * (len(cfg.channels) - 1)
@@ -30,7 +30,7 @@ def build_model(cfg: ModelConfig, in_channels: int) -> torch.nn.Module:
         return nets.UNet(
             spatial_dims=2,
             in_channels=in_channels,
-            out_channels=1,
+            out_channels=out_channels,
             channels=cfg.channels,
             strides=strides,
             num_res_units=cfg.num_res_units,
@@ -44,7 +44,7 @@ def build_model(cfg: ModelConfig, in_channels: int) -> torch.nn.Module:
         return nets.BasicUNet(
             spatial_dims=2,
             in_channels=in_channels,
-            out_channels=1,
+            out_channels=out_channels,
             features=(*cfg.channels, cfg.channels[0]),
             norm=_norm_arg(cfg.norm),
             act="relu",
@@ -52,25 +52,25 @@ def build_model(cfg: ModelConfig, in_channels: int) -> torch.nn.Module:
         )
     if cfg.name == "attention_unet":
         return nets.AttentionUnet(
-            spatial_dims=2, in_channels=in_channels, out_channels=1, channels=cfg.channels, strides=strides,
+            spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=cfg.channels, strides=strides,
             dropout=cfg.dropout,
         )
     if cfg.name == "segresnet":
         return nets.SegResNet(
-            spatial_dims=2, init_filters=cfg.init_filters, in_channels=in_channels, out_channels=1,
+            spatial_dims=2, init_filters=cfg.init_filters, in_channels=in_channels, out_channels=out_channels,
             dropout_prob=cfg.dropout or None,
         )
     if cfg.name == "dynunet":
         # nnU-Net's network: 3x3 kernels, first level at full resolution, stride-2 downsampling.
         return nets.DynUNet(
-            spatial_dims=2, in_channels=in_channels, out_channels=1,
+            spatial_dims=2, in_channels=in_channels, out_channels=out_channels,
             kernel_size=[3] * len(cfg.channels), strides=[1, *strides], upsample_kernel_size=strides,
             filters=cfg.channels, norm_name=_norm_arg(cfg.norm), dropout=cfg.dropout or None,
             deep_supervision=cfg.deep_supervision, deep_supr_num=max(1, min(2, len(cfg.channels) - 2)),
         )
     if cfg.name == "flexible_unet":
         net = nets.FlexibleUNet(
-            in_channels=in_channels, out_channels=1, backbone=cfg.backbone, pretrained=False, spatial_dims=2,
+            in_channels=in_channels, out_channels=out_channels, backbone=cfg.backbone, pretrained=False, spatial_dims=2,
             dropout=cfg.dropout,
         )
         if cfg.pretrained_weights is not None:
@@ -79,25 +79,41 @@ def build_model(cfg: ModelConfig, in_channels: int) -> torch.nn.Module:
     raise TumorsegError(f"model.name: unknown model {cfg.name!r}")  # pragma: no cover - pydantic guards it
 
 
-def init_output_bias(net: torch.nn.Module, prior: float) -> None:
-    """Start the output layer at the foreground prior: bias = logit(prior).
+def init_output_bias(net: torch.nn.Module, prior: float | list[float]) -> None:
+    """Start the output layer at the class priors.
 
-    With a zero bias every pixel starts at probability 0.5, and Dice loss pulls the
+    With a zero bias every pixel starts at probability 0.5 (or 1/K), and Dice loss pulls the
     (mostly background) pixels down only weakly: the network spends hundreds of steps
     predicting ~0.45 everywhere. Starting from the tumour fraction of the training set
-    (the prior-probability initialisation of RetinaNet) removes that phase.
+    (the prior-probability initialisation of RetinaNet) removes that phase. One channel
+    (sigmoid): bias = logit(prior). Several (softmax, ``prior`` one fraction per class, background
+    first): bias_k = log(prior_k), so the softmax starts at the class frequencies.
     """
     import torch
 
-    last = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)
-            and m.out_channels == 1 and m.bias is not None]
+    priors = [prior] if isinstance(prior, float | int) else list(prior)
+    k = len(priors)
+    def heads(root: torch.nn.Module) -> list[torch.nn.Module]:
+        return [m for m in root.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)
+                and m.out_channels == k and m.bias is not None]
+
+    # DynUNet registers its deep-supervision heads after its output block: every head starts at the prior
+    output = getattr(net, "output_block", None)
+    last = (heads(output) + [h for m in getattr(net, "deep_supervision_heads", []) for h in heads(m)]
+            if isinstance(output, torch.nn.Module) else heads(net)[-1:])
     if not last:
         return
-    p = min(max(prior, 1e-3), 0.5)
-    bias = last[-1].bias
-    assert bias is not None
+    if k == 1:
+        p = min(max(float(priors[0]), 1e-3), 0.5)
+        values = [float(np.log(p / (1 - p)))]
+    else:
+        # a class absent from the training split still gets a small prior (the softmax must be able to reach it)
+        values = [float(np.log(min(max(float(p), 1e-3), 1.0))) for p in priors]
     with torch.no_grad():
-        bias.fill_(float(np.log(p / (1 - p))))
+        for head in last:
+            bias = head.bias
+            assert isinstance(bias, torch.Tensor)
+            bias.copy_(torch.tensor(values, dtype=bias.dtype))
 
 
 def _norm_arg(norm: str) -> Any:
@@ -139,8 +155,11 @@ def load_encoder_weights(net: torch.nn.Module, path: Path) -> None:
     log.info("loaded %d/%d encoder tensors from %s", len(matched), len(own), path)
 
 
-def build_loss(cfg: LossConfig) -> torch.nn.Module:
-    """MONAI Dice-family loss on sigmoid outputs (binary, one channel).
+def build_loss(cfg: LossConfig, multiclass: bool = False) -> torch.nn.Module:
+    """MONAI Dice-family loss: sigmoid on one channel (binary), or softmax over the classes.
+
+    Multi-class targets are ``(N, 1, H, W)`` class indices, one-hot encoded by the loss; the Dice
+    leaves the background out (nnU-Net) while the cross-entropy, where used, covers every class.
 
     Networks with deep supervision (``dynunet`` in training mode) return their heads stacked
     on dim 1; the loss then weighs the heads with MONAI's ``DeepSupervisionLoss`` (halving per
@@ -148,7 +167,11 @@ def build_loss(cfg: LossConfig) -> torch.nn.Module:
     """
     from monai import losses
 
-    kw: dict[str, Any] = {"sigmoid": True, "batch": cfg.batch, "smooth_nr": cfg.smooth, "smooth_dr": cfg.smooth}
+    kw: dict[str, Any] = {"batch": cfg.batch, "smooth_nr": cfg.smooth, "smooth_dr": cfg.smooth}
+    if multiclass:
+        kw.update(softmax=True, to_onehot_y=True, include_background=False)
+    else:
+        kw["sigmoid"] = True
     if cfg.name == "dice":
         base: torch.nn.Module = losses.DiceLoss(**kw)
     elif cfg.name == "dice_ce":

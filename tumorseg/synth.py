@@ -4,6 +4,10 @@ Made with MONAI's ``create_test_image_2d``: bright blobs on a noisy background. 
 names carry a patient id with several slices per patient
 (``patient_007_slice_2.png``), so patient-aware splitting has something to do; about
 one image in eight has an empty mask. Deterministic for a seed.
+
+With ``classes=K`` (K >= 2) each blob is one of K tumour classes (MONAI's ``num_seg_classes``),
+its brightness ``k / K`` telling which, and the masks are label maps of the values ``0..K``: ingest them
+with ``--labels`` (:func:`labels_text`).
 """
 
 from __future__ import annotations
@@ -31,8 +35,13 @@ class SynthResult:
     n_empty: int
 
 
-def make_pair(size: int, seed: int, empty: bool) -> tuple[np.ndarray, np.ndarray]:
-    """One ``uint8`` image and its ``{0, 1}`` mask, ``size x size``."""
+def labels_text(classes: int) -> str:
+    """The ``--labels`` of a ``classes``-class synthetic dataset: ``0=background,1=class_1,...``."""
+    return ",".join(["0=background", *(f"{k}=class_{k}" for k in range(1, classes + 1))])
+
+
+def make_pair(size: int, seed: int, empty: bool, classes: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """One ``uint8`` image and its mask, ``size x size``: ``{0, 1}``, or label values ``0..classes``."""
     from monai.data import create_test_image_2d
 
     rng = np.random.RandomState(seed)
@@ -41,18 +50,22 @@ def make_pair(size: int, seed: int, empty: bool) -> tuple[np.ndarray, np.ndarray
     img, lab = create_test_image_2d(
         size,
         size,
-        num_objs=0 if empty else int(rng.randint(1, 4)),
+        num_objs=0 if empty else int(rng.randint(1, 4) if classes == 1 else rng.randint(2, 2 + classes)),
         rad_max=rad_max,
         rad_min=rad_min,
         noise_max=0.1,
-        num_seg_classes=1,
+        num_seg_classes=classes,
         random_state=rng,
     )
+    if classes > 1:
+        # MONAI rescales each image to its own maximum, so a blob's brightness would depend on the other
+        # blobs present; a fixed brightness per class (k / classes over noise) makes the class visible alone
+        img = np.maximum(lab / classes, rng.uniform(0, 0.1, size=lab.shape))
     image = np.clip(img * 255.0, 0, 255).astype(np.uint8)
-    return image, (lab > 0).astype(np.uint8)
+    return image, (lab > 0).astype(np.uint8) if classes == 1 else lab.astype(np.uint8)
 
 
-def run(out_dir: Path, n: int = 160, size: int = 128, seed: int = 0) -> SynthResult:
+def run(out_dir: Path, n: int = 160, size: int = 128, seed: int = 0, classes: int = 1) -> SynthResult:
     """Write ``n`` pairs into ``out_dir/images`` and ``out_dir/masks``.
 
     Args:
@@ -60,11 +73,14 @@ def run(out_dir: Path, n: int = 160, size: int = 128, seed: int = 0) -> SynthRes
         n: number of image/mask pairs.
         size: image side in pixels (square), at least 16.
         seed: the same seed gives byte-identical files.
+        classes: tumour classes; 1 writes binary 0/255 masks, more write label maps ``0..classes``.
     """
     if n < 1:
         raise TumorsegError(f"--n {n}: need at least 1 image")
     if size < 16:
         raise TumorsegError(f"--size {size}: images must be at least 16 pixels wide")
+    if not 1 <= classes <= 20:
+        raise TumorsegError(f"--classes {classes}: give 1 (binary) to 20 tumour classes")
     images_dir, masks_dir = Path(out_dir) / "images", Path(out_dir) / "masks"
     images_dir.mkdir(parents=True, exist_ok=True)
     masks_dir.mkdir(parents=True, exist_ok=True)
@@ -74,8 +90,11 @@ def run(out_dir: Path, n: int = 160, size: int = 128, seed: int = 0) -> SynthRes
         case_seed = seed * 1_000_003 + i
         empty = np.random.RandomState(case_seed + 7).rand() < 0.125
         n_empty += int(empty)
-        image, mask = make_pair(size, case_seed, empty)
+        image, mask = make_pair(size, case_seed, empty, classes)
         name = f"patient_{patient:03d}_slice_{slice_no}.png"
         write_png(images_dir / name, image)
-        write_mask_png(masks_dir / name, mask)
+        if classes == 1:
+            write_mask_png(masks_dir / name, mask)
+        else:
+            write_png(masks_dir / name, mask)
     return SynthResult(images_dir, masks_dir, n, n_empty)

@@ -101,7 +101,7 @@ class DiskSink:
         self.scale[i] = s
         self.images.write(np.ascontiguousarray(p.image / s, dtype=np.float16).tobytes())
         self.masks.write(np.ascontiguousarray(p.mask, dtype=np.uint8).tobytes())
-        self.fg[i] = int(p.mask.sum())
+        self.fg[i] = int(np.count_nonzero(p.mask))
         packed = pack_mask(p.original_mask)
         self.originals.write(packed)
         self.offsets.append(self.offsets[-1] + len(packed))

@@ -270,7 +270,7 @@ class RamSink:
 
     def put(self, i: int, p: Prepared) -> None:
         """Store case ``i``."""
-        self.images[i], self.masks[i], self.fg[i] = p.image, p.mask, int(p.mask.sum())
+        self.images[i], self.masks[i], self.fg[i] = p.image, p.mask, int(np.count_nonzero(p.mask))
         self.originals.append(p.original_mask)
 
     def split(self, case_ids: list[str]) -> RamSplit:

@@ -178,5 +178,14 @@ def inspect_all(tasks: list[Task], ctx: InspectContext, workers: int) -> Iterato
         yield from (inspect_case(t, ctx) for t in tasks)
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(ctx,)) as pool:
+    pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(ctx,))
+    try:
         yield from pool.imap(_inspect_in_worker, tasks, chunksize=max(1, min(32, len(tasks) // (workers * 8))))
+        # let the workers finish and exit by themselves: Pool.terminate (what `with` calls) was seen to hang
+        # joining a worker signalled while it waited on the task queue's lock
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()

@@ -52,6 +52,7 @@ class SynthSpec(StrictModel):
     n: int = Field(160, ge=1)
     size: int = Field(128, ge=16)
     seed: int = 0
+    classes: int = Field(1, ge=1, le=20, description="tumour classes; > 1 writes label maps (ingest with labels)")
     out_dir: Path | None = Field(None, description="default: the parent of data.images_dir")
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from tumorseg import tracking
-from tumorseg.errors import ExitCode
+from tumorseg.errors import ExitCode, TumorsegError
+from tumorseg.manifest import read_manifest_info
 from tumorseg.pipeline import registry
 from tumorseg.pipeline.stages import dice_of
 from tumorseg.pipeline.state import Cycle, PipelineResult, is_done, key_of, run_stage, skip
@@ -108,6 +109,8 @@ def _register_and_decide(ctx: Cycle, ing: dict[str, Any], tr: dict[str, Any], ev
         run_name=f"promote-{name}",
         tags={"tumorseg.registered_model": name, "tumorseg.dataset_digest": ing["dataset_digest"]},
     ) as run:
+        labels = read_manifest_info(manifest).classes.describe()
+        check_label_set(cl, name, labels)
         # Register once per cycle: a resumed attempt reuses the version an earlier attempt made.
         version = st.get("version")
         if version is None or registry.get_version(cl, name, str(version)) is None:
@@ -120,6 +123,7 @@ def _register_and_decide(ctx: Cycle, ing: dict[str, Any], tr: dict[str, Any], ev
                     registry.TAG_TRAIN_RUN: tr["mlflow_run_id"],
                     registry.TAG_PIPELINE_RUN: ctx.parent_id,
                     registry.TAG_EVAL_RUN: ev.get("run_id"),
+                    registry.TAG_LABELS: labels,
                     "tumorseg.best_val_dice": f"{tr['best_val_dice']:.6f}",
                 },
             )
@@ -178,6 +182,22 @@ def _register_and_decide(ctx: Cycle, ing: dict[str, Any], tr: dict[str, Any], ev
         return {"version": version, "run_id": run.run_id}
 
 
+def check_label_set(cl: Any, name: str, labels: str) -> None:
+    """Refuse (one line, before registering) a model whose label set is not the champion's.
+
+    Dice means over different classes do not compare; a model of another label set belongs under
+    another registered name. Versions registered before label sets existed are binary.
+    """
+    champ = registry.get_alias(cl, name, registry.CHAMPION)
+    if champ is None:
+        return
+    theirs = (champ.tags or {}).get(registry.TAG_LABELS, "binary")
+    if theirs != labels:
+        raise TumorsegError(f"registry {name}: champion v{champ.version} predicts labels {theirs} but this model "
+                            f"predicts {labels}; models of different label sets are not compared: set "
+                            "registry.model_name to another name for this label set")
+
+
 def outcome_phrase(version: str, decision: registry.Decision, champ_version: str | None) -> str:
     """``v2 promoted to champion, replacing v1`` and the like."""
     if decision.outcome == "first_champion":
@@ -202,6 +222,14 @@ def version_note(ing: dict[str, Any], tr: dict[str, Any], ev: dict[str, Any], sp
     )
 
 
+def _what(labels: dict[int, str] | None) -> str:
+    """What a model predicts, in words."""
+    if labels and len(labels) > 2:
+        names = ", ".join(f"{v}={n}" for v, n in sorted(labels.items()))
+        return f"a label map ({names}; mean Dice over the tumour classes)"
+    return "a binary tumour mask"
+
+
 def model_note(ctx: Cycle, cl: Any, manifest: Path, split: str) -> str:
     """The registered model's description: what it does, the data, the plan, the promotion rule, how to load."""
     cfg = ctx.cfg
@@ -219,7 +247,7 @@ def model_note(ctx: Cycle, cl: Any, manifest: Path, split: str) -> str:
     size = "x".join(str(v) for v in tcfg.image_size)
     groups = f"pattern `{icfg.group_pattern}`" if icfg.group_pattern else f"by {icfg.group_by}"
     return "\n".join([
-        f"Tumour segmentation: a binary tumour mask per 2-D image, trained by the tumorseg pipeline `{cfg.name}`.",
+        f"Tumour segmentation: {_what(icfg.labels)} per 2-D image, trained by the tumorseg pipeline `{cfg.name}`.",
         "",
         f"- **Data**: manifest `{icfg.name}` from `{icfg.images_dir}`, split by patient group "
         f"({groups}, fractions {list(icfg.fractions)}, seed {icfg.seed}) "

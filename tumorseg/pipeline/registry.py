@@ -38,6 +38,8 @@ TAG_CHAMPION_VERSION = "tumorseg.compared_with_version"
 TAG_MARGIN = "tumorseg.margin"
 TAG_SPLIT = "tumorseg.eval_split"
 TAG_EVAL_CASES = "tumorseg.eval_cases"
+TAG_LABELS = "tumorseg.labels"
+"""The label set a version predicts: ``binary`` or the ``--labels`` text (absent on versions made before it)."""
 
 Outcome = Literal["first_champion", "promoted", "rejected"]
 

@@ -8,8 +8,9 @@ from pathlib import Path
 from tumorseg import tracking
 from tumorseg.config import TrackingConfig
 from tumorseg.errors import ExitCode
+from tumorseg.labels import Classes
 from tumorseg.pipeline.config import PipelineConfig
-from tumorseg.pipeline.promote import outcome_phrase, promote
+from tumorseg.pipeline.promote import check_label_set, outcome_phrase, promote
 from tumorseg.pipeline.stages import evaluate_stage, ingest_stage, nothing_new, train_stage
 from tumorseg.pipeline.state import (
     STAGES,
@@ -38,12 +39,15 @@ def run(cfg: PipelineConfig, force: bool = False) -> PipelineResult:
         a result with exit code 1, not an exception.
 
     Raises:
-        TumorsegError: the tracking server cannot be reached (checked first, in seconds).
+        TumorsegError: the tracking server cannot be reached (checked first, in seconds), or the registered
+            model's champion predicts another label set than the data declares.
         LockedError: another pipeline holds the work folder.
     """
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_reachable(uri)  # before the lock, the data and any training
     track = TrackingConfig(uri=uri, experiment=cfg.tracking.experiment)
+    # a champion of another label set is never compared: say so now, not after training
+    check_label_set(tracking.client(uri), cfg.registry.model_name, Classes(cfg.ingest_config(track).labels).describe())
     with work_dir_lock(cfg.work_dir), sigterm_as_interrupt():
         state = open_cycle(read_state(cfg.work_dir), cfg, track, force)
         ctx = Cycle(cfg, track, state, cfg.work_dir)

@@ -184,11 +184,10 @@ def run(cfg: PlanConfig) -> tuple[Plan, Path]:
     """
     from tumorseg import tracking
     from tumorseg.inference import resolve_device
-    from tumorseg.manifest import load_manifest, require_binary, resolve_manifest_dir
+    from tumorseg.manifest import load_manifest, resolve_manifest_dir
 
     mdir = resolve_manifest_dir(cfg.manifest)
     info, df = load_manifest(mdir)
-    require_binary(info, mdir, "planning")
     device = resolve_device(cfg.device)
     tcfg = TrainConfig(manifest=mdir, budget=cfg.budget, device=cfg.device, amp=cfg.amp)
     plan, fp = make(tcfg, info, df, device, str(mdir / "manifest.csv"))

@@ -22,6 +22,7 @@ import pandas as pd
 from tumorseg.config import TrainConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.intensity import SCALE_PERCENTILES, Fingerprint, Stats, fingerprint_from_sums, stats_from_sums
+from tumorseg.labels import Classes
 from tumorseg.manifest import ManifestInfo
 from tumorseg.train.runtime import Dist
 
@@ -214,6 +215,14 @@ def foreground_fraction(data: Split, dist: Dist, device: torch.device) -> float:
 
         td.all_reduce(t)
     return float(t[0] / t[1]) if t[1] > 0 else 0.5
+
+
+def class_priors(rows: pd.DataFrame, classes: Classes) -> list[float]:
+    """Pixel share of each class (background first) in ``rows``, from the manifest's ``px_<name>`` counts."""
+    total = float((rows["height"].astype(float) * rows["width"].astype(float)).sum())
+    fg = [float(rows[f"px_{name}"].astype(float).sum()) / total if total else 0.0
+          for _, name in classes.foreground]
+    return [max(0.0, 1.0 - sum(fg)), *fg]
 
 
 def warn_mixed_ranges(fp: Fingerprint) -> None:

@@ -17,15 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from tumorseg import checkpoint
 from tumorseg.config import TrainConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.inference import Fingerprint, Stats, amp_dtype
-from tumorseg.metrics import confusion, dice
+from tumorseg.labels import Classes
 from tumorseg.progress import is_interactive
 from tumorseg.train.runtime import Dist, epoch_generator, rng_states
+from tumorseg.train.validation import validate
 
 if TYPE_CHECKING:
     import torch
@@ -76,6 +75,7 @@ class TrainContext:
         run: the tracking run (``None`` on ranks other than 0).
         deadline: ``time.perf_counter()`` value by which training must stop (the time budget), or ``None``.
         fingerprint: the raw intensity range of the training images (stored in the checkpoint).
+        classes: the label set the network predicts (stored in the checkpoint).
     """
 
     cfg: TrainConfig
@@ -102,11 +102,13 @@ class TrainContext:
         return (self.deadline is not None
                 and time.perf_counter() + self.val_seconds + self.finish_seconds >= self.deadline)
     fingerprint: Fingerprint | None = None
+    classes: Classes = field(default_factory=Classes)
 
     def payload(self, state: State) -> dict[str, Any]:
         """A full checkpoint of the current weights, state and resume information."""
         return checkpoint.build_payload(
-            self.net, self.cfg, self.in_channels, self.stats, fingerprint=self.fingerprint, state=asdict(state),
+            self.net, self.cfg, self.in_channels, self.stats, fingerprint=self.fingerprint,
+            labels=self.classes.to_json(), state=asdict(state),
             manifest_digest=self.manifest_digest, manifest_name=self.manifest_name,
             mlflow_run_id=self.run.run_id if self.run else "", tracking_uri=self.run.tracking_uri if self.run else "",
             resume={
@@ -220,49 +222,6 @@ def train_one_epoch(
     return (total / seen if seen else float("nan")), seen
 
 
-def val_probabilities(net: torch.nn.Module, data: Split, cfg: TrainConfig, device: torch.device,
-                      tta: bool = False) -> Iterator[np.ndarray]:
-    """Tumour probabilities ``float32 (H, W)`` of each cached case at its original resolution, in order.
-
-    The same path as inference (:func:`tumorseg.inference.network_logits`: whole image or sliding
-    window, optional mirroring), on the cached, already normalised inputs.
-    """
-    import torch
-
-    from tumorseg.inference import logits_to_original, network_logits
-    from tumorseg.streaming import prefetch
-
-    net.eval()
-    dtype = amp_dtype(device, cfg.amp)
-    bs = max(cfg.batch_size, 16)
-    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-    chunks = prefetch(lambda start: (start, data.read(np.arange(start, min(start + bs, len(data))), masks=False)),
-                      range(0, len(data), bs), 1 if data.streams else 0, 2)
-    for start, batch in chunks:
-        with torch.inference_mode(), autocast:
-            x, _ = data.to_device(batch, device)
-            if device.type == "cuda" and cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            logits = network_logits(net, x, cfg.patch_size, tta)
-        for j in range(logits.shape[0]):
-            gt = data.original_mask(start + j)
-            yield logits_to_original(logits[j], (int(gt.shape[0]), int(gt.shape[1]))).cpu().numpy()
-
-
-def validate(
-    net: torch.nn.Module, data: Split, cfg: TrainConfig, device: torch.device
-) -> tuple[float, list[float]]:
-    """Per-case Dice at the original resolution (the counts of :func:`tumorseg.metrics.confusion`).
-
-    Returns:
-        (mean over scored cases, per-case Dice); both-empty cases are NaN and left out of the mean.
-    """
-    scores = [dice(confusion(prob > cfg.threshold, data.original_mask(i)))
-              for i, prob in enumerate(val_probabilities(net, data, cfg, device))]
-    finite = [s for s in scores if math.isfinite(s)]
-    return (float(np.mean(finite)) if finite else float("nan")), scores
-
-
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Any]:
     """A rich progress bar on a terminal (steps of the epoch, loss, last val Dice); else None."""
@@ -355,8 +314,9 @@ def _epoch(ctx: TrainContext, train_data: Split, val_data: Split | None, state: 
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - t0
     val_dice = float("nan")
+    per_class: dict[str, float] = {}
     if dist.main and val_data is not None:
-        val_dice, _ = validate(getattr(ctx.net, "module", ctx.net), val_data, cfg, device)
+        val_dice, per_class = validate(getattr(ctx.net, "module", ctx.net), val_data, cfg, device, ctx.classes)
         ctx.val_seconds = time.perf_counter() - t0 - train_seconds
         # after the last epoch: overlays and the model (~10 s), and the post-processing search, which
         # predicts val once plainly and once with four mirrorings
@@ -385,7 +345,8 @@ def _epoch(ctx: TrainContext, train_data: Split, val_data: Split | None, state: 
     epoch_seconds = time.perf_counter() - t0
     row = {"epoch": state.epoch, "train_loss": train_loss, "val_dice": val_dice,
            "lr": ctx.opt.param_groups[0]["lr"], "epoch_seconds": epoch_seconds,
-           "images_per_second": seen * dist.world / train_seconds if train_seconds > 0 else 0.0}
+           "images_per_second": seen * dist.world / train_seconds if train_seconds > 0 else 0.0,
+           **({f"val_dice_{name}": v for name, v in per_class.items()} if ctx.classes.multiclass else {})}
     state.history.append(row)
     if not dist.main:
         return last_dice

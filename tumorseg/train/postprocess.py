@@ -23,8 +23,8 @@ from tumorseg import checkpoint
 from tumorseg.config import TrainConfig
 from tumorseg.fsutil import atomic_write_json
 from tumorseg.inference import Postprocess, components
-from tumorseg.metrics import confusion, dice
-from tumorseg.train.loop import val_probabilities
+from tumorseg.labels import Classes
+from tumorseg.train.validation import case_dice, class_means, val_probabilities
 
 if TYPE_CHECKING:
     import torch
@@ -39,43 +39,52 @@ MIN_GAIN = 0.002
 
 
 def smallest_tumour(masks: Iterable[np.ndarray]) -> int:
-    """Pixels of the smallest connected tumour component in ``masks`` (0 when there is none)."""
+    """Pixels of the smallest connected tumour component in ``masks`` (0 when there is none; per class)."""
     from skimage.measure import label
 
-    sizes = [int(n) for m in masks if m.any() for n in np.bincount(label(m > 0, connectivity=2).ravel())[1:]]
+    sizes = [int(n) for m in masks if m.any() for n in np.bincount(label(m, connectivity=2).ravel())[1:]]
     return min(sizes) if sizes else 0
 
 
-def choose(net: torch.nn.Module, val: Split, cfg: TrainConfig,
-           device: torch.device) -> tuple[Postprocess, dict[str, Any]]:
-    """The post-processing that maximises mean val Dice, and the scores behind the choice.
+def choose(net: torch.nn.Module, val: Split, cfg: TrainConfig, device: torch.device,
+           classes: Classes | None = None) -> tuple[Postprocess, dict[str, Any]]:
+    """The post-processing that maximises mean val (foreground) Dice, and the scores behind the choice.
 
     One streaming pass: each case is predicted plainly and mirrored, every candidate scored on it,
-    and only the running sums kept, so memory does not grow with the number of val cases.
+    and only the running sums kept, so memory does not grow with the number of val cases. A
+    multi-class model takes the argmax (no threshold to choose); its component rule applies per class.
     """
+    classes = classes or Classes()
     min_size = max(1, smallest_tumour(val.original_mask(i) for i in range(len(val))) // 2)
     base = Postprocess(threshold=cfg.threshold)
     keeps: tuple[Literal["all", "largest", "min_size"], ...] = ("all", "largest", "min_size")
+    thresholds = (cfg.threshold,) if classes.multiclass else THRESHOLDS
     grid = [(tta, threshold, Postprocess(threshold=threshold, keep=keep, min_size=min_size if keep == "min_size"
                                          else 0, tta=tta))
-            for tta, threshold in product((False, True), THRESHOLDS) for keep in keeps]
-    sums = np.zeros((len(grid) + 1, 2))  # (sum of finite Dice, count); row 0: the plain prediction
+            for tta, threshold in product((False, True), thresholds) for keep in keeps]
+    # per candidate and tumour class: (sum of finite Dice, count); row 0: the plain prediction
+    sums = np.zeros((len(grid) + 1, len(classes.foreground), 2))
     plain_probs = val_probabilities(net, val, cfg, device, tta=False)
     mirrored_probs = val_probabilities(net, val, cfg, device, tta=True)
     for i, (plain, mirrored) in enumerate(zip(plain_probs, mirrored_probs, strict=True)):
         gt = val.original_mask(i)
-        scores = [dice(confusion(base.mask(plain), gt))]
+        scores = [case_dice(base.mask(plain), gt, classes)]
         labelled: dict[tuple[bool, float], tuple[np.ndarray, np.ndarray]] = {}
         for tta, threshold, post in grid:
+            prob = mirrored if tta else plain
+            if classes.multiclass:
+                scores.append(case_dice(post.mask(prob), gt, classes))
+                continue
             # label each case once per (mirroring, threshold); the three component rules reuse the labels
             key = (tta, threshold)
             if key not in labelled:
-                labelled[key] = components((mirrored if tta else plain) > threshold)
-            scores.append(dice(confusion(post.filter(*labelled[key]), gt)))
-        finite = np.isfinite(scores)
-        sums[finite, 0] += np.asarray(scores)[finite]
-        sums[finite, 1] += 1
-    means = [float(s / n) if n else float("nan") for s, n in sums]
+                labelled[key] = components(prob > threshold)
+            scores.append(case_dice(post.filter(*labelled[key]), gt, classes))
+        arr = np.asarray(scores)
+        finite = np.isfinite(arr)
+        sums[..., 0] += np.where(finite, arr, 0.0)
+        sums[..., 1] += finite
+    means = [class_means(row, classes)[0] for row in sums]
     base_score, best, best_score = means[0], base, means[0]
     table: dict[str, float] = {}
     for (tta, threshold, post), score in zip(grid, means[1:], strict=True):
@@ -86,13 +95,12 @@ def choose(net: torch.nn.Module, val: Split, cfg: TrainConfig,
     return best, {"val_dice_plain": base_score, "val_dice_postprocessed": best_score, "candidates": table}
 
 
-def choose_and_store(run: Run, best: Path, cfg: TrainConfig, val_data: Split,
-                           device: torch.device) -> None:
+def choose_and_store(run: Run, best: Path, cfg: TrainConfig, val_data: Split, device: torch.device) -> None:
     """Choose threshold, mirroring and component filter on val; store the choice in ``best.pt``."""
     from tumorseg.inference import Segmenter
 
     seg = Segmenter.from_checkpoint(best, device=device.type)
-    post, scores = choose(seg.net, val_data, cfg, device)
+    post, scores = choose(seg.net, val_data, cfg, device, seg.classes)
     ckpt = checkpoint.load(best)
     ckpt["postprocess"] = post.to_dict()
     checkpoint.save(best, ckpt)

@@ -7,22 +7,24 @@ on its shard of the train split (decoded through :class:`tumorseg.data.CaseReade
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from tumorseg import checkpoint
 from tumorseg.config import TrainConfig, dump_config
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from tumorseg.inference import amp_dtype, resolve_device
-from tumorseg.manifest import ManifestInfo, load_manifest, require_binary, select_split
-from tumorseg.metrics import confusion, dice
+from tumorseg.manifest import ManifestInfo, load_manifest, require_same_labels, select_split
 from tumorseg.model import build_loss, build_model, init_output_bias
 from tumorseg.train import postprocess
-from tumorseg.train.inputs import foreground_fraction, warn_mixed_ranges
+from tumorseg.train.inputs import class_priors, foreground_fraction, warn_mixed_ranges
 from tumorseg.train.inputs import load as load_inputs
 from tumorseg.train.loop import State, TrainContext, run_epochs
 from tumorseg.train.planned import planned
@@ -35,6 +37,7 @@ from tumorseg.train.runtime import (
     seed_everything,
     total_steps,
 )
+from tumorseg.train.validation import case_dice
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -109,7 +112,9 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
 
     assert cfg.manifest is not None
     info, df = load_manifest(cfg.manifest)
-    require_binary(info, cfg.manifest, "training")
+    classes = info.classes
+    if ckpt is not None:
+        require_same_labels(checkpoint.classes(ckpt), classes, cfg.manifest, "the run being resumed")
     plan = None
     if ckpt is None and cfg.plan != "off":
         cfg, plan = planned(cfg, info, df, device, dist, run_dir)
@@ -131,13 +136,14 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
         warn_mixed_ranges(fingerprint)
     train_data, val_data = inputs.train, inputs.val
 
-    net = build_model(cfg.model, in_channels)
+    net = build_model(cfg.model, in_channels, classes.out_channels)
     if ckpt is None:
-        init_output_bias(net, foreground_fraction(train_data, dist, device))
+        init_output_bias(net, class_priors(train_df, classes) if classes.multiclass
+                         else foreground_fraction(train_data, dist, device))
     net = net.to(device)
     if device.type == "cuda" and cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    loss_fn = build_loss(cfg.loss)
+    loss_fn = build_loss(cfg.loss, multiclass=True) if classes.multiclass else build_loss(cfg.loss)
     opt = build_optimizer(cfg, net.parameters())
     sched = build_scheduler(cfg, opt, total_steps(cfg, len(train_df), dist.world))
     dtype = amp_dtype(device, cfg.amp)
@@ -171,7 +177,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
         run.set_description(_describe(cfg, info, len(train_df), len(val_df), None if ckpt is None else state))
         if ckpt is None:
             run.log_params(cfg.model_dump(mode="json"))
-            run.log_params({"in_channels": in_channels, "train_cases": len(train_df), "val_cases": len(val_df),
+            run.log_params({"in_channels": in_channels, "labels": classes.describe(),
+                            "train_cases": len(train_df), "val_cases": len(val_df),
                             "world_size": dist.world, "data_storage": "disk" if inputs.storage == "disk" else "memory"})
             run.log_manifest_input(manifest, context="training")
             run.log_artifact(run_dir / "config.yaml")
@@ -186,7 +193,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
         ctx = TrainContext(cfg=cfg, net=net, loss_fn=loss_fn, opt=opt, sched=sched, scaler=scaler, device=device,
                            dist=dist, in_channels=in_channels, stats=stats, manifest_digest=info.dataset_digest,
                            manifest_name=info.name, run_dir=run_dir, run=run if dist.main else None,
-                           deadline=deadline, fingerprint=fingerprint,
+                           deadline=deadline, fingerprint=fingerprint, classes=classes,
                            finish_seconds=float(plan.estimates.get("finish_seconds", 10.0)) if plan else 10.0,
                            # planned steps are refitted to the first epoch's speed (one process: DDP ranks
                            # would each measure their own)
@@ -278,9 +285,11 @@ def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: Split | None, d
         preds = seg.predict_masks(images)
         items = []
         for c, pred in zip(firsts, preds, strict=True):
-            d = dice(confusion(pred, c.mask))
+            scores = [v for v in case_dice(pred, c.mask, seg.classes) if math.isfinite(v)]
+            d = float(np.mean(scores)) if scores else float("nan")
             items.append((c.image, c.mask, pred, f"{c.case_id} Dice {d:.3f}"))
-        review.overlay_grid(items, run_dir / "val_overlays.png")
+        review.overlay_grid(items, run_dir / "val_overlays.png",
+                            classes=seg.classes.names if seg.classes.multiclass else None)
         run.log_artifact(run_dir / "val_overlays.png")
     if not cfg.log_model:
         return None

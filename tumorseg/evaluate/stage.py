@@ -15,6 +15,11 @@ Scores come from :mod:`tumorseg.metrics` (the one place for the empty-mask rule)
 * ``gallery.png`` (worst and best cases) and ``dice.png`` (histogram and box plot);
 * ``config.yaml``: the resolved options.
 
+A multi-class model (its label set must be the manifest's) gets one ``per_case.csv`` row per case and
+tumour class (``label`` column), per-group rows per class, a summary per class with the mean over the
+classes at the top, a pixel confusion matrix (``confusion.csv``, ``confusion.png``), and a gallery
+drawing each class in its own colour.
+
 The same files, the summary as ``{split}_*`` metrics and the manifest as a dataset input go
 to an MLflow run of stage ``evaluate``; the headline metrics are also written back to the
 training run when it is known.
@@ -22,7 +27,6 @@ training run when it is known.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import math
 import time
@@ -35,28 +39,30 @@ import numpy as np
 from tumorseg import tracking
 from tumorseg.config import EvaluateConfig, dump_config
 from tumorseg.errors import TumorsegError
+from tumorseg.evaluate.scoring import (
+    PER_CASE_COLUMNS,
+    SURFACE_COLUMNS,
+    Gallery,
+    _csv_bytes,
+    _json_safe,
+    confusion_table,
+    per_group_table,
+    summarize,
+    summarize_classes,
+)
 from tumorseg.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 from tumorseg.imageio import image_format
+from tumorseg.labels import Classes
 from tumorseg.manifest import (
     ManifestInfo,
     image_path,
     load_manifest,
     mask_paths,
-    require_binary,
+    require_same_labels,
     resolve_manifest_dir,
     select_split,
 )
-from tumorseg.metrics import (
-    EMPTY_RULES,
-    Counts,
-    bootstrap_ci,
-    confusion,
-    distribution,
-    finite_stat,
-    scores_from_counts,
-    surface_distances,
-    surface_summary,
-)
+from tumorseg.metrics import class_confusions, confusion_matrix, scores_from_counts, surface_distances
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -66,11 +72,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COUNT_COLUMNS = ["tp", "fp", "fn", "tn", "gt_pixels", "pred_pixels"]
-SCORE_COLUMNS = ["gt_empty", "pred_empty", "dice", "iou", "precision", "recall"]
-PER_CASE_COLUMNS = ["case_id", "group", "split", *COUNT_COLUMNS, *SCORE_COLUMNS]
-SURFACE_COLUMNS = ["hd95", "assd"]
-PER_GROUP_COLUMNS = ["group", "n_cases", *COUNT_COLUMNS, *SCORE_COLUMNS]
 HEADLINE = ("dice_mean", "dice_mean_tumour", "dice_median", "iou_mean", "dice_global", "dice_group_mean",
             "fp_rate_empty", "dice_ci_low", "dice_ci_high")
 """Summary keys written back to the training run as ``{split}_{key}``."""
@@ -83,6 +84,8 @@ FILES = {
     "dice_plot": "dice.png",
     "config": "config.yaml",
 }
+CLASS_FILES = {"confusion_csv": "confusion.csv", "confusion_plot": "confusion.png"}
+"""The multi-class extras."""
 
 
 @dataclass
@@ -144,115 +147,6 @@ def check_channels(seg: Segmenter, rows: pd.DataFrame, source: Path) -> None:
 # ----------------------------------------------------------------------------- scoring
 
 
-class Gallery:
-    """The ``k`` worst and ``k`` best cases by Dice (NaN cases skipped), kept while streaming."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self._worst: list[tuple[float, int, tuple[Any, ...]]] = []  # max-heap on Dice via -dice
-        self._best: list[tuple[float, int, tuple[Any, ...]]] = []  # min-heap on Dice
-
-    def offer(self, dice: float, index: int, item: tuple[Any, ...]) -> None:
-        """Consider one case."""
-        if not math.isfinite(dice):
-            return
-        if len(self._worst) < self.k:
-            heapq.heappush(self._worst, (-dice, -index, item))
-        elif -dice > self._worst[0][0]:
-            heapq.heapreplace(self._worst, (-dice, -index, item))
-        if len(self._best) < self.k:
-            heapq.heappush(self._best, (dice, index, item))
-        elif dice > self._best[0][0]:
-            heapq.heapreplace(self._best, (dice, index, item))
-
-    def items(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
-        """Worst first (ascending Dice), then best (descending), each case once, titled to fit their panel."""
-        from tumorseg.review import panel_title
-
-        worst = sorted(((-d, -i, it) for d, i, it in self._worst), key=lambda t: (t[0], t[1]))
-        best = sorted(self._best, key=lambda t: (-t[0], t[1]))
-        out: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = []
-        seen: set[int] = set()
-        for label, group in (("worst", worst), ("best", best)):
-            for d, i, (image, gt, pred, case_id) in group:
-                if i in seen:
-                    continue
-                seen.add(i)
-                title = panel_title(label, case_id, d, gt_empty=not gt.any(), pred_pixels=int(np.count_nonzero(pred)))
-                out.append((image, gt, pred, title))
-        return out
-
-
-def per_group_table(per_case: pd.DataFrame, empty_both: str) -> pd.DataFrame:
-    """Sum the counts per group and score the sums (volumetric Dice/IoU per patient)."""
-    import pandas as pd
-
-    rows = []
-    for group, sub in per_case.groupby("group", sort=True):
-        c = Counts(int(sub["tp"].sum()), int(sub["fp"].sum()), int(sub["fn"].sum()), int(sub["tn"].sum()))
-        rows.append({"group": group, "n_cases": len(sub), **scores_from_counts(c, empty_both)})  # type: ignore[arg-type]
-    return pd.DataFrame(rows, columns=PER_GROUP_COLUMNS)
-
-
-def summarize(per_case: pd.DataFrame, per_group: pd.DataFrame, cfg: EvaluateConfig,
-              surface_unit: str = "pixels") -> dict[str, Any]:
-    """Compute the numbers of ``summary.json`` from the two tables (``surface_unit``: what HD95/ASSD are in)."""
-    from tumorseg.metrics import dice, iou
-
-    dice_v = per_case["dice"].to_numpy(dtype=np.float64)
-    iou_v = per_case["iou"].to_numpy(dtype=np.float64)
-    pooled = Counts(*(int(per_case[k].sum()) for k in ("tp", "fp", "fn", "tn")))
-    gt_empty = per_case["gt_empty"].to_numpy(dtype=bool)
-    pred_empty = per_case["pred_empty"].to_numpy(dtype=bool)
-    n_gt_empty = int(gt_empty.sum())
-    ci_low, ci_high = bootstrap_ci(dice_v, n=cfg.bootstrap, seed=cfg.seed)
-    group_dice = per_group["dice"].to_numpy(dtype=np.float64)
-    out: dict[str, Any] = {
-        "n_cases": len(per_case),
-        "n_scored": int(np.isfinite(dice_v).sum()),
-        "n_gt_empty": n_gt_empty,
-        "n_both_empty": int((gt_empty & pred_empty).sum()),
-        "n_groups": len(per_group),
-        **distribution(dice_v, "dice"),
-        "dice_mean_tumour": finite_stat(dice_v[~gt_empty], np.mean),
-        **distribution(iou_v, "iou"),
-        "dice_ci_low": ci_low,
-        "dice_ci_high": ci_high,
-        "ci_level": 0.95,
-        "bootstrap_samples": cfg.bootstrap,
-        "dice_global": dice(pooled, cfg.empty_both),
-        "iou_global": iou(pooled, cfg.empty_both),
-        "dice_group_mean": finite_stat(group_dice, np.mean),
-        "iou_group_mean": finite_stat(per_group["iou"].to_numpy(dtype=np.float64), np.mean),
-        "n_fp_empty": int((gt_empty & ~pred_empty).sum()),
-        "fp_rate_empty": float((gt_empty & ~pred_empty).sum() / n_gt_empty) if n_gt_empty else float("nan"),
-        "empty_both": cfg.empty_both,
-        "empty_rule": EMPTY_RULES[cfg.empty_both],
-    }
-    if cfg.surface:
-        out.update(surface_summary(per_case["hd95"].to_numpy(dtype=np.float64),
-                                   per_case["assd"].to_numpy(dtype=np.float64), gt_empty, pred_empty,
-                                   cfg.hd95_empty, surface_unit))
-    return out
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf -> ``None`` so ``summary.json`` is strict JSON."""
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float | np.floating) and not math.isfinite(float(obj)):
-        return None
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
-
-
-def _csv_bytes(df: pd.DataFrame) -> bytes:
-    return df.to_csv(index=False, lineterminator="\n", float_format="%.10g").encode("utf-8")
-
-
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -271,10 +165,11 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     t0 = time.perf_counter()
     mdir = resolve_manifest_dir(cfg.manifest)
     info, df = load_manifest(mdir)
-    require_binary(info, mdir, "evaluation")
     rows = select_split(df, cfg.split, mdir)
     check_files(info, rows, mdir / "manifest.csv")
     seg, mref = resolve_model(cfg.model, cfg.tracking, cfg.device)
+    classes = label_set_of(seg)
+    require_same_labels(classes, info.classes, mdir, f"model {mref.ref}")
     check_channels(seg, rows, mdir / "manifest.csv")
     if mref.manifest_digest and mref.manifest_digest != info.dataset_digest:
         log.warning("model was trained on another manifest (digest %s, this one %s): make sure the %s cases "
@@ -297,14 +192,19 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     with tracking.start_run(cfg.tracking, "evaluate", run_name=f"evaluate-{cfg.split}-{mref.short_name}",
                             tags=tags) as trk:
         t1 = time.perf_counter()
-        per_case, gallery, outside = predict_and_score(seg, info, rows, cfg)
+        per_case, gallery, outside, matrix = predict_and_score(seg, info, rows, cfg)
         timings["predict_score"] = time.perf_counter() - t1
         if outside:
             log.warning("%d of %d %s cases have stored intensities far from the training images'; first: %s",
                         len(outside), len(per_case), cfg.split, outside[0])
         t2 = time.perf_counter()
         per_group = per_group_table(per_case, cfg.empty_both)
-        summary = summarize(per_case, per_group, cfg, surface_unit(rows))
+        names = classes.names
+        if classes.multiclass:
+            summary = summarize_classes(per_case, per_group, cfg, names[1:], surface_unit(rows))
+            summary["labels"] = classes.to_json()
+        else:
+            summary = summarize(per_case, per_group, cfg, surface_unit(rows))
         summary.update({
             "n_intensity_outside_training": len(outside),
             "split": cfg.split,
@@ -316,7 +216,7 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
             "same_manifest_as_training": bool(mref.manifest_digest == info.dataset_digest),
             "device": str(seg.device),
         })
-        files = {k: out_dir / v for k, v in FILES.items()}
+        files = {k: out_dir / v for k, v in (FILES | (CLASS_FILES if matrix is not None else {})).items()}
         atomic_write_bytes(files["per_case"], _csv_bytes(per_case))
         atomic_write_bytes(files["per_group"], _csv_bytes(per_group))
         atomic_write_json(files["summary"], _json_safe(summary))
@@ -324,8 +224,12 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
         t3 = time.perf_counter()
         from tumorseg import review
 
-        review.overlay_grid(gallery.items(), files["gallery"], ncols=cfg.gallery_k)
+        review.overlay_grid(gallery.items(), files["gallery"], ncols=cfg.gallery_k,
+                            classes=names if matrix is not None else None)
         review.dice_plot(per_case["dice"].to_numpy(dtype=np.float64), files["dice_plot"])
+        if matrix is not None:
+            atomic_write_bytes(files["confusion_csv"], _csv_bytes(confusion_table(matrix, names)))
+            review.confusion_plot(matrix, names, files["confusion_plot"])
         timings["plots"] = time.perf_counter() - t3
         timings["write"] = time.perf_counter() - t2
 
@@ -334,6 +238,7 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
             "surface": cfg.surface, "hd95_empty": cfg.hd95_empty, "batch_size": cfg.batch_size,
             "device": str(seg.device),
             "threshold": seg.threshold, "bootstrap": cfg.bootstrap, "seed": cfg.seed,
+            "labels": classes.describe(),
             "checkpoint_sha256": mref.checkpoint_sha256, "checkpoint_path": mref.checkpoint_path,
             "train_run_id": mref.train_run_id,
         })
@@ -357,17 +262,23 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
                           split=cfg.split, model=mref, files=files, timings=timings)
 
 
+def label_set_of(seg: Segmenter) -> Classes:
+    """What ``seg`` predicts; a segmenter that declares no label set (a stand-in, a plug-in) is binary."""
+    return getattr(seg, "classes", None) or Classes()
+
+
 def surface_unit(rows: pd.DataFrame) -> str:
     """What HD95/ASSD are in: ``pixels`` (PNG/TIFF), ``mm`` (NIfTI voxel spacing), or which is which."""
     nifti = sum(image_format(str(p)) == "nifti" for p in rows["image"])
     return "pixels" if nifti == 0 else "mm" if nifti == len(rows) else "mm for NIfTI cases, pixels for the others"
 
 
-def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame,
-                      cfg: EvaluateConfig) -> tuple[pd.DataFrame, Gallery, list[str]]:
-    """Batched inference over the split with decoding in background threads; one score row per case.
+def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame, cfg: EvaluateConfig
+                      ) -> tuple[pd.DataFrame, Gallery, list[str], np.ndarray | None]:
+    """Batched inference over the split with decoding in background threads; one score row per case (and class).
 
-    Also returns ``"file: why"`` for each case whose stored intensities are far from the training images'.
+    Also returns ``"file: why"`` for each case whose stored intensities are far from the training images',
+    and for a multi-class model the pixel confusion matrix (``None`` for a binary one).
     """
     import pandas as pd
 
@@ -382,22 +293,35 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame,
     reader = CaseReader(info, str(Path(cfg.manifest) / "manifest.csv"))
     cases = reader.stream(rows, cfg.workers, ahead=2 * cfg.batch_size)
     outside: list[str] = []
+    classes = label_set_of(seg)
+    k = len(classes.names)
+    matrix = np.zeros((k, k), dtype=np.int64) if classes.multiclass else None
     for batch in track(batched(cases, cfg.batch_size), n_batches, f"evaluate {cfg.split}"):
         probs = seg.predict_proba([c.image for c in batch])
         for case, prob in zip(batch, probs, strict=True):
             pred = seg.mask(prob)
-            scores = scores_from_counts(confusion(pred, case.mask), cfg.empty_both)  # type: ignore[arg-type]
-            row: dict[str, Any] = {"case_id": case.case_id, "group": case.group,
-                                   "split": split_of[case.index], **scores}
-            if cfg.surface:
-                row["hd95"], row["assd"] = surface_distances(pred, case.mask, case.spacing, cfg.hd95_empty)
-            out.append(row)
-            gallery.offer(float(scores["dice"]), case.index, (case.image, case.mask, pred, case.case_id))
+            ident: dict[str, Any] = {"case_id": case.case_id, "group": case.group, "split": split_of[case.index]}
+            dices = []
+            for (index, name), counts in zip(classes.foreground, class_confusions(pred, case.mask, k), strict=True):
+                scores = scores_from_counts(counts, cfg.empty_both)  # type: ignore[arg-type]
+                row = {**ident, **({"label": name} if matrix is not None else {}), **scores}
+                if cfg.surface:
+                    p, g = (pred, case.mask) if matrix is None else (pred == index, case.mask == index)
+                    row["hd95"], row["assd"] = surface_distances(p, g, case.spacing, cfg.hd95_empty)
+                out.append(row)
+                dices.append(float(scores["dice"]))
+            if matrix is not None:
+                matrix += confusion_matrix(pred, case.mask, k)
+            finite = [d for d in dices if math.isfinite(d)]
+            gallery.offer(float(np.mean(finite)) if finite else float("nan"), case.index,
+                          (case.image, case.mask, pred, case.case_id))
             why = seg.intensity_outside_training(case.image)
             if why is not None:
                 outside.append(f"{image_path(info, rows.iloc[case.index])}: {why}")
     columns = PER_CASE_COLUMNS + (SURFACE_COLUMNS if cfg.surface else [])
-    return pd.DataFrame(out, columns=columns), gallery, outside
+    if matrix is not None:
+        columns = [*columns[:3], "label", *columns[3:]]
+    return pd.DataFrame(out, columns=columns), gallery, outside, matrix
 
 
 def split_metrics(summary: dict[str, Any], split: str) -> dict[str, float]:

@@ -7,6 +7,10 @@ input folder are kept):
 * ``--format png`` (default): ``<stem>.png``, 0/255 greyscale;
 * ``--format nifti``: ``<stem>.nii.gz``, ``uint8`` 0/1, with the input's affine for NIfTI inputs.
 
+A multi-class model writes label maps of its declared values instead (``uint8``, PNG or NIfTI), and
+``--probabilities`` one channel per class: a float32 ``<stem>_prob.tif`` (one page per class, in label
+order) beside a PNG, or the class as the last axis of ``<stem>_prob.nii.gz``.
+
 A 3D NIfTI volume is predicted slice by slice along ``slice_axis`` and written back as one
 volume of the input's shape and affine (always NIfTI: a PNG cannot hold a volume).
 ``--probabilities`` adds ``<stem>_prob.png`` (8-bit) or ``<stem>_prob.nii.gz`` (float32).
@@ -27,7 +31,7 @@ import os
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +42,9 @@ import numpy as np
 from tumorseg.config import PredictConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.imageio import image_format, split_ext
+from tumorseg.predict.files import Item, Loaded, write_outputs
 
 if TYPE_CHECKING:
-    from tumorseg.imageio import Decoded
     from tumorseg.inference import Segmenter
     from tumorseg.modelref import ModelRef
 
@@ -77,18 +81,6 @@ class PredictResult:
     model: ModelRef | None = None
     seconds: float = 0.0
     n_intensity_outside_training: int = 0
-
-
-@dataclass
-class Item:
-    """One input image and where its outputs go."""
-
-    index: int
-    path: Path
-    rel: Path
-    """Path relative to the input folder it was found in (its name for a file input)."""
-    mask_out: Path = Path()
-    prob_out: Path | None = None
 
 
 # ----------------------------------------------------------------------------- inputs and outputs
@@ -137,7 +129,8 @@ def collect_inputs(cfg: PredictConfig) -> list[Item]:
     return items
 
 
-def plan_outputs(items: list[Item], cfg: PredictConfig, volumes: set[int] | None = None) -> None:
+def plan_outputs(items: list[Item], cfg: PredictConfig, volumes: set[int] | None = None,
+                 multiclass: bool = False) -> None:
     """Set each item's output paths and refuse collisions with each other or with any input."""
     inputs = {it.path.resolve(): it for it in items}
     input_ids = {}
@@ -151,7 +144,8 @@ def plan_outputs(items: list[Item], cfg: PredictConfig, volumes: set[int] | None
         ext = ".nii.gz" if nifti else ".png"
         parent = cfg.output_dir / it.rel.parent
         it.mask_out = parent / f"{stem}{ext}"
-        it.prob_out = parent / f"{stem}{PROB_SUFFIX}{ext}" if cfg.probabilities else None
+        prob_ext = ".tif" if multiclass and not nifti else ext  # K channels: a PNG cannot hold them
+        it.prob_out = parent / f"{stem}{PROB_SUFFIX}{prob_ext}" if cfg.probabilities else None
         for out in (it.mask_out, it.prob_out):
             if out is None:
                 continue
@@ -175,16 +169,6 @@ def plan_outputs(items: list[Item], cfg: PredictConfig, volumes: set[int] | None
 # ----------------------------------------------------------------------------- decoding
 
 
-@dataclass
-class Loaded:
-    """A decoded input cut into the 2D planes the network sees."""
-
-    item: Item
-    planes: list[np.ndarray]
-    decoded: Decoded
-    volume_shape: tuple[int, ...] | None = None
-
-
 def _nifti_shape(path: Path) -> tuple[int, ...]:
     import nibabel as nib
 
@@ -204,43 +188,6 @@ def load_item(item: Item, slice_axis: int) -> Loaded:
         planes = [slice_of(decoded, -1, slice_axis).astype(np.float32)]
     shape = _nifti_shape(item.path) if decoded.mode == "NIfTI" else None
     return Loaded(item, planes, decoded, shape)
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-def write_outputs(loaded: Loaded, probs: list[np.ndarray], to_mask: Callable[[np.ndarray], np.ndarray],
-                  cfg: PredictConfig) -> int:
-    """Write the mask (and probability map) of one input; returns the tumour pixel count.
-
-    ``to_mask`` turns one plane's probabilities into its mask (the model's threshold and
-    component filtering).
-    """
-    from tumorseg.imageio import write_mask_png, write_nifti, write_png
-
-    item = loaded.item
-    dec = loaded.decoded
-    if dec.is_volume:
-        prob = np.stack(probs, axis=cfg.slice_axis)
-        mask = np.stack([to_mask(p) for p in probs], axis=cfg.slice_axis)
-    else:
-        prob = probs[0]
-        mask = to_mask(prob)
-    if item.mask_out.name.lower().endswith(".nii.gz"):
-        affine = dec.affine if dec.mode == "NIfTI" else None
-        shape = loaded.volume_shape
-        if shape is not None and int(np.prod(shape)) == mask.size:
-            mask_arr, prob_arr = mask.reshape(shape), prob.reshape(shape)
-        else:
-            mask_arr, prob_arr = mask, prob
-        write_nifti(item.mask_out, mask_arr, affine)
-        if item.prob_out is not None:
-            write_nifti(item.prob_out, prob_arr.astype(np.float32), affine)
-    else:
-        write_mask_png(item.mask_out, mask)
-        if item.prob_out is not None:
-            write_png(item.prob_out, np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8))
-    return int(mask.sum())
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -265,6 +212,8 @@ def run(cfg: PredictConfig) -> PredictResult:
     volumes = _volume_indices(items) if cfg.format == "png" else set()
     plan_outputs(items, cfg, volumes)
     seg, mref = resolve_model(cfg.model, cfg.tracking, cfg.device)
+    if seg.classes.multiclass and cfg.probabilities:
+        plan_outputs(items, cfg, volumes, multiclass=True)  # K channels: TIFF beside PNG masks
     threshold = float(cfg.threshold if cfg.threshold is not None else seg.threshold)
     tags = {"tumorseg.model_ref": mref.ref, "tumorseg.checkpoint_sha256": mref.checkpoint_sha256,
             "tumorseg.train_run_id": mref.train_run_id}
@@ -378,7 +327,7 @@ def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: Pred
                 if all(p is not None for p in buf):
                     del partial[loaded.item.index]
                     done = [p for p in buf if p is not None]
-                    writes.append((loaded, writer.submit(write_outputs, loaded, done, to_mask, cfg)))
+                    writes.append((loaded, writer.submit(write_outputs, loaded, done, to_mask, cfg, seg.classes)))
             collect(block=False)
         collect(block=True)
     if len(outside) > RANGE_WARNINGS:

@@ -1,0 +1,88 @@
+"""Validation during training: the val split predicted at its original resolution and scored per class.
+
+The mean foreground Dice (the mean over tumour classes of each class's mean per-case Dice; for a
+binary model, its one class) drives the best checkpoint, early stopping and the LR plateau.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from tumorseg.config import TrainConfig
+from tumorseg.inference import amp_dtype
+from tumorseg.labels import Classes
+from tumorseg.metrics import class_confusions, dice
+
+if TYPE_CHECKING:
+    import torch
+
+    from tumorseg.data import Split
+
+
+def val_probabilities(net: torch.nn.Module, data: Split, cfg: TrainConfig, device: torch.device,
+                      tta: bool = False) -> Iterator[np.ndarray]:
+    """Probabilities of each cached case at its original resolution, in order.
+
+    ``float32 (H, W)`` tumour probabilities of a binary network, ``(K, H, W)`` class probabilities of a
+    multi-class one. The same path as inference (:func:`tumorseg.inference.network_logits`: whole image
+    or sliding window, optional mirroring), on the cached, already normalised inputs.
+    """
+    import torch
+
+    from tumorseg.inference import logits_to_original, network_logits
+    from tumorseg.streaming import prefetch
+
+    net.eval()
+    dtype = amp_dtype(device, cfg.amp)
+    bs = max(cfg.batch_size, 16)
+    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    chunks = prefetch(lambda start: (start, data.read(np.arange(start, min(start + bs, len(data))), masks=False)),
+                      range(0, len(data), bs), 1 if data.streams else 0, 2)
+    for start, batch in chunks:
+        with torch.inference_mode(), autocast:
+            x, _ = data.to_device(batch, device)
+            if device.type == "cuda" and cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = network_logits(net, x, cfg.patch_size, tta)
+        for j in range(logits.shape[0]):
+            gt = data.original_mask(start + j)
+            yield logits_to_original(logits[j], (int(gt.shape[0]), int(gt.shape[1]))).cpu().numpy()
+
+
+def class_means(sums: np.ndarray, classes: Classes) -> tuple[float, dict[str, float]]:
+    """``(mean foreground Dice, {class name: mean Dice})`` from per-class ``[sum of finite Dice, count]`` rows."""
+    per_class = {name: float(s / n) if n else float("nan")
+                 for (_, name), (s, n) in zip(classes.foreground, sums, strict=True)}
+    finite = [v for v in per_class.values() if math.isfinite(v)]
+    return (float(np.mean(finite)) if finite else float("nan")), per_class
+
+
+def case_dice(pred: np.ndarray, gt: np.ndarray, classes: Classes) -> list[float]:
+    """Dice of each tumour class on one case (NaN where the class is absent from both)."""
+    return [dice(c) for c in class_confusions(pred, gt, len(classes.names))]
+
+
+def validate(net: torch.nn.Module, data: Split, cfg: TrainConfig, device: torch.device,
+             classes: Classes | None = None) -> tuple[float, dict[str, float]]:
+    """Per-case, per-class Dice at the original resolution (the counts of :func:`tumorseg.metrics.confusion`).
+
+    A binary network's probabilities are cut at ``cfg.threshold``, a multi-class one's take the argmax.
+    Cases where a class is absent from both prediction and truth are NaN for that class and left out
+    of its mean (a false positive on a tumour-free image counts as 0).
+
+    Returns:
+        (mean foreground Dice, ``{class name: mean Dice}``).
+    """
+    classes = classes or Classes()
+    sums = np.zeros((len(classes.foreground), 2))
+    for i, prob in enumerate(val_probabilities(net, data, cfg, device)):
+        pred = np.argmax(prob, axis=0) if prob.ndim == 3 else prob > cfg.threshold
+        scores = np.asarray(case_dice(pred, data.original_mask(i), classes))
+        finite = np.isfinite(scores)
+        sums[finite, 0] += scores[finite]
+        sums[finite, 1] += 1
+    return class_means(sums, classes)
