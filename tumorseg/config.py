@@ -197,7 +197,8 @@ class TrainConfig(StrictModel):
     seed: int = 0
     deterministic: bool = False
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    amp: bool = True
+    amp: bool = Field(default=True, description="mixed precision: bf16 (fp16) on CUDA, bf16 on CPUs with native "
+                      "bf16 (AVX512-BF16/AMX), else fp32")
     channels_last: bool = True
     cache: Literal["auto", "ram", "disk", "gpu"] = Field(
         default="auto", description="auto: RAM (or the GPU) up to 2 GiB of preprocessed cases, else the disk cache")

@@ -62,7 +62,8 @@ def _key(model: ModelConfig, loss: LossConfig, in_channels: int, size: tuple[int
 
     blob = json.dumps({"model": model.model_dump(mode="json"), "loss": loss.model_dump(mode="json"),
                        "in": in_channels, "size": list(size), "batch": batch, "device": device_label(device),
-                       "torch": torch.__version__, "amp": amp}, sort_keys=True)
+                       "torch": torch.__version__, "amp": amp, "dtype": str(amp_dtype(device, amp)),
+                       "channels_last": True}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -99,9 +100,10 @@ def _run(model: ModelConfig, loss_cfg: LossConfig, in_channels: int, size: tuple
 
     gen = torch.Generator().manual_seed(0)
     net = build_model(model, in_channels).to(device)
+    net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # as train runs
     loss_fn = build_loss(loss_cfg)
     opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
-    x = torch.randn(batch, in_channels, *size, generator=gen).to(device)
+    x = torch.randn(batch, in_channels, *size, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(batch, 1, *size, generator=gen) > 0.9).float().to(device)
     dtype = amp_dtype(device, amp)
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

@@ -203,7 +203,7 @@ def train_one_epoch(
         if cfg.patch_size is not None:
             x, y = crop_batch(x, y, cfg.patch_size, cfg.oversample_foreground, gen)
         x, y = augment_batch(x, y, cfg.augment, gen)
-        if device.type == "cuda" and cfg.channels_last:
+        if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         loss = train_step(ctx.net, x, y, ctx.loss_fn, ctx.opt, ctx.scaler, device, dtype)
         if not torch.isfinite(loss):

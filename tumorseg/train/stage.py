@@ -141,7 +141,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
         init_output_bias(net, class_priors(train_df, classes) if classes.multiclass
                          else foreground_fraction(train_data, dist, device))
     net = net.to(device)
-    if device.type == "cuda" and cfg.channels_last:
+    if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     loss_fn = build_loss(cfg.loss, multiclass=True) if classes.multiclass else build_loss(cfg.loss)
     opt = build_optimizer(cfg, net.parameters())

@@ -45,7 +45,7 @@ def val_probabilities(net: torch.nn.Module, data: Split, cfg: TrainConfig, devic
     for start, batch in chunks:
         with torch.inference_mode(), autocast:
             x, _ = data.to_device(batch, device)
-            if device.type == "cuda" and cfg.channels_last:
+            if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             logits = network_logits(net, x, cfg.patch_size, tta)
         for j in range(logits.shape[0]):
