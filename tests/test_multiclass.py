@@ -24,6 +24,7 @@ from tumorseg.labels import Classes
 
 LABELS = "0=background,1=necrosis,2=edema,3=enhancing"
 NAMES = ["necrosis", "edema", "enhancing"]
+REGIONS = "whole=1,2,3 core=1,3 enhancing=3"
 TINY = ["--set", "plan=off", "--set", "epochs=20", "--set", "batch_size=4", "--set", "image_size=[48,48]",
         "--set", "device=cpu", "--set", "amp=false", "--set", "model.channels=[8,16,32]",
         "--set", "model.num_res_units=1", "--set", "optim.lr=0.01", "--set", "optim.schedule=none",
@@ -47,18 +48,27 @@ def test_label_map_resize_keeps_each_blocks_majority_class() -> None:
 
 
 def test_per_class_counts_and_confusion_matrix_by_hand() -> None:
-    from tumorseg.metrics import Counts, class_confusions, confusion_matrix, dice
+    from tumorseg.metrics import Counts, confusion, confusion_matrix, dice
 
     gt = np.array([[0, 1, 1], [2, 2, 0], [0, 0, 3]])
     pred = np.array([[0, 1, 2], [2, 2, 0], [1, 0, 0]])
-    c1, c2, c3 = class_confusions(pred, gt, 4)
+    classes = Classes({0: "background", 1: "a", 2: "b", 3: "c"})
+
+    def counts(c: Classes, p: np.ndarray, g: np.ndarray) -> list[Counts]:
+        return [confusion(a, b) for a, b in zip(c.score_masks(p), c.score_masks(g), strict=True)]
+
+    c1, c2, c3 = counts(classes, pred, gt)
     assert c1 == Counts(tp=1, fp=1, fn=1, tn=6) and dice(c1) == 0.5
     assert c2 == Counts(tp=2, fp=1, fn=0, tn=6) and dice(c2) == pytest.approx(0.8)
     assert c3 == Counts(tp=0, fp=0, fn=1, tn=8) and dice(c3) == 0.0
     m = confusion_matrix(pred, gt, 4)
     np.testing.assert_array_equal(m, [[3, 1, 0, 0], [0, 1, 1, 0], [0, 0, 2, 0], [1, 0, 0, 0]])
     assert m.sum() == gt.size and np.trace(m) == 6
-    assert class_confusions(pred > 0, gt > 0, 2) == [Counts(tp=4, fp=1, fn=1, tn=3)]  # binary: one class
+    assert counts(Classes(), pred > 0, gt > 0) == [Counts(tp=4, fp=1, fn=1, tn=3)]  # binary: one class
+    # regions unite classes: whole = {1, 2, 3}, core = {1, 3}
+    regions = Classes(classes.labels, {"whole": [1, 2, 3], "core": [1, 3]})
+    whole, core = counts(regions, pred, gt)
+    assert whole == Counts(tp=4, fp=1, fn=1, tn=3) and core == Counts(tp=1, fp=1, fn=2, tn=5)
 
 
 def test_multiclass_postprocess_takes_the_argmax_and_filters_each_class() -> None:
@@ -122,6 +132,43 @@ def test_label_sets_round_trip_and_compare() -> None:
     np.testing.assert_array_equal(multi.to_values(np.array([[0, 1, 2]])), [[0, 2, 4]])
 
 
+def test_regions_parse_check_and_paint_back_into_labels() -> None:
+    from tumorseg.errors import TumorsegError
+    from tumorseg.labels import format_regions, parse_regions
+
+    labels = {0: "background", 1: "necrosis", 2: "edema", 3: "enhancing"}
+    regions = parse_regions("whole=1,2,3 core=3,1 enhancing=3", labels)
+    assert regions == {"whole": [1, 2, 3], "core": [1, 3], "enhancing": [3]}
+    assert parse_regions(format_regions(regions), labels) == regions
+    for bad, said in [("whole=1,2,4", "holds 4, which is not a declared tumour value"), ("core=0,1", "holds 0"),
+                      ("whole", "is not NAME=VALUE"), ("2nd=1", "must start with a letter")]:
+        with pytest.raises(TumorsegError, match=said):
+            parse_regions(bad, labels)
+    classes = Classes(labels, regions)
+    assert classes.out_channels == 3 and not classes.softmax and classes.foreground[0] == (0, "whole")
+    index = np.array([[0, 1, 2], [3, 2, 0], [1, 3, 0]], dtype=np.uint8)
+    masks = np.stack(classes.score_masks(index))
+    np.testing.assert_array_equal(classes.paint(masks), index)  # nested regions come back as their labels
+    assert classes.channel_priors([0.7, 0.1, 0.15, 0.05]) == pytest.approx([0.3, 0.15, 0.05])
+    np.testing.assert_array_equal(classes.decide(masks * 0.9, 0.5), index)
+
+
+def test_region_loss_trains_one_sigmoid_channel_per_region() -> None:
+    import torch
+
+    from tumorseg.config import LossConfig
+    from tumorseg.model import build_loss
+
+    target = torch.zeros(1, 1, 8, 8)
+    target[0, 0, 1:6, 1:6] = 2  # edema around
+    target[0, 0, 2:4, 2:4] = 3  # enhancing
+    regions = [[1, 2, 3], [1, 3], [3]]
+    truth = torch.cat([torch.isin(target.long(), torch.tensor(r)) for r in regions], 1).float()
+    loss = build_loss(LossConfig(name="dice_ce"), multiclass=True, regions=regions)
+    assert float(loss(truth * 40 - 20, target)) < 1e-3
+    assert float(loss(-truth * 40 + 20, target)) > 1.0
+
+
 # ----------------------------------------------------------------------------- a real-world-shaped dataset
 
 
@@ -169,6 +216,54 @@ def trained(tmp_path_factory: pytest.TempPathFactory, mlflow_uri: str) -> dict[s
                                    "--set", f"tracking.uri={mlflow_uri}", *TINY])
     assert res.exit_code == 0, res.output
     return {"root": root, "manifest": manifest, "run": root / "runs" / "mc"}
+
+
+@pytest.fixture(scope="module")
+def regions_run(trained: dict[str, Any], mlflow_uri: str) -> dict[str, Any]:
+    """The same data with BraTS-style regions: ingested with --regions, trained with a sigmoid per region."""
+    root = trained["root"]
+    manifest = _ingest(root / "bra", root / "dm-regions", "--labels", LABELS, "--regions", REGIONS)
+    res = CliRunner().invoke(app, ["train", manifest, "--out", str(root / "runs"), "--set", "run_name=regions",
+                                   "--set", f"tracking.uri={mlflow_uri}", *TINY])
+    assert res.exit_code == 0, res.output
+    return {"root": root, "manifest": manifest, "run": root / "runs" / "regions"}
+
+
+@pytest.mark.slow
+def test_region_based_training_evaluates_and_predicts_per_region(regions_run: dict[str, Any],
+                                                                 tmp_path: Path) -> None:
+    from tumorseg import checkpoint
+
+    ckpt = checkpoint.load(regions_run["run"] / "best.pt")
+    assert ckpt["regions"] == [["whole", [1, 2, 3]], ["core", [1, 3]], ["enhancing", [3]]]  # the painting order
+    info = json.loads((Path(regions_run["manifest"]) / "manifest.json").read_text())
+    assert info["regions"] == ckpt["regions"]  # a list: sorted JSON keys cannot reorder it
+    assert all(f"val_dice_{r}" in ckpt["history"][-1] for r in ("whole", "core", "enhancing"))
+    assert ckpt["best_val_dice"] > 0.3
+    res = CliRunner().invoke(app, ["evaluate", str(regions_run["run"]), "--manifest", regions_run["manifest"],
+                                   "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
+    per_case = pd.read_csv(tmp_path / "ev" / "per_case.csv")
+    assert list(per_case["label"].unique()) == ["whole", "core", "enhancing"]
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert set(summary["classes"]) == {"whole", "core", "enhancing"} and summary["regions"][1] == ["core", [1, 3]]
+    # the whole-tumour row of a case counts every tumour pixel of its truth
+    for (_, whole), (_, one) in zip(per_case[per_case["label"] == "whole"].iterrows(),
+                                    per_case[per_case["label"] == "enhancing"].iterrows(), strict=True):
+        assert whole["gt_pixels"] >= one["gt_pixels"]
+    image = sorted((regions_run["root"] / "bra" / "images").glob("*.png"))[0]
+    res = CliRunner().invoke(app, ["predict", str(regions_run["run"]), str(image), "--output-dir",
+                                   str(tmp_path / "p"), "--probabilities"])
+    assert res.exit_code == 0, res.output
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "p" / image.name)))) <= {0, 1, 2, 3}
+    import tifffile
+
+    prob = tifffile.imread(tmp_path / "p" / f"{image.stem}_prob.tif")
+    assert prob.shape == (3, 48, 48) and prob.min() >= 0 and prob.max() <= 1  # a sigmoid per region
+    # a manifest of the same labels without regions is another label set
+    res = CliRunner().invoke(app, ["evaluate", str(regions_run["run"]), "--manifest", str(regions_run["root"] /
+                                   "dm" / "bra"), "--out", str(tmp_path / "ev2")])
+    assert res.exit_code == 2 and "regions whole=1,2,3 core=1,3 enhancing=3" in res.output
 
 
 @pytest.mark.slow

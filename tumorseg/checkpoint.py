@@ -14,7 +14,8 @@ absent in checkpoints written before it existed), the
 training state (``epoch``, ``global_step``, ``best_val_dice``, ``best_epoch``,
 ``bad_epochs``, ``history``, ``stopped_reason``), the data identity (``manifest_digest``,
 ``manifest_name``), ``labels`` (the declared ``{value: name}`` of a multi-class model, values as
-strings; ``None`` or absent: binary) and the run identity (``mlflow_run_id``, ``tracking_uri``). A full
+strings; ``None`` or absent: binary), ``regions`` (``[name, [values]]`` pairs of a region-based model, in
+painting order) and the run identity (``mlflow_run_id``, ``tracking_uri``). A full
 checkpoint (``last.pt``/``best.pt``) adds ``optimizer``, ``scheduler``, ``scaler`` and
 ``rng`` for an exact resume; a slim one (the MLflow model's ``model.pt``) leaves them out.
 """
@@ -48,6 +49,7 @@ def build_payload(
     *,
     fingerprint: Mapping[str, float] | None = None,
     labels: Mapping[str, str] | None = None,
+    regions: Mapping[str, list[int]] | None = None,
     state: Mapping[str, Any] | None = None,
     manifest_digest: str = "",
     manifest_name: str = "",
@@ -65,6 +67,7 @@ def build_payload(
             ``"percentiles"`` for per-image percentile scaling first), or ``None``.
         fingerprint: the raw intensity range of the training images (:data:`tumorseg.inference.Fingerprint`).
         labels: the label set of a multi-class model (:meth:`tumorseg.labels.Classes.to_json`); ``None``: binary.
+        regions: the regions of a region-based model (``{name: [values]}``), or ``None``.
         state: training state (``epoch``, ``global_step``, ``best_val_dice``, ``best_epoch``,
             ``bad_epochs``, ``history``, ``stopped_reason``); missing keys get neutral values.
         manifest_digest: digest of the manifest trained on.
@@ -86,6 +89,7 @@ def build_payload(
         "intensity": None if intensity is None else {k: list(v) for k, v in intensity.items()},
         "intensity_fingerprint": None if fingerprint is None else {k: float(v) for k, v in fingerprint.items()},
         "labels": None if labels is None else {str(k): str(v) for k, v in labels.items()},
+        "regions": None if not regions else [[str(k), [int(x) for x in v]] for k, v in regions.items()],
         "epoch": int(st.get("epoch", 0)),
         "global_step": int(st.get("global_step", 0)),
         "best_val_dice": float(st.get("best_val_dice", -1.0)),
@@ -140,7 +144,7 @@ def write_slim(source: str | Path, dest: str | Path) -> Path:
 
 def classes(ckpt: Mapping[str, Any]) -> Classes:
     """The label set a checkpoint's network predicts (binary for checkpoints without one)."""
-    return Classes.from_json(ckpt.get("labels"))
+    return Classes.from_json(ckpt.get("labels"), ckpt.get("regions"))
 
 
 def train_config(ckpt: Mapping[str, Any]) -> TrainConfig:

@@ -26,7 +26,7 @@ from tumorseg.config import (
     build_config,
 )
 from tumorseg.errors import ExitCode, TumorsegError
-from tumorseg.labels import parse_labels
+from tumorseg.labels import parse_labels, parse_regions
 
 app = typer.Typer(
     name="tumorseg",
@@ -117,6 +117,15 @@ def synth(
 # ----------------------------------------------------------------------------- ingest
 
 
+def _regions(text: str | None, labels: str | None) -> dict[str, list[int]] | None:
+    if text is None:
+        return None
+    if labels is None:
+        raise TumorsegError("--regions needs --labels: regions unite declared label values (e.g. --labels "
+                            "0=background,1=necrosis,2=edema,3=enhancing --regions whole=1,2,3 core=1,3)")
+    return parse_regions(text, parse_labels(labels))
+
+
 def _parse_fractions(text: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(x) for x in text.split(","))
@@ -148,6 +157,9 @@ def ingest(
     mask_threshold: Annotated[float | None, typer.Option(help="binarise multi-valued masks: values > T")] = None,
     labels: Annotated[str | None, typer.Option(
         help="label maps: declared values and names, e.g. 0=background,1=necrosis,2=edema")] = None,
+    regions: Annotated[str | None, typer.Option(
+        help="region-based training over the labels (overlapping, painted back in this order), e.g. "
+             "'whole=1,2,3 core=1,3 enhancing=3'")] = None,
     slice_axis: Annotated[int, typer.Option(help="axis along which 3D NIfTI volumes are sliced")] = 2,
     strict: Annotated[bool, typer.Option("--strict", help="fail (exit 2, no manifest) on any rejected file")] = False,
     workers: Annotated[int, typer.Option(help="decode processes (0 = one per core, max 8)")] = 0,
@@ -163,6 +175,7 @@ def ingest(
              recursive=recursive, group_pattern=group_pattern, group_by=group_by,
              fractions=_parse_fractions(fractions), seed=seed, folds=folds, mask_threshold=mask_threshold,
              labels=parse_labels(labels) if labels is not None else None,
+             regions=_regions(regions, labels),
              slice_axis=slice_axis, strict=strict, workers=workers,
              tracking=_tracking(tracking_uri, experiment)),
         "ingest options",

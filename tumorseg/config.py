@@ -54,6 +54,7 @@ class IngestConfig(StrictModel):
     folds: int = 0
     mask_threshold: float | None = None
     labels: dict[int, str] | None = Field(default=None, description="label value -> class name (multi-class)")
+    regions: dict[str, list[int]] | None = Field(default=None, description="region name -> label values")
     slice_axis: int = Field(default=2, ge=0, le=2)
     strict: bool = False
     workers: int = Field(default=0, ge=0, description="decode processes; 0 = one per CPU core (at most 8)")
@@ -197,8 +198,7 @@ class TrainConfig(StrictModel):
     seed: int = 0
     deterministic: bool = False
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    amp: bool = Field(default=True, description="mixed precision: bf16 (fp16) on CUDA, bf16 on CPUs with native "
-                      "bf16 (AVX512-BF16/AMX), else fp32")
+    amp: bool = Field(default=True, description="bf16 (fp16) on CUDA, bf16 on CPUs with native bf16, else fp32")
     channels_last: bool = True
     cache: Literal["auto", "ram", "disk", "gpu"] = Field(
         default="auto", description="auto: RAM (or the GPU) up to 2 GiB of preprocessed cases, else the disk cache")

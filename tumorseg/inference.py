@@ -70,11 +70,12 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(onehot, size=size, mode="area")[0].argmax(0, keepdim=True).float()
 
 
-def logits_to_original(logits: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+def logits_to_original(logits: torch.Tensor, shape: tuple[int, int], softmax: bool | None = None) -> torch.Tensor:
     """Logits -> probabilities at the original size (``(H, W)``, or ``(K, H, W)`` for K classes).
 
     ``(1, h, w)`` logits give tumour probabilities (sigmoid); the ``(K, h, w)`` logits of a
-    multi-class network give class probabilities (softmax).
+    multi-class network give class probabilities (``softmax``, the default for several channels), those
+    of a region-based one region probabilities (a sigmoid each, ``softmax=False``).
     """
     import torch
     import torch.nn.functional as F
@@ -82,9 +83,9 @@ def logits_to_original(logits: torch.Tensor, shape: tuple[int, int]) -> torch.Te
     x = logits.float()[None]
     if tuple(x.shape[-2:]) != tuple(shape):
         x = F.interpolate(x, size=shape, mode="bilinear", align_corners=False)
-    if x.shape[1] > 1:
-        return torch.softmax(x, dim=1)[0]
-    return torch.sigmoid(x)[0, 0]
+    if x.shape[1] == 1:
+        return torch.sigmoid(x)[0, 0]
+    return torch.softmax(x, dim=1)[0] if softmax is None or softmax else torch.sigmoid(x)[0]
 
 
 # ----------------------------------------------------------------------------- device
@@ -150,16 +151,22 @@ class Postprocess:
     min_size: int = 0
     tta: bool = False
 
-    def mask(self, prob: np.ndarray) -> np.ndarray:
-        """``uint8 (H, W)`` mask from ``float (H, W)`` probabilities; class indices from ``(K, H, W)``."""
+    def mask(self, prob: np.ndarray, classes: Classes | None = None) -> np.ndarray:
+        """``uint8 (H, W)`` mask from ``float (H, W)`` probabilities; class indices from ``(K, H, W)``.
+
+        Several channels are decided by :meth:`tumorseg.labels.Classes.decide` (the argmax, or the regions
+        of ``classes`` thresholded and painted); without ``classes``, the argmax.
+        """
         if prob.ndim == 3:
-            return self.classes(np.argmax(prob, axis=0).astype(np.uint8))
+            if classes is None:
+                return self.per_class(np.argmax(prob, axis=0).astype(np.uint8))
+            return self.per_class(classes.decide(prob, self.threshold))
         mask = (prob > self.threshold).astype(np.uint8)
         if self.keep == "all" or not mask.any():
             return mask
         return self.filter(*components(mask))
 
-    def classes(self, index: np.ndarray) -> np.ndarray:
+    def per_class(self, index: np.ndarray) -> np.ndarray:
         """The component rule applied to each class of a class-index map (removed pixels become 0)."""
         if self.keep == "all":
             return index
@@ -325,14 +332,14 @@ class Segmenter:
             logits = network_logits(self.net, batch, self.config.patch_size, use_tta)
         out = []
         for i, img in enumerate(images):
-            prob = logits_to_original(logits[i], (int(img.shape[1]), int(img.shape[2])))
+            prob = logits_to_original(logits[i], (int(img.shape[1]), int(img.shape[2])), self.classes.softmax)
             out.append(prob.cpu().numpy().astype(np.float32))
         return out
 
     def mask(self, prob: np.ndarray, threshold: float | None = None) -> np.ndarray:
         """The model's post-processing applied to one probability map (``threshold`` overrides its own)."""
         post = self.post if threshold is None else replace(self.post, threshold=threshold)
-        return post.mask(prob)
+        return post.mask(prob, self.classes)
 
     def predict_masks(self, images: list[np.ndarray], tta: bool | None = None,
                       threshold: float | None = None) -> list[np.ndarray]:

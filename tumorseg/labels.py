@@ -8,6 +8,7 @@ they are never guessed per file (a mask holding only ``{0, 3}`` is a valid map o
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +57,50 @@ def format_labels(labels: dict[int, str]) -> str:
     return ",".join(f"{v}={n}" for v, n in sorted(labels.items()))
 
 
+def parse_regions(text: str, labels: dict[int, str], source: str = "--regions") -> dict[str, list[int]]:
+    """``"whole=1,2,3 core=1,3 enhancing=3"`` -> ``{"whole": [1, 2, 3], ...}`` (nnU-Net's region-based training).
+
+    Each region is a name and the declared tumour values it unites; regions may overlap. Written in
+    the order predictions are painted back into a label map (outermost first, as BraTS's whole tumour,
+    tumour core, enhancing tumour).
+    """
+    out: dict[str, list[int]] = {}
+    for part in text.replace(";", " ").split():
+        name, sep, values = part.partition("=")
+        try:
+            vals = sorted({int(v) for v in values.split(",") if v.strip()}) if sep else []
+        except ValueError:
+            vals = []
+        if not sep or not vals:
+            raise TumorsegError(f"{source}: {part!r} is not NAME=VALUE,VALUE...; write e.g. --regions "
+                                "whole=1,2,3 core=1,3 enhancing=3")
+        out[name] = vals
+    return check_regions(out, labels, source)
+
+
+def check_regions(regions: dict[str, list[int]], labels: dict[int, str],
+                  source: str = "--regions") -> dict[str, list[int]]:
+    """Regions over declared tumour values, with unique identifier-like names (they name metrics)."""
+    if not regions:
+        raise TumorsegError(f"{source}: no region given; write e.g. --regions whole=1,2,3 core=1,3")
+    for name, values in regions.items():
+        if not _NAME.match(name):
+            raise TumorsegError(f"{source}: region name {name!r} must start with a letter and hold only letters, "
+                                "digits and _")
+        bad = [v for v in values if v not in labels or v == 0]
+        if bad:
+            raise TumorsegError(f"{source}: region {name} holds {bad[0]}, which is not a declared tumour value "
+                                f"({', '.join(str(v) for v in sorted(labels) if v)}); fix --regions or --labels")
+        if not values:
+            raise TumorsegError(f"{source}: region {name} holds no value")
+    return {n: sorted(set(v)) for n, v in regions.items()}
+
+
+def format_regions(regions: dict[str, list[int]]) -> str:
+    """The ``--regions`` text of a region set."""
+    return " ".join(f"{n}={','.join(map(str, v))}" for n, v in regions.items())
+
+
 BINARY = {0: "background", 1: "tumour"}
 """The label set of a binary manifest (and of every model trained before label sets existed)."""
 
@@ -65,21 +110,33 @@ class Classes:
 
     Masks travel as class *indices* (``k``: the ``k``-th declared value in ascending order, 0 is
     background). A set with one tumour class is binary (one sigmoid channel, as always); with more it is
-    multi-class (one softmax channel per class, background included).
+    multi-class: one softmax channel per class (background included), or, with ``regions``, one sigmoid
+    channel per (possibly overlapping) region, scored per region and painted back into a label map in
+    the regions' order (nnU-Net's region-based training).
 
     Args:
         labels: ``{value: name}``; ``None`` means binary (:data:`BINARY`).
+        regions: ``{name: [declared values]}`` for region-based training, or ``None``.
     """
 
-    def __init__(self, labels: dict[int, str] | None = None) -> None:
+    def __init__(self, labels: dict[int, str] | None = None, regions: dict[str, list[int]] | None = None) -> None:
         self.labels = dict(sorted((labels or BINARY).items()))
         self.values = list(self.labels)
         self.names = list(self.labels.values())
+        self.regions = dict(regions) if regions else None
+        index = {v: i for i, v in enumerate(self.values)}
+        self._region_index = [[index[v] for v in vals] for vals in (self.regions or {}).values()]
 
     @classmethod
-    def from_json(cls, d: dict[str, str] | dict[int, str] | None) -> Classes:
-        """From ``manifest.json``/checkpoint form (values as strings); ``None``: binary."""
-        return cls({int(v): str(n) for v, n in d.items()} if d else None)
+    def from_json(cls, d: dict[str, str] | dict[int, str] | None,
+                  regions: list[list[Any]] | dict[str, list[int]] | None = None) -> Classes:
+        """From the ``manifest.json``/checkpoint form; ``None``: binary.
+
+        Values come as strings, regions as ``[name, values]`` pairs whose order is the painting order.
+        """
+        pairs = regions.items() if isinstance(regions, dict) else (regions or [])
+        return cls({int(v): str(n) for v, n in d.items()} if d else None,
+                   {str(n): [int(v) for v in vals] for n, vals in pairs} or None)
 
     def to_json(self) -> dict[str, str] | None:
         """``{"0": "background", ...}``, or ``None`` for a binary set (so old and new binary models compare equal)."""
@@ -87,27 +144,88 @@ class Classes:
 
     @property
     def multiclass(self) -> bool:
-        """More than one tumour class."""
+        """More than one tumour class (masks and predictions are label maps)."""
         return len(self.labels) > 2
 
     @property
+    def region_based(self) -> bool:
+        """One sigmoid channel per region instead of one softmax channel per class."""
+        return self.regions is not None
+
+    @property
+    def softmax(self) -> bool:
+        """Whether the network's channels are a softmax over the classes."""
+        return self.multiclass and not self.region_based
+
+    @property
     def out_channels(self) -> int:
-        """Network output channels: one per class (softmax) when multi-class, else one (sigmoid)."""
+        """Network output channels: one per class (softmax), one per region (sigmoid), else one (sigmoid)."""
+        if self.regions:
+            return len(self.regions)
         return len(self.labels) if self.multiclass else 1
 
     @property
     def foreground(self) -> list[tuple[int, str]]:
-        """``(index, name)`` of each tumour class (index 0, background, left out)."""
+        """``(index, name)`` of what is scored: each tumour class (background left out), or each region."""
+        if self.regions:
+            return list(enumerate(self.regions))
         return list(enumerate(self.names))[1:]
 
+    @property
+    def region_indices(self) -> list[list[int]]:
+        """The class indices each region unites (empty without regions)."""
+        return [list(r) for r in self._region_index]
+
     def same_as(self, other: Classes) -> bool:
-        """Whether two label sets are identical (values and names)."""
-        return self.to_json() == other.to_json()
+        """Whether two label sets are identical (values, names and regions)."""
+        return self.to_json() == other.to_json() and self.regions == other.regions
 
     def describe(self) -> str:
-        """``binary`` or the ``--labels`` text."""
-        return format_labels(self.labels) if self.multiclass else "binary"
+        """``binary`` or the ``--labels`` text (and the ``--regions`` text)."""
+        if not self.multiclass:
+            return "binary"
+        regions = f" regions {format_regions(self.regions)}" if self.regions else ""
+        return format_labels(self.labels) + regions
 
     def to_values(self, index: np.ndarray) -> np.ndarray:
         """Class indices -> the declared label values (``uint8``); binary masks stay ``{0, 1}``."""
         return np.asarray(self.values if self.multiclass else [0, 1], dtype=np.uint8)[index]
+
+    def score_masks(self, index: np.ndarray) -> list[np.ndarray]:
+        """The masks that are scored, one per :attr:`foreground` entry, of a class-index map."""
+        if self.regions:
+            return [np.isin(index, r) for r in self._region_index]
+        if not self.multiclass:
+            return [np.asarray(index) > 0]
+        return [np.asarray(index) == k for k in range(1, len(self.values))]
+
+    def decide(self, prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        """``uint8`` class indices from probabilities.
+
+        ``(H, W)`` tumour probabilities are thresholded, ``(K, H, W)`` class probabilities take the argmax,
+        ``(R, H, W)`` region probabilities are thresholded and painted (:meth:`paint`).
+        """
+        if prob.ndim == 2:
+            return (prob > threshold).astype(np.uint8)
+        if self.regions:
+            return self.paint(prob > threshold)
+        return np.argmax(prob, axis=0).astype(np.uint8)
+
+    def paint(self, masks: np.ndarray) -> np.ndarray:
+        """Region masks ``(R, H, W)`` -> a class-index map, painting the regions in order.
+
+        A region paints the class it holds that no later region holds (BraTS: whole tumour -> oedema, core
+        -> necrosis, enhancing -> enhancing), so nested regions come back as the labels they were made of.
+        """
+        out = np.zeros(masks.shape[1:], dtype=np.uint8)
+        for r, idx in enumerate(self._region_index):
+            later = {i for other in self._region_index[r + 1:] for i in other}
+            own = [i for i in idx if i not in later] or idx
+            out[masks[r]] = min(own)
+        return out
+
+    def channel_priors(self, class_fractions: list[float]) -> list[float]:
+        """Each output channel's prior from the classes' pixel shares (background first)."""
+        if self.regions:
+            return [float(sum(class_fractions[i] for i in idx)) for idx in self._region_index]
+        return list(class_fractions)

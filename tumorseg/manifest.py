@@ -56,6 +56,7 @@ class ManifestInfo(BaseModel):
     slice_axis: int = 2
     mask_threshold: float | None = None
     labels: dict[str, str] | None = None  # declared label values (as strings) -> class names; None: binary
+    regions: list[tuple[str, list[int]]] | None = None  # (region name, declared values), in painting order
     config: dict[str, Any]
 
     @property
@@ -71,7 +72,7 @@ class ManifestInfo(BaseModel):
     @property
     def classes(self) -> Classes:
         """The label set as the network sees it (binary without declared labels)."""
-        return Classes(self.label_set)
+        return Classes(self.label_set, dict(self.regions) if self.regions else None)
 
     counts: dict[str, Any]
     summary: dict[str, Any]

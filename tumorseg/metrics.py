@@ -54,16 +54,6 @@ def confusion(pred: np.ndarray, gt: np.ndarray) -> Counts:
     return Counts(tp, fp, fn, tn)
 
 
-def class_confusions(pred: np.ndarray, gt: np.ndarray, n_classes: int) -> list[Counts]:
-    """Per tumour class ``k = 1..n_classes-1``, the counts of ``pred == k`` against ``gt == k`` (class-index maps).
-
-    With ``n_classes == 2`` this is ``[confusion(pred, gt)]``: the binary case is the one-class case.
-    """
-    if n_classes <= 2:
-        return [confusion(pred, gt)]
-    return [confusion(pred == k, gt == k) for k in range(1, n_classes)]
-
-
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, n_classes: int) -> np.ndarray:
     """``int64 (K, K)`` pixel counts: row = true class, column = predicted class (class-index maps)."""
     if pred.shape != gt.shape:

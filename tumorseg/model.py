@@ -79,15 +79,16 @@ def build_model(cfg: ModelConfig, in_channels: int, out_channels: int = 1) -> to
     raise TumorsegError(f"model.name: unknown model {cfg.name!r}")  # pragma: no cover - pydantic guards it
 
 
-def init_output_bias(net: torch.nn.Module, prior: float | list[float]) -> None:
+def init_output_bias(net: torch.nn.Module, prior: float | list[float], softmax: bool | None = None) -> None:
     """Start the output layer at the class priors.
 
     With a zero bias every pixel starts at probability 0.5 (or 1/K), and Dice loss pulls the
     (mostly background) pixels down only weakly: the network spends hundreds of steps
     predicting ~0.45 everywhere. Starting from the tumour fraction of the training set
-    (the prior-probability initialisation of RetinaNet) removes that phase. One channel
-    (sigmoid): bias = logit(prior). Several (softmax, ``prior`` one fraction per class, background
-    first): bias_k = log(prior_k), so the softmax starts at the class frequencies.
+    (the prior-probability initialisation of RetinaNet) removes that phase. Sigmoid channels (one,
+    or one per region): bias = logit(prior). Softmax channels (``prior`` one fraction per class,
+    background first; the default for several priors): bias_k = log(prior_k), so the softmax starts
+    at the class frequencies.
     """
     import torch
 
@@ -103,9 +104,9 @@ def init_output_bias(net: torch.nn.Module, prior: float | list[float]) -> None:
             if isinstance(output, torch.nn.Module) else heads(net)[-1:])
     if not last:
         return
-    if k == 1:
-        p = min(max(float(priors[0]), 1e-3), 0.5)
-        values = [float(np.log(p / (1 - p)))]
+    if not (k > 1 if softmax is None else softmax):
+        clipped = [min(max(float(p), 1e-3), 0.5) for p in priors]
+        values = [float(np.log(p / (1 - p))) for p in clipped]
     else:
         # a class absent from the training split still gets a small prior (the softmax must be able to reach it)
         values = [float(np.log(min(max(float(p), 1e-3), 1.0))) for p in priors]
@@ -155,11 +156,13 @@ def load_encoder_weights(net: torch.nn.Module, path: Path) -> None:
     log.info("loaded %d/%d encoder tensors from %s", len(matched), len(own), path)
 
 
-def build_loss(cfg: LossConfig, multiclass: bool = False) -> torch.nn.Module:
+def build_loss(cfg: LossConfig, multiclass: bool = False, regions: list[list[int]] | None = None) -> torch.nn.Module:
     """MONAI Dice-family loss: sigmoid on one channel (binary), or softmax over the classes.
 
     Multi-class targets are ``(N, 1, H, W)`` class indices, one-hot encoded by the loss; the Dice
     leaves the background out (nnU-Net) while the cross-entropy, where used, covers every class.
+    With ``regions`` (the class indices each region unites) the targets become one channel per region
+    and each channel is a sigmoid (nnU-Net's region-based training).
 
     Networks with deep supervision (``dynunet`` in training mode) return their heads stacked
     on dim 1; the loss then weighs the heads with MONAI's ``DeepSupervisionLoss`` (halving per
@@ -168,19 +171,58 @@ def build_loss(cfg: LossConfig, multiclass: bool = False) -> torch.nn.Module:
     from monai import losses
 
     kw: dict[str, Any] = {"batch": cfg.batch, "smooth_nr": cfg.smooth, "smooth_dr": cfg.smooth}
-    if multiclass:
+    if multiclass and not regions:
         kw.update(softmax=True, to_onehot_y=True, include_background=False)
     else:
         kw["sigmoid"] = True
     if cfg.name == "dice":
         base: torch.nn.Module = losses.DiceLoss(**kw)
+    elif cfg.name == "dice_ce" and regions:
+        # MONAI's DiceCELoss takes the softmax cross-entropy for several channels; regions overlap: BCE each
+        base = _dice_bce_type()(losses.DiceLoss(**kw))
     elif cfg.name == "dice_ce":
         base = losses.DiceCELoss(**kw)
     elif cfg.name == "dice_focal":
         base = losses.DiceFocalLoss(**kw)
     else:  # pragma: no cover - pydantic guards it
         raise TumorsegError(f"loss.name: unknown loss {cfg.name!r}")
+    if regions:
+        base = _regions_loss_type()(base, regions)
     return _HeadsLoss(base, losses.DeepSupervisionLoss(base, weight_mode="exp"))  # type: ignore[arg-type]
+
+
+def _dice_bce_type() -> type:
+    import torch
+
+    class DiceBCE(torch.nn.Module):
+        """Dice plus binary cross-entropy on every channel (independent sigmoids)."""
+
+        def __init__(self, dice: torch.nn.Module) -> None:
+            super().__init__()
+            self.dice, self.bce = dice, torch.nn.BCEWithLogitsLoss()
+
+        def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return self.dice(out, target) + self.bce(out.float(), target)
+
+    return DiceBCE
+
+
+def _regions_loss_type() -> type:
+    import torch
+
+    class RegionTargets(torch.nn.Module):
+        """Class-index targets ``(N, 1, H, W)`` -> one channel per region, then the wrapped loss."""
+
+        def __init__(self, base: torch.nn.Module, regions: list[list[int]]) -> None:
+            super().__init__()
+            self.base, self.regions = base, [list(r) for r in regions]
+
+        def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            idx = target.round().long()
+            regions = torch.cat([torch.isin(idx, torch.tensor(r, device=idx.device)) for r in self.regions], dim=1)
+            return self.base(out, regions.float())
+
+    return RegionTargets
 
 
 def _heads_loss_type() -> type:

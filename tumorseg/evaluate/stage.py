@@ -16,9 +16,9 @@ Scores come from :mod:`tumorseg.metrics` (the one place for the empty-mask rule)
 * ``config.yaml``: the resolved options.
 
 A multi-class model (its label set must be the manifest's) gets one ``per_case.csv`` row per case and
-tumour class (``label`` column), per-group rows per class, a summary per class with the mean over the
-classes at the top, a pixel confusion matrix (``confusion.csv``, ``confusion.png``), and a gallery
-drawing each class in its own colour.
+tumour class (``label`` column; per region for a region-based model), per-group rows per class, a
+summary per class with the mean over the classes at the top, a pixel confusion matrix of the labels
+(``confusion.csv``, ``confusion.png``), and a gallery drawing each class in its own colour.
 
 The same files, the summary as ``{split}_*`` metrics and the manifest as a dataset input go
 to an MLflow run of stage ``evaluate``; the headline metrics are also written back to the
@@ -62,7 +62,7 @@ from tumorseg.manifest import (
     resolve_manifest_dir,
     select_split,
 )
-from tumorseg.metrics import class_confusions, confusion_matrix, scores_from_counts, surface_distances
+from tumorseg.metrics import confusion, confusion_matrix, scores_from_counts, surface_distances
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -201,8 +201,10 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
         per_group = per_group_table(per_case, cfg.empty_both)
         names = classes.names
         if classes.multiclass:
-            summary = summarize_classes(per_case, per_group, cfg, names[1:], surface_unit(rows))
+            scored = [name for _, name in classes.foreground]  # the tumour classes, or the regions
+            summary = summarize_classes(per_case, per_group, cfg, scored, surface_unit(rows))
             summary["labels"] = classes.to_json()
+            summary["regions"] = [[n, v] for n, v in (classes.regions or {}).items()] or None  # painting order
         else:
             summary = summarize(per_case, per_group, cfg, surface_unit(rows))
         summary.update({
@@ -302,11 +304,11 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame, cf
             pred = seg.mask(prob)
             ident: dict[str, Any] = {"case_id": case.case_id, "group": case.group, "split": split_of[case.index]}
             dices = []
-            for (index, name), counts in zip(classes.foreground, class_confusions(pred, case.mask, k), strict=True):
-                scores = scores_from_counts(counts, cfg.empty_both)  # type: ignore[arg-type]
+            scored = zip(classes.foreground, classes.score_masks(pred), classes.score_masks(case.mask), strict=True)
+            for (_, name), p, g in scored:
+                scores = scores_from_counts(confusion(p, g), cfg.empty_both)  # type: ignore[arg-type]
                 row = {**ident, **({"label": name} if matrix is not None else {}), **scores}
                 if cfg.surface:
-                    p, g = (pred, case.mask) if matrix is None else (pred == index, case.mask == index)
                     row["hd95"], row["assd"] = surface_distances(p, g, case.spacing, cfg.hd95_empty)
                 out.append(row)
                 dices.append(float(scores["dice"]))

@@ -17,7 +17,7 @@ from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_bytes, atomic_write_json, sha256_bytes
 from tumorseg.ingest.discover import discover
 from tumorseg.ingest.inspect import InspectContext, class_columns, inspect_all
-from tumorseg.labels import check_labels
+from tumorseg.labels import check_labels, check_regions
 from tumorseg.manifest import COLUMNS, SPLITS
 from tumorseg.progress import track
 from tumorseg.splits import assign_fold, assign_split, covering_seed, merge_groups, splits_without_tumour
@@ -186,6 +186,11 @@ def _check_inputs(cfg: IngestConfig) -> None:
             raise TumorsegError(f"{folder}: {label} does not exist; check the path")
         if not folder.is_dir():
             raise TumorsegError(f"{folder}: {label} is not a folder; pass the folder that holds the files")
+    if cfg.regions is not None:
+        if cfg.labels is None:
+            raise TumorsegError("--regions needs --labels: regions unite declared label values (e.g. --labels "
+                                "0=background,1=necrosis,2=edema,3=enhancing --regions whole=1,2,3 core=1,3)")
+        check_regions(cfg.regions, cfg.labels, "regions")
     if cfg.labels is not None:
         check_labels(cfg.labels, "labels")
         if cfg.mask_threshold is not None:
@@ -253,6 +258,7 @@ def run(cfg: IngestConfig) -> IngestResult:
         "slice_axis": cfg.slice_axis,
         "mask_threshold": cfg.mask_threshold,
         "labels": {str(v): n for v, n in sorted(cfg.labels.items())} if cfg.labels else None,
+        "regions": [[n, v] for n, v in cfg.regions.items()] if cfg.regions else None,  # a list: JSON keeps its order
         # where the manifest was written and how fast it was built do not describe the data:
         # without them, the same inputs and options give byte-identical files in any out_dir
         "config": cfg.model_dump(mode="json", exclude={"tracking", "workers", "out_dir"}),

@@ -47,7 +47,8 @@ def run(cfg: PipelineConfig, force: bool = False) -> PipelineResult:
     tracking.check_reachable(uri)  # before the lock, the data and any training
     track = TrackingConfig(uri=uri, experiment=cfg.tracking.experiment)
     # a champion of another label set is never compared: say so now, not after training
-    check_label_set(tracking.client(uri), cfg.registry.model_name, Classes(cfg.ingest_config(track).labels).describe())
+    icfg = cfg.ingest_config(track)
+    check_label_set(tracking.client(uri), cfg.registry.model_name, Classes(icfg.labels, icfg.regions).describe())
     with work_dir_lock(cfg.work_dir), sigterm_as_interrupt():
         state = open_cycle(read_state(cfg.work_dir), cfg, track, force)
         ctx = Cycle(cfg, track, state, cfg.work_dir)

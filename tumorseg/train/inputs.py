@@ -220,8 +220,7 @@ def foreground_fraction(data: Split, dist: Dist, device: torch.device) -> float:
 def class_priors(rows: pd.DataFrame, classes: Classes) -> list[float]:
     """Pixel share of each class (background first) in ``rows``, from the manifest's ``px_<name>`` counts."""
     total = float((rows["height"].astype(float) * rows["width"].astype(float)).sum())
-    fg = [float(rows[f"px_{name}"].astype(float).sum()) / total if total else 0.0
-          for _, name in classes.foreground]
+    fg = [float(rows[f"px_{name}"].astype(float).sum()) / total if total else 0.0 for name in classes.names[1:]]
     return [max(0.0, 1.0 - sum(fg)), *fg]
 
 

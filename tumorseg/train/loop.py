@@ -108,7 +108,7 @@ class TrainContext:
         """A full checkpoint of the current weights, state and resume information."""
         return checkpoint.build_payload(
             self.net, self.cfg, self.in_channels, self.stats, fingerprint=self.fingerprint,
-            labels=self.classes.to_json(), state=asdict(state),
+            labels=self.classes.to_json(), regions=self.classes.regions, state=asdict(state),
             manifest_digest=self.manifest_digest, manifest_name=self.manifest_name,
             mlflow_run_id=self.run.run_id if self.run else "", tracking_uri=self.run.tracking_uri if self.run else "",
             resume={

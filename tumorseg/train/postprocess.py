@@ -52,28 +52,29 @@ def choose(net: torch.nn.Module, val: Split, cfg: TrainConfig, device: torch.dev
 
     One streaming pass: each case is predicted plainly and mirrored, every candidate scored on it,
     and only the running sums kept, so memory does not grow with the number of val cases. A
-    multi-class model takes the argmax (no threshold to choose); its component rule applies per class.
+    multi-class model takes the argmax (no threshold to choose; a region-based one thresholds its regions);
+    the component rule applies per class.
     """
     classes = classes or Classes()
     min_size = max(1, smallest_tumour(val.original_mask(i) for i in range(len(val))) // 2)
     base = Postprocess(threshold=cfg.threshold)
     keeps: tuple[Literal["all", "largest", "min_size"], ...] = ("all", "largest", "min_size")
-    thresholds = (cfg.threshold,) if classes.multiclass else THRESHOLDS
+    thresholds = (cfg.threshold,) if classes.softmax else THRESHOLDS
     grid = [(tta, threshold, Postprocess(threshold=threshold, keep=keep, min_size=min_size if keep == "min_size"
                                          else 0, tta=tta))
             for tta, threshold in product((False, True), thresholds) for keep in keeps]
     # per candidate and tumour class: (sum of finite Dice, count); row 0: the plain prediction
     sums = np.zeros((len(grid) + 1, len(classes.foreground), 2))
-    plain_probs = val_probabilities(net, val, cfg, device, tta=False)
-    mirrored_probs = val_probabilities(net, val, cfg, device, tta=True)
+    plain_probs = val_probabilities(net, val, cfg, device, tta=False, softmax=classes.softmax)
+    mirrored_probs = val_probabilities(net, val, cfg, device, tta=True, softmax=classes.softmax)
     for i, (plain, mirrored) in enumerate(zip(plain_probs, mirrored_probs, strict=True)):
         gt = val.original_mask(i)
-        scores = [case_dice(base.mask(plain), gt, classes)]
+        scores = [case_dice(base.mask(plain, classes), gt, classes)]
         labelled: dict[tuple[bool, float], tuple[np.ndarray, np.ndarray]] = {}
         for tta, threshold, post in grid:
             prob = mirrored if tta else plain
             if classes.multiclass:
-                scores.append(case_dice(post.mask(prob), gt, classes))
+                scores.append(case_dice(post.mask(prob, classes), gt, classes))
                 continue
             # label each case once per (mirroring, threshold); the three component rules reuse the labels
             key = (tta, threshold)

@@ -138,12 +138,15 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
 
     net = build_model(cfg.model, in_channels, classes.out_channels)
     if ckpt is None:
-        init_output_bias(net, class_priors(train_df, classes) if classes.multiclass
-                         else foreground_fraction(train_data, dist, device))
+        if classes.multiclass:
+            init_output_bias(net, classes.channel_priors(class_priors(train_df, classes)), classes.softmax)
+        else:
+            init_output_bias(net, foreground_fraction(train_data, dist, device))
     net = net.to(device)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    loss_fn = build_loss(cfg.loss, multiclass=True) if classes.multiclass else build_loss(cfg.loss)
+    loss_fn = (build_loss(cfg.loss, multiclass=True, regions=classes.region_indices or None) if classes.multiclass
+               else build_loss(cfg.loss))
     opt = build_optimizer(cfg, net.parameters())
     sched = build_scheduler(cfg, opt, total_steps(cfg, len(train_df), dist.world))
     dtype = amp_dtype(device, cfg.amp)

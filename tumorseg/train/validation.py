@@ -15,7 +15,7 @@ import numpy as np
 from tumorseg.config import TrainConfig
 from tumorseg.inference import amp_dtype
 from tumorseg.labels import Classes
-from tumorseg.metrics import class_confusions, dice
+from tumorseg.metrics import confusion, dice
 
 if TYPE_CHECKING:
     import torch
@@ -24,11 +24,12 @@ if TYPE_CHECKING:
 
 
 def val_probabilities(net: torch.nn.Module, data: Split, cfg: TrainConfig, device: torch.device,
-                      tta: bool = False) -> Iterator[np.ndarray]:
+                      tta: bool = False, softmax: bool | None = None) -> Iterator[np.ndarray]:
     """Probabilities of each cached case at its original resolution, in order.
 
     ``float32 (H, W)`` tumour probabilities of a binary network, ``(K, H, W)`` class probabilities of a
-    multi-class one. The same path as inference (:func:`tumorseg.inference.network_logits`: whole image
+    multi-class one (``(R, H, W)`` region probabilities with ``softmax=False``). The same path as
+    inference (:func:`tumorseg.inference.network_logits`: whole image
     or sliding window, optional mirroring), on the cached, already normalised inputs.
     """
     import torch
@@ -50,7 +51,7 @@ def val_probabilities(net: torch.nn.Module, data: Split, cfg: TrainConfig, devic
             logits = network_logits(net, x, cfg.patch_size, tta)
         for j in range(logits.shape[0]):
             gt = data.original_mask(start + j)
-            yield logits_to_original(logits[j], (int(gt.shape[0]), int(gt.shape[1]))).cpu().numpy()
+            yield logits_to_original(logits[j], (int(gt.shape[0]), int(gt.shape[1])), softmax).cpu().numpy()
 
 
 def class_means(sums: np.ndarray, classes: Classes) -> tuple[float, dict[str, float]]:
@@ -62,15 +63,16 @@ def class_means(sums: np.ndarray, classes: Classes) -> tuple[float, dict[str, fl
 
 
 def case_dice(pred: np.ndarray, gt: np.ndarray, classes: Classes) -> list[float]:
-    """Dice of each tumour class on one case (NaN where the class is absent from both)."""
-    return [dice(c) for c in class_confusions(pred, gt, len(classes.names))]
+    """Dice of each tumour class (or region) on one case (NaN where it is absent from both)."""
+    return [dice(confusion(p, g)) for p, g in zip(classes.score_masks(pred), classes.score_masks(gt), strict=True)]
 
 
 def validate(net: torch.nn.Module, data: Split, cfg: TrainConfig, device: torch.device,
              classes: Classes | None = None) -> tuple[float, dict[str, float]]:
     """Per-case, per-class Dice at the original resolution (the counts of :func:`tumorseg.metrics.confusion`).
 
-    A binary network's probabilities are cut at ``cfg.threshold``, a multi-class one's take the argmax.
+    Probabilities become class indices by :meth:`tumorseg.labels.Classes.decide` (cut at ``cfg.threshold``,
+    the argmax, or regions painted); each class (or region) is scored on its own.
     Cases where a class is absent from both prediction and truth are NaN for that class and left out
     of its mean (a false positive on a tumour-free image counts as 0).
 
@@ -79,8 +81,8 @@ def validate(net: torch.nn.Module, data: Split, cfg: TrainConfig, device: torch.
     """
     classes = classes or Classes()
     sums = np.zeros((len(classes.foreground), 2))
-    for i, prob in enumerate(val_probabilities(net, data, cfg, device)):
-        pred = np.argmax(prob, axis=0) if prob.ndim == 3 else prob > cfg.threshold
+    for i, prob in enumerate(val_probabilities(net, data, cfg, device, softmax=classes.softmax)):
+        pred = classes.decide(prob, cfg.threshold)
         scores = np.asarray(case_dice(pred, data.original_mask(i), classes))
         finite = np.isfinite(scores)
         sums[finite, 0] += scores[finite]
