@@ -432,3 +432,19 @@ def test_multiclass_pipeline_registers_a_champion_and_refuses_another_label_set(
     assert res.exit_code == 2, res.output
     assert "models of different label sets are not compared" in res.output
     assert len(cl.search_model_versions("name = 'tiny-multiclass'")) == 1
+
+
+def test_postprocess_pick_needs_a_gain_and_drops_specks_that_cost_nothing() -> None:
+    from tumorseg.inference import Postprocess
+    from tumorseg.train.postprocess import MIN_GAIN, pick
+
+    base = Postprocess()
+    grid = [(Postprocess(tta=tta, keep=keep, min_size=9 if keep == "min_size" else 0), score)
+            for tta, keep, score in [(False, "all", 0.90), (False, "largest", 0.85), (False, "min_size", 0.90),
+                                     (True, "all", 0.95), (True, "largest", 0.80), (True, "min_size", 0.95)]]
+    best, score = pick(grid, base, 0.90)
+    assert (best.tta, best.keep, best.min_size, score) == (True, "min_size", 9, 0.95)  # a tie: specks go
+    worse = [(p, s - 0.001) if p.keep == "min_size" else (p, s) for p, s in grid]
+    assert pick(worse, base, 0.90)[0].keep == "all"  # a filter that costs val Dice is not taken
+    small = [(p, 0.90 + MIN_GAIN / 2) if p.keep == "all" else (p, 0.0) for p, _ in grid]
+    assert pick(small, base, 0.90) == (base, 0.90)  # no gain over MIN_GAIN: the plain prediction

@@ -4,7 +4,8 @@ The best checkpoint predicts val once plainly and once with mirroring (streamed,
 mirroring, probability threshold and component filter (keep all, keep the largest, drop
 components smaller than half the smallest val tumour) is scored by mean val Dice (the same
 per-case Dice as validation, so a false positive on a tumour-free image counts as 0). A choice
-is kept only when it beats the plain prediction at threshold 0.5 by more than ``MIN_GAIN``;
+is kept only when it beats the plain prediction at threshold 0.5 by more than ``MIN_GAIN``, and
+small components are dropped whenever that costs nothing on val (:func:`pick`);
 it is stored in the checkpoint, so evaluate, predict and the MLflow model apply the same one.
 """
 
@@ -86,14 +87,33 @@ def choose(net: torch.nn.Module, val: Split, cfg: TrainConfig, device: torch.dev
         sums[..., 0] += np.where(finite, arr, 0.0)
         sums[..., 1] += finite
     means = [class_means(row, classes)[0] for row in sums]
-    base_score, best, best_score = means[0], base, means[0]
-    table: dict[str, float] = {}
-    for (tta, threshold, post), score in zip(grid, means[1:], strict=True):
-        table[f"tta={int(tta)},t={threshold},keep={post.keep}"] = score
-        if math.isfinite(score) and score > best_score + MIN_GAIN:
-            best, best_score = post, score
+    base_score = means[0]
+    table = {f"tta={int(tta)},t={threshold},keep={post.keep}": score
+             for (tta, threshold, post), score in zip(grid, means[1:], strict=True)}
+    best, best_score = pick([(post, score) for (_, _, post), score in zip(grid, means[1:], strict=True)],
+                            base, base_score)
     log.info("post-processing on val: %s (val Dice %.4f, plain %.4f)", best.to_dict(), best_score, base_score)
     return best, {"val_dice_plain": base_score, "val_dice_postprocessed": best_score, "candidates": table}
+
+
+def pick(scored: list[tuple[Postprocess, float]], base: Postprocess,
+         base_score: float) -> tuple[Postprocess, float]:
+    """The candidate to keep: the best that beats the plain prediction by more than ``MIN_GAIN``, else ``base``.
+
+    Then, where the kept choice keeps all components, its twin dropping small ones (smaller than half the
+    smallest val tumour) is taken when it scores the same on val: it removes only specks the val data says
+    are not tumours (val shows none), and a speck costs a whole case's Dice where a class is absent.
+    """
+    best, best_score = base, base_score
+    for post, score in scored:
+        if math.isfinite(score) and score > best_score + MIN_GAIN:
+            best, best_score = post, score
+    if best.keep == "all":
+        for post, score in scored:
+            if (post.keep == "min_size" and (post.tta, post.threshold) == (best.tta, best.threshold)
+                    and math.isfinite(score) and score >= best_score - 1e-9):
+                return post, score
+    return best, best_score
 
 
 def choose_and_store(run: Run, best: Path, cfg: TrainConfig, val_data: Split, device: torch.device) -> None:
