@@ -144,6 +144,10 @@ def test_regions_parse_check_and_paint_back_into_labels() -> None:
                       ("whole", "is not NAME=VALUE"), ("2nd=1", "must start with a letter")]:
         with pytest.raises(TumorsegError, match=said):
             parse_regions(bad, labels)
+    for args, said in [(["--regions", "whole=1"], "--regions needs --labels"),
+                       (["--labels", LABELS, "--regions", "whole=1,9"], "holds 9, which is not a declared")]:
+        res = CliRunner().invoke(app, ["ingest", "nowhere", "--name", "x", *args])
+        assert res.exit_code == 2 and said in res.output and len(res.output.strip().splitlines()) == 1
     classes = Classes(labels, regions)
     assert classes.out_channels == 3 and not classes.softmax and classes.foreground[0] == (0, "whole")
     index = np.array([[0, 1, 2], [3, 2, 0], [1, 3, 0]], dtype=np.uint8)
@@ -448,3 +452,18 @@ def test_postprocess_pick_needs_a_gain_and_drops_specks_that_cost_nothing() -> N
     assert pick(worse, base, 0.90)[0].keep == "all"  # a filter that costs val Dice is not taken
     small = [(p, 0.90 + MIN_GAIN / 2) if p.keep == "all" else (p, 0.0) for p, _ in grid]
     assert pick(small, base, 0.90) == (base, 0.90)  # no gain over MIN_GAIN: the plain prediction
+
+
+def test_synth_classes_writes_label_maps_whose_brightness_tells_the_class(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["synth", str(tmp_path), "--n", "8", "--size", "32", "--classes", "3"])
+    assert res.exit_code == 0 and "--labels 0=background,1=class_1,2=class_2,3=class_3" in res.output
+    seen: set[int] = set()
+    for mask_path in sorted((tmp_path / "masks").glob("*.png")):
+        mask = np.asarray(Image.open(mask_path))
+        image = np.asarray(Image.open(tmp_path / "images" / mask_path.name))
+        seen |= set(np.unique(mask).tolist())
+        for k in range(1, 4):  # every pixel of class k is k/3 bright, whatever else the image holds
+            assert (image[mask == k] == round(255 * k / 3)).all() or not (mask == k).any()
+    assert seen == {0, 1, 2, 3}
+    res = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--classes", "0"])
+    assert res.exit_code == 2 and "--classes 0" in res.output
