@@ -105,6 +105,33 @@ def test_softmax_output_starts_at_the_class_priors(model: dict[str, Any]) -> Non
     assert net(torch.zeros(1, 1, 32, 32)).shape == (1, 3, 32, 32)
 
 
+@pytest.mark.parametrize("model", [
+    {"name": "unet", "channels": [8, 16, 32]},
+    {"name": "basic_unet", "channels": [64, 128, 256, 512, 1024]},  # the classic Ronneberger U-Net
+    {"name": "attention_unet", "channels": [8, 16, 32]},
+    {"name": "segresnet", "init_filters": 8},
+    {"name": "dynunet", "channels": [8, 16, 32, 64], "deep_supervision": True},
+    {"name": "flexible_unet", "backbone": "resnet18"},
+])
+def test_every_model_trains_one_softmax_channel_per_class(model: dict[str, Any]) -> None:
+    import torch
+
+    from tumorseg.config import LossConfig, ModelConfig
+    from tumorseg.model import build_loss, build_model, init_output_bias, main_output
+
+    net = build_model(ModelConfig(**model), 1, 4)
+    init_output_bias(net, [0.85, 0.1, 0.03, 0.02])
+    target = torch.zeros(2, 1, 32, 32)
+    target[:, 0, 4:12, 4:12], target[:, 0, 16:24, 16:24], target[:, 0, 2:6, 24:30] = 1, 3, 2
+    loss = build_loss(LossConfig(name="dice_ce"), multiclass=True)(net(torch.randn(2, 1, 32, 32)), target)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in net.parameters())
+    net.eval()
+    with torch.no_grad():
+        assert main_output(net(torch.randn(1, 1, 32, 32))).shape == (1, 4, 32, 32)
+
+
 def test_multiclass_dice_leaves_the_background_out() -> None:
     import torch
 
