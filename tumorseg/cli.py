@@ -117,15 +117,6 @@ def synth(
 # ----------------------------------------------------------------------------- ingest
 
 
-def _regions(text: str | None, labels: str | None) -> dict[str, list[int]] | None:
-    if text is None:
-        return None
-    if labels is None:
-        raise TumorsegError("--regions needs --labels: regions unite declared label values (e.g. --labels "
-                            "0=background,1=necrosis,2=edema,3=enhancing --regions whole=1,2,3 core=1,3)")
-    return parse_regions(text, parse_labels(labels))
-
-
 def _parse_fractions(text: str) -> tuple[float, float, float]:
     try:
         parts = tuple(float(x) for x in text.split(","))
@@ -175,7 +166,7 @@ def ingest(
              recursive=recursive, group_pattern=group_pattern, group_by=group_by,
              fractions=_parse_fractions(fractions), seed=seed, folds=folds, mask_threshold=mask_threshold,
              labels=parse_labels(labels) if labels is not None else None,
-             regions=_regions(regions, labels),
+             regions=parse_regions(regions) if regions is not None else None,
              slice_axis=slice_axis, strict=strict, workers=workers,
              tracking=_tracking(tracking_uri, experiment)),
         "ingest options",

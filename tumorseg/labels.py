@@ -57,12 +57,13 @@ def format_labels(labels: dict[int, str]) -> str:
     return ",".join(f"{v}={n}" for v, n in sorted(labels.items()))
 
 
-def parse_regions(text: str, labels: dict[int, str], source: str = "--regions") -> dict[str, list[int]]:
+def parse_regions(text: str, labels: dict[int, str] | None = None, source: str = "--regions") -> dict[str, list[int]]:
     """``"whole=1,2,3 core=1,3 enhancing=3"`` -> ``{"whole": [1, 2, 3], ...}`` (nnU-Net's region-based training).
 
     Each region is a name and the declared tumour values it unites; regions may overlap. Written in
     the order predictions are painted back into a label map (outermost first, as BraTS's whole tumour,
-    tumour core, enhancing tumour).
+    tumour core, enhancing tumour). With ``labels``, also checked against them (:func:`check_regions`);
+    without, only the syntax (ingest checks them against the declared labels).
     """
     out: dict[str, list[int]] = {}
     for part in text.replace(";", " ").split():
@@ -75,7 +76,7 @@ def parse_regions(text: str, labels: dict[int, str], source: str = "--regions") 
             raise TumorsegError(f"{source}: {part!r} is not NAME=VALUE,VALUE...; write e.g. --regions "
                                 "whole=1,2,3 core=1,3 enhancing=3")
         out[name] = vals
-    return check_regions(out, labels, source)
+    return out if labels is None else check_regions(out, labels, source)
 
 
 def check_regions(regions: dict[str, list[int]], labels: dict[int, str],

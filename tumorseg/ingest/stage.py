@@ -179,13 +179,6 @@ def _data_root(cfg: IngestConfig) -> Path:
 
 
 def _check_inputs(cfg: IngestConfig) -> None:
-    for label, folder in (("IMAGES_DIR", cfg.images_dir), ("MASKS_DIR", cfg.masks_dir)):
-        if folder is None:
-            continue
-        if not folder.exists():
-            raise TumorsegError(f"{folder}: {label} does not exist; check the path")
-        if not folder.is_dir():
-            raise TumorsegError(f"{folder}: {label} is not a folder; pass the folder that holds the files")
     if cfg.regions is not None:
         if cfg.labels is None:
             raise TumorsegError("--regions needs --labels: regions unite declared label values (e.g. --labels "
@@ -201,6 +194,13 @@ def _check_inputs(cfg: IngestConfig) -> None:
             re.compile(cfg.group_pattern)
         except re.error as exc:
             raise TumorsegError(f"--group-pattern {cfg.group_pattern!r}: invalid regular expression ({exc})") from exc
+    for label, folder in (("IMAGES_DIR", cfg.images_dir), ("MASKS_DIR", cfg.masks_dir)):
+        if folder is None:
+            continue
+        if not folder.exists():
+            raise TumorsegError(f"{folder}: {label} does not exist; check the path")
+        if not folder.is_dir():
+            raise TumorsegError(f"{folder}: {label} is not a folder; pass the folder that holds the files")
 
 
 def run(cfg: IngestConfig) -> IngestResult:
