@@ -11,6 +11,7 @@ The normalisation rules live in :mod:`tumorseg.intensity`; they travel in the ch
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -70,12 +71,12 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(onehot, size=size, mode="area")[0].argmax(0, keepdim=True).float()
 
 
-def logits_to_original(logits: torch.Tensor, shape: tuple[int, int], softmax: bool | None = None) -> torch.Tensor:
+def logits_to_original(logits: torch.Tensor, shape: tuple[int, int], softmax: bool = True) -> torch.Tensor:
     """Logits -> probabilities at the original size (``(H, W)``, or ``(K, H, W)`` for K classes).
 
     ``(1, h, w)`` logits give tumour probabilities (sigmoid); the ``(K, h, w)`` logits of a
-    multi-class network give class probabilities (``softmax``, the default for several channels), those
-    of a region-based one region probabilities (a sigmoid each, ``softmax=False``).
+    multi-class network give class probabilities (``softmax``), those of a region-based one region
+    probabilities (a sigmoid each, ``softmax=False``).
     """
     import torch
     import torch.nn.functional as F
@@ -85,7 +86,7 @@ def logits_to_original(logits: torch.Tensor, shape: tuple[int, int], softmax: bo
         x = F.interpolate(x, size=shape, mode="bilinear", align_corners=False)
     if x.shape[1] == 1:
         return torch.sigmoid(x)[0, 0]
-    return torch.softmax(x, dim=1)[0] if softmax is None or softmax else torch.sigmoid(x)[0]
+    return torch.softmax(x, dim=1)[0] if softmax else torch.sigmoid(x)[0]
 
 
 # ----------------------------------------------------------------------------- device
@@ -120,6 +121,7 @@ def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     return None
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles)."""
     import torch

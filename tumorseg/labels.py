@@ -127,6 +127,11 @@ class Classes:
         self.regions = dict(regions) if regions else None
         index = {v: i for i, v in enumerate(self.values)}
         self._region_index = [[index[v] for v in vals] for vals in (self.regions or {}).values()]
+        # the class each region paints: the one it holds that no later region holds (see paint)
+        self._paint = []
+        for r, idx in enumerate(self._region_index):
+            later = {i for other in self._region_index[r + 1:] for i in other}
+            self._paint.append(min([i for i in idx if i not in later] or idx))
 
     @classmethod
     def from_json(cls, d: dict[str, str] | dict[int, str] | None,
@@ -219,10 +224,8 @@ class Classes:
         -> necrosis, enhancing -> enhancing), so nested regions come back as the labels they were made of.
         """
         out = np.zeros(masks.shape[1:], dtype=np.uint8)
-        for r, idx in enumerate(self._region_index):
-            later = {i for other in self._region_index[r + 1:] for i in other}
-            own = [i for i in idx if i not in later] or idx
-            out[masks[r]] = min(own)
+        for mask, k in zip(masks, self._paint, strict=True):
+            out[mask] = k
         return out
 
     def channel_priors(self, class_fractions: list[float]) -> list[float]:

@@ -65,11 +65,6 @@ class ManifestInfo(BaseModel):
         return {int(v): n for v, n in self.labels.items()} if self.labels else None
 
     @property
-    def multiclass(self) -> bool:
-        """True when more than one foreground class is declared."""
-        return bool(self.labels) and len(self.labels or {}) > 2
-
-    @property
     def classes(self) -> Classes:
         """The label set as the network sees it (binary without declared labels)."""
         return Classes(self.label_set, dict(self.regions) if self.regions else None)

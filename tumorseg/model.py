@@ -215,12 +215,19 @@ def _regions_loss_type() -> type:
 
         def __init__(self, base: torch.nn.Module, regions: list[list[int]]) -> None:
             super().__init__()
-            self.base, self.regions = base, [list(r) for r in regions]
+            self.base = base
+            # class -> its regions; the last row (all zero) stands for every class in no region
+            lut = torch.zeros(max(i for r in regions for i in r) + 2, len(regions))
+            for j, r in enumerate(regions):
+                lut[r, j] = 1.0
+            self.lut = lut
 
         def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            idx = target.round().long()
-            regions = torch.cat([torch.isin(idx, torch.tensor(r, device=idx.device)) for r in self.regions], dim=1)
-            return self.base(out, regions.float())
+            if self.lut.device != target.device:
+                self.lut = self.lut.to(target.device)
+            lut = self.lut
+            idx = target[:, 0].round().long().clamp_max(lut.shape[0] - 1)
+            return self.base(out, lut[idx].permute(0, 3, 1, 2))
 
     return RegionTargets
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from tumorseg import tracking
 from tumorseg.errors import ExitCode, TumorsegError
+from tumorseg.labels import Classes
 from tumorseg.manifest import read_manifest_info
 from tumorseg.pipeline import registry
 from tumorseg.pipeline.stages import dice_of
@@ -222,14 +223,6 @@ def version_note(ing: dict[str, Any], tr: dict[str, Any], ev: dict[str, Any], sp
     )
 
 
-def _what(labels: dict[int, str] | None) -> str:
-    """What a model predicts, in words."""
-    if labels and len(labels) > 2:
-        names = ", ".join(f"{v}={n}" for v, n in sorted(labels.items()))
-        return f"a label map ({names}; mean Dice over the tumour classes)"
-    return "a binary tumour mask"
-
-
 def model_note(ctx: Cycle, cl: Any, manifest: Path, split: str) -> str:
     """The registered model's description: what it does, the data, the plan, the promotion rule, how to load."""
     cfg = ctx.cfg
@@ -244,10 +237,13 @@ def model_note(ctx: Cycle, cl: Any, manifest: Path, split: str) -> str:
         current = (f"**v{champ.version}**, test Dice {float(t.get(registry.TAG_CHALLENGER_DICE, 'nan')):.4f} on "
                    f"{t.get(registry.TAG_EVAL_CASES, '?')} `{t.get(registry.TAG_SPLIT, split)}` cases of manifest "
                    f"`{t.get(registry.TAG_MANIFEST, '?')}` (digest `{t.get(registry.TAG_DIGEST, '?')[:12]}`).")
+    classes = Classes(icfg.labels, icfg.regions)
+    what = (f"a label map ({classes.describe()}; mean Dice over the tumour classes)" if classes.multiclass
+            else "a binary tumour mask")
     size = "x".join(str(v) for v in tcfg.image_size)
     groups = f"pattern `{icfg.group_pattern}`" if icfg.group_pattern else f"by {icfg.group_by}"
     return "\n".join([
-        f"Tumour segmentation: {_what(icfg.labels)} per 2-D image, trained by the tumorseg pipeline `{cfg.name}`.",
+        f"Tumour segmentation: {what} per 2-D image, trained by the tumorseg pipeline `{cfg.name}`.",
         "",
         f"- **Data**: manifest `{icfg.name}` from `{icfg.images_dir}`, split by patient group "
         f"({groups}, fractions {list(icfg.fractions)}, seed {icfg.seed}) "

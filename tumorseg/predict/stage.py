@@ -210,10 +210,8 @@ def run(cfg: PredictConfig) -> PredictResult:
         raise TumorsegError(f"{cfg.output_dir}: output path exists and is not a folder")
     items = collect_inputs(cfg)
     volumes = _volume_indices(items) if cfg.format == "png" else set()
-    plan_outputs(items, cfg, volumes)
     seg, mref = resolve_model(cfg.model, cfg.tracking, cfg.device)
-    if seg.classes.multiclass and cfg.probabilities:
-        plan_outputs(items, cfg, volumes, multiclass=True)  # K channels: TIFF beside PNG masks
+    plan_outputs(items, cfg, volumes, seg.classes.multiclass)  # the model says what its outputs hold
     threshold = float(cfg.threshold if cfg.threshold is not None else seg.threshold)
     tags = {"tumorseg.model_ref": mref.ref, "tumorseg.checkpoint_sha256": mref.checkpoint_sha256,
             "tumorseg.train_run_id": mref.train_run_id}

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 
 def val_probabilities(net: torch.nn.Module, data: Split, cfg: TrainConfig, device: torch.device,
-                      tta: bool = False, softmax: bool | None = None) -> Iterator[np.ndarray]:
+                      tta: bool = False, softmax: bool = True) -> Iterator[np.ndarray]:
     """Probabilities of each cached case at its original resolution, in order.
 
     ``float32 (H, W)`` tumour probabilities of a binary network, ``(K, H, W)`` class probabilities of a
