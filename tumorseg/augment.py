@@ -2,7 +2,8 @@
 
 MONAI's per-sample dictionary transforms cost 22% (128²) and 10% (256²) of a UNet
 training step on a 2-core CPU (benchmarks/RESULTS.md), so the same augmentations are
-applied here to the whole batch at once: random flips and 90° rotations by indexing,
+applied here to the whole batch at once: random flips (along the axes the plan leaves
+free: a dataset whose images share an orientation is not flipped along it) and 90° rotations by indexing,
 a small random affine (rotation, scale, translation) through MONAI's batched
 ``AffineTransform`` layer (bilinear for images, nearest for masks), and random intensity
 scale/shift. All randomness comes from one ``torch.Generator``, so an epoch seeded the
@@ -26,6 +27,15 @@ def _coin(n: int, p: float, gen: torch.Generator, device: torch.device) -> torch
     return (torch.rand(n, generator=gen) < p).to(device)
 
 
+def flip_dims(cfg: AugmentConfig) -> tuple[int, ...]:
+    """The tensor dims of ``(N, C, H, W)`` batches that ``cfg.flip_axes`` names (H = vertical, W = horizontal).
+
+    The same axes are mirrored by test-time augmentation: a network never shown upside-down
+    ultrasound should not be asked to predict on it.
+    """
+    return tuple(dim for dim, axis in ((2, "vertical"), (3, "horizontal")) if axis in cfg.flip_axes)
+
+
 def augment_batch(
     images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,10 +51,11 @@ def augment_batch(
     p = cfg.prob
     if cfg.flip:
         for dim in (2, 3):
-            sel = _coin(n, p, gen, dev)[:, None, None, None]
-            images = torch.where(sel, images.flip(dim), images)
-            masks = torch.where(sel, masks.flip(dim), masks)
-    if cfg.rotate90 and h == w:
+            sel = _coin(n, p, gen, dev)[:, None, None, None]  # drawn for both axes: the same stream either way
+            if dim in flip_dims(cfg):
+                images = torch.where(sel, images.flip(dim), images)
+                masks = torch.where(sel, masks.flip(dim), masks)
+    if cfg.rotate90 and h == w and len(flip_dims(cfg)) == 2:
         k = torch.randint(0, 4, (n,), generator=gen).to(dev)
         k = torch.where(_coin(n, p, gen, dev), k, torch.zeros_like(k))
         for turns in (1, 2, 3):

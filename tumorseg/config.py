@@ -37,7 +37,6 @@ class TrackingConfig(StrictModel):
 
 # ----------------------------------------------------------------------------- ingest
 
-
 class IngestConfig(StrictModel):
     """Options of ``tumorseg ingest``."""
 
@@ -157,7 +156,9 @@ class AugmentConfig(StrictModel):
     """Seeded MONAI augmentations, each with its own switch."""
 
     flip: bool = True
-    rotate90: bool = True
+    flip_axes: tuple[Literal["vertical", "horizontal"], ...] = Field(default=("vertical", "horizontal"), description=
+                                                                    "axes flipped in training and in mirroring TTA")
+    rotate90: bool = Field(default=True, description="90-degree turns (square images, both axes in flip_axes)")
     affine: bool = True
     intensity: bool = True
     prob: float = Field(default=0.5, ge=0, le=1)

@@ -14,12 +14,14 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass, replace
+from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from tumorseg import checkpoint
+from tumorseg.augment import flip_dims
 from tumorseg.config import TrainConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.imageio import to_channels
@@ -211,12 +213,13 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[int, int] | None = None,
-                   tta: bool = False) -> torch.Tensor:
+                   tta: bool = False, mirror: tuple[int, ...] = (2, 3)) -> torch.Tensor:
     """Logits ``(N, 1, h, w)`` of a preprocessed batch, whole or by sliding window, optionally mirrored.
 
     With ``patch_size`` smaller than the batch's images, MONAI's ``sliding_window_inference``
     tiles them with half-patch overlap and Gaussian blending (as nnU-Net). With ``tta`` the
-    logits are averaged over the four mirrorings of the two axes (nnU-Net's mirroring).
+    logits are averaged over every mirroring of the ``mirror`` dims (nnU-Net's mirroring; the
+    training config's :func:`tumorseg.augment.flip_dims`): four for both axes, two for one.
     """
     import torch
 
@@ -233,10 +236,12 @@ def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[
         return main_output(net(x)).float()
 
     logits = forward(batch)
-    if tta:
-        for dims in ((3,), (2,), (2, 3)):
+    if tta and mirror:
+        axes = sorted(mirror, reverse=True)
+        flips = [dims for r in range(1, len(axes) + 1) for dims in combinations(axes, r)]
+        for dims in flips:
             logits = logits + torch.flip(forward(torch.flip(batch, dims=dims)), dims=dims)
-        logits = logits / 4.0
+        logits = logits / (len(flips) + 1)
     return logits
 
 
@@ -331,7 +336,7 @@ class Segmenter:
         use_tta = self.post.tta if tta is None else tta
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._amp or torch.float32,
                                                     enabled=self._amp is not None):
-            logits = network_logits(self.net, batch, self.config.patch_size, use_tta)
+            logits = network_logits(self.net, batch, self.config.patch_size, use_tta, flip_dims(self.config.augment))
         out = []
         for i, img in enumerate(images):
             prob = logits_to_original(logits[i], (int(img.shape[1]), int(img.shape[2])), self.classes.softmax)

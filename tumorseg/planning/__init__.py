@@ -162,6 +162,7 @@ def summary_rows(plan: Plan) -> list[tuple[str, str]]:
                           f"{e['train_images_per_second']:.1f} img/s measured)"),
         ("loss / optimiser", f"{t['loss']['name']} / {t['optim']['name']} lr {t['optim']['lr']:g}, "
                              f"{t['optim']['schedule']} + {t['optim']['warmup_steps']} warm-up steps"),
+        ("flips", ", ".join(t["augment"].get("flip_axes", ["vertical", "horizontal"])) or "none"),
         ("post-processing", "chosen on val" if t.get("postprocess") == "auto" else "none"),
     ]
     rows += [(f"override {k}", str(v)) for k, v in plan.overrides.items()]

@@ -25,6 +25,12 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
 6. **Steps.** Measured images per second at the chosen size x the budget left after
    validation, post-processing and model logging; the LR schedule (poly, with warm-up) spans
    exactly those steps.
+7. **Mirroring.** Flip (in training and in mirroring TTA) only along the axes on which the
+   images have no shared orientation: where at least ``ORIENTED`` of the sampled train images
+   agree on which way up they are (the fingerprint's ``orientation``: ultrasound with the probe
+   at the top, slices in a canonical radiological orientation), every image the network will be
+   asked about has that orientation too, and upside-down training views spend the budget on a
+   case that never occurs. Random orientations (the synthetic data: about 0.4) keep both flips.
 """
 
 from __future__ import annotations
@@ -51,6 +57,9 @@ MAX_PATCH_PIXELS_CPU = 512 * 512
 CPU_BATCH = 8
 GPU_BATCH_MAX = 32
 SIZE_STEP = 32
+ORIENTED = 0.9
+"""The share of train images agreeing on an axis's orientation above which it is not flipped (rule 7). BUSI:
+1.0 up-down, 0.48 left-right; the synthetic data: 0.40 and 0.33."""
 FINISH_SECONDS = 10.0
 """Fixed cost after the last step: learning curve, overlays, logging the model."""
 
@@ -113,6 +122,18 @@ def samples_in(budget: float, thr: Throughput, n_train: int, n_val: int, scale_p
     per_epoch = n_train / train_ips + n_val / infer_ips
     epochs = max(0.0, budget - finish) / per_epoch
     return epochs * n_train
+
+
+def flip_axes(fp: Fingerprint, reasons: dict[str, str]) -> list[str]:
+    """The axes to flip along (rule 7); the reason goes into ``reasons["flip_axes"]`` when one is held fixed."""
+    axes = [axis for axis in ("vertical", "horizontal") if fp.orientation.get(axis, 0.0) < ORIENTED]
+    fixed = [f"{fp.orientation[axis]:.0%} of the sampled train images share one "
+             f"{'up-down' if axis == 'vertical' else 'left-right'} orientation"
+             for axis in ("vertical", "horizontal") if axis not in axes]
+    if fixed:
+        reasons["flip_axes"] = (f"{' and '.join(axes) or 'no'} flips: {'; '.join(fixed)}, so test images have it "
+                                "too (mirroring TTA follows)")
+    return axes
 
 
 def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type: str,
@@ -206,7 +227,8 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         "loss": LossConfig(name="dice_ce", batch=True).model_dump(mode="json"),
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "poly",
                   "warmup_steps": min(200, steps // 20)},
-        "augment": {"flip": True, "rotate90": True, "affine": True, "intensity": True, "prob": 0.5},
+        "augment": {"flip": True, "flip_axes": flip_axes(fp, reasons), "rotate90": True, "affine": True,
+                    "intensity": True, "prob": 0.5},
         "tta": False,
         "postprocess": "auto",
     }
