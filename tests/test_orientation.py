@@ -10,7 +10,7 @@ import torch
 from helpers import ingest_synth
 from test_plan import fake_probe, fingerprint
 
-from tumorseg.augment import augment_batch, flip_dims
+from tumorseg.augment import augment_batch
 from tumorseg.config import AugmentConfig
 from tumorseg.imageio import write_png
 from tumorseg.inference import network_logits
@@ -73,7 +73,7 @@ def test_training_flips_only_along_the_free_axes(axes: tuple[str, ...]) -> None:
     image = torch.arange(16 * 16, dtype=torch.float32).reshape(1, 1, 16, 16).repeat(64, 1, 1, 1)
     mask = (image > 100).to(torch.uint8)
     out, out_mask = augment_batch(image, mask, cfg, torch.Generator().manual_seed(0))
-    allowed = [image[0]] + [image[0].flip(d - 1) for d in flip_dims(cfg)]  # square, yet no 90-degree turns
+    allowed = [image[0]] + [image[0].flip(d - 1) for d in cfg.flip_dims]  # square, yet no 90-degree turns
     seen = [next(k for k, a in enumerate(allowed) if torch.equal(o, a)) for o in out]  # StopIteration: a stray flip
     assert sorted(set(seen)) == list(range(len(allowed)))  # and every allowed one happens
     assert torch.equal(out_mask, (out > 100).to(torch.uint8))
@@ -87,7 +87,7 @@ def test_default_augmentation_is_unchanged_by_the_axes_option() -> None:
     b, _ = augment_batch(image, image > 0.5, AugmentConfig(flip_axes=("vertical", "horizontal")),
                          torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
-    assert flip_dims(AugmentConfig()) == (2, 3)
+    assert AugmentConfig().flip_dims == (2, 3)
 
 
 def test_mirroring_tta_averages_over_exactly_the_free_axes() -> None:

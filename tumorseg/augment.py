@@ -27,15 +27,6 @@ def _coin(n: int, p: float, gen: torch.Generator, device: torch.device) -> torch
     return (torch.rand(n, generator=gen) < p).to(device)
 
 
-def flip_dims(cfg: AugmentConfig) -> tuple[int, ...]:
-    """The tensor dims of ``(N, C, H, W)`` batches that ``cfg.flip_axes`` names (H = vertical, W = horizontal).
-
-    The same axes are mirrored by test-time augmentation: a network never shown upside-down
-    ultrasound should not be asked to predict on it.
-    """
-    return tuple(dim for dim, axis in ((2, "vertical"), (3, "horizontal")) if axis in cfg.flip_axes)
-
-
 def augment_batch(
     images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,10 +43,10 @@ def augment_batch(
     if cfg.flip:
         for dim in (2, 3):
             sel = _coin(n, p, gen, dev)[:, None, None, None]  # drawn for both axes: the same stream either way
-            if dim in flip_dims(cfg):
+            if dim in cfg.flip_dims:
                 images = torch.where(sel, images.flip(dim), images)
                 masks = torch.where(sel, masks.flip(dim), masks)
-    if cfg.rotate90 and h == w and len(flip_dims(cfg)) == 2:
+    if cfg.rotate90 and h == w and len(cfg.flip_dims) == 2:
         k = torch.randint(0, 4, (n,), generator=gen).to(dev)
         k = torch.where(_coin(n, p, gen, dev), k, torch.zeros_like(k))
         for turns in (1, 2, 3):

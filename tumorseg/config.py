@@ -167,6 +167,11 @@ class AugmentConfig(StrictModel):
     gamma: bool = Field(default=False, description="random gamma 0.7..1.5 on the image's own range (nnU-Net)")
     noise: bool = Field(default=False, description="additive Gaussian noise, sigma up to 0.1 (nnU-Net)")
 
+    @property
+    def flip_dims(self) -> tuple[int, ...]:
+        """Dims of ``(N, C, H, W)`` batches that ``flip_axes`` names (H vertical, W horizontal); TTA mirrors them."""
+        return tuple(dim for dim, axis in ((2, "vertical"), (3, "horizontal")) if axis in self.flip_axes)
+
 
 def _check_budget(v: str | None) -> str | None:
     if v is not None:
@@ -377,10 +382,7 @@ def validation_message(exc: ValidationError, source: str, section: str | None = 
     """One line from a pydantic error: the first problem, its key (under ``section``) and the fix."""
     err = exc.errors()[0]
     loc = ".".join([*([section] if section else []), *(str(p) for p in err["loc"])]) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        msg = "unknown setting; check the spelling"
-    else:
-        msg = err["msg"]
+    msg = "unknown setting; check the spelling" if err["type"] == "extra_forbidden" else err["msg"]
     more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return f"{source}: {loc}: {msg}{more}"
 
@@ -397,12 +399,8 @@ def build_config(cls: type[C], data: dict[str, Any], source: str = "config", sec
         raise TumorsegError(validation_message(exc, source, section)) from exc
 
 
-def load_config(
-    cls: type[C],
-    path: Path | None = None,
-    overrides: list[str] | None = None,
-    base: dict[str, Any] | None = None,
-) -> C:
+def load_config(cls: type[C], path: Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> C:
     """Build a config from ``base`` <- YAML file <- ``--set`` overrides."""
     data: dict[str, Any] = dict(base or {})
     source = "config"

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from tumorseg import checkpoint
-from tumorseg.augment import flip_dims
 from tumorseg.config import TrainConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.imageio import to_channels
@@ -148,12 +147,15 @@ class Postprocess:
         keep: ``all`` components, only the ``largest``, or those of at least ``min_size`` pixels.
         min_size: the smallest component kept with ``keep="min_size"`` (pixels at the original resolution).
         tta: average the network over mirrored copies of the input.
+        min_confidence: binary models: drop components whose mean probability is below this, before the
+            ``keep`` rule (a whole doubtful blob goes; the boundaries of the others stay at ``threshold``).
     """
 
     threshold: float = 0.5
     keep: Literal["all", "largest", "min_size"] = "all"
     min_size: int = 0
     tta: bool = False
+    min_confidence: float = 0.0
 
     def mask(self, prob: np.ndarray, classes: Classes | None = None) -> np.ndarray:
         """``uint8 (H, W)`` mask from ``float (H, W)`` probabilities; class indices from ``(K, H, W)``.
@@ -166,9 +168,10 @@ class Postprocess:
                 return self.per_class(np.argmax(prob, axis=0).astype(np.uint8))
             return self.per_class(classes.decide(prob, self.threshold))
         mask = (prob > self.threshold).astype(np.uint8)
-        if self.keep == "all" or not mask.any():
+        if (self.keep == "all" and self.min_confidence <= 0) or not mask.any():
             return mask
-        return self.filter(*components(mask))
+        labels, sizes = components(mask)
+        return self.filter(labels, sizes, component_means(labels, sizes, prob))
 
     def per_class(self, index: np.ndarray) -> np.ndarray:
         """The component rule applied to each class of a class-index map (removed pixels become 0)."""
@@ -179,29 +182,32 @@ class Postprocess:
             out[(index == k) & (self.filter(*components(index == k)) == 0)] = 0
         return out
 
-    def filter(self, labels: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-        """Apply the component rule to a labelled mask (:func:`components`)."""
-        if self.keep == "all" or sizes.size <= 1:
-            return (labels > 0).astype(np.uint8)
-        if self.keep == "largest":
-            keep = np.zeros(sizes.size, dtype=bool)
-            keep[1 + int(np.argmax(sizes[1:]))] = True
-        else:
-            keep = sizes >= max(1, self.min_size)
-            keep[0] = False
-        return keep[labels].astype(np.uint8)
+    def filter(self, labels: np.ndarray, sizes: np.ndarray, confidence: np.ndarray | None = None) -> np.ndarray:
+        """Apply the component rules to a labelled mask (:func:`components`), confidences by :func:`component_means`."""
+        alive = np.ones(sizes.size, dtype=bool)
+        alive[0] = False
+        if self.min_confidence > 0 and confidence is not None:
+            alive &= confidence >= self.min_confidence
+        if self.keep == "largest" and alive.any():
+            biggest = int(np.argmax(np.where(alive, sizes, -1)))
+            alive[:] = False
+            alive[biggest] = True
+        elif self.keep == "min_size":
+            alive &= sizes >= max(1, self.min_size)
+        return alive[labels].astype(np.uint8)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for the checkpoint."""
         return {"threshold": float(self.threshold), "keep": self.keep, "min_size": int(self.min_size),
-                "tta": bool(self.tta)}
+                "tta": bool(self.tta), "min_confidence": float(self.min_confidence)}
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], cfg: TrainConfig) -> Postprocess:
         """The checkpoint's choice; a checkpoint from before post-processing uses the config's threshold."""
         d = ckpt.get("postprocess") or {}
         return cls(threshold=float(d.get("threshold", cfg.threshold)), keep=d.get("keep", "all"),
-                   min_size=int(d.get("min_size", 0)), tta=bool(d.get("tta", cfg.tta)))
+                   min_size=int(d.get("min_size", 0)), tta=bool(d.get("tta", cfg.tta)),
+                   min_confidence=float(d.get("min_confidence", 0.0)))
 
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -212,6 +218,11 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, np.bincount(labels.ravel())
 
 
+def component_means(labels: np.ndarray, sizes: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    """The mean probability of each labelled component (entry 0: the background)."""
+    return np.bincount(labels.ravel(), weights=prob.ravel(), minlength=sizes.size) / np.maximum(sizes, 1)
+
+
 def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[int, int] | None = None,
                    tta: bool = False, mirror: tuple[int, ...] = (2, 3)) -> torch.Tensor:
     """Logits ``(N, 1, h, w)`` of a preprocessed batch, whole or by sliding window, optionally mirrored.
@@ -219,7 +230,7 @@ def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[
     With ``patch_size`` smaller than the batch's images, MONAI's ``sliding_window_inference``
     tiles them with half-patch overlap and Gaussian blending (as nnU-Net). With ``tta`` the
     logits are averaged over every mirroring of the ``mirror`` dims (nnU-Net's mirroring; the
-    training config's :func:`tumorseg.augment.flip_dims`): four for both axes, two for one.
+    training config's ``augment.flip_dims``): four for both axes, two for one.
     """
     import torch
 
@@ -336,7 +347,7 @@ class Segmenter:
         use_tta = self.post.tta if tta is None else tta
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._amp or torch.float32,
                                                     enabled=self._amp is not None):
-            logits = network_logits(self.net, batch, self.config.patch_size, use_tta, flip_dims(self.config.augment))
+            logits = network_logits(self.net, batch, self.config.patch_size, use_tta, self.config.augment.flip_dims)
         out = []
         for i, img in enumerate(images):
             prob = logits_to_original(logits[i], (int(img.shape[1]), int(img.shape[2])), self.classes.softmax)

@@ -1,7 +1,8 @@
 """Post-processing chosen on val after training, as nnU-Net's ``determine_postprocessing``.
 
 The best checkpoint predicts val once plainly and once with mirroring (streamed, case by case); every combination of
-mirroring, probability threshold and component filter (keep all, keep the largest, drop
+mirroring, probability threshold, smallest mean probability of a kept component (binary models)
+and component filter (keep all, keep the largest, drop
 components smaller than half the smallest val tumour) is scored by mean val Dice (the same
 per-case Dice as validation, so a false positive on a tumour-free image counts as 0). A choice
 is kept only when it beats the plain prediction at threshold 0.5 by more than ``MIN_GAIN``, and
@@ -23,7 +24,7 @@ import numpy as np
 from tumorseg import checkpoint
 from tumorseg.config import TrainConfig
 from tumorseg.fsutil import atomic_write_json
-from tumorseg.inference import Postprocess, components
+from tumorseg.inference import Postprocess, component_means, components
 from tumorseg.labels import Classes
 from tumorseg.train.validation import case_dice, class_means, val_probabilities
 
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
+CONFIDENCES = (0.0, 0.6, 0.7, 0.8, 0.9)
+"""Smallest mean probability of a kept component (binary models). On BUSI, most false positives on tumour-free
+images are whole blobs the network is unsure of (benchmarks/RESULTS.md)."""
 MIN_GAIN = 0.002
 
 
@@ -61,9 +65,10 @@ def choose(net: torch.nn.Module, val: Split, cfg: TrainConfig, device: torch.dev
     base = Postprocess(threshold=cfg.threshold)
     keeps: tuple[Literal["all", "largest", "min_size"], ...] = ("all", "largest", "min_size")
     thresholds = (cfg.threshold,) if classes.softmax else THRESHOLDS
+    confidences = (0.0,) if classes.multiclass else CONFIDENCES
     grid = [(tta, threshold, Postprocess(threshold=threshold, keep=keep, min_size=min_size if keep == "min_size"
-                                         else 0, tta=tta))
-            for tta, threshold in product((False, True), thresholds) for keep in keeps]
+                                         else 0, tta=tta, min_confidence=conf))
+            for tta, threshold in product((False, True), thresholds) for conf in confidences for keep in keeps]
     # per candidate and tumour class: (sum of finite Dice, count); row 0: the plain prediction
     sums = np.zeros((len(grid) + 1, len(classes.foreground), 2))
     plain_probs = val_probabilities(net, val, cfg, device, tta=False, softmax=classes.softmax)
@@ -71,16 +76,17 @@ def choose(net: torch.nn.Module, val: Split, cfg: TrainConfig, device: torch.dev
     for i, (plain, mirrored) in enumerate(zip(plain_probs, mirrored_probs, strict=True)):
         gt = val.original_mask(i)
         scores = [case_dice(base.mask(plain, classes), gt, classes)]
-        labelled: dict[tuple[bool, float], tuple[np.ndarray, np.ndarray]] = {}
+        labelled: dict[tuple[bool, float], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for tta, threshold, post in grid:
             prob = mirrored if tta else plain
             if classes.multiclass:
                 scores.append(case_dice(post.mask(prob, classes), gt, classes))
                 continue
-            # label each case once per (mirroring, threshold); the three component rules reuse the labels
+            # label each case once per (mirroring, threshold); the component rules reuse the labels
             key = (tta, threshold)
             if key not in labelled:
-                labelled[key] = components(prob > threshold)
+                labels, sizes = components(prob > threshold)
+                labelled[key] = (labels, sizes, component_means(labels, sizes, prob))
             scores.append(case_dice(post.filter(*labelled[key]), gt, classes))
         arr = np.asarray(scores)
         finite = np.isfinite(arr)
@@ -88,7 +94,7 @@ def choose(net: torch.nn.Module, val: Split, cfg: TrainConfig, device: torch.dev
         sums[..., 1] += finite
     means = [class_means(row, classes)[0] for row in sums]
     base_score = means[0]
-    table = {f"tta={int(tta)},t={threshold},keep={post.keep}": score
+    table = {f"tta={int(tta)},t={threshold},conf={post.min_confidence},keep={post.keep}": score
              for (tta, threshold, post), score in zip(grid, means[1:], strict=True)}
     best, best_score = pick([(post, score) for (_, _, post), score in zip(grid, means[1:], strict=True)],
                             base, base_score)
@@ -110,7 +116,8 @@ def pick(scored: list[tuple[Postprocess, float]], base: Postprocess,
             best, best_score = post, score
     if best.keep == "all":
         for post, score in scored:
-            if (post.keep == "min_size" and (post.tta, post.threshold) == (best.tta, best.threshold)
+            if (post.keep == "min_size" and (post.tta, post.threshold, post.min_confidence)
+                    == (best.tta, best.threshold, best.min_confidence)
                     and math.isfinite(score) and score >= best_score - 1e-9):
                 return post, score
     return best, best_score

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tumorseg.augment import flip_dims
 from tumorseg.config import TrainConfig
 from tumorseg.inference import amp_dtype
 from tumorseg.labels import Classes
@@ -49,7 +48,7 @@ def val_probabilities(net: torch.nn.Module, data: Split, cfg: TrainConfig, devic
             x, _ = data.to_device(batch, device)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            logits = network_logits(net, x, cfg.patch_size, tta, flip_dims(cfg.augment))
+            logits = network_logits(net, x, cfg.patch_size, tta, cfg.augment.flip_dims)
         for j in range(logits.shape[0]):
             gt = data.original_mask(start + j)
             yield logits_to_original(logits[j], (int(gt.shape[0]), int(gt.shape[1])), softmax).cpu().numpy()
