@@ -160,7 +160,8 @@ def summary_rows(plan: Plan) -> list[tuple[str, str]]:
                     f"({len(model['channels']) - 1} downsamplings){' + deep supervision' * model['deep_supervision']}"),
         ("batch / steps", f"{t['batch_size']} / {t['max_steps']} (~{t['epochs']} epochs, "
                           f"{e['train_images_per_second']:.1f} img/s measured)"),
-        ("loss / optimiser", f"{t['loss']['name']} / {t['optim']['name']} lr {t['optim']['lr']:g}, "
+        ("loss / optimiser", f"{t['loss']['name']} ({'batch' if t['loss'].get('batch', True) else 'per-image'} Dice)"
+                             f" / {t['optim']['name']} lr {t['optim']['lr']:g}, "
                              f"{t['optim']['schedule']} + {t['optim']['warmup_steps']} warm-up steps"),
         ("flips", ", ".join(t["augment"].get("flip_axes", ["vertical", "horizontal"])) or "none"),
         ("post-processing", "chosen on val" if t.get("postprocess") == "auto" else "none"),
