@@ -220,6 +220,7 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         reasons["oversample_foreground"] = (f"{fp.empty_share:.0%} of the train cases are tumour-free: a third of "
                                             "the samples are drawn from cases with tumour")
     in_channels = 1 if fp.grey_as_rgb else fp.channels
+    flips = flip_axes(fp, reasons)
     train = {
         "image_size": list(image_size),
         "patch_size": list(patch) if patch else None,
@@ -232,8 +233,8 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         "loss": LossConfig(name="dice_ce", batch=False).model_dump(mode="json"),
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "poly",
                   "warmup_steps": min(200, steps // 20)},
-        "augment": {"flip": True, "flip_axes": flip_axes(fp, reasons), "rotate90": True, "affine": True,
-                    "intensity": True, "prob": 0.5},
+        "augment": {"flip": True, "flip_axes": flips, "rotate90": True, "affine": True, "intensity": True,
+                    "prob": 0.5},
         "tta": False,
         "postprocess": "auto",
     }

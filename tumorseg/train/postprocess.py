@@ -66,14 +66,16 @@ def choose(net: torch.nn.Module, val: Split, cfg: TrainConfig, device: torch.dev
     keeps: tuple[Literal["all", "largest", "min_size"], ...] = ("all", "largest", "min_size")
     thresholds = (cfg.threshold,) if classes.softmax else THRESHOLDS
     confidences = (0.0,) if classes.multiclass else CONFIDENCES
+    ttas = (False, True) if cfg.augment.flip_dims else (False,)  # no axis to mirror: no second val pass
     grid = [(tta, threshold, Postprocess(threshold=threshold, keep=keep, min_size=min_size if keep == "min_size"
                                          else 0, tta=tta, min_confidence=conf))
-            for tta, threshold in product((False, True), thresholds) for conf in confidences for keep in keeps]
+            for tta, threshold in product(ttas, thresholds) for conf in confidences for keep in keeps]
     # per candidate and tumour class: (sum of finite Dice, count); row 0: the plain prediction
     sums = np.zeros((len(grid) + 1, len(classes.foreground), 2))
     plain_probs = val_probabilities(net, val, cfg, device, tta=False, softmax=classes.softmax)
-    mirrored_probs = val_probabilities(net, val, cfg, device, tta=True, softmax=classes.softmax)
-    for i, (plain, mirrored) in enumerate(zip(plain_probs, mirrored_probs, strict=True)):
+    mirrored_probs = val_probabilities(net, val, cfg, device, tta=True, softmax=classes.softmax) if ttas[-1] else None
+    for i, plain in enumerate(plain_probs):
+        mirrored = next(mirrored_probs) if mirrored_probs is not None else plain
         gt = val.original_mask(i)
         scores = [case_dice(base.mask(plain, classes), gt, classes)]
         labelled: dict[tuple[bool, float], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
