@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tumorseg.config import LossConfig, ModelConfig, TrainConfig
-from tumorseg.inference import Postprocess, component_means, components
+from tumorseg.inference import Postprocess, component_confidence, component_means, component_peaks, components
 from tumorseg.train.postprocess import pick
 
 
@@ -25,6 +25,33 @@ def test_component_means_are_exact() -> None:
     labels, sizes = components(prob > 0.5)
     assert sizes.tolist() == [374, 16, 9, 1]
     np.testing.assert_allclose(component_means(labels, sizes, prob), [0.0, 0.95, 0.65, 0.55], atol=1e-6)
+
+
+def rimmed_blob() -> np.ndarray:
+    """One 6x6 component: a sure 2x2 core (0.95) in a doubtful rim (0.55); mean 0.6167, peak 0.95."""
+    prob = np.zeros((10, 10), np.float32)
+    prob[2:8, 2:8] = 0.55
+    prob[4:6, 4:6] = 0.95
+    return prob
+
+
+def test_component_peaks_are_exact() -> None:
+    prob = three_blobs()
+    prob[2, 2] = 0.99
+    labels, sizes = components(prob > 0.5)
+    np.testing.assert_allclose(component_peaks(labels, sizes, prob), [0.0, 0.99, 0.65, 0.55], atol=1e-6)
+    rim_labels, rim_sizes = components(rimmed_blob() > 0.5)
+    np.testing.assert_allclose(component_confidence(rim_labels, rim_sizes, rimmed_blob(), "mean"),
+                               [0.0, (32 * 0.55 + 4 * 0.95) / 36], atol=1e-6)
+    np.testing.assert_allclose(component_confidence(rim_labels, rim_sizes, rimmed_blob(), "peak"), [0.0, 0.95],
+                               atol=1e-6)
+
+
+def test_the_peak_keeps_a_sure_core_with_its_doubtful_rim() -> None:
+    """Hysteresis: the boundary stays at the threshold, the component lives by its most likely pixel."""
+    assert int(Postprocess(min_confidence=0.9).mask(rimmed_blob()).sum()) == 36
+    assert int(Postprocess(min_confidence=0.96).mask(rimmed_blob()).sum()) == 0
+    assert int(Postprocess(min_confidence=0.7, confidence="mean").mask(rimmed_blob()).sum()) == 0
 
 
 @pytest.mark.parametrize(("post", "pixels"), [
@@ -63,6 +90,13 @@ def test_the_confidence_rule_travels_with_the_checkpoint(tmp_path: Path) -> None
     checkpoint.save(tmp_path / "best.pt", payload)
     seg = Segmenter.from_checkpoint(tmp_path / "best.pt", "cpu")
     assert seg.post == chosen and seg.mask(three_blobs()).sum() == 16
-    before = dict(payload, postprocess={k: v for k, v in chosen.to_dict().items() if k != "min_confidence"})
+    assert seg.post.confidence == "peak" and seg.post.to_dict()["confidence"] == "peak"
+    before = dict(payload, postprocess={k: v for k, v in chosen.to_dict().items()
+                                        if k not in ("min_confidence", "confidence")})
     checkpoint.save(tmp_path / "old.pt", before)  # chosen before the rule existed: nothing dropped for doubt
     assert Segmenter.from_checkpoint(tmp_path / "old.pt", "cpu").post.min_confidence == 0.0
+    mean_rule = dict(payload, postprocess={k: v for k, v in chosen.to_dict().items() if k != "confidence"})
+    checkpoint.save(tmp_path / "mean.pt", mean_rule)  # chosen while the rule measured the mean: it still does
+    old = Segmenter.from_checkpoint(tmp_path / "mean.pt", "cpu")
+    assert old.post.confidence == "mean" and old.post.min_confidence == 0.8
+    assert int(old.mask(rimmed_blob()).sum()) == 0 and int(seg.mask(rimmed_blob()).sum()) == 36

@@ -147,8 +147,11 @@ class Postprocess:
         keep: ``all`` components, only the ``largest``, or those of at least ``min_size`` pixels.
         min_size: the smallest component kept with ``keep="min_size"`` (pixels at the original resolution).
         tta: average the network over mirrored copies of the input.
-        min_confidence: binary models: drop components whose mean probability is below this, before the
+        min_confidence: binary models: drop components whose confidence is below this, before the
             ``keep`` rule (a whole doubtful blob goes; the boundaries of the others stay at ``threshold``).
+        confidence: how a component's confidence is measured: ``peak``, its most likely pixel (hysteresis
+            thresholding: a component cut at ``threshold`` stays if the network is sure of it somewhere),
+            or ``mean``, its mean probability (the rule of models chosen before ``peak`` existed).
     """
 
     threshold: float = 0.5
@@ -156,6 +159,7 @@ class Postprocess:
     min_size: int = 0
     tta: bool = False
     min_confidence: float = 0.0
+    confidence: Literal["peak", "mean"] = "peak"
 
     def mask(self, prob: np.ndarray, classes: Classes | None = None) -> np.ndarray:
         """``uint8 (H, W)`` mask from ``float (H, W)`` probabilities; class indices from ``(K, H, W)``.
@@ -171,7 +175,7 @@ class Postprocess:
         if (self.keep == "all" and self.min_confidence <= 0) or not mask.any():
             return mask
         labels, sizes = components(mask)
-        return self.filter(labels, sizes, component_means(labels, sizes, prob))
+        return self.filter(labels, sizes, component_confidence(labels, sizes, prob, self.confidence))
 
     def per_class(self, index: np.ndarray) -> np.ndarray:
         """The component rule applied to each class of a class-index map (removed pixels become 0)."""
@@ -183,7 +187,7 @@ class Postprocess:
         return out
 
     def filter(self, labels: np.ndarray, sizes: np.ndarray, confidence: np.ndarray | None = None) -> np.ndarray:
-        """Apply the component rules to a labelled mask (:func:`components`), confidences by :func:`component_means`."""
+        """The component rules on a labelled mask (:func:`components`; confidences: :func:`component_confidence`)."""
         alive = np.ones(sizes.size, dtype=bool)
         alive[0] = False
         if self.min_confidence > 0 and confidence is not None:
@@ -199,15 +203,19 @@ class Postprocess:
     def to_dict(self) -> dict[str, Any]:
         """Plain values for the checkpoint."""
         return {"threshold": float(self.threshold), "keep": self.keep, "min_size": int(self.min_size),
-                "tta": bool(self.tta), "min_confidence": float(self.min_confidence)}
+                "tta": bool(self.tta), "min_confidence": float(self.min_confidence), "confidence": self.confidence}
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict[str, Any], cfg: TrainConfig) -> Postprocess:
-        """The checkpoint's choice; a checkpoint from before post-processing uses the config's threshold."""
+        """The checkpoint's choice; a checkpoint from before post-processing uses the config's threshold.
+
+        A choice stored with ``min_confidence`` but no ``confidence`` measure was made with the mean.
+        """
         d = ckpt.get("postprocess") or {}
         return cls(threshold=float(d.get("threshold", cfg.threshold)), keep=d.get("keep", "all"),
                    min_size=int(d.get("min_size", 0)), tta=bool(d.get("tta", cfg.tta)),
-                   min_confidence=float(d.get("min_confidence", 0.0)))
+                   min_confidence=float(d.get("min_confidence", 0.0)),
+                   confidence=d.get("confidence", "mean" if "min_confidence" in d else "peak"))
 
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -221,6 +229,19 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def component_means(labels: np.ndarray, sizes: np.ndarray, prob: np.ndarray) -> np.ndarray:
     """The mean probability of each labelled component (entry 0: the background)."""
     return np.bincount(labels.ravel(), weights=prob.ravel(), minlength=sizes.size) / np.maximum(sizes, 1)
+
+
+def component_peaks(labels: np.ndarray, sizes: np.ndarray, prob: np.ndarray) -> np.ndarray:
+    """The highest probability in each labelled component (entry 0: the background's)."""
+    peaks = np.zeros(sizes.size, dtype=np.float64)
+    np.maximum.at(peaks, labels.ravel(), prob.ravel())
+    return peaks
+
+
+def component_confidence(labels: np.ndarray, sizes: np.ndarray, prob: np.ndarray,
+                         measure: Literal["peak", "mean"]) -> np.ndarray:
+    """Each labelled component's confidence by ``measure`` (:attr:`Postprocess.confidence`)."""
+    return (component_peaks if measure == "peak" else component_means)(labels, sizes, prob)
 
 
 def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[int, int] | None = None,
