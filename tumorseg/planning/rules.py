@@ -85,6 +85,14 @@ def round_size(h: float, w: float) -> tuple[int, int]:
             max(SIZE_STEP, int(round(w / SIZE_STEP)) * SIZE_STEP))
 
 
+def patience(epochs: int) -> int:
+    """Early-stopping patience of a run of ``epochs``: a third of it, at least 10.
+
+    A budget run that refits its length keeps the share, so a poly schedule still in its decay is not cut short.
+    """
+    return max(10, epochs // 3)
+
+
 def floor_scale(fp: Fingerprint) -> float:
     """The smallest scale that keeps the tumours visible (rule 1); 1.0 when tumours are already small."""
     need = [MIN_TUMOUR_DIAMETER / fp.tumour_diameter["median"] if fp.tumour_diameter["median"] else 1.0,
@@ -228,7 +236,7 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         "batch_size": batch,
         "max_steps": steps,
         "epochs": planned_epochs,
-        "early_stopping_patience": max(10, planned_epochs // 3),
+        "early_stopping_patience": patience(planned_epochs),
         "model": {**model.model_dump(mode="json"), "in_channels": in_channels},
         "loss": LossConfig(name="dice_ce", batch=False).model_dump(mode="json"),
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "poly",

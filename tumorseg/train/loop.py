@@ -96,6 +96,7 @@ class TrainContext:
     val_seconds: float = 0.0
     finish_seconds: float = 10.0
     refine_steps: bool = False
+    refine_patience: bool = False
 
     def out_of_time(self) -> bool:
         """True when one more validation and the end of the run would overrun the budget."""
@@ -255,7 +256,8 @@ def _refine_steps(ctx: TrainContext, train_seconds: float, seen: int, state: Sta
 
     The plan's probe lasts seconds and a shared machine's speed drifts; the epochs are the
     better measurement. The run's ``max_steps`` (saved with every checkpoint, so a resume keeps
-    it) and the LR schedule's length are set to the steps that fill the rest of the budget;
+    it) and the LR schedule's length are set to the steps that fill the rest of the budget (and, with
+    ``refine_patience``, the plan's early-stopping patience keeps its share of the epochs);
     changes under 2% are left alone, so the schedule does not jitter.
     """
     from tumorseg.train.runtime import set_span
@@ -275,6 +277,11 @@ def _refine_steps(ctx: TrainContext, train_seconds: float, seen: int, state: Sta
         cfg.max_steps = steps
         cfg.epochs = max(cfg.epochs, math.ceil(steps / steps_per_epoch))
         set_span(ctx.sched, steps)
+        if ctx.refine_patience and cfg.early_stopping_patience is not None:
+            from tumorseg.planning.rules import patience
+
+            # the plan's patience is a share of its epochs; a longer refitted run keeps that share
+            cfg.early_stopping_patience = max(cfg.early_stopping_patience, patience(cfg.epochs))
 
 
 def _agreed(ctx: TrainContext, flag: bool) -> bool:

@@ -200,7 +200,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
                            finish_seconds=float(plan.estimates.get("finish_seconds", 10.0)) if plan else 10.0,
                            # planned steps are refitted to the first epoch's speed (one process: DDP ranks
                            # would each measure their own)
-                           refine_steps=plan is not None and dist.world == 1 and "max_steps" not in plan.overrides)
+                           refine_steps=plan is not None and dist.world == 1 and "max_steps" not in plan.overrides,
+                           refine_patience=plan is not None and "early_stopping_patience" not in plan.overrides)
         run_epochs(ctx, train_data, val_data, state)
         result = TrainResult(run_dir, run_dir / "best.pt", run_dir / "last.pt", state.best_val_dice,
                              state.best_epoch, state.epoch, run.run_id, None, dist.main, state.stopped_reason,
