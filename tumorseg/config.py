@@ -216,6 +216,8 @@ class TrainConfig(StrictModel):
                     "units (physical units such as CT); image: per-image z-score",
     )
     early_stopping_patience: int | None = Field(default=15, ge=1)
+    val_window: int | None = Field(default=None, ge=1, description="epochs the val Dice is averaged over (a moving "
+                                   "average) to pick the best checkpoint and stop early; default: a tenth of epochs")
     val_overlays: int = Field(default=4, ge=0)
     threshold: float = Field(default=0.5, gt=0, lt=1)
     model: ModelConfig = ModelConfig()

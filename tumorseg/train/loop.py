@@ -24,7 +24,7 @@ from tumorseg.inference import Fingerprint, Stats, amp_dtype
 from tumorseg.labels import Classes
 from tumorseg.progress import is_interactive
 from tumorseg.train.runtime import Dist, epoch_generator, rng_states
-from tumorseg.train.validation import validate
+from tumorseg.train.validation import best_smoothed, smooth, val_span, validate
 
 if TYPE_CHECKING:
     import torch
@@ -338,19 +338,20 @@ def _epoch(ctx: TrainContext, train_data: Split, val_data: Split | None, state: 
     if ctx.refine_steps and not state.stopped_reason:
         _refine_steps(ctx, train_seconds, seen, state)
     score = val_dice if math.isfinite(val_dice) else -1.0
+    smoothed = smooth(state.history, score, val_span(cfg))
     if ctx.sched is not None and cfg.optim.schedule == "plateau":
-        ctx.sched.step(score)
-    improved = score > state.best_val_dice
+        ctx.sched.step(smoothed)
+    improved = smoothed > best_smoothed(state.history, state.best_epoch)
     if improved:
         state.best_val_dice, state.best_epoch, state.bad_epochs = score, state.epoch, 0
     else:
         state.bad_epochs += 1
     if cfg.early_stopping_patience is not None and state.bad_epochs >= cfg.early_stopping_patience:
-        state.stopped_reason = f"early stopping: no val Dice gain for {state.bad_epochs} epochs"
+        state.stopped_reason = f"early stopping: no smoothed val Dice gain for {state.bad_epochs} epochs"
     if cfg.max_steps is not None and state.global_step >= cfg.max_steps:
         state.stopped_reason = state.stopped_reason or f"max_steps={cfg.max_steps} reached"
     epoch_seconds = time.perf_counter() - t0
-    row = {"epoch": state.epoch, "train_loss": train_loss, "val_dice": val_dice,
+    row = {"epoch": state.epoch, "train_loss": train_loss, "val_dice": val_dice, "val_dice_smoothed": smoothed,
            "lr": ctx.opt.param_groups[0]["lr"], "epoch_seconds": epoch_seconds,
            "images_per_second": seen * dist.world / train_seconds if train_seconds > 0 else 0.0,
            **({f"val_dice_{name}": v for name, v in per_class.items()} if ctx.classes.multiclass else {})}
@@ -368,6 +369,7 @@ def _epoch(ctx: TrainContext, train_data: Split, val_data: Split | None, state: 
         bar.update(task, loss=train_loss, dice=label)
     else:
         log.info(f"epoch {state.epoch}/{cfg.epochs} loss {train_loss:.4f} val_dice {val_dice:.4f} "
+                 f"(smoothed {smoothed:.4f}) "
                  f"best {state.best_val_dice:.4f}@{state.best_epoch} lr {row['lr']:.2e} "
                  f"{row['images_per_second']:.1f} img/s {epoch_seconds:.1f}s")
     return label

@@ -1,7 +1,8 @@
 """Validation during training: the val split predicted at its original resolution and scored per class.
 
 The mean foreground Dice (the mean over tumour classes of each class's mean per-case Dice; for a
-binary model, its one class) drives the best checkpoint, early stopping and the LR plateau.
+binary model, its one class), smoothed over epochs (:func:`smooth`), drives the best checkpoint,
+early stopping and the LR plateau.
 """
 
 from __future__ import annotations
@@ -88,3 +89,31 @@ def validate(net: torch.nn.Module, data: Split, cfg: TrainConfig, device: torch.
         sums[finite, 0] += scores[finite]
         sums[finite, 1] += 1
     return class_means(sums, classes)
+
+
+def val_span(cfg: TrainConfig) -> int:
+    """Epochs the val Dice is averaged over: ``cfg.val_window``, else a tenth of the epochs (at least 1)."""
+    return cfg.val_window or max(1, round(cfg.epochs / 10))
+
+
+def smooth(history: list[dict[str, float]], score: float, span: int) -> float:
+    """This epoch's smoothed val Dice: an exponential moving average of span ``span`` over the epochs so far.
+
+    One epoch's val Dice is noisy: a speck on a tumour-free image scores that case 0, and the
+    checkpoint with the luckiest epoch is rarely the best model (nnU-Net picks its best checkpoint by
+    a moving average too). ``score`` is this epoch's val Dice (-1 without a val split);
+    ``history`` holds the epochs before this one (rows with ``val_dice_smoothed``).
+    """
+    last = history[-1].get("val_dice_smoothed") if history else None
+    if last is None or not math.isfinite(last) or score < 0 or last < 0:
+        return score
+    weight = 2.0 / (span + 1)
+    return weight * score + (1 - weight) * float(last)
+
+
+def best_smoothed(history: list[dict[str, float]], best_epoch: int) -> float:
+    """The smoothed val Dice of epoch ``best_epoch`` (1-based) in ``history``; -1 before the first."""
+    if best_epoch < 1 or best_epoch > len(history):
+        return -1.0
+    row = history[best_epoch - 1]
+    return float(row.get("val_dice_smoothed", row.get("val_dice", -1.0)))
