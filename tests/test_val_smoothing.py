@@ -53,3 +53,33 @@ def test_a_run_keeps_the_epoch_with_the_best_smoothed_dice(manifest: Path, tmp_p
     assert res.best_val_dice == pytest.approx(history[res.best_epoch - 1]["val_dice"])  # what that model scored
     best = load(tmp_path / "smooth" / "best.pt")
     assert best["epoch"] == res.best_epoch and best["best_val_dice"] == pytest.approx(res.best_val_dice)
+
+
+def test_each_epoch_logs_tumour_case_dice_and_the_false_positive_rate(manifest: Path, tmp_path: Path,
+                                                                      mlflow_uri: str) -> None:
+    import mlflow
+
+    from tumorseg import train
+    from tumorseg.checkpoint import load
+    from tumorseg.manifest import load_manifest, select_split
+
+    _, df = load_manifest(manifest)
+    val = select_split(df, "val", manifest)
+    n_tumour, n_free = int(val["has_tumour"].sum()), int((~val["has_tumour"]).sum())
+    assert n_tumour and n_free  # the fixture's val split holds both kinds
+    cfg = TrainConfig.model_validate({
+        "manifest": str(manifest), "out": str(tmp_path), "run_name": "cases", "plan": "off", "epochs": 3,
+        "batch_size": 4, "image_size": [64, 64], "model": {"channels": [8, 16, 32], "num_res_units": 1},
+        "log_model": False, "val_overlays": 0,
+    })
+    res = train.run(cfg)
+    history = load(tmp_path / "cases" / "last.pt")["history"]
+    for row in history:
+        assert 0 <= row["val_dice_tumour"] <= 1 and row["val_fp_rate"] in {k / n_free for k in range(n_free + 1)}
+        # a tumour-free case counts only when it has a false positive (then as 0): the val Dice follows exactly
+        counted = n_tumour + row["val_fp_rate"] * n_free
+        assert row["val_dice"] == pytest.approx(row["val_dice_tumour"] * n_tumour / counted)
+    client = mlflow.MlflowClient(mlflow_uri)
+    for key in ("val_dice_tumour", "val_fp_rate"):
+        logged = [m.value for m in client.get_metric_history(res.mlflow_run_id, key)]
+        assert logged == pytest.approx([row[key] for row in history]), key

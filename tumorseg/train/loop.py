@@ -322,8 +322,9 @@ def _epoch(ctx: TrainContext, train_data: Split, val_data: Split | None, state: 
     train_seconds = time.perf_counter() - t0
     val_dice = float("nan")
     per_class: dict[str, float] = {}
+    cases: dict[str, float] = {}
     if dist.main and val_data is not None:
-        val_dice, per_class = validate(getattr(ctx.net, "module", ctx.net), val_data, cfg, device, ctx.classes)
+        val_dice, per_class, cases = validate(getattr(ctx.net, "module", ctx.net), val_data, cfg, device, ctx.classes)
         ctx.val_seconds = time.perf_counter() - t0 - train_seconds
         # after the last epoch: overlays and the model (~10 s), and the post-processing search, which
         # predicts val once plainly and once with four mirrorings
@@ -353,7 +354,7 @@ def _epoch(ctx: TrainContext, train_data: Split, val_data: Split | None, state: 
     epoch_seconds = time.perf_counter() - t0
     row = {"epoch": state.epoch, "train_loss": train_loss, "val_dice": val_dice, "val_dice_smoothed": smoothed,
            "lr": ctx.opt.param_groups[0]["lr"], "epoch_seconds": epoch_seconds,
-           "images_per_second": seen * dist.world / train_seconds if train_seconds > 0 else 0.0,
+           "images_per_second": seen * dist.world / train_seconds if train_seconds > 0 else 0.0, **cases,
            **({f"val_dice_{name}": v for name, v in per_class.items()} if ctx.classes.multiclass else {})}
     state.history.append(row)
     if not dist.main:

@@ -69,7 +69,7 @@ def case_dice(pred: np.ndarray, gt: np.ndarray, classes: Classes) -> list[float]
 
 
 def validate(net: torch.nn.Module, data: Split, cfg: TrainConfig, device: torch.device,
-             classes: Classes | None = None) -> tuple[float, dict[str, float]]:
+             classes: Classes | None = None) -> tuple[float, dict[str, float], dict[str, float]]:
     """Per-case, per-class Dice at the original resolution (the counts of :func:`tumorseg.metrics.confusion`).
 
     Probabilities become class indices by :meth:`tumorseg.labels.Classes.decide` (cut at ``cfg.threshold``,
@@ -78,17 +78,29 @@ def validate(net: torch.nn.Module, data: Split, cfg: TrainConfig, device: torch.
     of its mean (a false positive on a tumour-free image counts as 0).
 
     Returns:
-        (mean foreground Dice, ``{class name: mean Dice}``).
+        (mean foreground Dice, ``{class name: mean Dice}``, ``{"val_dice_tumour": the mean Dice of the cases
+        with tumour, "val_fp_rate": the share of tumour-free cases given any tumour pixel}``; NaN where there
+        are no such cases). The last two tell a swing of the first apart: shapes, or specks on healthy images.
     """
     classes = classes or Classes()
     sums = np.zeros((len(classes.foreground), 2))
+    tumour: list[float] = []
+    fp: list[bool] = []
     for i, prob in enumerate(val_probabilities(net, data, cfg, device, softmax=classes.softmax)):
         pred = classes.decide(prob, cfg.threshold)
-        scores = np.asarray(case_dice(pred, data.original_mask(i), classes))
+        gt = data.original_mask(i)
+        scores = np.asarray(case_dice(pred, gt, classes))
         finite = np.isfinite(scores)
         sums[finite, 0] += scores[finite]
         sums[finite, 1] += 1
-    return class_means(sums, classes)
+        if gt.any():
+            tumour.append(float(np.mean(scores[finite])) if finite.any() else 0.0)
+        else:
+            fp.append(bool(pred.any()))
+    mean, per_class = class_means(sums, classes)
+    cases = {"val_dice_tumour": float(np.mean(tumour)) if tumour else float("nan"),
+             "val_fp_rate": float(np.mean(fp)) if fp else float("nan")}
+    return mean, per_class, cases
 
 
 def val_span(cfg: TrainConfig) -> int:
