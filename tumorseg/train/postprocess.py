@@ -40,8 +40,7 @@ THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 CONFIDENCES = (0.0, 0.6, 0.7, 0.8, 0.9, 0.95)
 """Smallest peak probability of a kept component (binary models). On BUSI, most false positives on tumour-free
 images are whole blobs the network is unsure of; measured by their peak rather than their mean, the choice
-made on half of val scores higher on the other half in 3 of 4 runs, and on test in 4 of 4
-(benchmarks/RESULTS.md)."""
+made on half of val scores higher on the other half in 4 of 5 runs (benchmarks/RESULTS.md)."""
 MIN_GAIN = 0.002
 
 

@@ -128,4 +128,5 @@ def best_smoothed(history: list[dict[str, float]], best_epoch: int) -> float:
     if best_epoch < 1 or best_epoch > len(history):
         return -1.0
     row = history[best_epoch - 1]
-    return float(row.get("val_dice_smoothed", row.get("val_dice", -1.0)))
+    value = float(row.get("val_dice_smoothed", row.get("val_dice", -1.0)))
+    return value if math.isfinite(value) else -1.0  # an old history's NaN (no val split) compares as -1
