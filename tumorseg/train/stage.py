@@ -136,7 +136,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
         warn_mixed_ranges(fingerprint)
     train_data, val_data = inputs.train, inputs.val
 
-    net = build_model(cfg.model, in_channels, classes.out_channels)
+    net = build_model(cfg.model, in_channels, classes.out_channels, load_weights=ckpt is None)
     if ckpt is None:
         if classes.multiclass:
             init_output_bias(net, classes.channel_priors(class_priors(train_df, classes)), classes.softmax)
