@@ -21,7 +21,8 @@ The logged signature declares the ``probabilities`` param but no input schema: M
 tensor's rank exactly, so one ``TensorSpec`` cannot admit all three ranks; :func:`as_images` checks
 them instead. The model folder holds a slim checkpoint (``artifacts/model.pt``, no optimiser
 state), a copy of the ``tumorseg`` package and a small input example (a batch of one image), so
-``mlflow.pyfunc.load_model("models:/NAME@champion")`` needs only torch and MONAI.
+``mlflow.pyfunc.load_model("models:/NAME@champion")`` needs only torch and MONAI (and torchvision for a
+torchvision encoder, which the logged requirements then name).
 """
 
 from __future__ import annotations
