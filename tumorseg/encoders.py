@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tumorseg.errors import TumorsegError
-from tumorseg.intensity import SCALE_PERCENTILES, Stats
 
 if TYPE_CHECKING:
     import torch
@@ -372,13 +371,15 @@ def load_pretrained(net: torch.nn.Module, backbone: str, pretrained: str | Path)
         load_encoder_weights(net, read_weights_file(Path(pretrained)), str(pretrained))
 
 
-def pretrained_stats(backbone: str, in_channels: int) -> Stats:
+def pretrained_stats(backbone: str, in_channels: int,
+                     percentiles: tuple[float, float] | list[float] = (0.5, 99.5)) -> dict[str, list[float]]:
     """The input normalisation pretrained encoder weights expect, as :mod:`tumorseg.intensity` statistics.
 
-    Each image is scaled by its own 0.5/99.5 percentiles to about [0, 1] (what torchvision's ``ToTensor``
-    does for an 8-bit image, robust to the stored bit depth), then by ImageNet's mean/std (read from
-    torchvision's weights where they come from there). Grey images take the means of the RGB values
-    (their first convolution is summed over RGB); other channel counts repeat RGB in turn.
+    Each image is scaled by its own ``percentiles`` (the intensity module's ``SCALE_PERCENTILES``) to
+    about [0, 1] (what torchvision's ``ToTensor`` does for an 8-bit image, robust to the stored bit
+    depth), then by ImageNet's mean/std (read from torchvision's weights where they come from there).
+    Grey images take the means of the RGB values (their first convolution is summed over RGB); other
+    channel counts repeat RGB in turn.
     """
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if backbone in TORCHVISION_BACKBONES or backbone in TORCHVISION_RESNETS:
@@ -390,4 +391,4 @@ def pretrained_stats(backbone: str, in_channels: int) -> Stats:
         means = [mean[i % 3] for i in range(in_channels)]
         stds = [std[i % 3] for i in range(in_channels)]
     return {"mean": [float(m) for m in means], "std": [float(s) for s in stds],
-            "percentiles": [float(p) for p in SCALE_PERCENTILES]}
+            "percentiles": [float(p) for p in percentiles]}

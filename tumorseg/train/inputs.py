@@ -188,7 +188,7 @@ def _stats(mode: str, summary: Summary, cfg: TrainConfig | None = None, in_chann
     if cfg is not None and str(cfg.model.pretrained) != "none":
         from tumorseg.encoders import pretrained_stats
 
-        return pretrained_stats(cfg.model.backbone, in_channels)
+        return pretrained_stats(cfg.model.backbone, in_channels, SCALE_PERCENTILES)
     if mode == "image":
         return None
     return stats_from_sums(summary.sums, SCALE_PERCENTILES if mode == "percentile" else None)
