@@ -320,7 +320,7 @@ def test_input_and_model_errors(env: dict[str, Any], tmp_path: Path) -> None:
     _one_line_exit_2([ckpt, str(txt), "-o", out], r"unsupported format")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _one_line_exit_2([ckpt, str(empty), out], r"no PNG, TIFF or NIfTI images")
+    _one_line_exit_2([ckpt, str(empty), out], r"no images \(PNG, JPEG")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"garbage" * 20)
     _one_line_exit_2([str(corrupt), wide, out], r"corrupt or not a tumorseg checkpoint")

@@ -38,10 +38,12 @@ class TrackingConfig(StrictModel):
 # ----------------------------------------------------------------------------- ingest
 
 class IngestConfig(StrictModel):
-    """Options of ``tumorseg ingest``."""
+    """Options of ``tumorseg ingest``: image/mask folders, or a pairs list (``pairs``) instead."""
 
-    images_dir: Path
+    images_dir: Path | None = None
     masks_dir: Path | None = None
+    pairs: Path | None = Field(default=None, description="CSV with columns image,mask[,group][,split]; paths "
+                               "relative to the CSV's folder")
     name: str
     out_dir: Path = Path("data_manifest")
     mask_suffix: str = "_mask"
@@ -75,9 +77,20 @@ class IngestConfig(StrictModel):
 
     @model_validator(mode="after")
     def _folder_groups_need_recursion(self) -> IngestConfig:
-        if self.group_by == "folder" and not self.recursive and not self.group_pattern:
+        if (self.images_dir is None) == (self.pairs is None):
+            raise ValueError("give IMAGES_DIR [MASKS_DIR] or --pairs pairs.csv (one of them)")
+        if self.pairs is not None and self.masks_dir is not None:
+            raise ValueError("--pairs lists the masks itself; drop MASKS_DIR")
+        if self.group_by == "folder" and not self.recursive and not self.group_pattern and self.pairs is None:
             raise ValueError("--group-by folder needs --recursive (one subfolder per patient)")
         return self
+
+    @property
+    def source(self) -> Path:
+        """What the cases come from: the pairs list or the images folder (named in messages)."""
+        source = self.pairs if self.pairs is not None else self.images_dir
+        assert source is not None
+        return source
 
     @field_validator("folds")
     @classmethod
