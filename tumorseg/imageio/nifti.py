@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 from typing import Any
 
@@ -18,9 +19,18 @@ def decode_nifti(data: bytes, path: str | os.PathLike[str]) -> Decoded:
 
     try:
         raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+        # the header as written: nibabel would quietly turn a zero voxel size into 1
+        header = nib.Nifti1Header.from_fileobj(io.BytesIO(raw), check=False)
+        ndim = min(3, int(header["dim"][0]))
+        zooms = tuple(float(z) for z in header["pixdim"][1 : 1 + ndim])
+    except Exception as exc:  # nibabel (and gzip, for a file cut short) raise several types
+        raise DecodeError(f"{path}: truncated or corrupt NIfTI ({exc}); re-export the file") from exc
+    if any(not z > 0 for z in zooms):
+        raise DecodeError(f"{path}: voxel spacing {zooms} in the header is zero or negative; fix the header's pixdim")
+    try:
         img = nib.Nifti1Image.from_bytes(raw)
         arr = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel (and gzip, for a file cut short) raise several types
+    except Exception as exc:  # nibabel raises several types for broken files
         raise DecodeError(f"{path}: truncated or corrupt NIfTI ({exc}); re-export the file") from exc
     while arr.ndim > 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
@@ -30,10 +40,6 @@ def decode_nifti(data: bytes, path: str | os.PathLike[str]) -> Decoded:
         raise DecodeError(f"{path}: NIfTI with shape {arr.shape}; only 2D images and 3D volumes are supported")
     if arr.size == 0:
         raise DecodeError(f"{path}: zero-sized NIfTI volume {arr.shape}; re-export the file")
-    zooms = img.header.get_zooms()[:3]
-    if any(z <= 0 for z in zooms[: arr.ndim]):
-        raise DecodeError(f"{path}: voxel spacing {tuple(float(z) for z in zooms)} in the header is zero or "
-                          "negative; fix the header's pixdim")
     return Decoded(np.ascontiguousarray(arr), "NIfTI", np.asarray(img.affine, dtype=np.float64))
 
 

@@ -247,8 +247,10 @@ def run(cfg: IngestConfig) -> IngestResult:
             "run without --strict to get the full rejected.csv)"
         )
     if not rows:
+        # name a cause, not an image rejected only because its mask was
+        path, reason = next(((p, r) for p, r in rejected if not r.startswith("its mask")), rejected[0])
         raise TumorsegError(f"{cfg.source}: no usable image/mask pairs ({len(rejected)} file(s) rejected: "
-                            f"first: {rejected[0][0]}: {rejected[0][1]})")
+                            f"first: {path}: {reason})")
     fixed = any(r.get("fixed_split") for r in rows)
     assign_splits(rows, cfg)
     if not fixed:  # a published split is kept as it is
