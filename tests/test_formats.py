@@ -114,6 +114,25 @@ def test_jpeg_set_ingests_with_no_rejected_pairs_and_records_the_rule(tmp_path: 
     assert sum(r["has_tumour"] == "true" for r in rows) == 6
 
 
+def test_jpeg_set_under_one_root_pairs_masks_folder_by_name(tmp_path: Path) -> None:
+    jpeg_set(tmp_path / "Kvasir-SEG")
+    (tmp_path / "Kvasir-SEG" / "kavsir_bboxes.json").write_text("{}")
+    res = ingest(tmp_path, tmp_path / "Kvasir-SEG", recursive=True, seed=5)
+    assert res.n_cases == 8 and res.n_rejected == 0 and res.n_ignored == 1
+    assert {(r["image"], r["mask"]) for r in rows_of(res)} == {(f"images/c{i:02d}.jpg", f"masks/c{i:02d}.jpg")
+                                                               for i in range(8)}
+
+
+def test_isic_segmentation_suffix_pairs_by_default(tmp_path: Path) -> None:
+    root = tmp_path / "isic"
+    root.mkdir()
+    for i in range(6):
+        Image.fromarray(np.stack([asym(i)] * 3, axis=-1)).save(root / f"ISIC_{i:07d}.jpg")
+        Image.fromarray(disk_mask(r=4 + i) * 255).save(root / f"ISIC_{i:07d}_segmentation.png")
+    res = ingest(tmp_path, root)
+    assert res.n_cases == 6 and res.n_rejected == 0
+
+
 def test_jpeg_label_map_is_refused_with_the_fix(tmp_path: Path) -> None:
     jpeg_set(tmp_path / "kvasir", n=4)
     res = None
@@ -160,11 +179,29 @@ def test_bmp_dermoscopy_layout_pairs_by_sibling_folders(tmp_path: Path) -> None:
         Image.fromarray(np.stack([asym(i)] * 3, axis=-1)).save(case / f"IMD{i:03d}_Dermoscopic_Image" /
                                                                 f"IMD{i:03d}.bmp")
         Image.fromarray(disk_mask(r=5 + i) * 255).save(case / f"IMD{i:03d}_lesion" / f"IMD{i:03d}_lesion.bmp")
-    res = ingest(tmp_path, root, recursive=True, mask_suffix="_lesion")
+    res = ingest(tmp_path, root, recursive=True)  # "_lesion" is a known mask suffix, like ISIC's "_segmentation"
     assert res.n_cases == 6 and res.n_rejected == 0
+    assert {r["mask"] for r in rows_of(res)} == {f"IMD{i:03d}/IMD{i:03d}_lesion/IMD{i:03d}_lesion.bmp"
+                                                 for i in range(6)}
 
 
 # ----------------------------------------------------------------------------- TIFF
+
+
+def test_tiff_frames_in_original_and_ground_truth_folders(tmp_path: Path) -> None:
+    """CVC-ClinicDB's layout: Original/n.tif (RGB tagged BlackIsZero) and Ground Truth/n.tif."""
+    root = tmp_path / "CVC-ClinicDB"
+    (root / "Original").mkdir(parents=True)
+    (root / "Ground Truth").mkdir()
+    for i in range(1, 9):
+        rgb = np.stack([asym(i), asym(i + 1), asym(i + 2)], axis=-1)
+        tifffile.imwrite(root / "Original" / f"{i}.tif", rgb, photometric="minisblack", planarconfig="contig")
+        tifffile.imwrite(root / "Ground Truth" / f"{i}.tif", disk_mask(r=3 + i) * 255)
+    res = ingest(tmp_path, root, recursive=True, seed=1)
+    assert res.n_cases == 8 and res.n_rejected == 0
+    assert {r["channels"] for r in rows_of(res)} == {"3"}
+    res2 = ingest(tmp_path, root / "Original", root / "Ground Truth", seed=1)
+    assert res2.n_cases == 8 and res2.n_rejected == 0
 
 
 def test_tiff_rgb_frame_tagged_blackiszero_is_read_as_colour(tmp_path: Path) -> None:

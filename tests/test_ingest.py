@@ -516,7 +516,7 @@ def test_unreadable_file_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyP
     if os.geteuid() == 0:  # root reads any file: make the read fail as it would for a user (workers=1)
         import builtins
 
-        from tumorseg.imageio import core as imageio
+        from tumorseg.imageio import base as imageio
 
         def fake_open(file: Any, *args: Any, **kwargs: Any) -> Any:
             if str(file).endswith("locked.png"):

@@ -268,10 +268,10 @@ def test_other_formats_predict_on_their_own_grid(env: dict[str, Any], tmp_path: 
     import SimpleITK as sitk
     from PIL import Image
 
+    from tests.test_formats import write_dicom, write_series
     from tumorseg import predict
     from tumorseg.imageio import decode, read_bytes
     from tumorseg.inference import Segmenter
-    from tests.test_formats import write_dicom, write_series
 
     vol = env["volume"]  # (X=40, Y=56, Z=6)
     src = tmp_path / "in"

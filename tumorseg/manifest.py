@@ -167,6 +167,6 @@ def combine_hashes(hashes: list[str]) -> str:
 
 def combined_sha256(paths: list[Path]) -> str:
     """:func:`combine_hashes` of files on disk (a DICOM series folder or MHD pair hashed as ingest read it)."""
-    from tumorseg.imageio.core import source_sha256
+    from tumorseg.imageio.read import source_sha256
 
     return combine_hashes([source_sha256(p) for p in paths])

@@ -4,23 +4,11 @@ Formats (one module each, all behind :func:`decode`): PNG, JPEG and BMP through 
 (:mod:`.pillow`), TIFF frames and stacks through tifffile (:mod:`.tiff`), NIfTI through nibabel
 (:mod:`.nifti`), DICOM files and series folders through pydicom (:mod:`.dicom`), NRRD and MHA/MHD
 through SimpleITK (:mod:`.itk`, the optional ``itk`` extra). What a decoded file is (a ``(C, H, W)``
-image or an ``(X, Y, Z)`` grid with a RAS+ affine) is :class:`Decoded`; masks, planes and label maps
-are :mod:`.masks`.
+image or an ``(X, Y, Z)`` grid with a RAS+ affine) is :class:`Decoded` in :mod:`.base`, the choice of
+decoder by path is :mod:`.read`, and masks, planes and label maps are :mod:`.masks`.
 """
 
-from tumorseg.imageio.core import (
-    EXTENSIONS,
-    FORMATS_TEXT,
-    LOSSY,
-    Decoded,
-    DecodeError,
-    Format,
-    decode,
-    image_format,
-    read_bytes,
-    split_ext,
-    volume_shape,
-)
+from tumorseg.imageio.base import EXTENSIONS, FORMATS_TEXT, LOSSY, Decoded, DecodeError, Format, split_ext
 from tumorseg.imageio.masks import (
     binarize_decoded_mask,
     binarize_mask,
@@ -41,6 +29,7 @@ from tumorseg.imageio.masks import (
     write_png,
 )
 from tumorseg.imageio.nifti import write_nifti
+from tumorseg.imageio.read import decode, image_format, read_bytes, volume_shape
 
 __all__ = [
     "EXTENSIONS", "FORMATS_TEXT", "LOSSY", "Decoded", "DecodeError", "Format", "binarize_decoded_mask",

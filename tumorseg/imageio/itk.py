@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tumorseg.imageio.core import Decoded, DecodeError, affine_from_lps, grid_from_zyx
+from tumorseg.imageio.base import Decoded, DecodeError, affine_from_lps, grid_from_zyx
 
 EXTRA = "pip install 'tumorseg[itk]'"
 

@@ -18,7 +18,8 @@ import numpy as np
 
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_with
-from tumorseg.imageio.core import Decoded, DecodeError, decode, image_format, read_bytes
+from tumorseg.imageio.base import Decoded, DecodeError
+from tumorseg.imageio.read import decode, image_format, read_bytes
 
 
 def mask_threshold_for(decoded: Decoded, threshold: float | None) -> float | None:

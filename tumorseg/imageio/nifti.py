@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from tumorseg.fsutil import atomic_path
-from tumorseg.imageio.core import Decoded, DecodeError
+from tumorseg.imageio.base import Decoded, DecodeError
 
 
 def decode_nifti(data: bytes, path: str | os.PathLike[str]) -> Decoded:

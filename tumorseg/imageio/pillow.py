@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from tumorseg.imageio.core import Decoded, DecodeError, Format
+from tumorseg.imageio.base import Decoded, DecodeError, Format
 
 _NAMES = {"png": "PNG", "jpeg": "JPEG", "bmp": "BMP"}
 

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from tumorseg.imageio.core import Decoded, DecodeError, grid_from_zyx
+from tumorseg.imageio.base import Decoded, DecodeError, grid_from_zyx
 from tumorseg.imageio.pillow import channels_first
 
 STACK_AXES = ("ZYX", "QYX", "IYX", "TYX")

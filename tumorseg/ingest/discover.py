@@ -68,8 +68,26 @@ def _list_files(folder: Path, recursive: bool, skip: frozenset[Path] = frozenset
     return out
 
 
+KNOWN_MASK_SUFFIXES = ("_mask", "_segmentation", "_seg", "_lesion", "_gt", "_label")
+"""Mask suffixes public datasets use (``x_mask``; ISIC's ``x_segmentation``; PH2's ``x_lesion``): all of them
+mark a mask under the default ``--mask-suffix _mask``; any other ``--mask-suffix`` is the only one."""
+
+MASK_FOLDERS = frozenset({"mask", "masks", "label", "labels", "labelstr", "labelsts", "gt", "groundtruth",
+                          "groundtruths", "annotation", "annotations", "segmentation", "segmentations"})
+"""Folder names (lower case, without spaces, ``_`` and ``-``) that hold masks named like their images:
+Kvasir-SEG's ``masks/``, CVC-ClinicDB's ``Ground Truth/``, nnU-Net's ``labelsTr/``."""
+
+
 def _mask_regex(suffix: str) -> re.Pattern[str]:
-    return re.compile(rf"^(?P<base>.+?){re.escape(suffix)}(?:_(?P<idx>\d+))?$")
+    suffixes = KNOWN_MASK_SUFFIXES if suffix == "_mask" else (suffix,)
+    alternatives = "|".join(re.escape(s) for s in suffixes)
+    return re.compile(rf"^(?P<base>.+?)(?:{alternatives})(?:_(?P<idx>\d+))?$")
+
+
+def in_mask_folder(rel: str) -> bool:
+    """True for a file whose folder's name says it holds masks (:data:`MASK_FOLDERS`)."""
+    folder = rel.rpartition("/")[0].rpartition("/")[2]
+    return re.sub(r"[\s_-]", "", folder.lower()) in MASK_FOLDERS
 
 
 def base_name(rel: str) -> str:
@@ -147,6 +165,8 @@ def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str,
         m = mask_re.match(stem) if same_folder else None
         if m:
             masks[key_of(rel, m["base"])][int(m["idx"] or 0)].append(rel_root)
+        elif same_folder and in_mask_folder(rel):  # masks/x.jpg beside images/x.jpg, one root walked
+            masks[key_of(rel, stem)][0].append(rel_root)
         else:
             images[key_of(rel, stem)].append(rel_root)
             image_rel[rel_root] = rel
@@ -182,7 +202,8 @@ def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str,
             rejected.append(
                 (imgs[0],
                  f"image without mask: expected a mask named like '{stem}{cfg.mask_suffix}.png'"
-                 + ("" if same_folder else f" or '{stem}.png' in {masks_dir}"))
+                 + (f" or '{stem}.png' in a masks/ folder beside its own" if same_folder
+                    else f" or '{stem}.png' in {masks_dir}"))
             )
             continue
         clash = [ps for ps in mask_sets.values() if len(ps) > 1]

@@ -1,4 +1,4 @@
-"""What a decoded file is, which formats exist, and the dispatch from a path to its decoder."""
+"""What a decoded file is and which formats exist: the base every format module builds on."""
 
 from __future__ import annotations
 
@@ -87,48 +87,8 @@ def split_ext(name: str) -> tuple[str, str]:
     return stem, ext.lower()
 
 
-def image_format(path: str | os.PathLike[str]) -> Format | None:
-    """The format of a path by its extension (a DICOM series folder by its files), or ``None`` if unsupported."""
-    fmt = EXTENSIONS.get(split_ext(os.path.basename(os.fspath(path)))[1])
-    if fmt is None and os.path.isdir(path):
-        from tumorseg.imageio.dicom import is_series_folder
-
-        return "dicom-series" if is_series_folder(path) else None
-    return fmt
-
-
-def read_bytes(path: str | os.PathLike[str]) -> bytes:
-    """The bytes that make up an image: what its SHA-256 is taken of.
-
-    A plain file's bytes; an MHD header followed by its data file; a DICOM series folder's files
-    in name order, each behind its name. A missing or empty file raises :class:`DecodeError`.
-    """
-    fmt = image_format(path)
-    if fmt == "dicom-series":
-        from tumorseg.imageio.dicom import series_files
-
-        return b"".join(os.path.basename(f).encode() + b"\0" + _read_file(f) for f in series_files(path))
-    data = _read_file(path)
-    if fmt == "itk" and split_ext(os.fspath(path))[1] == ".mhd":
-        from tumorseg.imageio.itk import mhd_data_file
-
-        extra = mhd_data_file(data, path)
-        if extra is not None:
-            data += b"\0" + _read_file(extra)
-    return data
-
-
-def source_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of :func:`read_bytes` (what ingest records); a plain file is hashed as it streams."""
-    from tumorseg.fsutil import sha256_bytes, sha256_file
-
-    fmt = image_format(path)
-    if fmt == "dicom-series" or (fmt == "itk" and split_ext(os.fspath(path))[1] == ".mhd"):
-        return sha256_bytes(read_bytes(path))
-    return sha256_file(path)
-
-
-def _read_file(path: str | os.PathLike[str]) -> bytes:
+def read_file(path: str | os.PathLike[str]) -> bytes:
+    """A whole file's bytes; a missing, unreadable or empty file raises :class:`DecodeError`."""
     try:
         with open(path, "rb") as fh:
             data = fh.read()
@@ -139,73 +99,6 @@ def _read_file(path: str | os.PathLike[str]) -> bytes:
     if not data:
         raise DecodeError(f"{path}: zero-byte file; re-export or remove it")
     return data
-
-
-def decode(data: bytes, path: str | os.PathLike[str], role: Literal["image", "mask"] = "image") -> Decoded:
-    """Decode an image's bytes (:func:`read_bytes`) by the path's format.
-
-    Args:
-        data: the bytes (read once, so the caller can hash the same bytes). Formats whose library reads
-            from a path (NRRD/MHA through SimpleITK, DICOM series) read ``path`` itself.
-        path: used for the format and in error messages.
-        role: palette images are expanded to RGB for images but keep their indices for masks;
-            colour JPEG masks are reduced to grey (compression makes their channels differ).
-    """
-    fmt = image_format(path)
-    if fmt in ("png", "jpeg", "bmp"):
-        from tumorseg.imageio.pillow import decode_pillow
-
-        return decode_pillow(data, path, role, fmt)
-    if fmt == "tiff":
-        from tumorseg.imageio.tiff import decode_tiff
-
-        return decode_tiff(data, path)
-    if fmt == "nifti":
-        from tumorseg.imageio.nifti import decode_nifti
-
-        return decode_nifti(data, path)
-    if fmt == "dicom":
-        from tumorseg.imageio.dicom import decode_dicom
-
-        return decode_dicom(data, path)
-    if fmt == "dicom-series":
-        from tumorseg.imageio.dicom import decode_series
-
-        return decode_series(path)
-    if fmt == "itk":
-        from tumorseg.imageio.itk import decode_itk
-
-        return decode_itk(path)
-    raise DecodeError(f"{path}: unsupported format; use {FORMATS_TEXT}")
-
-
-def volume_shape(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
-    """The ``(X, Y, Z)`` shape of a volume file from its header alone; ``None`` for a 2D image.
-
-    Cheap (headers only, no pixel data), so predict can plan its outputs before it decodes anything.
-    """
-    fmt = image_format(path)
-    if fmt == "nifti":
-        from tumorseg.imageio.nifti import nifti_shape
-
-        shape = nifti_shape(path)
-        return shape if any(s != 1 for s in shape[2:]) else None
-    if fmt == "itk":
-        from tumorseg.imageio.itk import itk_shape
-
-        return itk_shape(path)
-    if fmt == "dicom-series":
-        from tumorseg.imageio.dicom import series_shape
-
-        return series_shape(path)
-    if fmt == "dicom":
-        from tumorseg.imageio.dicom import dicom_shape
-
-        return dicom_shape(path)
-    if fmt == "tiff":  # the page rules live with the decoder; TIFF stacks are small next to the network's work
-        decoded = decode(read_bytes(path), path)
-        return tuple(decoded.array.shape) if decoded.is_volume else None
-    return None
 
 
 def grid_from_zyx(volume: np.ndarray, affine: np.ndarray, mode: str, path: str | os.PathLike[str]) -> Decoded:
