@@ -179,7 +179,7 @@ def bare_loop(pairs: list[tuple[str, str]], workers: int) -> tuple[float, float]
 
 def ingest_once(cfg: Any) -> tuple[float, float, float, float, int]:
     """Wall and CPU seconds for ``ingest.run``, the same spent inside MLflow logging, and the case count."""
-    from tumorseg import ingest
+    from tumorseg.ingest import stage as ingest
 
     spent = {"wall": 0.0, "cpu": 0.0}
     real_track = ingest._track

@@ -36,11 +36,18 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
    at the top, slices in a canonical radiological orientation), every image the network will be
    asked about has that orientation too, and upside-down training views spend the budget on a
    case that never occurs. Random orientations (the synthetic data: about 0.4) keep both flips.
+9. **Selection unit.** Validation, the best checkpoint, early stopping and the post-processing search score
+   what users report: where the groups hold several cases (slices of a volume, images of a patient: the
+   median group has more than one case), the Dice of each group with its counts pooled over its cases (the
+   volumetric, per-patient Dice of ``per_group.csv`` and of published per-patient results), averaged over
+   groups; otherwise the mean per-case Dice. Per case, a speck on one of a volume's many tumour-free slices
+   scores that slice 0 and swings the mean; pooled, it costs the patient a few pixels (:func:`selection_unit`).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -258,3 +265,18 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
                  "train_images_per_second": round(thr.train_images_per_second, 2),
                  "infer_images_per_second": round(thr.infer_images_per_second, 2)}
     return {"train": train, "estimates": estimates, "reasons": reasons}
+
+
+def selection_unit(group_sizes: list[int]) -> tuple[str, str]:
+    """``("group" | "case", reason)``: the unit val Dice averages over (rule 9).
+
+    Args:
+        group_sizes: the number of val cases in each group.
+    """
+    if not group_sizes:
+        return "case", "no val cases"
+    median = statistics.median(group_sizes)
+    if median > 1:
+        return "group", (f"val groups hold {median:g} cases (median): Dice per group with counts pooled over its "
+                         "cases, as per-patient results are reported")
+    return "case", "val groups hold one case each: mean per-case Dice"
