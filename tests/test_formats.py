@@ -128,7 +128,8 @@ def test_isic_segmentation_suffix_pairs_by_default(tmp_path: Path) -> None:
     root.mkdir()
     for i in range(6):
         Image.fromarray(np.stack([asym(i)] * 3, axis=-1)).save(root / f"ISIC_{i:07d}.jpg")
-        Image.fromarray(disk_mask(r=4 + i) * 255).save(root / f"ISIC_{i:07d}_segmentation.png")
+        suffix = "_Segmentation" if i % 2 else "_segmentation"  # ISIC 2016 and 2017 spell it differently
+        Image.fromarray(disk_mask(r=4 + i) * 255).save(root / f"ISIC_{i:07d}{suffix}.png")
     res = ingest(tmp_path, root)
     assert res.n_cases == 6 and res.n_rejected == 0
 

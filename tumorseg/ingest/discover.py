@@ -69,8 +69,8 @@ def _list_files(folder: Path, recursive: bool, skip: frozenset[Path] = frozenset
 
 
 KNOWN_MASK_SUFFIXES = ("_mask", "_segmentation", "_seg", "_lesion", "_gt", "_label")
-"""Mask suffixes public datasets use (``x_mask``; ISIC's ``x_segmentation``; PH2's ``x_lesion``): all of them
-mark a mask under the default ``--mask-suffix _mask``; any other ``--mask-suffix`` is the only one."""
+"""Mask suffixes public datasets use (``x_mask``; ISIC's ``x_Segmentation``; PH2's ``x_lesion``): all of them,
+in any case, mark a mask under the default ``--mask-suffix _mask``; any other ``--mask-suffix`` is the only one."""
 
 MASK_FOLDERS = frozenset({"mask", "masks", "label", "labels", "labelstr", "labelsts", "gt", "groundtruth",
                           "groundtruths", "annotation", "annotations", "segmentation", "segmentations"})
@@ -79,9 +79,10 @@ Kvasir-SEG's ``masks/``, CVC-ClinicDB's ``Ground Truth/``, nnU-Net's ``labelsTr/
 
 
 def _mask_regex(suffix: str) -> re.Pattern[str]:
-    suffixes = KNOWN_MASK_SUFFIXES if suffix == "_mask" else (suffix,)
-    alternatives = "|".join(re.escape(s) for s in suffixes)
-    return re.compile(rf"^(?P<base>.+?)(?:{alternatives})(?:_(?P<idx>\d+))?$")
+    if suffix != "_mask":
+        return re.compile(rf"^(?P<base>.+?){re.escape(suffix)}(?:_(?P<idx>\d+))?$")
+    alternatives = "|".join(re.escape(s) for s in KNOWN_MASK_SUFFIXES)  # any case: ISIC writes _Segmentation
+    return re.compile(rf"^(?P<base>.+?)(?i:{alternatives})(?:_(?P<idx>\d+))?$")
 
 
 def in_mask_folder(rel: str) -> bool:

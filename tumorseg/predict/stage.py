@@ -93,7 +93,7 @@ def _walk(folder: Path, recursive: bool, skip: Path) -> list[Path]:
     out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         here = Path(dirpath)
-        out.extend(here / f for f in filenames if not f.startswith(".") and image_format(f) is not None)
+        out.extend(here / f for f in filenames if not f.startswith(".") and image_format(here / f) is not None)
         series = [d for d in dirnames if not d.startswith(".") and is_series_folder(here / d)]
         out.extend(here / d for d in series)
         dirnames[:] = sorted(d for d in dirnames if recursive and not d.startswith(".") and d not in series
