@@ -12,7 +12,12 @@ worker processes:
 Each side runs ``--repeat`` times, alternating, and the best time counts (the machine is
 shared). Target: ingest without MLflow >= 0.8x the bare loop.
 
+``--formats`` adds a row per file format: the same pairs converted to JPEG (JPEG masks too), BMP,
+TIFF, DICOM, NRRD and MHA, ingested, against a bare read + SHA-256 + decode loop of the library that
+format goes through (Pillow, tifffile, pydicom, SimpleITK).
+
     python benchmarks/bench_ingest.py --n 1000 --workers 2
+    python benchmarks/bench_ingest.py --n 500 --workers 2 --formats
 """
 
 from __future__ import annotations
@@ -47,6 +52,115 @@ def _bare_one(paths: tuple[str, str]) -> tuple[str, str, tuple[int, ...]]:
     return out[0], out[1], shape
 
 
+def _bare_format(paths: tuple[str, str]) -> int:
+    """The bare loop for any format: read, SHA-256, decode with that format's own library."""
+    import numpy as np
+
+    size = 0
+    for p in paths:
+        with open(p, "rb") as fh:
+            data = fh.read()
+        hashlib.sha256(data).hexdigest()
+        ext = os.path.splitext(p)[1].lower()
+        if ext in (".png", ".jpg", ".bmp"):
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                size += np.asarray(img).size
+        elif ext == ".tif":
+            import tifffile
+
+            size += tifffile.imread(io.BytesIO(data)).size
+        elif ext == ".dcm":
+            import pydicom
+
+            size += pydicom.dcmread(io.BytesIO(data)).pixel_array.size
+        else:
+            import SimpleITK as sitk
+
+            size += sitk.GetArrayFromImage(sitk.ReadImage(p)).size
+    return size
+
+
+FORMATS = ("png", "jpg", "bmp", "tif", "dcm", "nrrd", "mha")
+
+
+def convert(pairs: list[tuple[str, str]], fmt: str, out: Path) -> tuple[Path, Path, list[tuple[str, str]]]:
+    """The pairs written again as ``fmt`` (images and masks alike) into ``out/images`` and ``out/masks``."""
+    import numpy as np
+    from PIL import Image
+
+    images, masks = out / "images", out / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    converted = []
+    for img_path, mask_path in pairs:
+        stem = Path(img_path).stem
+        pair = []
+        for src, folder in ((img_path, images), (mask_path, masks)):
+            with Image.open(src) as im:
+                arr = np.asarray(im.convert("L"))
+            dst = folder / f"{stem}.{fmt}"
+            if fmt in ("png", "jpg", "bmp"):
+                Image.fromarray(arr).save(dst, quality=90) if fmt == "jpg" else Image.fromarray(arr).save(dst)
+            elif fmt == "tif":
+                import tifffile
+
+                tifffile.imwrite(dst, arr)
+            elif fmt == "dcm":
+                from pydicom.dataset import Dataset, FileMetaDataset
+                from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+                meta = FileMetaDataset()
+                meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"  # ultrasound image storage
+                meta.MediaStorageSOPInstanceUID = generate_uid()
+                meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                ds = Dataset()
+                ds.file_meta = meta
+                ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, generate_uid(), "US"
+                ds.Rows, ds.Columns = arr.shape
+                ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+                ds.BitsAllocated = ds.BitsStored = 8
+                ds.HighBit, ds.PixelRepresentation = 7, 0
+                ds.PixelData = arr.tobytes()
+                ds.save_as(dst, enforce_file_format=True)
+            else:
+                import SimpleITK as sitk
+
+                sitk.WriteImage(sitk.GetImageFromArray(arr), str(dst))
+            pair.append(str(dst))
+        converted.append((pair[0], pair[1]))
+    return images, masks, converted
+
+
+def format_rows(pairs: list[tuple[str, str]], tmp: Path, workers: int, repeat: int, uri: str) -> None:
+    """One row per format: ingest (no MLflow) against the bare loop of the format's own library."""
+    from tumorseg import synth
+    from tumorseg.config import IngestConfig, TrackingConfig
+
+    print(f"\nper format: {len(pairs)} pairs (grey), {workers} worker(s), best of {repeat}")
+    print(f"{'format':<8}{'bare pairs/s':>14}{'ingest pairs/s':>16}{'ingest/bare':>13}{'MB on disk':>12}")
+    for fmt in FORMATS:
+        images, masks, converted = convert(pairs, fmt, tmp / f"fmt_{fmt}")
+        mb = sum(os.path.getsize(p) for pair in converted for p in pair) / 1e6
+        cfg = IngestConfig(images_dir=images, masks_dir=masks, name=f"bench_{fmt}", out_dir=tmp / "dm",
+                           group_pattern=synth.GROUP_PATTERN, workers=workers,
+                           tracking=TrackingConfig(uri=uri, experiment="bench_ingest"))
+        bare, ing = [], []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            with mp.get_context("fork").Pool(workers) as pool:
+                list(pool.imap(_bare_format, converted, chunksize=max(1, min(32, len(converted) // (workers * 8)))))
+            bare.append(time.perf_counter() - t0)
+            wall, _, track_wall, _, n_cases = ingest_once(cfg)
+            assert n_cases == len(converted), (fmt, n_cases)
+            ing.append(wall - track_wall)
+        b, i = min(bare), min(ing)
+        n = len(converted)
+        print(f"{fmt:<8}{n / b:>14.0f}{n / i:>16.0f}{b / i:>12.2f}x{mb:>12.1f}")
+
+
 def _cpu() -> float:
     """CPU seconds of this process and its finished children (the pool workers)."""
     t = os.times()
@@ -65,7 +179,7 @@ def bare_loop(pairs: list[tuple[str, str]], workers: int) -> tuple[float, float]
 
 def ingest_once(cfg: Any) -> tuple[float, float, float, float, int]:
     """Wall and CPU seconds for ``ingest.run``, the same spent inside MLflow logging, and the case count."""
-    from tumorseg import ingest
+    from tumorseg.ingest import stage as ingest
 
     spent = {"wall": 0.0, "cpu": 0.0}
     real_track = ingest._track
@@ -98,6 +212,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes on both sides")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each side; the best counts")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    ap.add_argument("--formats", action="store_true", help="also a row per file format (JPEG, BMP, TIFF, DICOM, "
+                    "NRRD, MHA)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_ingest_"))
@@ -149,6 +265,8 @@ def main() -> None:
         verdict = "meets" if wall_ratio >= 0.8 else "MISSES"
         print(f"ingest/bare throughput without MLflow: {wall_ratio:.2f} wall ({verdict} the 0.8 target), "
               f"{cpu_ratio:.2f} per CPU second")
+        if args.formats:
+            format_rows(pairs, tmp, args.workers, args.repeat, uri)
     finally:
         if args.keep:
             print(f"kept {tmp}")

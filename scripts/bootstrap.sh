@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install tumorseg with the tested versions in constraints.txt.
-# Usage: scripts/bootstrap.sh [dev]   ("dev" adds pytest, ruff, mypy)
+# Usage: scripts/bootstrap.sh [dev]   ("dev" adds pytest, ruff, mypy and the itk extra the format tests need)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 extra=""
-[[ "${1:-}" == "dev" ]] && extra="[dev]"
+[[ "${1:-}" == "dev" ]] && extra="[dev,itk]"
 stamp=".venv/.tumorseg-installed${extra}"
 if [[ ! -x .venv/bin/python ]]; then
     "$PY" -m venv .venv

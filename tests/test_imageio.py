@@ -69,7 +69,12 @@ def test_image_format() -> None:
     assert image_format("a.tif") == "tiff"
     assert image_format("a.nii") == "nifti"
     assert image_format("a.nii.gz") == "nifti"
-    assert image_format("a.jpg") is None
+    assert image_format("a.JPG") == "jpeg"
+    assert image_format("a.jpeg") == "jpeg"
+    assert image_format("a.bmp") == "bmp"
+    assert image_format("a.dcm") == "dicom"
+    assert image_format("a.nrrd") == image_format("a.mha") == image_format("a.mhd") == "itk"
+    assert image_format("a.gif") is None
     assert image_format("a.gz") is None
 
 
@@ -198,11 +203,14 @@ def test_tiff_single_page_stack_is_2d(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("shape", [(6, H, W), (3, H, W), (H, W, 2)])
-def test_tiff_multipage_stack_rejected(tmp_path: Path, shape: tuple[int, ...]) -> None:
-    # a stack of 3 or of H pages is not an RGB or grey+alpha image, whatever its shape
-    tifffile.imwrite(tmp_path / "stack.tif", np.zeros(shape, np.uint8), photometric="minisblack")
-    with pytest.raises(DecodeError, match=r"stack\.tif: .*not a 2D grey or colour image"):
-        decode_file(tmp_path / "stack.tif")
+def test_tiff_multipage_stack_is_a_volume(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    # a stack of 3 or of H grey pages is a volume (pages are slices), not an RGB or grey+alpha image
+    stack = np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "stack.tif", stack, photometric="minisblack")
+    d = decode_file(tmp_path / "stack.tif")
+    assert d.is_volume and d.mode == "TIFF-stack"
+    np.testing.assert_array_equal(d.array, np.transpose(stack, (2, 1, 0)))  # (Z, Y, X) -> (X, Y, Z)
+    np.testing.assert_array_equal(d.affine, np.eye(4))
 
 
 # ----------------------------------------------------------------------------- mask encodings
@@ -511,9 +519,9 @@ def test_missing_file_raises_decode_error(tmp_path: Path) -> None:
 
 
 def test_unsupported_extension_raises_decode_error(tmp_path: Path) -> None:
-    p = tmp_path / "a.jpg"
-    Image.fromarray(asym()).save(p, format="JPEG")
-    with pytest.raises(DecodeError, match=r"a\.jpg: unsupported format"):
+    p = tmp_path / "a.gif"
+    Image.fromarray(asym()).save(p, format="GIF")
+    with pytest.raises(DecodeError, match=r"a\.gif: unsupported format"):
         load_image(p)
 
 

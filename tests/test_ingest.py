@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from tumorseg import manifest as mf
 from tumorseg.config import IngestConfig
 from tumorseg.errors import TumorsegError
+from tumorseg.imageio import FORMATS_TEXT
 from tumorseg.ingest import IngestResult, run
 from tumorseg.splits import assign_split
 
@@ -404,7 +405,7 @@ def _messy(data: Path) -> None:
     png(data / "colour.png", image(13))
     png(data / "colour_mask.png", red, "RGB")
     (data / "notes.txt").write_text("hello")  # not an image format: ignored, not rejected
-    Image.fromarray(image(14)).save(data / "photo.jpg")
+    Image.fromarray(image(14)).save(data / "photo.gif")
     (data / ".hidden.png").write_bytes(b"")  # hidden files are skipped, neither rejected nor ignored
 
 
@@ -427,7 +428,7 @@ EXPECTED_REJECTIONS = {
     "multi.png": "its mask multi_mask.png was rejected",
     "colour_mask.png": "colour mask whose channels differ",
     "colour.png": "its mask colour_mask.png was rejected",
-    "photo.jpg": "unsupported image format '.jpg'; convert it to PNG",
+    "photo.gif": "unsupported image format '.gif'; convert it to PNG",
 }
 
 EXPECTED_IGNORED = {
@@ -515,7 +516,7 @@ def test_unreadable_file_is_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyP
     if os.geteuid() == 0:  # root reads any file: make the read fail as it would for a user (workers=1)
         import builtins
 
-        from tumorseg import imageio
+        from tumorseg.imageio import base as imageio
 
         def fake_open(file: Any, *args: Any, **kwargs: Any) -> Any:
             if str(file).endswith("locked.png"):
@@ -578,10 +579,10 @@ def test_strict_ignores_non_image_files(tmp_path: Path) -> None:
     assert res.n_rejected == 0 and rejected_of(res) == {}
     ignored = ignored_of(res)
     assert ignored == {
-        "LICENSE": "not an image (no extension); ingest reads PNG, TIFF and NIfTI (.nii/.nii.gz)",
-        "README.md": "not an image (.md); ingest reads PNG, TIFF and NIfTI (.nii/.nii.gz)",
-        "images/notes/scanner.txt": "not an image (.txt); ingest reads PNG, TIFF and NIfTI (.nii/.nii.gz)",
-        "labels.csv": "not an image (.csv); ingest reads PNG, TIFF and NIfTI (.nii/.nii.gz)",
+        "LICENSE": "not an image (no extension); ingest reads " + FORMATS_TEXT,
+        "README.md": "not an image (.md); ingest reads " + FORMATS_TEXT,
+        "images/notes/scanner.txt": "not an image (.txt); ingest reads " + FORMATS_TEXT,
+        "labels.csv": "not an image (.csv); ingest reads " + FORMATS_TEXT,
     }
     lines = res.ignored_csv.read_text(encoding="utf-8").splitlines()
     assert lines[0] == "path,reason" and lines[1:] == sorted(lines[1:])

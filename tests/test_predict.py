@@ -262,6 +262,43 @@ def test_recursive_keeps_subfolders_and_skips_its_own_output(env: dict[str, Any]
     assert again.n_written == 3
 
 
+def test_other_formats_predict_on_their_own_grid(env: dict[str, Any], tmp_path: Path) -> None:
+    """NRRD and DICOM-series volumes come back as NIfTI on the input's grid; JPEG and 2D DICOM as PNG."""
+    import nibabel as nib
+    import SimpleITK as sitk
+    from PIL import Image
+
+    from tests.test_formats import write_dicom, write_series
+    from tumorseg import predict
+    from tumorseg.imageio import decode, read_bytes
+    from tumorseg.inference import Segmenter
+
+    vol = env["volume"]  # (X=40, Y=56, Z=6)
+    src = tmp_path / "in"
+    src.mkdir()
+    img = sitk.GetImageFromArray(np.transpose(vol, (2, 1, 0)))  # ITK's (Z, Y, X)
+    img.SetSpacing((0.7, 0.7, 3.0))
+    img.SetOrigin((4.0, -2.0, 9.0))
+    sitk.WriteImage(img, str(src / "vol.nrrd"))
+    write_series(src / "S1", np.transpose(vol, (2, 1, 0)).astype(np.uint16))
+    Image.fromarray(env["plane"].astype(np.uint8)).save(src / "photo.jpg", quality=95)
+    write_dicom(src / "us.dcm", env["plane"].astype(np.uint16), Modality="US", PixelSpacing=[0.2, 0.2])
+    res = predict.run(_cfg(env, [src], tmp_path / "out"))
+    assert res.n_written == 4 and res.n_slices == 6 + 6 + 1 + 1
+    out = res.output_dir
+    assert sorted(p.name for p in out.iterdir()) == ["S1.nii.gz", "photo.png", "us.png", "vol.nii.gz"]
+    seg = Segmenter.from_checkpoint(env["ckpt"], device="cpu")
+    for name, source in (("vol.nii.gz", src / "vol.nrrd"), ("S1.nii.gz", src / "S1")):
+        grid = decode(read_bytes(source), source)
+        m = nib.load(str(out / name))
+        assert m.shape == grid.array.shape == vol.shape
+        np.testing.assert_allclose(m.affine, grid.affine)  # exactly the input's voxels, in RAS+
+        expected = seg.predict_masks([grid.array[None, :, :, k].astype(np.float32) for k in range(vol.shape[2])])
+        np.testing.assert_array_equal(np.asarray(m.dataobj), np.stack(expected, axis=2))
+    assert np.allclose(np.abs(np.diag(nib.load(str(out / "vol.nii.gz")).affine))[:3], [0.7, 0.7, 3.0])
+    assert _read_png(out / "photo.png").shape == env["plane"].shape
+
+
 # ----------------------------------------------------------------------------- CLI and errors
 
 
@@ -320,7 +357,7 @@ def test_input_and_model_errors(env: dict[str, Any], tmp_path: Path) -> None:
     _one_line_exit_2([ckpt, str(txt), "-o", out], r"unsupported format")
     empty = tmp_path / "empty"
     empty.mkdir()
-    _one_line_exit_2([ckpt, str(empty), out], r"no PNG, TIFF or NIfTI images")
+    _one_line_exit_2([ckpt, str(empty), out], r"no images \(PNG, JPEG")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"garbage" * 20)
     _one_line_exit_2([str(corrupt), wide, out], r"corrupt or not a tumorseg checkpoint")

@@ -70,7 +70,7 @@ def test_each_epoch_logs_tumour_case_dice_and_the_false_positive_rate(manifest: 
     cfg = TrainConfig.model_validate({
         "manifest": str(manifest), "out": str(tmp_path), "run_name": "cases", "plan": "off", "epochs": 3,
         "batch_size": 4, "image_size": [64, 64], "model": {"channels": [8, 16, 32], "num_res_units": 1},
-        "log_model": False, "val_overlays": 0,
+        "log_model": False, "val_overlays": 0, "val_unit": "case",  # the fixture's patients hold several slices
     })
     res = train.run(cfg)
     history = load(tmp_path / "cases" / "last.pt")["history"]
@@ -79,6 +79,7 @@ def test_each_epoch_logs_tumour_case_dice_and_the_false_positive_rate(manifest: 
         # a tumour-free case counts only when it has a false positive (then as 0): the val Dice follows exactly
         counted = n_tumour + row["val_fp_rate"] * n_free
         assert row["val_dice"] == pytest.approx(row["val_dice_tumour"] * n_tumour / counted)
+        assert row["val_dice_case"] == row["val_dice"]  # selection per case: the same figure
     client = mlflow.MlflowClient(mlflow_uri)
     for key in ("val_dice_tumour", "val_fp_rate"):
         logged = [m.value for m in client.get_metric_history(res.mlflow_run_id, key)]

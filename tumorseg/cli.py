@@ -130,9 +130,13 @@ def _parse_fractions(text: str) -> tuple[float, float, float]:
 @app.command()
 @user_errors
 def ingest(
-    images_dir: Annotated[Path, typer.Argument(help="folder of images (and masks, if MASKS_DIR is omitted)")],
+    images_dir: Annotated[Path | None, typer.Argument(
+        help="folder of images (and masks, if MASKS_DIR is omitted); omit with --pairs")] = None,
     masks_dir: Annotated[Path | None, typer.Argument(help="folder of masks (default: IMAGES_DIR)")] = None,
     name: Annotated[str, typer.Option("--name", help="manifest name: writes data_manifest/NAME/")] = ...,  # type: ignore[assignment]
+    pairs: Annotated[Path | None, typer.Option(
+        "--pairs", help="CSV listing the cases instead of folders: columns image,mask[,group][,split], paths "
+                        "relative to the CSV")] = None,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="where manifests live")] = Path("data_manifest"),
     mask_suffix: Annotated[
         str, typer.Option(help="stem suffix that marks a mask (x_mask.png, x_mask_1.png)")
@@ -151,7 +155,8 @@ def ingest(
     regions: Annotated[str | None, typer.Option(
         help="region-based training over the labels (overlapping, painted back in this order), e.g. "
              "'whole=1,2,3 core=1,3 enhancing=3'")] = None,
-    slice_axis: Annotated[int, typer.Option(help="axis along which 3D NIfTI volumes are sliced")] = 2,
+    slice_axis: Annotated[int, typer.Option(help="axis along which volumes (NIfTI, NRRD/MHA, DICOM series, "
+                                                 "TIFF stacks) are sliced")] = 2,
     strict: Annotated[bool, typer.Option("--strict", help="fail (exit 2, no manifest) on any rejected file")] = False,
     workers: Annotated[int, typer.Option(help="decode processes (0 = one per core, max 8)")] = 0,
     tracking_uri: TrackingUri = None,
@@ -162,7 +167,8 @@ def ingest(
 
     cfg = build_config(
         IngestConfig,
-        dict(images_dir=images_dir, masks_dir=masks_dir, name=name, out_dir=out_dir, mask_suffix=mask_suffix,
+        dict(images_dir=images_dir, masks_dir=masks_dir, pairs=pairs, name=name, out_dir=out_dir,
+             mask_suffix=mask_suffix,
              recursive=recursive, group_pattern=group_pattern, group_by=group_by,
              fractions=_parse_fractions(fractions), seed=seed, folds=folds, mask_threshold=mask_threshold,
              labels=parse_labels(labels) if labels is not None else None,

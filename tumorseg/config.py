@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tumorseg.errors import TumorsegError
+from tumorseg.configio import (  # noqa: F401 - the config API, re-exported
+    C,
+    build_config,
+    deep_merge,
+    dump_config,
+    load_config,
+    parse_overrides,
+    read_yaml,
+    validation_message,
+)
 
 DEFAULT_EXPERIMENT = "tumorseg"
 
@@ -38,10 +46,12 @@ class TrackingConfig(StrictModel):
 # ----------------------------------------------------------------------------- ingest
 
 class IngestConfig(StrictModel):
-    """Options of ``tumorseg ingest``."""
+    """Options of ``tumorseg ingest``: image/mask folders, or a pairs list (``pairs``) instead."""
 
-    images_dir: Path
+    images_dir: Path | None = None
     masks_dir: Path | None = None
+    pairs: Path | None = Field(default=None, description="CSV with columns image,mask[,group][,split]; paths "
+                               "relative to the CSV's folder")
     name: str
     out_dir: Path = Path("data_manifest")
     mask_suffix: str = "_mask"
@@ -75,9 +85,20 @@ class IngestConfig(StrictModel):
 
     @model_validator(mode="after")
     def _folder_groups_need_recursion(self) -> IngestConfig:
-        if self.group_by == "folder" and not self.recursive and not self.group_pattern:
+        if (self.images_dir is None) == (self.pairs is None):
+            raise ValueError("give IMAGES_DIR [MASKS_DIR] or --pairs pairs.csv (one of them)")
+        if self.pairs is not None and self.masks_dir is not None:
+            raise ValueError("--pairs lists the masks itself; drop MASKS_DIR")
+        if self.group_by == "folder" and not self.recursive and not self.group_pattern and self.pairs is None:
             raise ValueError("--group-by folder needs --recursive (one subfolder per patient)")
         return self
+
+    @property
+    def source(self) -> Path:
+        """What the cases come from: the pairs list or the images folder (named in messages)."""
+        source = self.pairs if self.pairs is not None else self.images_dir
+        assert source is not None
+        return source
 
     @field_validator("folds")
     @classmethod
@@ -251,6 +272,10 @@ class TrainConfig(StrictModel):
                     "units (physical units such as CT); image: per-image z-score",
     )
     early_stopping_patience: int | None = Field(default=15, ge=1)
+    val_unit: Literal["auto", "case", "group"] = Field(
+        default="auto", description="what val Dice averages over for the best checkpoint, early stopping and "
+        "post-processing: per case, or per group with counts pooled (volumetric Dice per patient); auto: per group "
+        "when groups hold several cases (tumorseg.planning.rules.selection_unit)")
     val_window: int | None = Field(default=None, ge=1, description="epochs the val Dice is averaged over (a moving "
                                    "average) to pick the best checkpoint and stop early; default: a tenth of epochs")
     val_overlays: int = Field(default=4, ge=0)
@@ -364,100 +389,3 @@ class PredictConfig(StrictModel):
     threshold: float | None = None
     slice_axis: int = Field(default=2, ge=0, le=2)
     tracking: TrackingConfig = TrackingConfig()
-
-
-# ----------------------------------------------------------------------------- helpers
-
-C = TypeVar("C", bound=BaseModel)
-
-
-def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
-    """Turn ``["a.b=1", "c=[2, 3]"]`` into a nested dict; values are parsed as YAML."""
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, raw = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise TumorsegError(f"--set {pair!r}: expected key=value, e.g. --set epochs=2 or --set optim.lr=1e-4")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise TumorsegError(f"--set {pair!r}: value is not valid YAML ({exc.__class__.__name__})") from exc
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise TumorsegError(f"--set {pair!r}: {part} is set both as a value and as a section")
-        node[parts[-1]] = value
-    return out
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Recursively merge ``over`` into a copy of ``base``."""
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or bad YAML is a one-line error."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise TumorsegError(f"{path}: config file not found") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        raise TumorsegError(f"{path}: invalid YAML{line}; fix the syntax") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise TumorsegError(f"{path}: expected a mapping of settings at the top level")
-    return data
-
-
-def validation_message(exc: ValidationError, source: str, section: str | None = None) -> str:
-    """One line from a pydantic error: the first problem, its key (under ``section``) and the fix."""
-    err = exc.errors()[0]
-    loc = ".".join([*([section] if section else []), *(str(p) for p in err["loc"])]) or "(top level)"
-    msg = "unknown setting; check the spelling" if err["type"] == "extra_forbidden" else err["msg"]
-    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{source}: {loc}: {msg}{more}"
-
-
-def build_config(cls: type[C], data: dict[str, Any], source: str = "config", section: str | None = None) -> C:
-    """Validate ``data`` as ``cls``; errors become one-line :class:`TumorsegError`.
-
-    ``section`` prefixes the key in the message (``train.epochs``) when ``data`` is one
-    section of a larger file, such as a pipeline YAML.
-    """
-    try:
-        return cls.model_validate(data)
-    except ValidationError as exc:
-        raise TumorsegError(validation_message(exc, source, section)) from exc
-
-
-def load_config(cls: type[C], path: Path | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> C:
-    """Build a config from ``base`` <- YAML file <- ``--set`` overrides."""
-    data: dict[str, Any] = dict(base or {})
-    source = "config"
-    if path is not None:
-        data = deep_merge(data, read_yaml(path))
-        source = str(path)
-    if overrides:
-        data = deep_merge(data, parse_overrides(overrides))
-        source = f"{source} + --set" if path is not None else "--set"
-    return build_config(cls, data, source)
-
-
-def dump_config(cfg: BaseModel) -> str:
-    """The full resolved config as YAML (paths as strings)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

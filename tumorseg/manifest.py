@@ -15,7 +15,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
 from tumorseg.errors import TumorsegError
-from tumorseg.fsutil import sha256_bytes, sha256_file
+from tumorseg.fsutil import sha256_bytes
 from tumorseg.labels import Classes
 
 COLUMNS: list[str] = [
@@ -143,7 +143,7 @@ def verify_files(info: ManifestInfo, df: pd.DataFrame, source: str | os.PathLike
 
     def current(paths: list[Path]) -> str:
         for path in paths:
-            if not path.is_file():
+            if not path.exists():
                 raise TumorsegError(f"{path}: listed in {source} but missing; restore it or re-run tumorseg ingest")
         key = "|".join(str(p) for p in paths)
         if key not in checked:
@@ -166,5 +166,7 @@ def combine_hashes(hashes: list[str]) -> str:
 
 
 def combined_sha256(paths: list[Path]) -> str:
-    """:func:`combine_hashes` of files on disk."""
-    return combine_hashes([sha256_file(p) for p in paths])
+    """:func:`combine_hashes` of files on disk (a DICOM series folder or MHD pair hashed as ingest read it)."""
+    from tumorseg.imageio.read import source_sha256
+
+    return combine_hashes([source_sha256(p) for p in paths])

@@ -30,6 +30,9 @@ def print_ingest_summary(res: IngestResult) -> None:
     con = _console()
     con.print(table)
     con.print(f"groups in more than one split: {s['groups_straddling_splits']}")
+    if s.get("lossy_masks"):
+        con.print(f"JPEG masks: {s['lossy_masks']} case(s) binarised at half their range (JPEG never stores two exact "
+                  "values; see mask_encoding in manifest.csv)")
     where = f" (see {res.manifest_dir / 'rejected.csv'})" if res.n_rejected else ""
     con.print(f"rejected files: {res.n_rejected}{where}")
     if res.n_ignored:

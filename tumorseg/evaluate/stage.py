@@ -273,9 +273,11 @@ def label_set_of(seg: Segmenter) -> Classes:
 
 
 def surface_unit(rows: pd.DataFrame) -> str:
-    """What HD95/ASSD are in: ``pixels`` (PNG/TIFF), ``mm`` (NIfTI voxel spacing), or which is which."""
-    nifti = sum(image_format(str(p)) == "nifti" for p in rows["image"])
-    return "pixels" if nifti == 0 else "mm" if nifti == len(rows) else "mm for NIfTI cases, pixels for the others"
+    """What HD95/ASSD are in: ``pixels`` (PNG/JPEG/TIFF), ``mm`` (NIfTI/NRRD/MHA/DICOM spacing), or which is which."""
+    from tumorseg.imageio.base import PHYSICAL
+
+    mm = sum(image_format(str(p)) in PHYSICAL for p in rows["image"])
+    return "pixels" if mm == 0 else "mm" if mm == len(rows) else "mm for cases with a voxel size, pixels for the others"
 
 
 def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame, cfg: EvaluateConfig

@@ -11,13 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tumorseg.config import IngestConfig
-from tumorseg.imageio import (
-    EXTENSIONS,
-    split_ext,
-)
+from tumorseg.imageio import EXTENSIONS, FORMATS_TEXT, split_ext
+from tumorseg.imageio.dicom import is_series_folder
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -32,11 +29,14 @@ class Task:
     image: str
     masks: tuple[str, ...]
     group: str | None
+    split: str | None = None
+    """A split the user fixed (a pairs list's ``split`` column); ``None``: the stable hash split."""
 
 
-def _list_files(folder: Path, recursive: bool, skip: frozenset[Path] = frozenset()) -> list[tuple[str, bool]]:
-    """Files under ``folder`` as sorted ``(relative POSIX path, is_symlink)`` pairs.
+def _list_files(folder: Path, recursive: bool, skip: frozenset[Path] = frozenset()) -> list[tuple[str, bool, bool]]:
+    """Files under ``folder`` as sorted ``(relative POSIX path, is_symlink, is_series)`` triples.
 
+    A folder that holds one DICOM series is listed as one image (``is_series``), not walked.
     Hidden files and folders are skipped, and so are symlinked folders (never followed) and
     the folders in ``skip`` (resolved paths): a masks folder or the manifest output folder
     that lies inside the walked tree is not read as images on a ``--recursive`` walk.
@@ -44,7 +44,7 @@ def _list_files(folder: Path, recursive: bool, skip: frozenset[Path] = frozenset
     strings and ``os.scandir`` rather than ``pathlib``: discovery of large folders is
     otherwise dominated by path-object overhead.
     """
-    out: list[tuple[str, bool]] = []
+    out: list[tuple[str, bool, bool]] = []
     stack = [("", os.fspath(folder))]
     while stack:
         rel_dir, abs_dir = stack.pop()
@@ -53,19 +53,42 @@ def _list_files(folder: Path, recursive: bool, skip: frozenset[Path] = frozenset
                 if entry.name.startswith("."):
                     continue
                 if entry.is_dir(follow_symlinks=False):
-                    if recursive and Path(entry.path).resolve() not in skip:
+                    if Path(entry.path).resolve() in skip:
+                        continue
+                    if is_series_folder(entry.path):
+                        out.append((f"{rel_dir}{entry.name}", False, True))
+                    elif recursive:
                         stack.append((f"{rel_dir}{entry.name}/", entry.path))
                 elif entry.is_symlink():
                     if not entry.is_dir():
-                        out.append((f"{rel_dir}{entry.name}", True))
+                        out.append((f"{rel_dir}{entry.name}", True, False))
                 elif entry.is_file():
-                    out.append((f"{rel_dir}{entry.name}", False))
+                    out.append((f"{rel_dir}{entry.name}", False, False))
     out.sort(key=lambda item: item[0].split("/"))
     return out
 
 
+KNOWN_MASK_SUFFIXES = ("_mask", "_segmentation", "_seg", "_lesion", "_gt", "_label")
+"""Mask suffixes public datasets use (``x_mask``; ISIC's ``x_Segmentation``; PH2's ``x_lesion``): all of them,
+in any case, mark a mask under the default ``--mask-suffix _mask``; any other ``--mask-suffix`` is the only one."""
+
+MASK_FOLDERS = frozenset({"mask", "masks", "label", "labels", "labelstr", "labelsts", "gt", "groundtruth",
+                          "groundtruths", "annotation", "annotations", "segmentation", "segmentations"})
+"""Folder names (lower case, without spaces, ``_`` and ``-``) that hold masks named like their images:
+Kvasir-SEG's ``masks/``, CVC-ClinicDB's ``Ground Truth/``, nnU-Net's ``labelsTr/``."""
+
+
 def _mask_regex(suffix: str) -> re.Pattern[str]:
-    return re.compile(rf"^(?P<base>.+?){re.escape(suffix)}(?:_(?P<idx>\d+))?$")
+    if suffix != "_mask":
+        return re.compile(rf"^(?P<base>.+?){re.escape(suffix)}(?:_(?P<idx>\d+))?$")
+    alternatives = "|".join(re.escape(s) for s in KNOWN_MASK_SUFFIXES)  # any case: ISIC writes _Segmentation
+    return re.compile(rf"^(?P<base>.+?)(?i:{alternatives})(?:_(?P<idx>\d+))?$")
+
+
+def in_mask_folder(rel: str) -> bool:
+    """True for a file whose folder's name says it holds masks (:data:`MASK_FOLDERS`)."""
+    folder = rel.rpartition("/")[0].rpartition("/")[2]
+    return re.sub(r"[\s_-]", "", folder.lower()) in MASK_FOLDERS
 
 
 def base_name(rel: str) -> str:
@@ -73,14 +96,13 @@ def base_name(rel: str) -> str:
     return rel.rpartition("/")[2]
 
 
-UNSUPPORTED_IMAGES = {".jpg": "PNG", ".jpeg": "PNG", ".bmp": "PNG", ".gif": "PNG", ".webp": "PNG",
-                      ".dcm": "NIfTI", ".nrrd": "NIfTI", ".mha": "NIfTI", ".mhd": "NIfTI"}
+UNSUPPORTED_IMAGES = {".gif": "PNG", ".webp": "PNG", ".jp2": "PNG", ".heic": "PNG", ".nhdr": "NRRD (one file)"}
 """Image formats ingest does not read: such files are rejected (with the format to convert to), not ignored."""
 
 
 def _not_an_image(ext: str) -> str:
     """The ``ignored.csv`` reason for a file whose extension is not an image format."""
-    return f"not an image ({ext or 'no extension'}); ingest reads PNG, TIFF and NIfTI (.nii/.nii.gz)"
+    return f"not an image ({ext or 'no extension'}); ingest reads {FORMATS_TEXT}"
 
 
 def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str, str]], list[tuple[str, str]]]:
@@ -90,6 +112,7 @@ def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str,
         The cases, the rejected image files and the ignored non-image files (the last two
         as ``(root-relative path, reason)`` pairs).
     """
+    assert cfg.images_dir is not None, "a pairs list is discovered by tumorseg.ingest.pairs"
     images_dir = cfg.images_dir.resolve()
     masks_dir = (cfg.masks_dir or cfg.images_dir).resolve()
     same_folder = masks_dir == images_dir
@@ -110,12 +133,14 @@ def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str,
         rel = folder.relative_to(root).as_posix()
         return "" if rel == "." else f"{rel}/"
 
-    def accept(rel_root: str, is_link: bool) -> str | None:
+    def accept(rel_root: str, is_link: bool, is_series: bool) -> str | None:
         """The file's stem, or ``None`` for a file that cannot be a case.
 
         A file that is not an image by its extension is ignored; an image file that cannot be
-        used is rejected.
+        used is rejected. A DICOM series folder's stem is its whole name.
         """
+        if is_series:
+            return base_name(rel_root)
         stem, ext = split_ext(base_name(rel_root))
         if ext in UNSUPPORTED_IMAGES:
             rejected.append((rel_root, f"unsupported image format '{ext}'; convert it to {UNSUPPORTED_IMAGES[ext]} "
@@ -132,22 +157,26 @@ def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str,
     # manifests written inside the input tree must not be ingested by the next --recursive run
     outputs = {cfg.out_dir.resolve(), (cfg.out_dir / cfg.name).resolve()}
     prefix = prefix_of(images_dir)
-    for rel, is_link in _list_files(images_dir, cfg.recursive, frozenset({masks_dir, *outputs}) - {images_dir}):
+    for rel, is_link, is_series in _list_files(images_dir, cfg.recursive,
+                                               frozenset({masks_dir, *outputs}) - {images_dir}):
         rel_root = prefix + rel
-        stem = accept(rel_root, is_link)
+        stem = accept(rel_root, is_link, is_series)
         if stem is None:
             continue
         m = mask_re.match(stem) if same_folder else None
         if m:
             masks[key_of(rel, m["base"])][int(m["idx"] or 0)].append(rel_root)
+        elif same_folder and in_mask_folder(rel):  # masks/x.jpg beside images/x.jpg, one root walked
+            masks[key_of(rel, stem)][0].append(rel_root)
         else:
             images[key_of(rel, stem)].append(rel_root)
             image_rel[rel_root] = rel
     if not same_folder:
         prefix = prefix_of(masks_dir)
-        for rel, is_link in _list_files(masks_dir, cfg.recursive, frozenset({images_dir, *outputs}) - {masks_dir}):
+        for rel, is_link, is_series in _list_files(masks_dir, cfg.recursive,
+                                                   frozenset({images_dir, *outputs}) - {masks_dir}):
             rel_root = prefix + rel
-            stem = accept(rel_root, is_link)
+            stem = accept(rel_root, is_link, is_series)
             if stem is None:
                 continue
             m = mask_re.match(stem)
@@ -174,7 +203,8 @@ def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str,
             rejected.append(
                 (imgs[0],
                  f"image without mask: expected a mask named like '{stem}{cfg.mask_suffix}.png'"
-                 + ("" if same_folder else f" or '{stem}.png' in {masks_dir}"))
+                 + (f" or '{stem}.png' in a masks/ folder beside its own" if same_folder
+                    else f" or '{stem}.png' in {masks_dir}"))
             )
             continue
         clash = [ps for ps in mask_sets.values() if len(ps) > 1]

@@ -15,9 +15,11 @@ from tumorseg.fsutil import sha256_bytes
 from tumorseg.imageio import (
     DecodeError,
     binarize_mask,
+    check_label_format,
     decode,
     label_map,
     mask_plane,
+    mask_threshold_for,
     read_bytes,
     union_masks,
 )
@@ -78,13 +80,13 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
         image = decode(data, img_path, "image")
     except DecodeError as exc:
         return [], [(rel_img, _reason(exc, img_path))]
-    channels = image.array.shape[0] if image.mode != "NIfTI" else 1
+    channels = image.array.shape[0] if not image.is_grid else 1
     if channels not in (1, 3):
         return [], [(rel_img, f"{channels}-channel image; use grey or RGB(A)")]
     # Compare masks with the image as the loaders will read them: a volume as (X, Y, Z), any
     # 2D file (a one-slice NIfTI included) as one (H, W) plane, so formats can be mixed.
     volume = image.is_volume
-    img_shape = image.array.shape if volume else _plane(image.array, image.mode).shape
+    img_shape = image.array.shape if volume else _plane(image.array, image.is_grid).shape
 
     masks = []
     encodings = []
@@ -95,14 +97,15 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
             mdata = read_bytes(path)
             hashes.append(sha256_bytes(mdata))
             decoded = decode(mdata, path, "mask")
-            if decoded.mode == "NIfTI":
+            if decoded.is_grid:
                 plane = decoded.array if decoded.is_volume or volume else decoded.array[:, :, 0]
             else:
                 plane = mask_plane(decoded.array, path)
             if ctx.labels:
+                check_label_format(decoded, path)
                 binary, values = label_map(plane, path, ctx.labels)
             else:
-                binary, values = binarize_mask(plane, path, ctx.mask_threshold)
+                binary, values = binarize_mask(plane, path, mask_threshold_for(decoded, ctx.mask_threshold))
         except DecodeError as exc:
             return [], [(rel, _reason(exc, path)), (rel_img, f"its mask {base_name(rel)} was rejected")]
         if binary.shape != img_shape:
@@ -127,6 +130,8 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
         "image_mode": f"{image.mode} {_dtype_name(image.array.dtype)}",
         "mask_encoding": "; ".join(sorted(set(encodings))),
     }
+    if task.split is not None:
+        common["fixed_split"] = task.split  # not a manifest column: assign_splits keeps it as the split
     if volume:
         rows = []
         for k in range(mask.shape[ctx.slice_axis]):
@@ -142,9 +147,9 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
              "height": plane2d.shape[0], "width": plane2d.shape[1], **_class_counts(plane2d, ctx.labels)}], []
 
 
-def _plane(arr: Any, mode: str) -> Any:
-    """The first 2D plane of a decoded non-volume: ``(C, H, W)`` or NIfTI ``(X, Y, 1)``."""
-    return arr[:, :, 0] if mode == "NIfTI" else arr[0]
+def _plane(arr: Any, grid: bool) -> Any:
+    """The first 2D plane of a decoded non-volume: ``(C, H, W)`` or a grid's ``(X, Y, 1)``."""
+    return arr[:, :, 0] if grid else arr[0]
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:

@@ -17,6 +17,7 @@ from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_bytes, atomic_write_json, sha256_bytes
 from tumorseg.ingest.discover import discover
 from tumorseg.ingest.inspect import InspectContext, class_columns, inspect_all
+from tumorseg.ingest.pairs import pairs_root, read_pairs
 from tumorseg.labels import check_labels, check_regions
 from tumorseg.manifest import COLUMNS, SPLITS
 from tumorseg.progress import track
@@ -72,7 +73,7 @@ def assign_splits(rows: list[dict[str, Any]], cfg: IngestConfig) -> None:
                     "(e.g. %r into %r)", len({a for a, _ in joined}), example[0], example[1])
     for row, group in zip(rows, merged, strict=True):
         row["group"] = group
-        row["split"] = assign_split(group, cfg.seed, cfg.fractions)
+        row["split"] = row.pop("fixed_split", None) or assign_split(group, cfg.seed, cfg.fractions)
         row["fold"] = assign_fold(group, cfg.seed, cfg.folds) if row["split"] != "test" else -1
 
 
@@ -104,6 +105,8 @@ def summarize(rows: list[dict[str, Any]], n_rejected: int, n_ignored: int = 0) -
         "tumour": sum(1 for r in rows if r["has_tumour"]),
         "empty": sum(1 for r in rows if not r["has_tumour"]),
         "groups_straddling_splits": sum(1 for s in splits_of_group.values() if len(s) > 1),
+        # lossy (JPEG) masks are thresholded at half their range, not read as two exact values: say how many
+        "lossy_masks": sum(1 for r in rows if "JPEG:" in str(r.get("mask_encoding", ""))),
         "splits": per_split,
     }
 
@@ -121,7 +124,7 @@ def _check_tumour_coverage(rows: list[dict[str, Any]], cfg: IngestConfig) -> Non
         cover = "cases of every class" if cfg.labels else "tumour cases"
         hint = f"pass --seed {better}, which gives every split {cover}" if better is not None else "change --fractions"
         raise TumorsegError(
-            f"{cfg.images_dir}: with --seed {cfg.seed} split(s) {', '.join(missing)} would get no {what} case "
+            f"{cfg.source}: with --seed {cfg.seed} split(s) {', '.join(missing)} would get no {what} case "
             f"({len(groups)} groups with {what}); {hint}. Keep that seed for later ingests: splits stay stable."
         )
 
@@ -144,7 +147,7 @@ def _check_label_maps(rejected: list[tuple[str, str]], n_cases: int, cfg: Ingest
     values = sorted({int(float(v)) for _, shown in found for v in shown.split(", ") if v != "..."} | {0})
     suggestion = ",".join(f"{v}={'background' if v == 0 else f'class{v}'}" for v in values)
     raise TumorsegError(
-        f"{cfg.images_dir}: {len(found)} mask file(s) hold more than two values ({', '.join(map(str, values))}; "
+        f"{cfg.source}: {len(found)} mask file(s) hold more than two values ({', '.join(map(str, values))}; "
         f"first: {found[0][0]}): label maps, not binary masks; declare the labels, e.g. --labels {suggestion} "
         "(or binarise them with --mask-threshold T)"
     )
@@ -172,6 +175,9 @@ def _cell(v: Any) -> Any:
 
 
 def _data_root(cfg: IngestConfig) -> Path:
+    if cfg.pairs is not None:
+        return pairs_root(cfg.pairs)
+    assert cfg.images_dir is not None
     images = cfg.images_dir.resolve()
     if cfg.masks_dir is None:
         return images
@@ -194,6 +200,8 @@ def _check_inputs(cfg: IngestConfig) -> None:
             re.compile(cfg.group_pattern)
         except re.error as exc:
             raise TumorsegError(f"--group-pattern {cfg.group_pattern!r}: invalid regular expression ({exc})") from exc
+    if cfg.pairs is not None and not cfg.pairs.is_file():
+        raise TumorsegError(f"{cfg.pairs}: pairs list not found; give a CSV with columns image,mask[,group][,split]")
     for label, folder in (("IMAGES_DIR", cfg.images_dir), ("MASKS_DIR", cfg.masks_dir)):
         if folder is None:
             continue
@@ -215,14 +223,14 @@ def run(cfg: IngestConfig) -> IngestResult:
     """
     _check_inputs(cfg)
     root = _data_root(cfg)
-    tasks, rejected, ignored = discover(cfg, root)
+    tasks, rejected, ignored = read_pairs(cfg, root) if cfg.pairs is not None else discover(cfg, root)
     ignored = sorted(set(ignored))
     if not tasks and not rejected:
         hint = " (or add --recursive)" if not cfg.recursive else ""
         if ignored:
-            raise TumorsegError(f"{cfg.images_dir}: no image files found, only {len(ignored)} other file(s) "
+            raise TumorsegError(f"{cfg.source}: no image files found, only {len(ignored)} other file(s) "
                                 f"(first: {ignored[0][0]}: {ignored[0][1]}); check the folder{hint}")
-        raise TumorsegError(f"{cfg.images_dir}: no files found; check the folder{hint}")
+        raise TumorsegError(f"{cfg.source}: no files found; check the folder{hint}")
     ctx = InspectContext(str(root), cfg.mask_threshold, cfg.slice_axis, cfg.labels)
     workers = cfg.workers or min(8, os.cpu_count() or 1)
     rows: list[dict[str, Any]] = []
@@ -239,10 +247,14 @@ def run(cfg: IngestConfig) -> IngestResult:
             "run without --strict to get the full rejected.csv)"
         )
     if not rows:
-        raise TumorsegError(f"{cfg.images_dir}: no usable image/mask pairs ({len(rejected)} file(s) rejected: "
-                            f"first: {rejected[0][0]}: {rejected[0][1]})")
+        # name a cause, not an image rejected only because its mask was
+        path, reason = next(((p, r) for p, r in rejected if not r.startswith("its mask")), rejected[0])
+        raise TumorsegError(f"{cfg.source}: no usable image/mask pairs ({len(rejected)} file(s) rejected: "
+                            f"first: {path}: {reason})")
+    fixed = any(r.get("fixed_split") for r in rows)
     assign_splits(rows, cfg)
-    _check_tumour_coverage(rows, cfg)
+    if not fixed:  # a published split is kept as it is
+        _check_tumour_coverage(rows, cfg)
     rows.sort(key=lambda r: r["case_id"])
     summary = summarize(rows, len(rejected), len(ignored))
 
@@ -304,5 +316,5 @@ def describe(cfg: IngestConfig, result: IngestResult) -> str:
     s = result.summary
     splits = " / ".join(f"{split} {v['cases']}" for split, v in s["splits"].items())
     return (f"{result.n_cases} cases ({splits}) in {s['groups']} groups, {s['tumour']} with tumour: ingest of "
-            f"`{cfg.name}` (digest `{result.dataset_digest[:12]}`) from `{cfg.images_dir}`; {result.n_rejected} "
+            f"`{cfg.name}` (digest `{result.dataset_digest[:12]}`) from `{cfg.source}`; {result.n_rejected} "
             f"rejected and {result.n_ignored} ignored file(s); split seed {cfg.seed}.")

@@ -245,7 +245,7 @@ def model_note(ctx: Cycle, cl: Any, manifest: Path, split: str) -> str:
     return "\n".join([
         f"Tumour segmentation: {what} per 2-D image, trained by the tumorseg pipeline `{cfg.name}`.",
         "",
-        f"- **Data**: manifest `{icfg.name}` from `{icfg.images_dir}`, split by patient group "
+        f"- **Data**: manifest `{icfg.name}` from `{icfg.source}`, split by patient group "
         f"({groups}, fractions {list(icfg.fractions)}, seed {icfg.seed}) "
         "into train / val / test; each version trains on train and keeps its best-val-Dice epoch.",
         f"- **Plan**: `{tcfg.model.name}` channels {list(tcfg.model.channels)}, {size}, loss `{tcfg.loss.name}`, "

@@ -27,7 +27,12 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
 5. **Patches.** When the training size holds more pixels than fit (``MAX_PATCH_PIXELS_CPU`` on
    a CPU; from the probe's memory per image on a GPU), train on random crops of the largest
    size that fits, a third of them centred on tumour (nnU-Net's foreground oversampling), and
-   predict with a sliding window.
+   predict with a sliding window. **Patches for time** (nnU-Net's memory rule applied to the
+   budget): when even the floor resolution cannot buy the samples of rule 2 with whole images
+   (large images with small tumours, a slow CPU), train on the largest crop whose measured
+   throughput buys them, never smaller than ``PATCH_TUMOURS`` median tumour diameters (the
+   tumour and its surroundings) nor than the network's smallest input; validation and
+   inference stay whole-image (sliding window) at the training scale.
 6. **Loss.** Dice + cross-entropy, the Dice per image rather than pooled over the batch (nnU-Net's
    2D batch Dice): the score is the mean of per-case Dice, and a pooled Dice lets a batch's large
    tumours outvote its small ones. On BUSI at an equal 30-minute budget, per-image Dice raised val
@@ -42,11 +47,18 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
    at the top, slices in a canonical radiological orientation), every image the network will be
    asked about has that orientation too, and upside-down training views spend the budget on a
    case that never occurs. Random orientations (the synthetic data: about 0.4) keep both flips.
+9. **Selection unit.** Validation, the best checkpoint, early stopping and the post-processing search score
+   what users report: where the groups hold several cases (slices of a volume, images of a patient: the
+   median group has more than one case), the Dice of each group with its counts pooled over its cases (the
+   volumetric, per-patient Dice of ``per_group.csv`` and of published per-patient results), averaged over
+   groups; otherwise the mean per-case Dice. Per case, a speck on one of a volume's many tumour-free slices
+   scores that slice 0 and swings the mean; pooled, it costs the patient a few pixels (:func:`selection_unit`).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +77,9 @@ MIN_FEATURE = 4
 (7 px): the receptive field must span the tumour (benchmarks/RESULTS.md)."""
 MAX_DOWNSAMPLINGS = 5
 MAX_PATCH_PIXELS_CPU = 512 * 512
+PATCH_TUMOURS = 2.0
+"""A patch for time spans at least this many median tumour diameters (rule 5): the tumour and its context."""
+MIN_PATCH_SIDE = 64
 CPU_BATCH = 8
 GPU_BATCH_MAX = 32
 SIZE_STEP = 32
@@ -153,17 +168,44 @@ def patch_for(size: tuple[int, int], max_pixels: float) -> tuple[int, int] | Non
     return (min(size[0], side), min(size[1], side))
 
 
-def samples_in(budget: float, thr: Throughput, n_train: int, n_val: int, scale_px: float = 1.0) -> float:
-    """Training images a budget buys, after per-epoch validation and the post-processing search.
+def samples_in(budget: float, thr: Throughput, n_train: int, n_val: int, scale_px: float = 1.0,
+               infer_px: float | None = None) -> float:
+    """Training images (or patches) a budget buys, after per-epoch validation and the post-processing search.
 
-    ``scale_px`` rescales the measured throughput to another image size (cost ~ pixels).
+    ``scale_px`` rescales the measured throughput to another training size (cost ~ pixels); ``infer_px`` to
+    another validation size (default: the training size; patches train small but validate whole images).
     """
     train_ips = thr.train_images_per_second / scale_px
-    infer_ips = thr.infer_images_per_second / scale_px
+    infer_ips = thr.infer_images_per_second / (scale_px if infer_px is None else infer_px)
     finish = FINISH_SECONDS + 5.0 * n_val / infer_ips  # val with and without mirroring, then filters
     per_epoch = n_train / train_ips + n_val / infer_ips
     epochs = max(0.0, budget - finish) / per_epoch
     return epochs * n_train
+
+
+def time_patch(fp: Fingerprint, image_size: tuple[int, int], scale: float, floor_size: tuple[int, int],
+               thr_floor: Throughput, budget: float, n_val: int, want: int) -> tuple[int, int] | None:
+    """The crop that buys the samples whole images at ``image_size`` cannot (rule 5, patches for time).
+
+    ``None`` when whole images buy them. Else the largest crop (sides multiples of :data:`SIZE_STEP`) whose
+    measured throughput buys ``want`` samples, not below :data:`PATCH_TUMOURS` median tumour diameters at
+    the training scale nor :data:`MIN_PATCH_SIDE`; the smallest such crop when none buys them.
+    """
+    floor_px = floor_size[0] * floor_size[1]
+    image_px = image_size[0] * image_size[1] / floor_px
+    if samples_in(budget, thr_floor, fp.n_train, n_val, image_px) >= want:
+        return None
+    tumour = fp.tumour_diameter["median"] * scale * PATCH_TUMOURS
+    smallest = max(MIN_PATCH_SIDE, math.ceil(tumour / SIZE_STEP) * SIZE_STEP)
+    side = max(image_size) - SIZE_STEP
+    best: tuple[int, int] | None = None
+    while side >= smallest:
+        patch = (min(image_size[0], side), min(image_size[1], side))
+        best = patch
+        if samples_in(budget, thr_floor, fp.n_train, n_val, patch[0] * patch[1] / floor_px, image_px) >= want:
+            return patch
+        side -= SIZE_STEP
+    return best
 
 
 def flip_axes(fp: Fingerprint, reasons: dict[str, str]) -> list[str]:
@@ -238,6 +280,9 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         reasons["image_size"] = (f"scale {scale:.2f} of the median image: the largest size whose throughput buys "
                                  f"{want} training images in the budget")
     patch = patch_for(image_size, patch_cap(thr_floor))
+    for_time = None if patch is not None else time_patch(fp, image_size, scale, floor_size, thr_floor, budget,
+                                                         n_val, want)
+    patch = patch or for_time
     train_size = patch or image_size
     if device_type == "cuda" and thr_floor.bytes_per_image > 0 and free_memory > 0:
         # memory per image grows with its pixels; keep 60% of the free memory for everything else
@@ -246,7 +291,12 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         reasons["batch_size"] = f"{batch}: 40% of the free GPU memory at the measured memory per image"
     model = network(chosen[1], train_size)
     thr = probe(model, train_size, batch)
-    if patch is not None:
+    if for_time is not None:
+        reasons["patch_size"] = (f"whole {image_size[0]}x{image_size[1]} images buy fewer than {want} training samples "
+                                 f"in the budget: random {for_time[0]}x{for_time[1]} crops (at least "
+                                 f"{PATCH_TUMOURS:g} median tumour diameters), a third centred on tumour, "
+                                 "sliding-window inference on whole images")
+    elif patch is not None:
         reasons["patch_size"] = (f"{image_size[0]}x{image_size[1]} images hold more pixels than fit; random "
                                  f"{patch[0]}x{patch[1]} crops, a third centred on tumour, sliding-window inference")
     # rule 7: steps from the measured throughput at the chosen size
@@ -297,3 +347,18 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
                  "train_images_per_second": round(thr.train_images_per_second, 2),
                  "infer_images_per_second": round(thr.infer_images_per_second, 2)}
     return {"train": train, "estimates": estimates, "reasons": reasons}
+
+
+def selection_unit(group_sizes: list[int]) -> tuple[str, str]:
+    """``("group" | "case", reason)``: the unit val Dice averages over (rule 9).
+
+    Args:
+        group_sizes: the number of val cases in each group.
+    """
+    if not group_sizes:
+        return "case", "no val cases"
+    median = statistics.median(group_sizes)
+    if median > 1:
+        return "group", (f"val groups hold {median:g} cases (median): Dice per group with counts pooled over its "
+                         "cases, as per-patient results are reported")
+    return "case", "val groups hold one case each: mean per-case Dice"

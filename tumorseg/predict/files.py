@@ -62,7 +62,7 @@ def write_outputs(loaded: Loaded, probs: list[np.ndarray], to_mask: Callable[[np
         assert classes is not None
         mask = classes.to_values(mask)
     if item.mask_out.name.lower().endswith(".nii.gz"):
-        affine = dec.affine if dec.mode == "NIfTI" else None
+        affine = dec.affine if dec.is_grid else None
         shape = loaded.volume_shape
         if shape is not None and int(np.prod(shape)) == mask.size:
             mask_arr = mask.reshape(shape)

@@ -41,7 +41,7 @@ import numpy as np
 
 from tumorseg.config import PredictConfig
 from tumorseg.errors import TumorsegError
-from tumorseg.imageio import image_format, split_ext
+from tumorseg.imageio import FORMATS_TEXT, image_format, split_ext
 from tumorseg.predict.files import Item, Loaded, write_outputs
 
 if TYPE_CHECKING:
@@ -87,15 +87,17 @@ class PredictResult:
 
 
 def _walk(folder: Path, recursive: bool, skip: Path) -> list[Path]:
-    """Sorted image files in ``folder`` (hidden files/folders and the output folder skipped)."""
-    if not recursive:
-        return sorted(p for p in folder.iterdir()
-                      if p.is_file() and not p.name.startswith(".") and image_format(p) is not None)
+    """Sorted images in ``folder``: image files and DICOM series folders (hidden entries and the output skipped)."""
+    from tumorseg.imageio.dicom import is_series_folder
+
     out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() != skip)
-        out.extend(here / f for f in filenames if not f.startswith(".") and image_format(f) is not None)
+        out.extend(here / f for f in filenames if not f.startswith(".") and image_format(here / f) is not None)
+        series = [d for d in dirnames if not d.startswith(".") and is_series_folder(here / d)]
+        out.extend(here / d for d in series)
+        dirnames[:] = sorted(d for d in dirnames if recursive and not d.startswith(".") and d not in series
+                             and (here / d).resolve() != skip)
     return sorted(out)
 
 
@@ -106,20 +108,20 @@ def collect_inputs(cfg: PredictConfig) -> list[Item]:
     for raw in cfg.inputs:
         path = Path(raw).expanduser()
         if not path.exists():
-            raise TumorsegError(f"{path}: input not found; give image files (PNG, TIFF, NIfTI) or folders")
-        if path.is_dir():
+            raise TumorsegError(f"{path}: input not found; give image files ({FORMATS_TEXT}) or folders")
+        if path.is_dir() and image_format(path) != "dicom-series":
             if path.resolve() == out_resolved:
                 raise TumorsegError(f"{cfg.output_dir}: the output folder is the input folder {path}; "
                                     "choose another output folder (inputs are never overwritten)")
             files = _walk(path, cfg.recursive, out_resolved)
             if not files:
                 hint = "" if cfg.recursive else " (add --recursive for subfolders)"
-                raise TumorsegError(f"{path}: no PNG, TIFF or NIfTI images in this folder{hint}")
+                raise TumorsegError(f"{path}: no images ({FORMATS_TEXT}) in this folder{hint}")
             base = len(items)
             items.extend([Item(base + i, f, f.relative_to(path)) for i, f in enumerate(files)])
         else:
             if image_format(path) is None:
-                raise TumorsegError(f"{path}: unsupported format; use PNG, TIFF or NIfTI (.nii/.nii.gz)")
+                raise TumorsegError(f"{path}: unsupported format; use {FORMATS_TEXT}")
             if path.resolve().parent == out_resolved:
                 raise TumorsegError(f"{cfg.output_dir}: the output folder holds the input {path.name}; "
                                     "choose another output folder (inputs are never overwritten)")
@@ -169,16 +171,10 @@ def plan_outputs(items: list[Item], cfg: PredictConfig, volumes: set[int] | None
 # ----------------------------------------------------------------------------- decoding
 
 
-def _nifti_shape(path: Path) -> tuple[int, ...]:
-    import nibabel as nib
-
-    img: Any = nib.load(str(path))  # header only; the data is read by the one loader
-    return tuple(int(s) for s in img.shape)
-
-
 def load_item(item: Item, slice_axis: int) -> Loaded:
     """Decode one input into ``float32 (C, H, W)`` planes (one per slice for a volume)."""
     from tumorseg.imageio import decode, read_bytes, slice_of
+    from tumorseg.imageio.nifti import nifti_shape
 
     decoded = decode(read_bytes(item.path), item.path, "image")
     if decoded.is_volume:
@@ -186,7 +182,9 @@ def load_item(item: Item, slice_axis: int) -> Loaded:
         planes = [slice_of(decoded, i, slice_axis).astype(np.float32) for i in range(n)]
     else:
         planes = [slice_of(decoded, -1, slice_axis).astype(np.float32)]
-    shape = _nifti_shape(item.path) if decoded.mode == "NIfTI" else None
+    # a NIfTI mask keeps its input's header shape (trailing 1s included); other grids their decoded shape
+    shape = (nifti_shape(item.path) if image_format(item.path) == "nifti"
+             else tuple(decoded.array.shape) if decoded.is_grid else None)
     return Loaded(item, planes, decoded, shape)
 
 
@@ -248,20 +246,18 @@ def run(cfg: PredictConfig) -> PredictResult:
 
 
 def _volume_indices(items: list[Item]) -> set[int]:
-    """Items that are 3D NIfTI volumes (read from the header only): they are written as NIfTI."""
+    """Items that are volumes (NIfTI, NRRD/MHA, DICOM series and multi-frame, TIFF stacks): written as NIfTI."""
+    from tumorseg.imageio import DecodeError, volume_shape
+
     out = set()
     for it in items:
-        if image_format(it.path) == "nifti":
-            try:
-                shape = _nifti_shape(it.path)
-            except Exception as exc:  # nibabel raises several types for broken files
-                raise TumorsegError(f"{it.path}: truncated or corrupt NIfTI ({exc.__class__.__name__}); "
-                                    "re-export the file") from exc
-            dims = [s for s in shape[2:] if s != 1]
-            if dims:
+        try:
+            if volume_shape(it.path) is not None:
                 out.add(it.index)
+        except DecodeError as exc:
+            raise TumorsegError(str(exc)) from exc
     if out:
-        log.warning("%d 3D NIfTI volume(s) are written as .nii.gz (a PNG cannot hold a volume)", len(out))
+        log.warning("%d volume(s) are written as .nii.gz (a PNG cannot hold a volume)", len(out))
     return out
 
 

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from tumorseg import checkpoint
 from tumorseg.config import TrainConfig
 from tumorseg.errors import TumorsegError
@@ -76,6 +78,7 @@ class TrainContext:
         deadline: ``time.perf_counter()`` value by which training must stop (the time budget), or ``None``.
         fingerprint: the raw intensity range of the training images (stored in the checkpoint).
         classes: the label set the network predicts (stored in the checkpoint).
+        val_units: val case -> group index when val Dice is pooled per group; ``None``: per case.
     """
 
     cfg: TrainConfig
@@ -97,6 +100,7 @@ class TrainContext:
     finish_seconds: float = 10.0
     refine_steps: bool = False
     refine_patience: bool = False
+    val_units: np.ndarray | None = None
 
     def out_of_time(self) -> bool:
         """True when one more validation and the end of the run would overrun the budget."""
@@ -344,7 +348,8 @@ def _epoch(ctx: TrainContext, train_data: Split, val_data: Split | None, state: 
     per_class: dict[str, float] = {}
     cases: dict[str, float] = {}
     if dist.main and val_data is not None:
-        val_dice, per_class, cases = validate(getattr(ctx.net, "module", ctx.net), val_data, cfg, device, ctx.classes)
+        val_dice, per_class, cases = validate(getattr(ctx.net, "module", ctx.net), val_data, cfg, device, ctx.classes,
+                                              ctx.val_units)
         ctx.val_seconds = time.perf_counter() - t0 - train_seconds
         # after the last epoch: overlays and the model (~10 s), and the post-processing search, which
         # predicts val once plainly and once with four mirrorings

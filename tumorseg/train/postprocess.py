@@ -4,7 +4,8 @@ The best checkpoint predicts val once plainly and once with mirroring (streamed,
 mirroring, probability threshold, smallest peak probability of a kept component (binary models: hysteresis
 thresholding, boundaries at the threshold, existence at the peak) and component filter (keep all, keep the
 largest, drop components smaller than half the smallest val tumour) is scored by mean val Dice (the same
-per-case Dice as validation, so a false positive on a tumour-free image counts as 0). A choice
+Dice per unit as validation, a case or a group with pooled counts, so a false positive on a tumour-free
+unit counts as 0). A choice
 is kept only when it beats the plain prediction at threshold 0.5 by more than ``MIN_GAIN``, and
 small components are dropped whenever that costs nothing on val (:func:`pick`);
 it is stored in the checkpoint, so evaluate, predict and the MLflow model apply the same one.
@@ -26,7 +27,7 @@ from tumorseg.config import TrainConfig
 from tumorseg.fsutil import atomic_write_json
 from tumorseg.inference import Postprocess, component_peaks, components
 from tumorseg.labels import Classes
-from tumorseg.train.validation import case_dice, class_means, val_probabilities
+from tumorseg.train.validation import Tally, case_counts, class_means, val_probabilities
 
 if TYPE_CHECKING:
     import torch
@@ -53,13 +54,13 @@ def smallest_tumour(masks: Iterable[np.ndarray]) -> int:
 
 
 def choose(net: torch.nn.Module, val: Split, cfg: TrainConfig, device: torch.device,
-           classes: Classes | None = None) -> tuple[Postprocess, dict[str, Any]]:
+           classes: Classes | None = None, units: np.ndarray | None = None) -> tuple[Postprocess, dict[str, Any]]:
     """The post-processing that maximises mean val (foreground) Dice, and the scores behind the choice.
 
     One streaming pass: each case is predicted plainly and mirrored, every candidate scored on it,
     and only the running sums kept, so memory does not grow with the number of val cases. A
     multi-class model takes the argmax (no threshold to choose; a region-based one thresholds its regions);
-    the component rule applies per class.
+    the component rule applies per class. ``units`` pools the counts per group, as validation does.
     """
     classes = classes or Classes()
     min_size = max(1, smallest_tumour(val.original_mask(i) for i in range(len(val))) // 2)
@@ -71,30 +72,28 @@ def choose(net: torch.nn.Module, val: Split, cfg: TrainConfig, device: torch.dev
     grid = [(tta, threshold, Postprocess(threshold=threshold, keep=keep, min_size=min_size if keep == "min_size"
                                          else 0, tta=tta, min_confidence=conf))
             for tta, threshold in product(ttas, thresholds) for conf in confidences for keep in keeps]
-    # per candidate and tumour class: (sum of finite Dice, count); row 0: the plain prediction
-    sums = np.zeros((len(grid) + 1, len(classes.foreground), 2))
+    # per candidate, unit and tumour class: pooled tp/fp/fn; candidate 0: the plain prediction
+    tally = Tally(len(val), classes, units, candidates=len(grid) + 1)
     plain_probs = val_probabilities(net, val, cfg, device, tta=False, softmax=classes.softmax)
     mirrored_probs = val_probabilities(net, val, cfg, device, tta=True, softmax=classes.softmax) if ttas[-1] else None
     for i, plain in enumerate(plain_probs):
         mirrored = next(mirrored_probs) if mirrored_probs is not None else plain
         gt = val.original_mask(i)
-        scores = [case_dice(base.mask(plain, classes), gt, classes)]
+        counts = [case_counts(base.mask(plain, classes), gt, classes)]
         labelled: dict[tuple[bool, float], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for tta, threshold, post in grid:
             prob = mirrored if tta else plain
             if classes.multiclass:
-                scores.append(case_dice(post.mask(prob, classes), gt, classes))
+                counts.append(case_counts(post.mask(prob, classes), gt, classes))
                 continue
             # label each case once per (mirroring, threshold); the component rules reuse the labels
             key = (tta, threshold)
             if key not in labelled:
                 labels, sizes = components(prob > threshold)
                 labelled[key] = (labels, sizes, component_peaks(labels, sizes, prob))
-            scores.append(case_dice(post.filter(*labelled[key]), gt, classes))
-        arr = np.asarray(scores)
-        finite = np.isfinite(arr)
-        sums[..., 0] += np.where(finite, arr, 0.0)
-        sums[..., 1] += finite
+            counts.append(case_counts(post.filter(*labelled[key]), gt, classes))
+        tally.add(i, np.asarray(counts))
+    sums = tally.sums()
     means = [class_means(row, classes)[0] for row in sums]
     base_score = means[0]
     table = {f"tta={int(tta)},t={threshold},conf={post.min_confidence},keep={post.keep}": score
@@ -126,12 +125,13 @@ def pick(scored: list[tuple[Postprocess, float]], base: Postprocess,
     return best, best_score
 
 
-def choose_and_store(run: Run, best: Path, cfg: TrainConfig, val_data: Split, device: torch.device) -> None:
+def choose_and_store(run: Run, best: Path, cfg: TrainConfig, val_data: Split, device: torch.device,
+                     units: np.ndarray | None = None) -> None:
     """Choose threshold, mirroring and component filter on val; store the choice in ``best.pt``."""
     from tumorseg.inference import Segmenter
 
     seg = Segmenter.from_checkpoint(best, device=device.type)
-    post, scores = choose(seg.net, val_data, cfg, device, seg.classes)
+    post, scores = choose(seg.net, val_data, cfg, device, seg.classes, units)
     ckpt = checkpoint.load(best)
     ckpt["postprocess"] = post.to_dict()
     checkpoint.save(best, ckpt)

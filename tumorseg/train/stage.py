@@ -37,7 +37,7 @@ from tumorseg.train.runtime import (
     seed_everything,
     total_steps,
 )
-from tumorseg.train.validation import case_dice
+from tumorseg.train.validation import case_dice, val_units
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -135,6 +135,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
     if dist.main and cfg.normalize == "dataset" and ckpt is None and fingerprint:
         warn_mixed_ranges(fingerprint)
     train_data, val_data = inputs.train, inputs.val
+    units, val_unit, unit_reason = (val_units(cfg, val_df, val_data.case_ids) if val_data is not None
+                                    else (None, "case", "no val split"))
 
     net = build_model(cfg.model, in_channels, classes.out_channels, load_weights=ckpt is None)
     if ckpt is None:
@@ -182,7 +184,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
             run.log_params(cfg.model_dump(mode="json"))
             run.log_params({"in_channels": in_channels, "labels": classes.describe(),
                             "train_cases": len(train_df), "val_cases": len(val_df),
-                            "world_size": dist.world, "data_storage": "disk" if inputs.storage == "disk" else "memory"})
+                            "world_size": dist.world, "data_storage": "disk" if inputs.storage == "disk" else "memory",
+                            "selection_unit": val_unit, "selection_unit_reason": unit_reason})
             run.log_manifest_input(manifest, context="training")
             run.log_artifact(run_dir / "config.yaml")
             if plan is not None:
@@ -201,13 +204,14 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
                            # planned steps are refitted to the first epoch's speed (one process: DDP ranks
                            # would each measure their own)
                            refine_steps=plan is not None and dist.world == 1 and "max_steps" not in plan.overrides,
-                           refine_patience=plan is not None and "early_stopping_patience" not in plan.overrides)
+                           refine_patience=plan is not None and "early_stopping_patience" not in plan.overrides,
+                           val_units=units)
         run_epochs(ctx, train_data, val_data, state)
         result = TrainResult(run_dir, run_dir / "best.pt", run_dir / "last.pt", state.best_val_dice,
                              state.best_epoch, state.epoch, run.run_id, None, dist.main, state.stopped_reason,
                              state.history)
         if dist.main:
-            result.model_uri = _finish(run, run_dir, cfg, val_data, device, state, info, val_df, source)
+            result.model_uri = _finish(run, run_dir, cfg, val_data, device, state, info, val_df, source, units)
             if budget is not None:
                 run.log_metrics({"wall_seconds": spent + time.perf_counter() - t_start, "budget_seconds": budget})
             run.set_description(_describe(cfg, info, len(train_df), len(val_df), state, done=True))
@@ -265,7 +269,8 @@ def _describe(cfg: TrainConfig, info: Any, n_train: int, n_val: int, state: Stat
 
 
 def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: Split | None, device: torch.device,
-            state: State, info: ManifestInfo, val_df: pd.DataFrame, source: str) -> str | None:
+            state: State, info: ManifestInfo, val_df: pd.DataFrame, source: str,
+            units: np.ndarray | None = None) -> str | None:
     """Learning curve, val overlays at the best epoch, and the MLflow model."""
     from tumorseg import review
     from tumorseg.data import CaseReader
@@ -273,7 +278,7 @@ def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: Split | None, d
 
     best = run_dir / "best.pt"
     if cfg.postprocess == "auto" and val_data is not None and best.is_file():
-        postprocess.choose_and_store(run, best, cfg, val_data, device)
+        postprocess.choose_and_store(run, best, cfg, val_data, device, units)
     curve = run_dir / "learning_curve.png"
     review.learning_curve(state.history, curve)
     run.log_artifact(curve)

@@ -1,8 +1,9 @@
 """Validation during training: the val split predicted at its original resolution and scored per class.
 
-The mean foreground Dice (the mean over tumour classes of each class's mean per-case Dice; for a
+The mean foreground Dice (the mean over tumour classes of each class's mean Dice per unit; for a
 binary model, its one class), smoothed over epochs (:func:`smooth`), drives the best checkpoint,
-early stopping and the LR plateau.
+early stopping and the LR plateau. The unit is a case, or a group with its counts pooled over its
+cases (volumetric Dice per patient; :func:`tumorseg.planning.rules.selection_unit`): :class:`Tally`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tumorseg.labels import Classes
 from tumorseg.metrics import confusion, dice
 
 if TYPE_CHECKING:
+    import pandas as pd
     import torch
 
     from tumorseg.data import Split
@@ -68,39 +70,110 @@ def case_dice(pred: np.ndarray, gt: np.ndarray, classes: Classes) -> list[float]
     return [dice(confusion(p, g)) for p, g in zip(classes.score_masks(pred), classes.score_masks(gt), strict=True)]
 
 
+def case_counts(pred: np.ndarray, gt: np.ndarray, classes: Classes) -> np.ndarray:
+    """``(K, 3)`` tp, fp, fn of each tumour class (or region) on one case."""
+    out = np.zeros((len(classes.foreground), 3))
+    for k, (p, g) in enumerate(zip(classes.score_masks(pred), classes.score_masks(gt), strict=True)):
+        c = confusion(p, g)
+        out[k] = (c.tp, c.fp, c.fn)
+    return out
+
+
+class Tally:
+    """Confusion counts of val cases pooled per unit, for any number of candidates (predictions of each case).
+
+    A unit is a case (``units`` is ``None``) or a group (``units[i]``: the group index of case ``i``).
+    Each unit's Dice per class is ``2tp / (2tp + fp + fn)`` of its pooled counts (NaN where the class is
+    absent from both, left out of that class's mean; a false positive on a tumour-free unit scores 0),
+    so per case it is exactly the per-case Dice, and per group the volumetric Dice of ``per_group.csv``.
+    """
+
+    def __init__(self, n_cases: int, classes: Classes, units: np.ndarray | None = None, candidates: int = 1):
+        self.units = np.arange(n_cases) if units is None else np.asarray(units, dtype=np.int64)
+        self.counts = np.zeros((candidates, int(self.units.max(initial=-1)) + 1, len(classes.foreground), 3))
+
+    def add(self, case: int, counts: np.ndarray) -> None:
+        """Add one case's ``(candidates, K, 3)`` (or ``(K, 3)``) counts to its unit."""
+        self.counts[:, self.units[case]] += counts
+
+    def dice(self) -> np.ndarray:
+        """``(candidates, units, K)`` Dice of each unit and class (NaN where absent from both)."""
+        c = self.counts
+        denom = 2 * c[..., 0] + c[..., 1] + c[..., 2]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(denom > 0, 2 * c[..., 0] / np.where(denom > 0, denom, 1), np.nan)
+
+    def sums(self) -> np.ndarray:
+        """``(candidates, K, 2)``: per class, the sum of finite unit Dice and their count (:func:`class_means`)."""
+        d = self.dice()
+        finite = np.isfinite(d)
+        return np.stack([np.where(finite, d, 0.0).sum(axis=1), finite.sum(axis=1)], axis=-1)
+
+
 def validate(net: torch.nn.Module, data: Split, cfg: TrainConfig, device: torch.device,
-             classes: Classes | None = None) -> tuple[float, dict[str, float], dict[str, float]]:
-    """Per-case, per-class Dice at the original resolution (the counts of :func:`tumorseg.metrics.confusion`).
+             classes: Classes | None = None, units: np.ndarray | None = None
+             ) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Per-class Dice at the original resolution, averaged over units (counts of :func:`tumorseg.metrics.confusion`).
 
     Probabilities become class indices by :meth:`tumorseg.labels.Classes.decide` (cut at ``cfg.threshold``,
-    the argmax, or regions painted); each class (or region) is scored on its own.
-    Cases where a class is absent from both prediction and truth are NaN for that class and left out
-    of its mean (a false positive on a tumour-free image counts as 0).
+    the argmax, or regions painted); each class (or region) is scored on its own. A unit is a case, or with
+    ``units`` (case -> group index) a group whose counts are pooled over its cases (:class:`Tally`).
+    Units where a class is absent from both prediction and truth are NaN for that class and left out
+    of its mean (a false positive on a tumour-free unit counts as 0).
 
     Returns:
-        (mean foreground Dice, ``{class name: mean Dice}``, ``{"val_dice_tumour": the mean Dice of the cases
-        with tumour, "val_fp_rate": the share of tumour-free cases given any tumour pixel}``; NaN where there
-        are no such cases). The last two tell a swing of the first apart: shapes, or specks on healthy images.
+        (mean foreground Dice per unit, ``{class name: mean Dice}``, ``{"val_dice_tumour": the mean Dice of the
+        cases with tumour, "val_fp_rate": the share of tumour-free cases given any tumour pixel,
+        "val_dice_case": the mean per-case Dice}``; NaN where there are no such cases). The last three tell a
+        swing of the first apart: shapes, or specks on healthy images.
     """
     classes = classes or Classes()
-    sums = np.zeros((len(classes.foreground), 2))
+    per_case = Tally(len(data), classes)
+    per_unit = Tally(len(data), classes, units) if units is not None else per_case
     tumour: list[float] = []
     fp: list[bool] = []
     for i, prob in enumerate(val_probabilities(net, data, cfg, device, softmax=classes.softmax)):
         pred = classes.decide(prob, cfg.threshold)
         gt = data.original_mask(i)
-        scores = np.asarray(case_dice(pred, gt, classes))
-        finite = np.isfinite(scores)
-        sums[finite, 0] += scores[finite]
-        sums[finite, 1] += 1
+        counts = case_counts(pred, gt, classes)
+        per_case.add(i, counts)
+        if per_unit is not per_case:
+            per_unit.add(i, counts)
         if gt.any():
+            denom = 2 * counts[:, 0] + counts[:, 1] + counts[:, 2]
+            scores = np.where(denom > 0, 2 * counts[:, 0] / np.maximum(denom, 1), np.nan)
+            finite = np.isfinite(scores)
             tumour.append(float(np.mean(scores[finite])) if finite.any() else 0.0)
         else:
             fp.append(bool(pred.any()))
-    mean, per_class = class_means(sums, classes)
+    mean, per_class = class_means(per_unit.sums()[0], classes)
     cases = {"val_dice_tumour": float(np.mean(tumour)) if tumour else float("nan"),
-             "val_fp_rate": float(np.mean(fp)) if fp else float("nan")}
+             "val_fp_rate": float(np.mean(fp)) if fp else float("nan"),
+             "val_dice_case": class_means(per_case.sums()[0], classes)[0]}
     return mean, per_class, cases
+
+
+def group_units(case_ids: list[str], group_of: dict[str, str]) -> np.ndarray:
+    """Case index -> group index (groups numbered in order of first appearance)."""
+    index: dict[str, int] = {}
+    return np.array([index.setdefault(group_of[c], len(index)) for c in case_ids], dtype=np.int64)
+
+
+def val_units(cfg: TrainConfig, val_df: pd.DataFrame, case_ids: list[str]) -> tuple[np.ndarray | None, str, str]:
+    """``(units for validate, "case" | "group", reason)``: ``cfg.val_unit``, or the planning rule on ``auto``.
+
+    ``case_ids`` are the val split's cases in the order validation reads them.
+    """
+    from tumorseg.planning.rules import selection_unit
+
+    if cfg.val_unit == "auto":
+        unit, reason = selection_unit([int(n) for n in val_df.groupby("group").size()])
+    else:
+        unit, reason = cfg.val_unit, "val_unit in the config"
+    if unit == "case":
+        return None, unit, reason
+    group_of = dict(zip(val_df["case_id"].astype(str), val_df["group"].astype(str), strict=True))
+    return group_units(case_ids, group_of), unit, reason
 
 
 def val_span(cfg: TrainConfig) -> int:

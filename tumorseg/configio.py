@@ -1,0 +1,108 @@
+"""Reading, overriding and validating configs: YAML files, ``--set key=value`` overrides, one-line errors.
+
+Kept apart from the config models in :mod:`tumorseg.config` (which re-exports these), so each stays short.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from tumorseg.errors import TumorsegError
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=[2, 3]"]`` into a nested dict; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise TumorsegError(f"--set {pair!r}: expected key=value, e.g. --set epochs=2 or --set optim.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise TumorsegError(f"--set {pair!r}: value is not valid YAML ({exc.__class__.__name__})") from exc
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise TumorsegError(f"--set {pair!r}: {part} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``over`` into a copy of ``base``."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or bad YAML is a one-line error."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise TumorsegError(f"{path}: config file not found") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise TumorsegError(f"{path}: invalid YAML{line}; fix the syntax") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TumorsegError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def validation_message(exc: ValidationError, source: str, section: str | None = None) -> str:
+    """One line from a pydantic error: the first problem, its key (under ``section``) and the fix."""
+    err = exc.errors()[0]
+    loc = ".".join([*([section] if section else []), *(str(p) for p in err["loc"])]) or "(top level)"
+    msg = "unknown setting; check the spelling" if err["type"] == "extra_forbidden" else err["msg"]
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def build_config(cls: type[C], data: dict[str, Any], source: str = "config", section: str | None = None) -> C:
+    """Validate ``data`` as ``cls``; errors become one-line :class:`TumorsegError`.
+
+    ``section`` prefixes the key in the message (``train.epochs``) when ``data`` is one
+    section of a larger file, such as a pipeline YAML.
+    """
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise TumorsegError(validation_message(exc, source, section)) from exc
+
+
+def load_config(cls: type[C], path: Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> C:
+    """Build a config from ``base`` <- YAML file <- ``--set`` overrides."""
+    data: dict[str, Any] = dict(base or {})
+    source = "config"
+    if path is not None:
+        data = deep_merge(data, read_yaml(path))
+        source = str(path)
+    if overrides:
+        data = deep_merge(data, parse_overrides(overrides))
+        source = f"{source} + --set" if path is not None else "--set"
+    return build_config(cls, data, source)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The full resolved config as YAML (paths as strings)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
