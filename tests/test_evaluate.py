@@ -217,6 +217,11 @@ def test_run_folder_outputs_are_complete_and_consistent(world: dict[str, Any], t
     empty = pc[pc["gt_empty"]]
     assert s["n_gt_empty"] == len(empty)
     assert s["fp_rate_empty"] == pytest.approx((~empty["pred_empty"]).mean(), abs=1e-12)
+    tn = pc.tn.sum()
+    assert s["pixel_accuracy"] == pytest.approx((tp + tn) / (tp + tn + fp + fn), abs=1e-12)  # beside Dice/IoU
+    assert s["pixel_accuracy_tumour"] == pytest.approx(tp / (tp + fn), abs=1e-12)
+    assert s["pixel_accuracy_background"] == pytest.approx(tn / (tn + fp), abs=1e-12)
+    assert "Dice" in s["pixel_accuracy_note"]
     assert s["empty_rule"] == EMPTY_RULES["nan"]
     assert s["model"]["checkpoint_sha256"] == sha256_file(world["best"])
     assert s["model"]["kind"] == "run_dir" and s["model"]["ref"] == str(world["run_dir"])
@@ -453,6 +458,10 @@ def test_false_positive_rate_on_empty_cases(world: dict[str, Any], oracle: Any, 
     assert pc.loc[pc["gt_empty"], "dice"].isna().all()
     assert zeros.summary["fp_rate_empty"] == 0.0 and zeros.summary["dice_global"] == 0.0
     assert zeros.summary["dice_mean"] == 0.0
+    # why Dice is the headline: predicting no tumour at all scores the background's share of the pixels
+    background = 1 - pc["gt_pixels"].sum() / (pc["tp"] + pc["fp"] + pc["fn"] + pc["tn"]).sum()
+    assert zeros.summary["pixel_accuracy"] == pytest.approx(background) and background > 0.8
+    assert zeros.summary["pixel_accuracy_background"] == 1.0 and zeros.summary["pixel_accuracy_tumour"] == 0.0
 
 
 def test_nifti_volume_manifest_is_scored_per_slice(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch,

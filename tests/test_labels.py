@@ -21,7 +21,8 @@ LABELS = "0=background,1=necrosis,2=edema,3=enhancing"
 
 @pytest.mark.parametrize(("text", "said"), [
     ("0=background,1=a,1=b", "value 1 is declared twice"),
-    ("1=necrosis,2=edema", "value 0 (background) is not declared"),
+    ("1=necrosis,2=edema", "no background: value 0 is not declared and no value is named background"),
+    ("1=background,2=Background,3=x", "values 1 and 2 are both named background"),
     ("0=background,1=core,2=core", "'core' is used for two values"),
     ("0=background,tumour", "is not VALUE=NAME"),
     ("0=background", "only background declared"),
@@ -192,3 +193,81 @@ def test_a_stray_multi_valued_mask_in_a_binary_dataset_stays_a_rejected_row(tmp_
     reasons = dict(zip(rejected["path"], rejected["reason"], strict=True))
     assert "mask has 3 distinct values (0, 100, 255)" in reasons["masks/c0.png"]
     assert "--labels" in reasons["masks/c0.png"]
+
+
+# ----------------------------------------------------------------------------- issue #22: trimaps without 0
+
+
+def test_a_label_set_without_0_names_its_background() -> None:
+    from tumorseg.imageio import label_map
+    from tumorseg.labels import Classes, background_value, check_regions
+
+    labels = parse_labels("1=pet,2=background,3=border")
+    assert background_value(labels) == 2 and background_value({0: "bg", 1: "t"}) == 0
+    classes = Classes(labels)
+    assert classes.values == [2, 1, 3] and classes.names == ["background", "pet", "border"]  # background is class 0
+    index, found = label_map(np.array([[1, 2], [3, 2]], np.uint8), "m.png", labels)
+    np.testing.assert_array_equal(index, [[1, 0], [2, 0]])
+    assert found == "1/2/3"
+    np.testing.assert_array_equal(classes.to_values(index), [[1, 2], [3, 2]])  # predictions come back as 1/2/3
+    with pytest.raises(TumorsegError, match="region r holds 2"):
+        check_regions({"r": [1, 2]}, labels)
+
+
+def _trimaps(root: Path, n_patients: int = 8) -> dict[str, np.ndarray]:
+    """Oxford-pets-style trimaps: 1 pet, 2 background, 3 border (no 0), on RGB photos."""
+    images, masks = root / "images", root / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    truth: dict[str, np.ndarray] = {}
+    rng = np.random.default_rng(1)
+    for p in range(n_patients):
+        for k in range(2):
+            stem = f"patient_{p:02d}_{k}"
+            cy, cx = 14 + 6 * k + p % 4, 18 + p % 5
+            outer, inner = _blob(40, 1, cy, cx, 11) > 0, _blob(40, 1, cy, cx, 8) > 0
+            m = np.where(inner, 1, np.where(outer, 3, 2)).astype(np.uint8)
+            photo = np.stack([np.where(m == 2, 60, 190), np.where(m == 2, 90, 140), np.full_like(m, 70)], -1)
+            noisy = np.clip(photo + rng.integers(0, 40, photo.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(noisy).save(images / f"{stem}.png")
+            Image.fromarray(m).save(masks / f"{stem}.png")
+            truth[stem] = m
+    return truth
+
+
+def test_trimaps_without_0_ingest_train_evaluate_and_predict(tmp_path: Path) -> None:
+    truth = _trimaps(tmp_path / "data")
+    declared = "1=pet,2=background,3=border"
+    code, out = _ingest(tmp_path / "data", tmp_path / "dm", "--labels", declared, "--seed", "1")
+    if code == 2 and "pass --seed" in out:
+        code, out = _ingest(tmp_path / "data", tmp_path / "dm", "--labels", declared, "--seed",
+                            out.split("pass --seed ")[1].split(",")[0])
+    assert code == 0, out
+    df = pd.read_csv(tmp_path / "dm" / "bra" / "manifest.csv")
+    assert "px_background" not in df.columns
+    for _, row in df.iterrows():
+        m = truth[row["case_id"]]
+        assert (row["px_pet"], row["px_border"]) == (int((m == 1).sum()), int((m == 3).sum()))
+        assert bool(row["has_tumour"])
+
+    runner = CliRunner()
+    tiny = ["--set", "plan=off", "--set", "epochs=2", "--set", "batch_size=4", "--set", "image_size=[32,32]",
+            "--set", "model.channels=[8,16,32]", "--set", "model.num_res_units=1", "--set", "loss.name=dice_ce",
+            "--set", "val_overlays=0", "--set", "log_model=false", "--set", f"out={tmp_path / 'runs'}",
+            "--set", "run_name=pets"]
+    res = runner.invoke(app, ["train", str(tmp_path / "dm" / "bra"), *tiny])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "runs" / "pets"), "--manifest", str(tmp_path / "dm" / "bra"),
+                              "--out", str(tmp_path / "eval")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert set(summary["classes"]) == {"pet", "border"} and "pixel_accuracy" in summary
+    assert {"pixel_accuracy_background", "pixel_accuracy_pet", "pixel_accuracy_border"} <= set(summary)
+    conf = pd.read_csv(tmp_path / "eval" / "confusion.csv")
+    matrix = conf.drop(columns="true").to_numpy()
+    assert summary["pixel_accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum())
+    first = sorted((tmp_path / "data" / "images").iterdir())[0]
+    res = runner.invoke(app, ["predict", str(tmp_path / "runs" / "pets"), str(first), str(tmp_path / "pred")])
+    assert res.exit_code == 0, res.output
+    written = np.asarray(Image.open(tmp_path / "pred" / first.name))
+    assert written.shape == (40, 40) and set(np.unique(written).tolist()) <= {1, 2, 3}

@@ -2,7 +2,8 @@
 
 Base modules (the bottom of the house) import only base modules below them, in this order:
 
-    errors < fsutil < progress < streaming < splits < labels < configio < config < imageio < manifest < metrics < model
+    errors < fsutil < progress < streaming < splits < labels < configio < config < imageio < manifest < metrics
+    < encoders < model
 
 so nothing imports upward from ``model``, ``metrics``, ``imageio``, ``manifest`` or ``config``.
 Above them: ``checkpoint`` < ``inference`` < ``data`` and ``tracking``, then the stages (``ingest``,
@@ -21,7 +22,7 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "tumorseg"
 
 BASE = ["errors", "fsutil", "progress", "streaming", "splits", "labels", "configio", "config",
-        "imageio", "manifest", "metrics", "model"]
+        "imageio", "manifest", "metrics", "encoders", "model"]
 """Bottom layers, lowest first: each may import only those before it."""
 
 ABOVE = {

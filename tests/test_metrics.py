@@ -260,3 +260,13 @@ def test_surface_distances_agree_with_monai_directed_percentiles() -> None:
         directed = [float(compute_hausdorff_distance(a, b, include_background=True, percentile=95, directed=True,
                                                      spacing=[1.5, 0.7]).item()) for a, b in ((yp, yg), (yg, yp))]
         assert surface_distances(pred, gt, (1.5, 0.7))[0] == pytest.approx(max(directed), rel=1e-6)
+
+
+def test_pixel_accuracy_by_hand() -> None:
+    from tumorseg.metrics import confusion_matrix, pixel_accuracy
+
+    gt = np.array([[0, 1, 1], [2, 2, 0], [0, 0, 0]])
+    pred = np.array([[0, 1, 2], [2, 2, 0], [1, 0, 0]])
+    overall, per_class = pixel_accuracy(confusion_matrix(pred, gt, 4))
+    assert overall == pytest.approx(7 / 9)  # 7 of 9 pixels right
+    assert per_class[:3] == pytest.approx([4 / 5, 1 / 2, 1.0]) and np.isnan(per_class[3])  # class 3 absent

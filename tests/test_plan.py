@@ -314,3 +314,59 @@ def test_patches_for_time_never_go_below_the_tumour_context() -> None:
     # the floor scale 0.64 keeps the median tumour at 64 px: crops of 2 x 64 px, no smaller
     assert starved["estimates"]["scale"] == pytest.approx(0.64) and starved["train"]["image_size"] == [320, 320]
     assert starved["train"]["patch_size"] == [128, 128]
+
+# ----------------------------------------------------------------------------- issue #22: pretrained encoders
+
+
+def test_pretrained_encoder_only_for_small_natural_2d_sets_with_cached_weights() -> None:
+    natural = fingerprint((96, 96), 30.0).model_copy(update={"natural": True})
+    cached = ("mobilenet_v2", "vgg16")
+    out = rules.choose(natural, 3600.0, 100, fake_probe(5e6), "cpu", pretrained=cached)
+    model = out["train"]["model"]
+    # the largest cached candidate whose measured throughput buys the samples (VGG16-BN is not cached)
+    assert (model["name"], model["backbone"], model["pretrained"]) == ("flexible_unet", "vgg16", "imagenet")
+    assert "pretrained" not in out["reasons"]
+    slow = fake_probe(5e6)
+
+    def probe(m: ModelConfig, size: tuple[int, int], batch: int) -> Throughput:  # VGG too slow for the budget
+        thr = slow(m, size, batch)
+        return Throughput(thr.train_images_per_second / 1000, thr.infer_images_per_second, 0.0) \
+            if m.backbone.startswith("vgg") and m.name == "flexible_unet" else thr
+
+    assert rules.choose(natural, 3600.0, 100, probe, "cpu", pretrained=cached)["train"]["model"]["backbone"] == \
+        "mobilenet_v2"
+    for fp, why in [(fingerprint((96, 96), 30.0), "not all 2D 8-bit"),  # NIfTI, 16-bit, ...: never
+                    (natural.model_copy(update={"n_train": 20_000}), "20000 train cases"),
+                    (natural, "hub cache")]:
+        out = rules.choose(fp, 3600.0, 100, fake_probe(5e6), "cpu", pretrained=() if why == "hub cache" else cached)
+        assert out["train"]["model"]["name"] != "flexible_unet" and out["train"]["model"]["pretrained"] == "none"
+        assert why in out["reasons"]["pretrained"]
+
+
+def test_fingerprint_tells_natural_images_and_the_planner_asks_only_the_cache(
+        manifest: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from tumorseg import encoders, planning
+    from tumorseg.planning.fingerprint import natural
+
+    rows = pd.DataFrame({"image_mode": ["PNG:L uint8", "PNG:RGB uint8"], "slice_index": [-1, -1], "channels": [1, 3]})
+    assert natural(rows)
+    assert not natural(rows.assign(image_mode=["PNG:I;16 uint16", "PNG:RGB uint8"]))
+    assert not natural(rows.assign(image_mode=["NIfTI float32", "NIfTI float32"], slice_index=[0, 1]))
+    fp = fingerprint((64, 64), 20.0).model_copy(update={"natural": True})
+    monkeypatch.setattr(encoders, "imagenet_cached",
+                        lambda b: tmp_path / f"{b}.pth" if b == "mobilenet_v3_large" else None)
+    assert planning.cached_encoders(TrainConfig(), fp) == ("mobilenet_v3_large",)
+    assert planning.cached_encoders(TrainConfig(normalize="dataset"), fp) == ()
+    assert planning.cached_encoders(TrainConfig(), fp.model_copy(update={"natural": False})) == ()
+
+    # a user who names another network drops the plan's pretrained encoder with it
+    plan = planning.Plan(manifest_name="m", manifest_digest="0" * 64, device="cpu", budget="1m", budget_seconds=60,
+                         train={"model": {"name": "flexible_unet", "backbone": "mobilenet_v3_large",
+                                          "pretrained": "imagenet"}}, estimates={}, reasons={})
+    user = load_config(TrainConfig, None, ["model.name=unet"])
+    merged, overrides = planning.apply(user, plan)
+    assert merged.model.name == "unet" and merged.model.pretrained == "none"
+    kept, _ = planning.apply(TrainConfig(), plan)
+    assert (kept.model.backbone, kept.model.pretrained) == ("mobilenet_v3_large", "imagenet")

@@ -90,11 +90,13 @@ def test_flexible_unet_reads_local_encoder_weights(tmp_path: Path) -> None:
     donor = build_model(ModelConfig(name="flexible_unet", backbone="resnet18"), 3)
     weights = tmp_path / "resnet18_encoder.pth"
     torch.save({f"encoder.{k}": v for k, v in donor.encoder.state_dict().items()}, weights)
-    net = build_model(ModelConfig(name="flexible_unet", backbone="resnet18", pretrained_weights=weights), 3)
+    # `pretrained_weights` is the key of configs written before `model.pretrained`
+    net = build_model(ModelConfig(name="flexible_unet", backbone="resnet18", pretrained_weights=weights), 3,
+                      load_weights=True)
     for k, v in donor.encoder.state_dict().items():
         assert torch.equal(v, net.encoder.state_dict()[k]), k
     with pytest.raises(TumorsegError, match="not found"):
-        build_model(ModelConfig(name="flexible_unet", pretrained_weights=tmp_path / "nope.pth"), 3)
+        build_model(ModelConfig(name="flexible_unet", pretrained_weights=tmp_path / "nope.pth"), 3, load_weights=True)
 
 
 def test_augmentation_is_seeded_and_keeps_masks_binary() -> None:

@@ -9,6 +9,8 @@ Keys: ``format`` (:data:`CHECKPOINT_FORMAT`), ``model`` (state dict), ``config``
 resolved :class:`~tumorseg.config.TrainConfig`), ``in_channels``, ``intensity`` (the
 normalisation rule: the training split's per-channel mean/std, with ``percentiles`` when each
 image is percentile-scaled first, or ``None`` for per-image z-score; see :mod:`tumorseg.inference`),
+``input_normalization`` (where ``intensity`` came from, in words: the training split, per image, or the
+pretrained encoder's ImageNet statistics; absent in older checkpoints),
 ``intensity_fingerprint`` (the raw range of the training images, for out-of-range warnings;
 absent in checkpoints written before it existed), the
 training state (``epoch``, ``global_step``, ``best_val_dice``, ``best_epoch``,
@@ -87,6 +89,7 @@ def build_payload(
         "config": cfg.model_dump(mode="json"),
         "in_channels": int(in_channels),
         "intensity": None if intensity is None else {k: list(v) for k, v in intensity.items()},
+        "input_normalization": input_normalization(cfg, intensity),
         "intensity_fingerprint": None if fingerprint is None else {k: float(v) for k, v in fingerprint.items()},
         "labels": None if labels is None else {str(k): str(v) for k, v in labels.items()},
         "regions": None if not regions else [[str(k), [int(x) for x in v]] for k, v in regions.items()],
@@ -105,6 +108,18 @@ def build_payload(
     if resume is not None:
         payload.update({k: resume.get(k) for k in RESUME_KEYS})
     return payload
+
+
+def input_normalization(cfg: TrainConfig, intensity: Mapping[str, list[float]] | None) -> str:
+    """What a checkpoint's ``intensity`` is, in words (it is applied the same way whatever its source)."""
+    if intensity is None:
+        return "image: each image z-scored by its own mean/std"
+    if str(cfg.model.pretrained) != "none":
+        return (f"pretrained: the {cfg.model.backbone} encoder's ImageNet mean/std, after scaling each image by its "
+                "own 0.5/99.5 percentiles to [0, 1]")
+    if intensity.get("percentiles"):
+        return "percentile: each image scaled by its own 0.5/99.5 percentiles, then the training split's mean/std"
+    return "dataset: the training split's mean/std in stored units"
 
 
 def save(path: str | Path, payload: Mapping[str, Any]) -> None:

@@ -111,6 +111,11 @@ class IngestConfig(StrictModel):
 # ----------------------------------------------------------------------------- train
 
 
+BACKBONES = re.compile(r"^(resnet(10|18|34|50|101|152|200)|efficientnet-(b[0-8]|l2)|vgg16(_bn)?|mobilenet_v2"
+                       r"|mobilenet_v3_large)$")
+"""``flexible_unet``'s encoders: MONAI's ResNets and EfficientNets, torchvision's VGG16 and MobileNets."""
+
+
 class ModelConfig(StrictModel):
     """Network architecture.
 
@@ -119,8 +124,12 @@ class ModelConfig(StrictModel):
     ``name=basic_unet, channels=[64,128,256,512,1024], norm=batch``.
     ``dynunet`` is MONAI ``DynUNet``, nnU-Net's architecture (two 3x3 conv blocks per level,
     strided downsampling, optional deep supervision); ``tumorseg plan`` sizes it from the patch.
-    ``flexible_unet`` is MONAI ``FlexibleUNet`` on a ResNet/EfficientNet encoder; its
-    pretrained encoder weights come from ``pretrained_weights`` (a local file), never downloaded.
+    ``flexible_unet`` is MONAI ``FlexibleUNet`` on a ResNet/EfficientNet encoder, or on torchvision's
+    VGG16 or MobileNetV2/V3 (``backbone``; :mod:`tumorseg.encoders`). ``pretrained`` loads its encoder
+    weights: ``imagenet`` (torchvision's weight API and cache), a local state-dict file, or ``none``; the
+    weights then bring their own input normalisation (ImageNet's mean/std, stored in the checkpoint).
+    ``freeze_encoder`` keeps the encoder fixed for that share of the run's first steps. The key
+    ``pretrained_weights`` of older configs is read as ``pretrained``.
     """
 
     name: Literal["unet", "basic_unet", "attention_unet", "segresnet", "flexible_unet", "dynunet"] = "unet"
@@ -131,9 +140,29 @@ class ModelConfig(StrictModel):
     norm: Literal["instance", "batch", "group"] = "batch"
     dropout: float = 0.0
     deep_supervision: bool = Field(default=False, description="dynunet: extra loss heads at lower resolutions")
-    backbone: str = "resnet34"
-    pretrained_weights: Path | None = None
+    backbone: str = Field(default="resnet34", description="flexible_unet's encoder: resnet10..200, efficientnet-b0.."
+                          "b8/l2, vgg16, vgg16_bn, mobilenet_v2, mobilenet_v3_large")
+    pretrained: Literal["imagenet", "none"] | Path = Field(
+        default="none", description="flexible_unet's encoder weights: imagenet, a local state-dict file, or none")
+    freeze_encoder: float = Field(default=0.0, ge=0, lt=1, description="share of the run's steps (from the start) "
+                                  "during which the encoder's weights are not updated, e.g. 0.1")
     init_filters: int = 16
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_pretrained_weights(cls, data: Any) -> Any:
+        # configs and checkpoints written before `pretrained` named a local file `pretrained_weights`
+        if isinstance(data, dict) and "pretrained_weights" in data:
+            data = dict(data)
+            old = data.pop("pretrained_weights")
+            if old is not None and data.get("pretrained") in (None, "none"):
+                data["pretrained"] = old
+        return data
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _pretrained_yaml(cls, v: Any) -> Any:
+        return "none" if v is None or v is False else "imagenet" if v is True else v
 
     @model_validator(mode="after")
     def _strides_match(self) -> ModelConfig:
@@ -141,6 +170,12 @@ class ModelConfig(StrictModel):
             raise ValueError(f"model.strides needs {len(self.channels) - 1} entries (one fewer than channels)")
         if len(self.channels) < 2:
             raise ValueError("model.channels needs at least 2 entries")
+        if not BACKBONES.match(self.backbone):
+            raise ValueError(f"unknown backbone {self.backbone!r}; use resnet18/34/50/101/152, efficientnet-b0..b7, "
+                             "vgg16, vgg16_bn, mobilenet_v2 or mobilenet_v3_large")
+        if self.name != "flexible_unet" and (str(self.pretrained) != "none" or self.freeze_encoder):
+            raise ValueError("pretrained encoder weights (model.pretrained, model.freeze_encoder) need "
+                             "model.name=flexible_unet and a model.backbone")
         return self
 
 
@@ -258,6 +293,14 @@ class TrainConfig(StrictModel):
         if v is not None and (min(v) < 16 or any(s % 16 for s in v)):
             raise ValueError("sizes must be multiples of 16 and at least 16 (e.g. [256, 256])")
         return v
+
+    @model_validator(mode="after")
+    def _pretrained_normalisation(self) -> TrainConfig:
+        if str(self.model.pretrained) != "none" and self.normalize != "percentile":
+            raise ValueError(f"model.pretrained brings ImageNet's input normalisation (each image scaled to its "
+                             f"own range, then ImageNet's mean/std), which normalize: {self.normalize} would "
+                             "replace; use normalize: percentile or model.pretrained: none")
+        return self
 
     @field_validator("plan", mode="before")
     @classmethod

@@ -1,8 +1,12 @@
 """Declared label sets: ``--labels 0=background,1=necrosis,2=edema,3=enhancing``.
 
 Labels are a property of the dataset, declared once at ingest and recorded in ``manifest.json``;
-they are never guessed per file (a mask holding only ``{0, 3}`` is a valid map of class 3). Class
-``k`` of the network is the ``k``-th declared value in ascending order; value 0 is background.
+they are never guessed per file (a mask holding only ``{0, 3}`` is a valid map of class 3).
+
+The background is the value named ``background``, else value 0 (:func:`background_value`): label maps
+with no 0, such as the Oxford pets trimaps (``1=pet,2=background,3=border``), declare which value it is.
+Class 0 of the network is the background; class ``k`` is the ``k``-th other declared value in ascending
+order (:func:`class_values`).
 """
 
 from __future__ import annotations
@@ -32,10 +36,30 @@ def parse_labels(text: str, source: str = "--labels") -> dict[int, str]:
     return check_labels(out, source)
 
 
+BACKGROUND = "background"
+"""The class name that marks the background value of a label set declared without 0."""
+
+
+def background_value(labels: dict[int, str]) -> int | None:
+    """The background's value: the one named :data:`BACKGROUND` (any case), else 0 when declared, else ``None``."""
+    named = [v for v, n in labels.items() if n.lower() == BACKGROUND]
+    if named:
+        return min(named)
+    return 0 if 0 in labels else None
+
+
+def class_values(labels: dict[int, str]) -> list[int]:
+    """The declared values in class order: the background first, then the others ascending."""
+    bg = background_value(labels)
+    rest = sorted(v for v in labels if v != bg)
+    return rest if bg is None else [bg, *rest]
+
+
 def check_labels(labels: dict[int, str], source: str = "--labels") -> dict[int, str]:
-    """A valid label set: 0 declared (background), 2..255 values in 0..255, unique identifier-like names."""
-    if 0 not in labels:
-        raise TumorsegError(f"{source}: value 0 (background) is not declared; start with 0=background")
+    """A valid label set: a background (0, or a value named background), 2..255 values in 0..255, unique names."""
+    if background_value(labels) is None:
+        raise TumorsegError(f"{source}: no background: value 0 is not declared and no value is named background; "
+                            "declare 0=background, or name the background value (e.g. 1=pet,2=background,3=border)")
     if len(labels) < 2:
         raise TumorsegError(f"{source}: only background declared; declare at least one tumour class (1=tumour)")
     bad = [v for v in labels if not 0 <= v <= 255]
@@ -49,6 +73,9 @@ def check_labels(labels: dict[int, str], source: str = "--labels") -> dict[int, 
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise TumorsegError(f"{source}: name {dup[0]!r} is used for two values; give each class its own name")
+    named_bg = sorted(v for v, n in labels.items() if n.lower() == BACKGROUND)
+    if len(named_bg) > 1:
+        raise TumorsegError(f"{source}: values {named_bg[0]} and {named_bg[1]} are both named background; name one")
     return dict(sorted(labels.items()))
 
 
@@ -88,10 +115,12 @@ def check_regions(regions: dict[str, list[int]], labels: dict[int, str],
         if not _NAME.match(name):
             raise TumorsegError(f"{source}: region name {name!r} must start with a letter and hold only letters, "
                                 "digits and _")
-        bad = [v for v in values if v not in labels or v == 0]
+        bg = background_value(labels)
+        bad = [v for v in values if v not in labels or v == bg]
         if bad:
             raise TumorsegError(f"{source}: region {name} holds {bad[0]}, which is not a declared tumour value "
-                                f"({', '.join(str(v) for v in sorted(labels) if v)}); fix --regions or --labels")
+                                f"({', '.join(str(v) for v in sorted(labels) if v != bg)}); fix --regions or "
+                                "--labels")
         if not values:
             raise TumorsegError(f"{source}: region {name} holds no value")
     return {n: sorted(set(v)) for n, v in regions.items()}
@@ -109,9 +138,9 @@ BINARY = {0: "background", 1: "tumour"}
 class Classes:
     """What a label set means to the network: its output channels and how indices map to values.
 
-    Masks travel as class *indices* (``k``: the ``k``-th declared value in ascending order, 0 is
-    background). A set with one tumour class is binary (one sigmoid channel, as always); with more it is
-    multi-class: one softmax channel per class (background included), or, with ``regions``, one sigmoid
+    Masks travel as class *indices* (0: the background, ``k``: the ``k``-th other declared value in ascending
+    order; :func:`class_values`). A set with one tumour class is binary (one sigmoid channel, as always); with
+    more it is multi-class: one softmax channel per class (background included), or, with ``regions``, one sigmoid
     channel per (possibly overlapping) region, scored per region and painted back into a label map in
     the regions' order (nnU-Net's region-based training).
 
@@ -121,8 +150,9 @@ class Classes:
     """
 
     def __init__(self, labels: dict[int, str] | None = None, regions: dict[str, list[int]] | None = None) -> None:
-        self.labels = dict(sorted((labels or BINARY).items()))
-        self.values = list(self.labels)
+        declared = labels or BINARY
+        self.values = class_values(declared)
+        self.labels = {v: declared[v] for v in self.values}
         self.names = list(self.labels.values())
         self.regions = dict(regions) if regions else None
         index = {v: i for i, v in enumerate(self.values)}

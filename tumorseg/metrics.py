@@ -62,6 +62,31 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, n_classes: int) -> np.nda
     return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
+def pixel_accuracy(matrix: np.ndarray) -> tuple[float, list[float]]:
+    """Pixel accuracy of a ``(K, K)`` confusion matrix (rows true, columns predicted).
+
+    Returns:
+        The share of all pixels whose class is right, and per class the share of its true pixels
+        predicted as it (its recall; NaN for a class with no pixels). The background dominates the
+        first: on images that are 95% background, predicting no tumour at all scores 0.95.
+    """
+    m = np.asarray(matrix, dtype=np.float64)
+    total = float(m.sum())
+    overall = float(np.trace(m) / total) if total else float("nan")
+    rows = m.sum(axis=1)
+    per_class = [float(m[k, k] / rows[k]) if rows[k] else float("nan") for k in range(m.shape[0])]
+    return overall, per_class
+
+
+PIXEL_ACCURACY_NOTE = (
+    "pixel_accuracy is the share of all pixels whose class is right (pooled over the split's pixels, as a Keras "
+    "accuracy metric reports it); pixel_accuracy_<class> the share of that class's true pixels predicted as it. "
+    "Background dominates it: predicting no tumour scores the background share of the pixels, so Dice (each "
+    "case's overlap with its tumour) is the headline"
+)
+"""What ``pixel_accuracy`` means, written into ``summary.json``."""
+
+
 def dice(c: Counts, empty_both: EmptyBoth = "nan") -> float:
     """``2tp / (2tp + fp + fn)``; both empty -> NaN or 1 by ``empty_both``."""
     denom = 2 * c.tp + c.fp + c.fn

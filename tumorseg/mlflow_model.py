@@ -21,7 +21,8 @@ The logged signature declares the ``probabilities`` param but no input schema: M
 tensor's rank exactly, so one ``TensorSpec`` cannot admit all three ranks; :func:`as_images` checks
 them instead. The model folder holds a slim checkpoint (``artifacts/model.pt``, no optimiser
 state), a copy of the ``tumorseg`` package and a small input example (a batch of one image), so
-``mlflow.pyfunc.load_model("models:/NAME@champion")`` needs only torch and MONAI.
+``mlflow.pyfunc.load_model("models:/NAME@champion")`` needs only torch and MONAI (and torchvision for a
+torchvision encoder, which the logged requirements then name).
 """
 
 from __future__ import annotations
@@ -190,14 +191,22 @@ def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -
     classes = checkpoint.classes(ckpt)
     # No input schema: MLflow enforces a TensorSpec's rank exactly, and the model takes three ranks.
     signature = ModelSignature(params=ParamSchema([ParamSpec("probabilities", "boolean", False)]))
-    reqs = [_pin(p) for p in ("torch", "monai", "numpy", "pydantic", "pyyaml", "pandas", "pillow", "tifffile",
-                              "nibabel", "scikit-image")]
+    packages = ["torch", "monai", "numpy", "pydantic", "pyyaml", "pandas", "pillow", "tifffile", "nibabel",
+                "scikit-image"]
+    model_cfg = checkpoint.train_config(ckpt).model
+    from tumorseg.encoders import TORCHVISION_BACKBONES
+
+    if model_cfg.name == "flexible_unet" and model_cfg.backbone in TORCHVISION_BACKBONES:
+        packages.append("torchvision")  # the encoder is torchvision's network
+    reqs = [_pin(p) for p in packages]
     metadata = {
         "tumorseg_input": "float array: (H, W) or (C, H, W) one image; (N, C, H, W) a batch of one size",
         "tumorseg_output": "uint8 {0,1} mask (H, W) for one image, (N, H, W) for a batch; float32 "
                            "probabilities with params {'probabilities': true}",
         "tumorseg_in_channels": in_channels,
         "tumorseg_labels": classes.describe(),
+        "tumorseg_input_normalization": checkpoint.input_normalization(checkpoint.train_config(ckpt),
+                                                                       ckpt.get("intensity")),
     }
     if classes.multiclass:
         metadata["tumorseg_output"] = ("uint8 label map of the values " + ", ".join(map(str, classes.values)) +

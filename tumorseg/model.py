@@ -6,6 +6,7 @@ is in :mod:`tumorseg.inference`; the checkpoint format is in :mod:`tumorseg.chec
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,8 +22,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: ModelConfig, in_channels: int, out_channels: int = 1) -> torch.nn.Module:
-    """A 2D MONAI network: one output channel (tumour logits), or one per class (multi-class)."""
+def build_model(cfg: ModelConfig, in_channels: int, out_channels: int = 1, *,
+                load_weights: bool = False) -> torch.nn.Module:
+    """A 2D MONAI network: one output channel (tumour logits), or one per class (multi-class).
+
+    ``load_weights`` loads ``cfg.pretrained`` into a ``flexible_unet``'s encoder (a new training run
+    does; a network about to receive a checkpoint's weights, or a throughput probe, does not).
+    """
     from monai.networks import nets
 
     strides = cfg.strides or [2] * (len(cfg.channels) - 1)
@@ -69,12 +75,16 @@ def build_model(cfg: ModelConfig, in_channels: int, out_channels: int = 1) -> to
             deep_supervision=cfg.deep_supervision, deep_supr_num=max(1, min(2, len(cfg.channels) - 2)),
         )
     if cfg.name == "flexible_unet":
-        net = nets.FlexibleUNet(
+        from tumorseg import encoders
+
+        if cfg.backbone in encoders.TORCHVISION_BACKBONES:
+            encoders.register()
+        net = _padded_flexible_unet_type()(
             in_channels=in_channels, out_channels=out_channels, backbone=cfg.backbone, pretrained=False, spatial_dims=2,
             dropout=cfg.dropout,
         )
-        if cfg.pretrained_weights is not None:
-            load_encoder_weights(net, cfg.pretrained_weights)
+        if load_weights:
+            encoders.load_pretrained(net, cfg.backbone, cfg.pretrained)
         return net
     raise TumorsegError(f"model.name: unknown model {cfg.name!r}")  # pragma: no cover - pydantic guards it
 
@@ -125,35 +135,50 @@ def _norm_arg(norm: str) -> Any:
     return norm
 
 
+ENCODER_STRIDE = 32
+"""FlexibleUNet's encoders downsample five times: inputs are padded to a multiple of this."""
+
+
+@functools.cache
+def _padded_flexible_unet_type() -> type:
+    import torch.nn.functional as F
+    from monai.networks.nets import FlexibleUNet
+
+    class PaddedFlexibleUNet(FlexibleUNet):  # type: ignore[misc]
+        """MONAI's ``FlexibleUNet`` for any 2D size.
+
+        The input is zero-padded (bottom, right) to a multiple of :data:`ENCODER_STRIDE` and the output
+        cropped back.
+        FlexibleUNet's own ``is_pad`` evens out one pixel per level, which is not enough where strided
+        convolutions round up (ResNet, MobileNet at 48x80: a 2-pixel map upsampled against a 3-pixel skip).
+        Same parameters and state-dict keys as ``FlexibleUNet``, so older checkpoints load.
+        """
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            h, w = int(inputs.shape[-2]), int(inputs.shape[-1])
+            ph, pw = -h % ENCODER_STRIDE, -w % ENCODER_STRIDE
+            if not (ph or pw):
+                return super().forward(inputs)  # type: ignore[no-any-return]
+            out = super().forward(F.pad(inputs, (0, pw, 0, ph)))
+            return out[..., :h, :w]  # type: ignore[no-any-return]
+
+    return PaddedFlexibleUNet
+
+
+def encoder_parameters(net: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of a ``flexible_unet``'s encoder (a DDP wrapper is looked through); empty for other nets."""
+    encoder = getattr(getattr(net, "module", net), "encoder", None)
+    return list(encoder.parameters()) if encoder is not None else []
+
+
 def load_encoder_weights(net: torch.nn.Module, path: Path) -> None:
-    """Load pretrained encoder weights from a local file (torchvision-style state dict).
+    """Load pretrained encoder weights from a local state-dict file (:func:`tumorseg.encoders.load_encoder_weights`).
 
-    Keys may carry a ``encoder.`` or ``module.`` prefix; keys that do not match the encoder
-    (e.g. the classifier ``fc``) are ignored. No weights are ever downloaded.
+    No weights are ever downloaded here; a missing, unreadable or mismatched file is a one-line error.
     """
-    import torch
+    from tumorseg import encoders
 
-    if not Path(path).is_file():
-        raise TumorsegError(f"{path}: model.pretrained_weights not found; give a local .pt/.pth state dict")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TumorsegError(f"{path}: cannot read pretrained weights ({exc.__class__.__name__}); "
-                            "save them with torch.save(model.state_dict(), path)") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    encoder: torch.nn.Module = net.encoder  # type: ignore[assignment]
-    own = encoder.state_dict()
-    matched = {}
-    for key, value in state.items():
-        k = key.removeprefix("module.").removeprefix("encoder.")
-        if k in own and own[k].shape == value.shape:
-            matched[k] = value
-    if not matched:
-        raise TumorsegError(f"{path}: no tensor matches the {type(encoder).__name__} encoder; "
-                            "check model.backbone matches the weights")
-    encoder.load_state_dict(matched, strict=False)
-    log.info("loaded %d/%d encoder tensors from %s", len(matched), len(own), path)
+    encoders.load_encoder_weights(net, encoders.read_weights_file(Path(path)), str(path))
 
 
 def build_loss(cfg: LossConfig, multiclass: bool = False, regions: list[list[int]] | None = None) -> torch.nn.Module:

@@ -83,6 +83,11 @@ def print_eval_summary(res: EvaluateResult) -> None:
               f"{_num(s.get('dice_group_mean'))} over {s.get('n_groups')} groups")
     con.print(f"false positives on empty ground truth: {s.get('n_fp_empty')}/{s.get('n_gt_empty')} "
               f"(rate {_num(s.get('fp_rate_empty'), '.3f')})")
+    if "pixel_accuracy" in s:
+        per_class = ", ".join(f"{k.removeprefix('pixel_accuracy_')} {_num(v)}" for k, v in s.items()
+                              if k.startswith("pixel_accuracy_") and k != "pixel_accuracy_note")
+        con.print(f"pixel accuracy: {_num(s.get('pixel_accuracy'))} ({per_class}; background dominates it: Dice is "
+                  "the headline)")
     con.print(f"empty rule: {s.get('empty_rule')}")
     model = s.get("model", {})
     sha = str(model.get("checkpoint_sha256", ""))[:16]

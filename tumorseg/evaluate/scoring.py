@@ -197,6 +197,23 @@ def summarize_classes(per_case: pd.DataFrame, per_group: pd.DataFrame, cfg: Eval
     return out
 
 
+def pixel_accuracy_summary(per_case: pd.DataFrame, matrix: np.ndarray | None, names: list[str]) -> dict[str, Any]:
+    """``pixel_accuracy`` over all the split's pixels and ``pixel_accuracy_<class>`` per class (background too).
+
+    A binary model's come from the per-case counts (background right: ``tn``; tumour right: ``tp``), a
+    multi-class model's from its pixel confusion matrix of the labels.
+    """
+    from tumorseg.metrics import PIXEL_ACCURACY_NOTE, pixel_accuracy
+
+    if matrix is None:
+        tp, fp, fn, tn = (int(per_case[k].sum()) for k in ("tp", "fp", "fn", "tn"))
+        matrix = np.array([[tn, fp], [fn, tp]], dtype=np.int64)
+        names = ["background", "tumour"]
+    overall, per_class = pixel_accuracy(matrix)
+    return {"pixel_accuracy": overall, **{f"pixel_accuracy_{n}": v for n, v in zip(names, per_class, strict=True)},
+            "pixel_accuracy_note": PIXEL_ACCURACY_NOTE}
+
+
 def confusion_table(matrix: np.ndarray, names: list[str]) -> pd.DataFrame:
     """``confusion.csv``: one row per true class, one column per predicted class (pixel counts)."""
     import pandas as pd

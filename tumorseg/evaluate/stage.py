@@ -10,7 +10,8 @@ Scores come from :mod:`tumorseg.metrics` (the one place for the empty-mask rule)
   pixels, or in mm from the voxel spacing for NIfTI; :data:`tumorseg.metrics.HD95_DEFINITION`);
 * ``per_group.csv``: counts summed per group (patient) and the volumetric scores they give;
 * ``summary.json``: distribution of the scores, bootstrap CI, pooled and per-group Dice,
-  false-positive rate on empty cases, the empty rule, model and manifest identity; with ``--surface``
+  false-positive rate on empty cases, the empty rule, pixel accuracy (overall and per class, beside Dice
+  and IoU: :func:`tumorseg.metrics.pixel_accuracy`), model and manifest identity; with ``--surface``
   also the HD95 definition, its unit, its empty-mask rule and the count of cases left out of ``hd95_mean``;
 * ``gallery.png`` (worst and best cases) and ``dice.png`` (histogram and box plot);
 * ``config.yaml``: the resolved options.
@@ -47,6 +48,7 @@ from tumorseg.evaluate.scoring import (
     _json_safe,
     confusion_table,
     per_group_table,
+    pixel_accuracy_summary,
     summarize,
     summarize_classes,
 )
@@ -73,7 +75,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEADLINE = ("dice_mean", "dice_mean_tumour", "dice_median", "iou_mean", "dice_global", "dice_group_mean",
-            "fp_rate_empty", "dice_ci_low", "dice_ci_high")
+            "fp_rate_empty", "dice_ci_low", "dice_ci_high", "pixel_accuracy")
 """Summary keys written back to the training run as ``{split}_{key}``."""
 
 FILES = {
@@ -207,6 +209,7 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
             summary["regions"] = [[n, v] for n, v in (classes.regions or {}).items()] or None  # painting order
         else:
             summary = summarize(per_case, per_group, cfg, surface_unit(rows))
+        summary.update(pixel_accuracy_summary(per_case, matrix, names))
         summary.update({
             "n_intensity_outside_training": len(outside),
             "split": cfg.split,

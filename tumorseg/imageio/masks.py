@@ -108,7 +108,9 @@ def binarize_mask(
 
 
 def label_map(raw: np.ndarray, path: str | os.PathLike[str], labels: dict[int, str]) -> tuple[np.ndarray, str]:
-    """A mask of declared label values -> ``uint8`` class indices (the ``k``-th declared value is class ``k``).
+    """A mask of declared label values -> ``uint8`` class indices (the background is class 0).
+
+    The class order is :func:`tumorseg.labels.class_values`: the background value, then the others ascending.
 
     Returns:
         The class-index map and the values found, e.g. ``"0/3"``.
@@ -118,6 +120,8 @@ def label_map(raw: np.ndarray, path: str | os.PathLike[str], labels: dict[int, s
     """
     if raw.dtype.kind == "f" and np.isnan(raw).any():
         raise DecodeError(f"{path}: mask contains NaN values; save label maps as integers")
+    from tumorseg.labels import class_values
+
     values = np.unique(raw)
     declared = sorted(labels)
     undeclared = [v for v in values.tolist() if v not in labels]
@@ -126,7 +130,7 @@ def label_map(raw: np.ndarray, path: str | os.PathLike[str], labels: dict[int, s
         raise DecodeError(f"{path}: value {shown} is not a declared label ({', '.join(map(str, declared))}); fix the "
                           "mask or add the value to --labels")
     lut = np.zeros(max(declared) + 1, dtype=np.uint8)
-    for k, v in enumerate(declared):
+    for k, v in enumerate(class_values(labels)):
         lut[v] = k
     return lut[raw.astype(np.int64)], "/".join(f"{v:g}" for v in values.tolist())
 

@@ -45,8 +45,10 @@ def _fraction(mask: Any) -> tuple[bool, float]:
 
 
 def class_columns(labels: dict[int, str] | None) -> list[str]:
-    """The manifest's per-class pixel-count columns (``px_<name>`` per foreground class)."""
-    return [f"px_{name}" for value, name in sorted(labels.items()) if value != 0] if labels else []
+    """The manifest's per-class pixel-count columns (``px_<name>`` per foreground class, in class order)."""
+    from tumorseg.labels import Classes  # class order: the background first (a label set may lack 0)
+
+    return [f"px_{name}" for name in Classes(labels).names[1:]] if labels else []
 
 
 def _class_counts(plane: Any, labels: dict[int, str] | None) -> dict[str, int]:

@@ -84,11 +84,25 @@ def make(cfg: TrainConfig, info: ManifestInfo, df: pd.DataFrame, device: torch.d
         return probe.measure(model, loss, in_channels, size, batch, device, cfg.amp, use_cache=use_cache)
 
     free = float(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else 0.0
-    chosen = rules.choose(fp, seconds, n_val, measure, device.type, free)
+    chosen = rules.choose(fp, seconds, n_val, measure, device.type, free, cached_encoders(cfg, fp))
     plan = Plan(manifest_name=info.name, manifest_digest=info.dataset_digest, device=probe.device_label(device),
                 budget=budget, budget_seconds=seconds, train=chosen["train"], estimates=chosen["estimates"],
                 reasons=chosen["reasons"])
     return plan, fp
+
+
+def cached_encoders(cfg: TrainConfig, fp: Fingerprint) -> tuple[str, ...]:
+    """The pretrained backbones rule 3 may pick: their ImageNet weights in torch's hub cache (never downloaded).
+
+    None where the data rule them out, or where the user's ``normalize`` would replace their normalisation.
+    """
+    from tumorseg.planning.rules import PRETRAINED, pretrained_allowed
+
+    if pretrained_allowed(fp) is not None or cfg.normalize != "percentile":
+        return ()
+    from tumorseg.encoders import imagenet_cached
+
+    return tuple(spec["backbone"] for _, spec in PRETRAINED if imagenet_cached(spec["backbone"]) is not None)
 
 
 def apply(cfg: TrainConfig, plan: Plan) -> tuple[TrainConfig, dict[str, Any]]:
@@ -101,6 +115,10 @@ def apply(cfg: TrainConfig, plan: Plan) -> tuple[TrainConfig, dict[str, Any]]:
     planned = dict(plan.train)
     if "channels" in user.get("model", {}) and "strides" not in user.get("model", {}):
         planned["model"] = {k: v for k, v in planned.get("model", {}).items() if k != "strides"}
+    if user.get("model", {}).get("name", planned.get("model", {}).get("name")) != planned.get("model", {}).get("name"):
+        # another network than the plan's: its pretrained encoder does not come along
+        planned["model"] = {k: v for k, v in planned.get("model", {}).items()
+                            if k not in ("backbone", "pretrained", "freeze_encoder")}
     merged = deep_merge(planned, user)
     merged["plan"] = "off"  # resolved: the run folder's config.yaml reproduces the run without planning again
     merged.setdefault("budget", plan.budget)
@@ -156,8 +174,10 @@ def summary_rows(plan: Plan) -> list[tuple[str, str]]:
         ("training size", f"{size} (scale {e['scale']:.2f} of the median image; floor {e['floor_scale']:.2f})"),
         ("patches", "x".join(str(s) for s in t["patch_size"]) + f", {t['oversample_foreground']:.0%} on tumour"
          if t.get("patch_size") else "whole images"),
-        ("network", f"{model['name']} {model['channels'][0]}..{model['channels'][-1]} "
-                    f"({len(model['channels']) - 1} downsamplings){' + deep supervision' * model['deep_supervision']}"),
+        ("network", f"{model['name']} on an ImageNet-pretrained {model['backbone']} encoder"
+         if model.get("pretrained", "none") != "none" else
+         f"{model['name']} {model['channels'][0]}..{model['channels'][-1]} "
+         f"({len(model['channels']) - 1} downsamplings){' + deep supervision' * model['deep_supervision']}"),
         ("batch / steps", f"{t['batch_size']} / {t['max_steps']} (~{t['epochs']} epochs, "
                           f"{e['train_images_per_second']:.1f} img/s measured)"),
         ("loss / optimiser", f"{t['loss']['name']} ({'batch' if t['loss'].get('batch', True) else 'per-image'} Dice)"

@@ -42,6 +42,9 @@ class Fingerprint(BaseModel):
             asymmetry along it agrees with the other sampled images' (:func:`orientation`): about 0.5 when
             the images have no preferred orientation, near 1 when they share one (ultrasound: the probe at
             the top). Empty in fingerprints from before it was measured.
+        natural: every train image is a 2D 8-bit file (PNG, TIFF; not a NIfTI volume or slice) of one or
+            three channels: photographs and ultrasound look like the images an ImageNet encoder learnt from.
+            False in fingerprints from before it was measured.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -61,6 +64,7 @@ class Fingerprint(BaseModel):
     tumour_diameter: dict[str, float]
     sampled_images: int
     orientation: dict[str, float] = {}
+    natural: bool = False
 
 
 def _diameter(area: float) -> float:
@@ -144,4 +148,13 @@ def compute(info: ManifestInfo, train: pd.DataFrame, source: str, sample: int = 
         tumour_diameter={k: _diameter(v) for k, v in pix.items()},
         sampled_images=len(cases),
         orientation=orientation([c.image for c in cases]),
+        natural=natural(train),
     )
+
+
+def natural(train: pd.DataFrame) -> bool:
+    """Whether every row is a 2D 8-bit image of 1 or 3 channels (``image_mode`` ``"PNG:RGB uint8"``, no NIfTI)."""
+    modes = train["image_mode"].astype(str)
+    return bool(len(train)) and bool(
+        modes.str.endswith(" uint8").all() and not modes.str.startswith("NIfTI").any()
+        and (train["slice_index"].astype(int) < 0).all() and train["channels"].astype(int).isin([1, 3]).all())

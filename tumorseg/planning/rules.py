@@ -15,7 +15,13 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
 3. **Network.** The largest of ``NETWORKS`` (nnU-Net's DynUNet with deep supervision first,
    then MONAI U-Nets of decreasing width) whose measured throughput buys those samples at the
    floor resolution; else the fastest. Depth: downsample until the feature map is about
-   ``MIN_FEATURE`` pixels (at most ``MAX_DOWNSAMPLINGS`` times).
+   ``MIN_FEATURE`` pixels (at most ``MAX_DOWNSAMPLINGS`` times). Before them come the U-Nets on an
+   ImageNet-pretrained encoder (``PRETRAINED``, largest first), but only for a small set of natural-looking
+   images (:func:`pretrained_allowed`: 2D 8-bit grey or RGB files, photographs or ultrasound, at most
+   ``PRETRAINED_MAX_TRAIN`` train cases, where ImageNet features help most) and only those whose weights
+   are already on this machine (torch's hub cache; planning never downloads). The throughput decides among
+   them as among the others. Their order is by size; no equal-budget benchmark has ranked them against
+   DynUNet yet (``benchmarks/bench_backbones.py`` does).
 4. **Resolution.** The largest scale up to native (the median image size) whose throughput
    still buys the samples, never below the floor. Sizes are multiples of 32.
 5. **Patches.** When the training size holds more pixels than fit (``MAX_PATCH_PIXELS_CPU`` on
@@ -83,6 +89,18 @@ ORIENTED = 0.9
 FINISH_SECONDS = 10.0
 """Fixed cost after the last step: learning curve, overlays, logging the model."""
 
+PRETRAINED: list[tuple[str, dict[str, Any]]] = [
+    ("FlexibleUNet on an ImageNet-pretrained VGG16-BN encoder", {"name": "flexible_unet", "backbone": "vgg16_bn"}),
+    ("FlexibleUNet on an ImageNet-pretrained VGG16 encoder", {"name": "flexible_unet", "backbone": "vgg16"}),
+    ("FlexibleUNet on an ImageNet-pretrained MobileNetV3-large encoder",
+     {"name": "flexible_unet", "backbone": "mobilenet_v3_large"}),
+    ("FlexibleUNet on an ImageNet-pretrained MobileNetV2 encoder",
+     {"name": "flexible_unet", "backbone": "mobilenet_v2"}),
+]
+"""Pretrained candidates of rule 3, largest first (each tried only where its ImageNet weights are cached)."""
+PRETRAINED_MAX_TRAIN = 5000
+"""At most this many train cases for a pretrained encoder (the Oxford pets trimaps: 3,680; BUSI: ~550)."""
+
 NETWORKS: list[tuple[str, dict[str, Any]]] = [
     ("nnU-Net DynUNet, 32..512 channels, deep supervision",
      {"name": "dynunet", "base": 32, "cap": 512, "deep_supervision": True}),
@@ -120,8 +138,19 @@ def target_samples(n_train: int) -> int:
     return int(min(MAX_SAMPLES, max(MIN_SAMPLES, TARGET_EPOCHS * n_train)))
 
 
+def pretrained_allowed(fp: Fingerprint) -> str | None:
+    """Why the data rule out a pretrained encoder (rule 3), or ``None`` when they allow one."""
+    if not fp.natural:
+        return "the images are not all 2D 8-bit grey or RGB files (NIfTI, 16-bit or other channels)"
+    if fp.n_train > PRETRAINED_MAX_TRAIN:
+        return f"{fp.n_train} train cases (a pretrained encoder is tried up to {PRETRAINED_MAX_TRAIN})"
+    return None
+
+
 def network(spec: dict[str, Any], size: tuple[int, int], norm: str = "batch") -> ModelConfig:
     """The network of ``spec`` sized for ``size`` (rule 3's depth)."""
+    if spec["name"] == "flexible_unet":  # the encoder fixes its depth (five stride-2 stages) and widths
+        return ModelConfig(name="flexible_unet", backbone=spec["backbone"], pretrained="imagenet", norm=norm)  # type: ignore[arg-type]
     depth = 0
     while depth < MAX_DOWNSAMPLINGS and min(size) / 2 ** (depth + 1) >= MIN_FEATURE:
         depth += 1
@@ -192,8 +221,11 @@ def flip_axes(fp: Fingerprint, reasons: dict[str, str]) -> list[str]:
 
 
 def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type: str,
-           free_memory: float = 0.0) -> dict[str, Any]:
-    """Apply rules 1-8; returns the training settings, the estimates and the reasons."""
+           free_memory: float = 0.0, pretrained: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Apply rules 1-8; returns the training settings, the estimates and the reasons.
+
+    ``pretrained``: the backbones whose ImageNet weights are on this machine (rule 3 may pick one of them).
+    """
     native = (float(fp.size_median[0]), float(fp.size_median[1]))
     lo = floor_scale(fp)
     want = target_samples(fp.n_train)
@@ -209,7 +241,14 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
     # rule 3: the largest network that buys the samples at the floor resolution
     chosen = NETWORKS[-1]
     thr_floor = None
-    for name, spec in NETWORKS:
+    ruled_out = pretrained_allowed(fp)
+    candidates = [(n, s) for n, s in PRETRAINED if s["backbone"] in pretrained] if ruled_out is None else []
+    if ruled_out is not None:
+        reasons["pretrained"] = f"no pretrained encoder: {ruled_out}"
+    elif not candidates:
+        reasons["pretrained"] = ("no pretrained encoder: none of their ImageNet weights is in torch's hub cache "
+                                 "(planning never downloads; model.pretrained=imagenet fetches them once)")
+    for name, spec in [*candidates, *NETWORKS]:
         size = floor_size
         thr = probe(network(spec, size), size, batch)
         if samples_in(budget, thr, fp.n_train, n_val) >= want:

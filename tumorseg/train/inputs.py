@@ -85,7 +85,7 @@ def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: p
         if dist.main:
             val, _ = in_ram(reader, val_df, cfg.image_size, in_channels, mode, "caching val")
     if ckpt is None:
-        stats = _stats(mode, summary)
+        stats = _stats(mode, summary, cfg, in_channels)
         fingerprint = fingerprint_from_sums(summary.range_sums, summary.range_max)
     else:  # a resumed run keeps the rule it started with (older checkpoints have no fingerprint)
         stats = ckpt.get("intensity")
@@ -179,8 +179,16 @@ def _agree(storage: str, group: Any) -> str:
     return choices[int(t.item())]
 
 
-def _stats(mode: str, summary: Summary) -> Stats | None:
-    """The dataset normalisation for ``normalize: mode`` from the summed prescaled intensities."""
+def _stats(mode: str, summary: Summary, cfg: TrainConfig | None = None, in_channels: int = 1) -> Stats | None:
+    """The dataset normalisation for ``normalize: mode`` from the summed prescaled intensities.
+
+    A pretrained encoder (``model.pretrained``) brings its own: ImageNet's mean/std after the same per-image
+    percentile scaling (:func:`tumorseg.encoders.pretrained_stats`; the config requires ``percentile``).
+    """
+    if cfg is not None and str(cfg.model.pretrained) != "none":
+        from tumorseg.encoders import pretrained_stats
+
+        return pretrained_stats(cfg.model.backbone, in_channels, SCALE_PERCENTILES)
     if mode == "image":
         return None
     return stats_from_sums(summary.sums, SCALE_PERCENTILES if mode == "percentile" else None)

@@ -144,12 +144,14 @@ def epoch_order(data: Split, oversample: float, gen: torch.Generator) -> torch.T
 
 def train_step(
     net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: torch.nn.Module, opt: torch.optim.Optimizer,
-    scaler: Any, device: torch.device, dtype: torch.dtype | None,
+    scaler: Any, device: torch.device, dtype: torch.dtype | None, frozen: list[torch.nn.Parameter] | None = None,
 ) -> torch.Tensor:
     """One optimiser step (autocast when ``dtype``, GradScaler when ``scaler``); returns the loss.
 
     A non-finite loss is returned without a backward pass or step, so the caller can stop
-    with the weights of the last good step.
+    with the weights of the last good step. ``frozen`` parameters lose their gradients before the
+    step, so the optimiser leaves them (and their moments and weight decay) alone; under DDP their
+    gradients are still reduced, so every rank keeps the same weights.
     """
     import torch
 
@@ -158,14 +160,28 @@ def train_step(
         loss = loss_fn(net(x), y)
     if not torch.isfinite(loss):
         return loss
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    for p in frozen or []:
+        p.grad = None
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
     else:
-        loss.backward()
         opt.step()
     return loss
+
+
+def frozen_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Optimiser steps at the start of the run during which the encoder stays fixed (``model.freeze_encoder``).
+
+    A share of the run's steps (``max_steps`` where set - a budget run refits it - else epochs x steps).
+    """
+    if not cfg.model.freeze_encoder:
+        return 0
+    span = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        span = min(span, cfg.max_steps)
+    return int(cfg.model.freeze_encoder * span)
 
 
 def train_one_epoch(
@@ -178,6 +194,7 @@ def train_one_epoch(
     import torch
 
     from tumorseg.augment import augment_batch, crop_batch
+    from tumorseg.model import encoder_parameters
     from tumorseg.streaming import prefetch
     from tumorseg.train.runtime import steps_per_step
 
@@ -191,6 +208,8 @@ def train_one_epoch(
     steps = n // bs if n >= bs else 1  # drop the ragged tail (equal steps on every DDP rank)
     dtype = amp_dtype(device, cfg.amp)
     per_step = ctx.sched is not None and steps_per_step(cfg)
+    n_frozen = frozen_steps(cfg, steps)
+    encoder = encoder_parameters(ctx.net) if n_frozen else []
     total, seen = 0.0, 0
     # the next batches are read in a thread while this one trains (disk cache); the order is fixed
     # above, so the batches do not depend on the thread's timing
@@ -210,7 +229,8 @@ def train_one_epoch(
         x, y = augment_batch(x, y, cfg.augment, gen)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss = train_step(ctx.net, x, y, ctx.loss_fn, ctx.opt, ctx.scaler, device, dtype)
+        loss = train_step(ctx.net, x, y, ctx.loss_fn, ctx.opt, ctx.scaler, device, dtype,
+                          encoder if state.global_step < n_frozen else None)
         if not torch.isfinite(loss):
             raise TumorsegError(
                 f"loss became {loss.item()} at epoch {state.epoch + 1}, step {state.global_step + 1}; training "

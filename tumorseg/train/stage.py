@@ -138,7 +138,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
     units, val_unit, unit_reason = (val_units(cfg, val_df, val_data.case_ids) if val_data is not None
                                     else (None, "case", "no val split"))
 
-    net = build_model(cfg.model, in_channels, classes.out_channels)
+    net = build_model(cfg.model, in_channels, classes.out_channels, load_weights=ckpt is None)
     if ckpt is None:
         if classes.multiclass:
             init_output_bias(net, classes.channel_priors(class_priors(train_df, classes)), classes.softmax)
