@@ -143,10 +143,18 @@ def test_jpeg_label_map_is_refused_with_the_fix(tmp_path: Path) -> None:
     assert res is None
 
 
-@pytest.mark.parametrize("what", ["truncated", "cmyk"])
+@pytest.mark.parametrize("what", ["truncated", "cmyk", "12bit"])
 def test_bad_jpegs_are_one_line(tmp_path: Path, what: str) -> None:
     p = tmp_path / "bad.jpg"
-    if what == "truncated":
+    if what == "12bit":  # a 12-bit (extended) JPEG: the frame header says precision 12
+        buf = io.BytesIO()
+        Image.fromarray(asym()).save(buf, format="JPEG")
+        data = bytearray(buf.getvalue())
+        sof = data.find(b"\xff\xc0")
+        data[sof + 1], data[sof + 4] = 0xC1, 12
+        p.write_bytes(bytes(data))
+        pattern = r"bad\.jpg: 12-bit JPEG \(more than 8 bits per sample\), which Pillow does not decode"
+    elif what == "truncated":
         buf = io.BytesIO()
         Image.fromarray(asym()).save(buf, format="JPEG")
         p.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])

@@ -49,10 +49,28 @@ def decode_pillow(data: bytes, path: str | os.PathLike[str], role: str, fmt: For
     except Image.DecompressionBombError as exc:  # pragma: no cover - defensive
         raise DecodeError(f"{path}: image too large to decode safely ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
+        bits = _jpeg_precision(data) if fmt == "jpeg" else 8
+        if bits not in (8, None):
+            raise DecodeError(f"{path}: {bits}-bit JPEG ({_jpeg_mode_text('I')}), which Pillow does not decode; "
+                              "save the image as 8-bit JPEG, or as 16-bit PNG/TIFF") from exc
         # Pillow's "cannot identify image file <BytesIO ...>" names our buffer, not the file: say it plainly.
         detail = f"not a {name} image" if "cannot identify" in str(exc) else str(exc)
         raise DecodeError(f"{path}: truncated or corrupt {name} ({detail}); re-export the file") from exc
     return Decoded(channels_first(arr, path), f"{name}:{mode}", lossy=fmt == "jpeg")
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_precision(data: bytes) -> int | None:
+    """The sample precision in a JPEG's frame header (only to name why Pillow refused a file), or ``None``."""
+    i = 2 if data[:2] == b"\xff\xd8" else len(data)
+    while i + 4 < len(data) and data[i] == 0xFF:
+        marker, length = data[i + 1], int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker in _SOF and i + 4 < len(data):
+            return data[i + 4]
+        i += 2 + length
+    return None
 
 
 def _jpeg_mode_text(mode: str) -> str:
