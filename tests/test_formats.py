@@ -572,3 +572,36 @@ def test_inputs_are_untouched_by_ingest_of_every_format(tmp_path: Path) -> None:
     ingest(tmp_path, tmp_path / "kvasir" / "images", tmp_path / "kvasir" / "masks", seed=3)
     assert {p: p.read_bytes() for p in before} == before
     assert {p: os.stat(p).st_mtime_ns for p in before} == mtimes
+
+
+# ----------------------------------------------------------------------------- volume checks at ingest
+
+
+def test_volume_checks_are_rejected_rows_naming_both_files(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    img_dir, lab_dir = tmp_path / "imagesTr", tmp_path / "labelsTr"
+    img_dir.mkdir()
+    lab_dir.mkdir()
+    affine = np.diag([0.7, 0.7, 3.0, 1.0])
+    label = np.zeros((12, 10, 4), np.uint8)
+    label[3:8, 2:6, 1:3] = 1
+    for c in range(6):
+        vol = np.random.default_rng(c).normal(0, 1, (12, 10, 4)).astype(np.float32)
+        if c == 4:
+            vol[0, 0, 0] = np.nan
+        nib.save(nib.Nifti1Image(vol, affine), str(img_dir / f"c{c}.nii.gz"))
+        lab_affine = np.diag([0.7, 0.7, 2.5, 1.0]) if c == 5 else affine  # c5's label: another slice spacing
+        nib.save(nib.Nifti1Image(label, lab_affine), str(lab_dir / f"c{c}.nii.gz"))
+    shifted = affine.copy()
+    shifted[:3, 3] = [0.0, 5.0, 0.0]
+    nib.save(nib.Nifti1Image(label, shifted), str(lab_dir / "c3.nii.gz"))  # c3's label: moved 5 mm
+    res = ingest(tmp_path, img_dir, lab_dir, seed=0, fractions=(0.34, 0.33, 0.33))
+    rej = rejected_of(res)
+    assert rej["labelsTr/c5.nii.gz"] == ("on another grid than its image c5.nii.gz (voxel size (0.7, 0.7, 3) mm vs "
+                                         "(0.7, 0.7, 2.5) mm); resample the mask onto the image's grid")
+    assert rej["labelsTr/c3.nii.gz"].startswith("on another grid than its image c3.nii.gz (origin (0, 0, 0) vs "
+                                                "(0, 5, 0))")
+    assert rej["imagesTr/c3.nii.gz"] == "its mask c3.nii.gz lies on another grid"
+    assert rej["imagesTr/c4.nii.gz"].startswith("1 NaN or infinite pixel value(s); replace them")
+    assert res.n_cases == 3 * 4  # c0-c2, sliced

@@ -83,6 +83,10 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
     channels = image.array.shape[0] if not image.is_grid else 1
     if channels not in (1, 3):
         return [], [(rel_img, f"{channels}-channel image; use grey or RGB(A)")]
+    if image.array.dtype.kind == "f" and not np.isfinite(image.array).all():
+        bad = int(np.count_nonzero(~np.isfinite(image.array)))
+        return [], [(rel_img, f"{bad} NaN or infinite pixel value(s); replace them (e.g. with the background "
+                              "value) and re-export the file")]
     # Compare masks with the image as the loaders will read them: a volume as (X, Y, Z), any
     # 2D file (a one-slice NIfTI included) as one (H, W) plane, so formats can be mixed.
     volume = image.is_volume
@@ -115,6 +119,11 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
                  "masks must match their image pixel for pixel"),
                 (rel_img, f"its mask {base_name(rel)} has another size"),
             ]
+        other = _other_grid(image.affine, decoded.affine)
+        if other:
+            return [], [(rel, f"on another grid than its image {base_name(rel_img)} ({other}); resample the mask "
+                              "onto the image's grid"),
+                        (rel_img, f"its mask {base_name(rel)} lies on another grid")]
         masks.append(binary)
         encodings.append(f"{decoded.mode} {values}")
     mask = union_masks(masks)
@@ -150,6 +159,31 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
 def _plane(arr: Any, grid: bool) -> Any:
     """The first 2D plane of a decoded non-volume: ``(C, H, W)`` or a grid's ``(X, Y, 1)``."""
     return arr[:, :, 0] if grid else arr[0]
+
+
+GRID_TOLERANCE = 1e-3
+"""Relative tolerance on voxel size and absolute (mm) on origin and axes between an image's grid and its mask's."""
+
+
+def _other_grid(image: Any, mask: Any) -> str | None:
+    """How a mask's voxel grid differs from its image's (both RAS+ affines), or ``None`` when they agree.
+
+    Compared only where both files state a grid (a PNG mask beside a NIfTI slice has none to compare).
+    """
+    if image is None or mask is None:
+        return None
+    spacing_i, spacing_m = (np.sqrt(np.square(a[:3, :3]).sum(axis=0)) for a in (image, mask))
+    if not np.allclose(spacing_i, spacing_m, rtol=GRID_TOLERANCE, atol=1e-6):
+        return f"voxel size {_fmt_vec(spacing_i)} mm vs {_fmt_vec(spacing_m)} mm"
+    if not np.allclose(image[:3, 3], mask[:3, 3], atol=GRID_TOLERANCE * max(1.0, float(spacing_i.max()))):
+        return f"origin {_fmt_vec(image[:3, 3])} vs {_fmt_vec(mask[:3, 3])}"
+    if not np.allclose(image[:3, :3] / spacing_i, mask[:3, :3] / spacing_m, atol=GRID_TOLERANCE):
+        return "axes point in other directions (another orientation)"
+    return None
+
+
+def _fmt_vec(v: Any) -> str:
+    return "(" + ", ".join(f"{float(x):.4g}" for x in v) + ")"
 
 
 def _fmt_shape(shape: tuple[int, ...]) -> str:
