@@ -290,7 +290,8 @@ def test_nnunet_intensity_augmentation_is_seeded_and_leaves_masks_alone() -> Non
 def test_patches_for_time_when_whole_images_cannot_buy_the_samples() -> None:
     """A 512x512 set whose small tumours hold the scale at native: a slow CPU trains on crops instead."""
     fp = fingerprint((512, 512), 60.0, n_train=1000, small_diameter=20.0)
-    slow = rules.choose(fp, 1800.0, 100, fake_probe(2e6), "cpu")
+    assert rules.choose(fp, 1800.0, 100, fake_probe(2e6), "cpu")["train"]["patch_size"] is None  # asked for only
+    slow = rules.choose(fp, 1800.0, 100, fake_probe(2e6), "cpu", patches_for_time=True)
     t = slow["train"]
     assert t["image_size"] == [512, 512] and slow["estimates"]["scale"] == 1.0  # the floor is native
     assert t["patch_size"] is not None and t["patch_size"][0] < 512
@@ -304,13 +305,13 @@ def test_patches_for_time_when_whole_images_cannot_buy_the_samples() -> None:
         assert rules.samples_in(1800.0, thr, 1000, 100, p[0] * p[1] / floor_px, 1.0) >= rules.target_samples(1000)
     bigger = p[0] + rules.SIZE_STEP
     assert rules.samples_in(1800.0, thr, 1000, 100, bigger * bigger / floor_px, 1.0) < rules.target_samples(1000)
-    fast = rules.choose(fp, 1800.0, 100, fake_probe(5e9), "cpu")
+    fast = rules.choose(fp, 1800.0, 100, fake_probe(5e9), "cpu", patches_for_time=True)
     assert fast["train"]["patch_size"] is None  # whole images buy the samples: no crops
 
 
 def test_patches_for_time_never_go_below_the_tumour_context() -> None:
     fp = fingerprint((512, 512), 100.0, n_train=1000, small_diameter=30.0)
-    starved = rules.choose(fp, 120.0, 100, fake_probe(1e5), "cpu")
+    starved = rules.choose(fp, 120.0, 100, fake_probe(1e5), "cpu", patches_for_time=True)
     # the floor scale 0.64 keeps the median tumour at 64 px: crops of 2 x 64 px, no smaller
     assert starved["estimates"]["scale"] == pytest.approx(0.64) and starved["train"]["image_size"] == [320, 320]
     assert starved["train"]["patch_size"] == [128, 128]

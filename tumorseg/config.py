@@ -272,6 +272,9 @@ class TrainConfig(StrictModel):
                     "units (physical units such as CT); image: per-image z-score",
     )
     early_stopping_patience: int | None = Field(default=15, ge=1)
+    patches_for_time: bool = Field(
+        default=False, description="plan: train on crops when whole images cannot buy the planned samples "
+        "(planning rule 5; not a default: it did not help on the dev sets)")
     val_unit: Literal["auto", "case", "group"] = Field(
         default="auto", description="what val Dice averages over for the best checkpoint, early stopping and "
         "post-processing: per case, or per group with counts pooled (volumetric Dice per patient); auto: per group "

@@ -84,7 +84,8 @@ def make(cfg: TrainConfig, info: ManifestInfo, df: pd.DataFrame, device: torch.d
         return probe.measure(model, loss, in_channels, size, batch, device, cfg.amp, use_cache=use_cache)
 
     free = float(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else 0.0
-    chosen = rules.choose(fp, seconds, n_val, measure, device.type, free, cached_encoders(cfg, fp))
+    chosen = rules.choose(fp, seconds, n_val, measure, device.type, free, cached_encoders(cfg, fp),
+                          patches_for_time=cfg.patches_for_time)
     plan = Plan(manifest_name=info.name, manifest_digest=info.dataset_digest, device=probe.device_label(device),
                 budget=budget, budget_seconds=seconds, train=chosen["train"], estimates=chosen["estimates"],
                 reasons=chosen["reasons"])

@@ -32,7 +32,11 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
    (large images with small tumours, a slow CPU), train on the largest crop whose measured
    throughput buys them, never smaller than ``PATCH_TUMOURS`` median tumour diameters (the
    tumour and its surroundings) nor than the network's smallest input; validation and
-   inference stay whole-image (sliding window) at the training scale.
+   inference stay whole-image (sliding window) at the training scale. **Not a default**
+   (``patches_for_time: true`` asks for it): on the left-atrium slice stacks at an equal
+   30-minute CPU budget, 128x128 crops instead of whole 192x128 slices (24 epochs against 19, with
+   rule 9) scored per-volume val Dice 0.9006 against 0.9097, test 0.9051 against 0.9133, with
+   more false positives on tumour-free slices (43% against 21% of val's); benchmarks/RESULTS.md.
 6. **Loss.** Dice + cross-entropy, the Dice per image rather than pooled over the batch (nnU-Net's
    2D batch Dice): the score is the mean of per-case Dice, and a pooled Dice lets a batch's large
    tumours outvote its small ones. On BUSI at an equal 30-minute budget, per-image Dice raised val
@@ -221,10 +225,12 @@ def flip_axes(fp: Fingerprint, reasons: dict[str, str]) -> list[str]:
 
 
 def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type: str,
-           free_memory: float = 0.0, pretrained: tuple[str, ...] = ()) -> dict[str, Any]:
+           free_memory: float = 0.0, pretrained: tuple[str, ...] = (), patches_for_time: bool = False
+           ) -> dict[str, Any]:
     """Apply rules 1-8; returns the training settings, the estimates and the reasons.
 
     ``pretrained``: the backbones whose ImageNet weights are on this machine (rule 3 may pick one of them).
+    ``patches_for_time``: apply rule 5's patches for time (off by default: not kept, see rule 5).
     """
     native = (float(fp.size_median[0]), float(fp.size_median[1]))
     lo = floor_scale(fp)
@@ -280,8 +286,8 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         reasons["image_size"] = (f"scale {scale:.2f} of the median image: the largest size whose throughput buys "
                                  f"{want} training images in the budget")
     patch = patch_for(image_size, patch_cap(thr_floor))
-    for_time = None if patch is not None else time_patch(fp, image_size, scale, floor_size, thr_floor, budget,
-                                                         n_val, want)
+    for_time = None if patch is not None or not patches_for_time else time_patch(
+        fp, image_size, scale, floor_size, thr_floor, budget, n_val, want)
     patch = patch or for_time
     train_size = patch or image_size
     if device_type == "cuda" and thr_floor.bytes_per_image > 0 and free_memory > 0:
