@@ -383,8 +383,9 @@ def test_dicom_series_with_a_nifti_label_ingests_as_one_volume(tmp_path: Path) -
     (tmp_path / "labels").mkdir()
     label = np.zeros((W, H, 5), np.uint8)
     label[10:20, 5:15, 1:4] = 1
+    grid = decode_file(tmp_path / "images" / "case0").affine  # the label lies on its series' grid
     for c in range(4):
-        nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "labels" / f"case{c}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, grid), str(tmp_path / "labels" / f"case{c}.nii.gz"))
     res = ingest(tmp_path, tmp_path / "images", tmp_path / "labels", seed=4)
     assert res.n_rejected == 0 and res.n_cases == 4 * 5
     rows = rows_of(res)
