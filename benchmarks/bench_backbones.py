@@ -22,28 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+from bench_recipe import tumorseg  # noqa: E402 - the one CLI runner of the benchmarks (a sibling script)
+
 BACKBONES = ["vgg16", "vgg16_bn", "mobilenet_v2", "mobilenet_v3_large", "resnet34"]
 CLASSIC = ["model.name=basic_unet", "model.channels=[64,128,256,512,1024]", "model.norm=batch"]
-
-
-def tumorseg(*args: str, log: Path) -> float:
-    """Run the CLI; returns wall seconds (raises with the log's tail on failure)."""
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.run([sys.executable, "-m", "tumorseg", *args], stdout=fh, stderr=subprocess.STDOUT,
-                              check=False)
-    if proc.returncode:
-        raise SystemExit(f"tumorseg {' '.join(args)} failed; see {log}:\n" + log.read_text()[-2000:])
-    return time.perf_counter() - t0
 
 
 def variants(backbones: list[str], pretrained: str) -> dict[str, list[str]]:
