@@ -6,8 +6,8 @@ Base modules (the bottom of the house) import only base modules below them, in t
     < encoders < model
 
 so nothing imports upward from ``model``, ``metrics``, ``imageio``, ``manifest`` or ``config``.
-Above them: ``checkpoint`` < ``inference`` < ``data`` and ``tracking``, then the stages (``ingest``,
-``train``, ``evaluate``, ``predict``), then ``pipeline`` and ``cli``. Every import counts, also
+Above them: ``checkpoint``, ``intensity`` and ``context`` < ``inference`` < ``data`` and ``tracking``, then the
+stages (``ingest``, ``train``, ``evaluate``, ``predict``), then ``pipeline`` and ``cli``. Every import counts, also
 those inside functions and under ``TYPE_CHECKING``: an import circle is a design circle even when
 Python happens to resolve it at run time.
 """
@@ -28,8 +28,9 @@ BASE = ["errors", "fsutil", "progress", "streaming", "splits", "labels", "config
 ABOVE = {
     "checkpoint": set(BASE),
     "intensity": set(BASE),
-    "inference": set(BASE) | {"checkpoint", "intensity"},
-    "data": set(BASE) | {"checkpoint", "inference", "intensity"},
+    "context": set(BASE),
+    "inference": set(BASE) | {"checkpoint", "intensity", "context"},
+    "data": set(BASE) | {"checkpoint", "inference", "intensity", "context"},
     "tracking": set(BASE),
     "review": set(BASE),
     "augment": set(BASE),

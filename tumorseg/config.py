@@ -275,6 +275,9 @@ class TrainConfig(StrictModel):
     patches_for_time: bool = Field(
         default=False, description="plan: train on crops when whole images cannot buy the planned samples "
         "(planning rule 5; not a default: it did not help on the dev sets)")
+    slice_context: int = Field(
+        default=0, ge=0, le=3, description="2.5D: neighbouring slices a side given as extra input channels, for "
+        "cases that are slices of ordered stacks (tumorseg.context); predict and the pyfunc model then need them")
     val_unit: Literal["auto", "case", "group"] = Field(
         default="auto", description="what val Dice averages over for the best checkpoint, early stopping and "
         "post-processing: per case, or per group with counts pooled (volumetric Dice per patient); auto: per group "

@@ -317,6 +317,27 @@ class Segmenter:
         """The probability threshold in use."""
         return self.post.threshold
 
+    @property
+    def context(self) -> int:
+        """Neighbouring slices a side the network takes as extra channels (0: a plain 2D model)."""
+        return int(self.config.slice_context)
+
+    @property
+    def base_channels(self) -> int:
+        """Channels of one input plane (``in_channels`` of a 2.5D model counts every slice of the window)."""
+        return self.in_channels // (2 * self.context + 1)
+
+    def stack(self, planes: list[np.ndarray]) -> list[np.ndarray]:
+        """The network's inputs for an ordered stack of ``(C, H, W)`` planes: each with its neighbours (2.5D).
+
+        A plain 2D model takes the planes as they are.
+        """
+        if self.context == 0:
+            return planes
+        from tumorseg.context import stack_planes
+
+        return stack_planes(planes, self.context, self.base_channels)
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto") -> Segmenter:
         """Load a checkpoint written by ``tumorseg train`` (``best.pt``, ``last.pt`` or a model's ``model.pt``).

@@ -7,6 +7,11 @@ it is:
 * ``(H, W)``: one grey image, and ``(C, H, W)``: one image with C channels -> a ``uint8 (H, W)`` mask;
 * ``(N, C, H, W)``: a batch of N images of one size -> ``uint8 (N, H, W)`` masks.
 
+A model trained with slice context (2.5D, ``tumorseg_slice_context`` in its metadata) takes the same shapes
+and reads a batch (or a list) as **one ordered stack of consecutive slices** of a volume: each slice's
+neighbours are the arrays before and after it (the ends repeat the edge slice), so send a volume's slices
+in order, one volume per request; a single image is a stack of one.
+
 Masks hold ``{0, 1}``; ``params={"probabilities": True}`` returns ``float32`` probabilities of
 the same shape instead. A multi-class model returns label maps of its declared values (``uint8``),
 and probabilities with one channel per class after the batch axis (``(K, H, W)``, ``(N, K, H, W)``);
@@ -121,7 +126,7 @@ class TumorsegPyfunc(_Base):  # type: ignore[misc]
         from mlflow.exceptions import MlflowException
 
         probabilities = bool((params or {}).get("probabilities", False))
-        channels = self.segmenter.in_channels
+        channels = self.segmenter.base_channels
         try:
             if isinstance(model_input, list | tuple) and model_input and all(
                     isinstance(item, np.ndarray) for item in model_input):
@@ -146,6 +151,7 @@ class TumorsegPyfunc(_Base):  # type: ignore[misc]
         # in chunks: a client may post a large batch, and the network's activations grow with it
         seg = self.segmenter
         fn = seg.predict_proba if probabilities else seg.predict_masks
+        images = seg.stack(images)  # 2.5D: the images are one ordered stack of slices
         out = [o for i in range(0, len(images), CHUNK) for o in fn(images[i:i + CHUNK])]
         if not probabilities and seg.classes.multiclass:
             out = [seg.classes.to_values(o) for o in out]
@@ -187,7 +193,8 @@ def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -
 
     slim = checkpoint.write_slim(best, run_dir / CHECKPOINT_NAME)
     ckpt = checkpoint.load(slim)
-    in_channels = int(ckpt["in_channels"])
+    context = int(checkpoint.train_config(ckpt).slice_context)
+    in_channels = int(ckpt["in_channels"]) // (2 * context + 1)  # what one input image holds
     classes = checkpoint.classes(ckpt)
     # No input schema: MLflow enforces a TensorSpec's rank exactly, and the model takes three ranks.
     signature = ModelSignature(params=ParamSchema([ParamSpec("probabilities", "boolean", False)]))
@@ -199,15 +206,19 @@ def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -
     if model_cfg.name == "flexible_unet" and model_cfg.backbone in TORCHVISION_BACKBONES:
         packages.append("torchvision")  # the encoder is torchvision's network
     reqs = [_pin(p) for p in packages]
-    metadata = {
+    metadata: dict[str, Any] = {
         "tumorseg_input": "float array: (H, W) or (C, H, W) one image; (N, C, H, W) a batch of one size",
         "tumorseg_output": "uint8 {0,1} mask (H, W) for one image, (N, H, W) for a batch; float32 "
                            "probabilities with params {'probabilities': true}",
         "tumorseg_in_channels": in_channels,
+        "tumorseg_slice_context": context,
         "tumorseg_labels": classes.describe(),
         "tumorseg_input_normalization": checkpoint.input_normalization(checkpoint.train_config(ckpt),
                                                                        ckpt.get("intensity")),
     }
+    if context:
+        metadata["tumorseg_input"] += (f"; 2.5D (slice context {context}): a batch or list is one ordered stack of "
+                                       "consecutive slices of a volume, each slice's neighbours taken from it")
     if classes.multiclass:
         metadata["tumorseg_output"] = ("uint8 label map of the values " + ", ".join(map(str, classes.values)) +
                                        " (H, W) for one image, (N, H, W) for a batch; float32 class "

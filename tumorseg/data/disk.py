@@ -53,12 +53,14 @@ FORMAT = 1
 
 
 def cache_key(digest: str, split: str, case_ids: list[str], size: tuple[int, int], in_channels: int,
-              mode: str) -> str:
+              mode: str, context: int = 0) -> str:
     """What a cache folder's contents depend on, hashed (the same inputs give the same folder)."""
     ids = hashlib.sha256("\n".join(case_ids).encode()).hexdigest()
     spec = {"format": FORMAT, "digest": digest, "split": split, "cases": ids, "size": list(size),
             "in_channels": in_channels, "normalize": mode,
             "percentiles": list(SCALE_PERCENTILES) if mode == "percentile" else None}
+    if context:  # neighbouring slices as channels (grey with one a side has as many channels as RGB)
+        spec["slice_context"] = context
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -288,7 +290,8 @@ def open_or_build(reader: CaseReader, rows: pd.DataFrame, root: Path, split: str
     ``build=False`` (DDP ranks other than 0, after rank 0 built it) only opens the folder.
     """
     case_ids = [str(c) for c in rows["case_id"]]
-    key = cache_key(digest, split, case_ids, size, in_channels, mode)
+    key = cache_key(digest, split, case_ids, size, in_channels, mode,
+                    reader.context.k if reader.context is not None else 0)
     name = folder_name(split, size, key)
     folder = root / name
     meta, why = check(folder, key) if folder.exists() else (None, "")

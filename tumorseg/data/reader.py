@@ -75,10 +75,13 @@ class CaseReader:
         info: the manifest's ``manifest.json``.
         source: the manifest path named in error messages.
         volumes: how many decoded NIfTI volumes to keep.
+        context: the slice context to add to each image (2.5D models), or ``None``.
     """
 
-    def __init__(self, info: ManifestInfo, source: str, volumes: int = 4) -> None:
+    def __init__(self, info: ManifestInfo, source: str, volumes: int = 4,
+                 context: SliceContext | None = None) -> None:
         self.info, self.source = info, source
+        self.context = context
         self._volumes: OrderedDict[tuple[str, str], tuple[str, Decoded]] = OrderedDict()
         self._max_volumes = max(1, volumes)
         self._lock = threading.Lock()
@@ -112,20 +115,31 @@ class CaseReader:
                     self._volumes.popitem(last=False)
         return out
 
+    def _image(self, row: Mapping[Any, Any]) -> tuple[Decoded, np.ndarray]:
+        """A row's decoded file (hash checked) and its ``float32 (C, H, W)`` plane."""
+        slice_index = int(row["slice_index"])
+        img_path = Path(self.info.data_root) / str(row["image"])
+        img_sha, img = self._read(img_path, "image", slice_index >= 0)
+        if img_sha != row["image_sha256"]:
+            raise TumorsegError(f"{img_path}: changed since ingest (sha256 differs); re-run tumorseg ingest")
+        return img, slice_of(img, slice_index, self.info.slice_axis).astype(np.float32)
+
     def read(self, row: Mapping[Any, Any], index: int = 0) -> Case:
-        """One manifest row's image and merged mask, with their hashes and shapes checked."""
+        """One manifest row's image and merged mask, with their hashes and shapes checked.
+
+        With slice context the image holds the row's window of neighbouring slices (:mod:`tumorseg.context`).
+        """
         root = Path(self.info.data_root)
         slice_index, axis = int(row["slice_index"]), self.info.slice_axis
         volume = slice_index >= 0
         img_path = root / str(row["image"])
-        img_sha, img = self._read(img_path, "image", volume)
-        if img_sha != row["image_sha256"]:
-            raise TumorsegError(f"{img_path}: changed since ingest (sha256 differs); re-run tumorseg ingest")
+        img, image = self._image(row)
+        if self.context is not None:
+            image = self.context.image(str(row["case_id"]), image, lambda r: self._image(r)[1])
         mask_files = [root / p for p in str(row["mask"]).split(MASK_SEP)]
         masks = [self._read(p, "mask", volume) for p in mask_files]
         if combine_hashes([sha for sha, _ in masks]) != row["mask_sha256"]:
             raise TumorsegError(f"{mask_files[0]}: changed since ingest (sha256 differs); re-run tumorseg ingest")
-        image = slice_of(img, slice_index, axis).astype(np.float32)
         mask = union_masks([slice_of(m, slice_index, axis)[0] for _, m in masks])
         if tuple(image.shape[1:]) != tuple(mask.shape):
             raise TumorsegError(f"{img_path}: image {image.shape[1]}x{image.shape[2]} but mask "
@@ -150,6 +164,51 @@ class CaseReader:
     def read_all(self, df: pd.DataFrame, workers: int = 0) -> list[Case]:
         """All cases of ``df`` in manifest order."""
         return list(self.map(lambda case: case, df, workers))
+
+
+@dataclass(frozen=True)
+class SliceContext:
+    """What a reader needs to give each case its neighbouring slices (:mod:`tumorseg.context`).
+
+    Attributes:
+        k: neighbours a side.
+        channels: the base channels each plane is converted to (the image's own: 1 or 3).
+        windows: case id -> the manifest rows of its window (``2k + 1``, the case at the middle); cases in
+            no stack repeat their own plane.
+    """
+
+    k: int
+    channels: int
+    windows: dict[str, list[dict[str, Any]]]
+
+    @classmethod
+    def of(cls, df: pd.DataFrame, k: int, channels: int) -> SliceContext:
+        """The windows of every case of a manifest frame (neighbours come from the whole manifest)."""
+        from tumorseg.context import SliceStacks
+
+        rows = {str(r["case_id"]): r for r in _records(df)}
+        windows = {cid: [rows[n] for n in ids] for cid, ids in SliceStacks.from_frame(df).neighbours(k).items()}
+        return cls(k, channels, windows)
+
+    def image(self, case_id: str, plane: np.ndarray, read: Callable[[dict[str, Any]], np.ndarray]) -> np.ndarray:
+        """``(channels * (2k + 1), H, W)``: the case's window, each neighbour read once with ``read``."""
+        from tumorseg.context import window_image
+
+        rows = self.windows.get(case_id)
+        if rows is None:  # in no stack: the plane is its own neighbour
+            return window_image([plane] * (2 * self.k + 1), self.channels)
+        planes: dict[str, np.ndarray] = {case_id: plane}
+        for r in rows:
+            cid = str(r["case_id"])
+            if cid not in planes:
+                planes[cid] = read(r)
+        sizes = {cid: p.shape[1:] for cid, p in planes.items()}
+        odd = next((cid for cid, size in sizes.items() if size != plane.shape[1:]), None)
+        if odd is not None:
+            raise TumorsegError(f"{case_id}: its neighbouring slice {odd} is {sizes[odd][0]}x{sizes[odd][1]}, the "
+                                f"case {plane.shape[1]}x{plane.shape[2]}; slices of one stack must share a size "
+                                "(train without slice context: --set slice_context=0)")
+        return window_image([planes[str(r["case_id"])] for r in rows], self.channels)
 
 
 def _records(df: pd.DataFrame) -> Iterator[dict[str, Any]]:

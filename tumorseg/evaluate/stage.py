@@ -139,7 +139,7 @@ def check_channels(seg: Segmenter, rows: pd.DataFrame, source: Path) -> None:
     """Images must have the model's channel count, or be grey/RGB for a grey/RGB model."""
     from tumorseg.inference import channels_compatible
 
-    need = int(seg.in_channels)
+    need = int(seg.base_channels)
     for ch in sorted({int(c) for c in rows["channels"]}):
         if not channels_compatible(ch, need):
             raise TumorsegError(f"{source}: the split has {ch}-channel images but the model takes {need} "
@@ -289,6 +289,7 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame, cf
     """
     import pandas as pd
 
+    from tumorseg.context import centre
     from tumorseg.data import CaseReader
     from tumorseg.progress import track
     from tumorseg.streaming import batched
@@ -297,7 +298,8 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame, cf
     gallery = Gallery(cfg.gallery_k)
     out: list[dict[str, Any]] = []
     n_batches = math.ceil(len(rows) / cfg.batch_size)
-    reader = CaseReader(info, str(Path(cfg.manifest) / "manifest.csv"))
+    source = str(Path(cfg.manifest) / "manifest.csv")
+    reader = CaseReader(info, source, context=_context(seg, rows, source))
     cases = reader.stream(rows, cfg.workers, ahead=2 * cfg.batch_size)
     outside: list[str] = []
     classes = label_set_of(seg)
@@ -321,7 +323,7 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame, cf
                 matrix += confusion_matrix(pred, case.mask, k)
             finite = [d for d in dices if math.isfinite(d)]
             gallery.offer(float(np.mean(finite)) if finite else float("nan"), case.index,
-                          (case.image, case.mask, pred, case.case_id))
+                          (centre(case.image, seg.context), case.mask, pred, case.case_id))
             why = seg.intensity_outside_training(case.image)
             if why is not None:
                 outside.append(f"{image_path(info, rows.iloc[case.index])}: {why}")
@@ -329,6 +331,19 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame, cf
     if matrix is not None:
         columns = [*columns[:3], "label", *columns[3:]]
     return pd.DataFrame(out, columns=columns), gallery, outside, matrix
+
+
+def _context(seg: Segmenter, rows: pd.DataFrame, source: str) -> Any:
+    """The reader's slice context for a 2.5D model (``None`` for a 2D one); data without stacks are an error."""
+    if seg.context == 0:
+        return None
+    from tumorseg.context import SliceStacks
+    from tumorseg.data.reader import SliceContext
+
+    if not SliceStacks.from_frame(rows).runs:
+        raise TumorsegError(f"{source}: the model takes {seg.context} neighbouring slice(s) a side (2.5D) but this "
+                            "split has no ordered slice stacks; evaluate it on slices of volumes")
+    return SliceContext.of(rows, seg.context, seg.base_channels)
 
 
 def split_metrics(summary: dict[str, Any], split: str) -> dict[str, float]:

@@ -186,6 +186,9 @@ def summary_rows(plan: Plan) -> list[tuple[str, str]]:
                              f"{t['optim']['schedule']} + {t['optim']['warmup_steps']} warm-up steps"),
         ("flips", ", ".join(t["augment"].get("flip_axes", ["vertical", "horizontal"])) or "none"),
         ("post-processing", "chosen on val" if t.get("postprocess") == "auto" else "none"),
+        ("slice context", f"{t['slice_context']} a side (2.5D)" if t.get("slice_context")
+         else "none" + (" (2.5D offered: ordered slice stacks)" if "offered" in plan.reasons.get("slice_context", "")
+                        else "")),
     ]
     rows += [(f"override {k}", str(v)) for k, v in plan.overrides.items()]
     return rows

@@ -42,6 +42,10 @@ class Fingerprint(BaseModel):
             asymmetry along it agrees with the other sampled images' (:func:`orientation`): about 0.5 when
             the images have no preferred orientation, near 1 when they share one (ultrasound: the probe at
             the top). Empty in fingerprints from before it was measured.
+        slice_stacks: ordered slice stacks among the train cases (:mod:`tumorseg.context`): ``stacks`` (of
+            three or more), ``share_in_stacks``, ``median_length``, and the median correlation of ``adjacent``
+            slices against that of ``unrelated`` ones (slices of other stacks, or far apart), which confirms
+            that the order is the anatomy's. Empty when no case is in a stack.
         natural: every train image is a 2D 8-bit file (PNG, TIFF; not a NIfTI volume or slice) of one or
             three channels: photographs and ultrasound look like the images an ImageNet encoder learnt from.
             False in fingerprints from before it was measured.
@@ -65,6 +69,7 @@ class Fingerprint(BaseModel):
     sampled_images: int
     orientation: dict[str, float] = {}
     natural: bool = False
+    slice_stacks: dict[str, float] = {}
 
 
 def _diameter(area: float) -> float:
@@ -149,7 +154,35 @@ def compute(info: ManifestInfo, train: pd.DataFrame, source: str, sample: int = 
         sampled_images=len(cases),
         orientation=orientation([c.image for c in cases]),
         natural=natural(train),
+        slice_stacks=slice_stacks(info, train, source, seed),
     )
+
+
+def slice_stacks(info: ManifestInfo, train: pd.DataFrame, source: str, seed: int = 0,
+                 sample: int = 12) -> dict[str, float]:
+    """The train split's ordered slice stacks, with the similarity of adjacent slices in a seeded sample of them.
+
+    Three consecutive slices are read from each of up to ``sample`` stacks.
+    """
+    from tumorseg.context import SliceStacks, consecutive_similarity
+    from tumorseg.data import CaseReader
+
+    stacks = SliceStacks.from_frame(train)
+    out = stacks.summary(len(train))
+    runs = [r for r in stacks.runs if len(r) >= 3]
+    if not runs:
+        return {}
+    rng = np.random.default_rng(seed)
+    picked = [runs[int(i)] for i in np.sort(rng.permutation(len(runs))[:sample])]
+    index = {str(c): i for i, c in enumerate(train["case_id"])}
+    reader = CaseReader(info, source)
+    planes = []
+    for run in picked:
+        start = int(rng.integers(len(run) - 2))
+        rows = train.iloc[[index[c] for c in run[start:start + 3]]]
+        planes.append([c.image for c in reader.read_all(rows, workers=1)])
+    adjacent, unrelated = consecutive_similarity(planes, rng)
+    return {**out, "adjacent": round(adjacent, 4), "unrelated": round(unrelated, 4)}
 
 
 def natural(train: pd.DataFrame) -> bool:

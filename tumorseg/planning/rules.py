@@ -57,6 +57,12 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
    volumetric, per-patient Dice of ``per_group.csv`` and of published per-patient results), averaged over
    groups; otherwise the mean per-case Dice. Per case, a speck on one of a volume's many tumour-free slices
    scores that slice 0 and swings the mean; pooled, it costs the patient a few pixels (:func:`selection_unit`).
+10. **Slice context (2.5D).** Where most train cases are slices of ordered stacks (a volume in slice mode,
+   files numbered by slice: the fingerprint's ``slice_stacks``) and adjacent slices are confirmed to be
+   neighbours in the anatomy (they correlate clearly more than unrelated slices), the network can take
+   ``slice_context`` neighbouring slices a side as extra channels (:mod:`tumorseg.context`). **Not a
+   default yet** (``CONTEXT_WHEN_ORDERED`` is 0): no equal-budget run has measured it; ``--set
+   slice_context=1`` asks for it, and the plan says when the data allow it (:func:`slice_context`).
 """
 
 from __future__ import annotations
@@ -90,6 +96,13 @@ SIZE_STEP = 32
 ORIENTED = 0.9
 """The share of train images agreeing on an axis's orientation above which it is not flipped (rule 8). BUSI:
 1.0 up-down, 0.48 left-right; the synthetic data: 0.40 and 0.33."""
+STACK_SHARE = 0.5
+"""Rule 10: the share of train cases in stacks of three or more slices above which the data are slice stacks."""
+ADJACENT_MARGIN = 0.1
+"""Rule 10: adjacent slices must correlate at least this much more than unrelated ones (median correlations)."""
+CONTEXT_WHEN_ORDERED = 0
+"""Rule 10: neighbouring slices a side given to the network when the data are ordered slice stacks (0: not
+measured at an equal budget yet, so not a default)."""
 FINISH_SECONDS = 10.0
 """Fixed cost after the last step: learning curve, overlays, logging the model."""
 
@@ -324,6 +337,7 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
                                             "the samples are drawn from cases with tumour")
     in_channels = 1 if fp.grey_as_rgb else fp.channels
     flips = flip_axes(fp, reasons)
+    context, reasons["slice_context"] = slice_context(fp)
     train = {
         "image_size": list(image_size),
         "patch_size": list(patch) if patch else None,
@@ -340,6 +354,7 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
                     "prob": 0.5},
         "tta": False,
         "postprocess": "auto",
+        "slice_context": context,
     }
     if fp.grey_as_rgb:
         reasons["in_channels"] = "colour images whose three channels are equal: trained as grey"
@@ -368,3 +383,22 @@ def selection_unit(group_sizes: list[int]) -> tuple[str, str]:
         return "group", (f"val groups hold {median:g} cases (median): Dice per group with counts pooled over its "
                          "cases, as per-patient results are reported")
     return "case", "val groups hold one case each: mean per-case Dice"
+
+
+def slice_context(fp: Fingerprint) -> tuple[int, str]:
+    """``(neighbouring slices a side, reason)`` (rule 10)."""
+    st = fp.slice_stacks
+    share = float(st.get("share_in_stacks", 0.0))
+    if share < STACK_SHARE:
+        return 0, (f"2D: {share:.0%} of the train cases are slices of ordered stacks (below {STACK_SHARE:.0%}), "
+                   "so there are no neighbouring slices to give")
+    adjacent, unrelated = float(st.get("adjacent", math.nan)), float(st.get("unrelated", math.nan))
+    if not adjacent - unrelated >= ADJACENT_MARGIN:
+        return 0, (f"2D: {share:.0%} of the train cases are numbered slices, but adjacent ones correlate "
+                   f"{adjacent:.2f} against {unrelated:.2f} for unrelated ones: their order is not the anatomy's")
+    where = (f"{share:.0%} of the train cases are slices of {st.get('stacks', 0):g} ordered stacks (median "
+             f"{st.get('median_length', 0):g} slices; adjacent slices correlate {adjacent:.2f}, unrelated "
+             f"{unrelated:.2f})")
+    if CONTEXT_WHEN_ORDERED == 0:
+        return 0, f"2D: {where}; 2.5D (--set slice_context=1) is offered but not a default until measured"
+    return CONTEXT_WHEN_ORDERED, f"2.5D, {CONTEXT_WHEN_ORDERED} neighbouring slice(s) a side: {where}"

@@ -265,26 +265,63 @@ RANGE_WARNINGS = 5
 """Inputs named one by one when their intensities are far from the training images'; the rest are counted."""
 
 
-def _planes(loaded_iter: Iterator[Loaded], seg: Segmenter,
-            outside: dict[int, Path]) -> Iterator[tuple[Loaded, int, np.ndarray]]:
-    """The planes of every input, in order.
+def _planes(loaded_iter: Iterator[Loaded], seg: Segmenter, outside: dict[int, Path],
+            neighbours: Any = None) -> Iterator[tuple[Loaded, int, np.ndarray]]:
+    """The network inputs of every input's planes, in order.
 
     Inputs far from the training intensities are warned about and recorded in ``outside`` (index -> path).
+    A 2.5D model's planes carry their neighbours: a volume's own slices, or for a 2D file
+    ``neighbours(loaded)``, the planes of its window of files.
     """
+    from tumorseg.context import window_image
     from tumorseg.inference import channels_compatible
 
     for loaded in loaded_iter:
         c = int(loaded.planes[0].shape[0])
-        if not channels_compatible(c, int(seg.in_channels)):
-            raise TumorsegError(f"{loaded.item.path}: {c}-channel image but the model takes {seg.in_channels} "
+        if not channels_compatible(c, int(seg.base_channels)):
+            raise TumorsegError(f"{loaded.item.path}: {c}-channel image but the model takes {seg.base_channels} "
                                 "channel(s)")
         why = seg.intensity_outside_training(loaded.decoded.array)
         if why is not None:
             outside[loaded.item.index] = loaded.item.path
             if len(outside) <= RANGE_WARNINGS:
                 log.warning("%s: %s", loaded.item.path, why)
-        for i, plane in enumerate(loaded.planes):
+        planes = loaded.planes
+        if seg.context and len(planes) == 1 and neighbours is not None:
+            planes = [window_image(neighbours(loaded), seg.base_channels)]
+        else:
+            planes = seg.stack(planes)
+        for i, plane in enumerate(planes):
             yield loaded, i, plane
+
+
+def _file_neighbours(items: list[Item], k: int, slice_axis: int) -> Any:
+    """For a 2.5D model: ``loaded -> the planes of its window`` among the input files.
+
+    Stacks as :func:`tumorseg.context.path_stacks` finds them (same folder, consecutive trailing slice
+    numbers); a file in no stack is its own neighbour.
+    """
+    from tumorseg.context import path_stacks, window
+
+    windows: dict[int, list[int]] = {}
+    for run in path_stacks([it.path for it in items]):
+        for i, idx in enumerate(run):
+            windows[items[idx].index] = [run[j] for j in window(len(run), i, k)]
+    by_index = {it.index: it for it in items}
+
+    def planes(loaded: Loaded) -> list[np.ndarray]:
+        own = loaded.item.index
+        ids = windows.get(own, [own] * (2 * k + 1))
+        read = {own: loaded.planes[0]}
+        for j in ids:
+            if j not in read:
+                read[j] = load_item(by_index[j], slice_axis).planes[0]
+                if read[j].shape[1:] != read[own].shape[1:]:
+                    raise TumorsegError(f"{by_index[j].path}: a neighbouring slice of {loaded.item.path} but of "
+                                        "another size; slices of one stack must share a size")
+        return [read[j] for j in ids]
+
+    return planes
 
 
 def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: PredictConfig) -> list[dict[str, Any]]:
@@ -313,7 +350,9 @@ def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: Pred
                          "tumour_pixels": fut.result(), "intensity_outside_training": it.index in outside})
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="tumorseg-write") as writer:
-        for batch in track(batched(_planes(loaded_iter, seg, outside), cfg.batch_size), None, "predict"):
+        neighbours = _file_neighbours(items, seg.context, cfg.slice_axis) if seg.context else None
+        for batch in track(batched(_planes(loaded_iter, seg, outside, neighbours), cfg.batch_size), None,
+                           "predict"):
             probs = seg.predict_proba([plane for _, _, plane in batch], tta=cfg.tta)
             for (loaded, i, _), prob in zip(batch, probs, strict=True):
                 buf = partial.setdefault(loaded.item.index, [None] * len(loaded.planes))

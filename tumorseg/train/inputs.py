@@ -54,11 +54,14 @@ def cache_root(cfg: TrainConfig) -> Path:
 
 def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: pd.DataFrame, in_channels: int,
          ckpt: dict[str, Any] | None, dist: Dist, device: torch.device, source: str) -> Inputs:
-    """Build (or reuse) the train and val splits at ``cfg.image_size`` and normalise them."""
+    """Build (or reuse) the train and val splits at ``cfg.image_size`` and normalise them.
+
+    With ``cfg.slice_context`` each case's image holds its neighbouring slices (``in_channels`` counts them all).
+    """
     from tumorseg.data import CaseReader, storage_for
 
     t0 = time.perf_counter()
-    reader = CaseReader(info, source)
+    reader = CaseReader(info, source, context=slice_context(cfg, pd.concat([train_df, val_df]), in_channels))
     mode = cfg.normalize if ckpt is None else _mode_of(ckpt.get("intensity"))
     group = _cpu_group(dist)
     storage = _agree(storage_for(cfg.cache, len(train_df) + len(val_df), in_channels, cfg.image_size), group)
@@ -105,6 +108,25 @@ def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: p
     log.info("%s: %d train / %d val cases ready in %.1f s", "disk cache" if storage == "disk" else "cached",
              len(train), len(val_df), time.perf_counter() - t0)
     return Inputs(train, val, stats, fingerprint, storage)
+
+
+def slice_context(cfg: TrainConfig, df: pd.DataFrame, in_channels: int) -> Any:
+    """The reader's :class:`tumorseg.data.reader.SliceContext` for ``cfg.slice_context`` (``None`` without).
+
+    Raises:
+        TumorsegError: slice context asked for data without ordered slice stacks.
+    """
+    k = int(cfg.slice_context)
+    if k == 0:
+        return None
+    from tumorseg.context import SliceStacks
+    from tumorseg.data.reader import SliceContext
+
+    if not SliceStacks.from_frame(df).runs:
+        raise TumorsegError(f"{cfg.manifest}: slice_context={k} needs cases that are slices of ordered stacks (a "
+                            "volume in slice mode, or files named by a trailing slice number); this manifest has "
+                            "none - train with slice_context=0")
+    return SliceContext.of(df, k, in_channels // (2 * k + 1))
 
 
 def _on_disk(cfg: TrainConfig, info: ManifestInfo, reader: Any, train_df: pd.DataFrame, val_df: pd.DataFrame,

@@ -127,6 +127,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
     train_df = select_split(df, "train", source)
     val_df = select_split(df, "val", source)
     in_channels = datamod.infer_in_channels(df) if cfg.model.in_channels == "auto" else int(cfg.model.in_channels)
+    in_channels *= 2 * int(cfg.slice_context) + 1  # 2.5D: each neighbouring slice brings the image's channels
     if ckpt is not None:
         in_channels = int(ckpt["in_channels"])
 
@@ -288,7 +289,11 @@ def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: Split | None, d
     seg = Segmenter.from_checkpoint(best, device=device.type)
     # the first val cases at their original resolution (overlays, and the model's input example)
     k = min(max(cfg.val_overlays, 1), len(val_df)) if val_data is not None else 0
-    firsts = CaseReader(info, source).read_all(val_df.iloc[:k]) if k else []
+    from tumorseg.context import centre
+    from tumorseg.train.inputs import slice_context
+
+    context = slice_context(cfg, val_df, seg.in_channels)
+    firsts = CaseReader(info, source, context=context).read_all(val_df.iloc[:k]) if k else []
     if firsts and cfg.val_overlays:
         images = [c.image for c in firsts]
         preds = seg.predict_masks(images)
@@ -296,7 +301,7 @@ def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: Split | None, d
         for c, pred in zip(firsts, preds, strict=True):
             scores = [v for v in case_dice(pred, c.mask, seg.classes) if math.isfinite(v)]
             d = float(np.mean(scores)) if scores else float("nan")
-            items.append((c.image, c.mask, pred, f"{c.case_id} Dice {d:.3f}"))
+            items.append((centre(c.image, cfg.slice_context), c.mask, pred, f"{c.case_id} Dice {d:.3f}"))
         review.overlay_grid(items, run_dir / "val_overlays.png",
                             classes=seg.classes.names if seg.classes.multiclass else None)
         run.log_artifact(run_dir / "val_overlays.png")
@@ -304,4 +309,4 @@ def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: Split | None, d
         return None
     from tumorseg.mlflow_model import log_segmenter_model
 
-    return log_segmenter_model(best, run_dir, firsts[0].image if firsts else None)
+    return log_segmenter_model(best, run_dir, centre(firsts[0].image, cfg.slice_context) if firsts else None)

@@ -1,0 +1,198 @@
+"""Slice context (2.5D): the neighbouring slices of a case as extra input channels.
+
+A case has neighbours when it is one slice of an ordered stack:
+
+* a slice of a volume ingested in slice mode (``slice_index >= 0``): the slices of the same image;
+* a 2D file whose name differs from others of its folder and group only by a trailing slice number
+  (``TCGA_CS_4941_19960909_12.tif``, ``case3_slice007.png``): the files of consecutive numbers.
+
+A gap in the numbers ends a stack (the slice beyond it is not a neighbour), and two files claiming one
+number (``a_1.png``, ``a_01.png``) are left out of stacks. Names without a trailing number are not slices.
+
+With a context of ``k`` the network sees ``2k + 1`` planes, from slice ``i - k`` to ``i + k``, each
+converted to the model's base channels and concatenated along the channel axis (``(C * (2k + 1), H, W)``);
+at the ends of a stack the edge slice is repeated (as a missing neighbour is, for a case in no stack).
+Train and evaluate build the planes from the manifest (:class:`SliceStacks`); predict from the volume or
+from the input files' names (:func:`path_stacks`); the pyfunc model from the order of the images it is
+given (:func:`stack_planes`: one ordered stack per call).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, TypeVar
+
+import numpy as np
+
+from tumorseg.imageio import split_ext, to_channels
+
+T = TypeVar("T")
+
+_TRAILING = re.compile(r"^(.*?)(\d+)$")
+
+
+def slice_number(name: str) -> tuple[str, int] | None:
+    """``(prefix, number)`` of a file name ending (before its extension) in a slice number, else ``None``.
+
+    ``"TCGA_CS_4941_19960909_12.tif" -> ("TCGA_CS_4941_19960909_", 12)``; ``"benign (12).png"`` has
+    no trailing number (a closing parenthesis follows it) and is no slice.
+    """
+    stem, _ = split_ext(PurePosixPath(name).name)
+    m = _TRAILING.match(stem)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def ordered_runs(members: Iterable[tuple[Hashable, T, int]]) -> list[list[T]]:
+    """Runs of consecutive positions within each key: ``(key, item, position)`` -> ordered runs of items.
+
+    A gap in the positions ends a run; items sharing a position (ambiguous order) are left out.
+    """
+    by_key: dict[Hashable, dict[int, list[T]]] = defaultdict(lambda: defaultdict(list))
+    for key, item, pos in members:
+        by_key[key][pos].append(item)
+    runs: list[list[T]] = []
+    for positions in by_key.values():
+        run: list[T] = []
+        last = None
+        for pos in sorted(positions):
+            items = positions[pos]
+            if len(items) != 1 or (last is not None and pos != last + 1):
+                if len(run) > 1:
+                    runs.append(run)
+                run = []
+            if len(items) == 1:
+                run.append(items[0])
+                last = pos
+            else:
+                last = None
+        if len(run) > 1:
+            runs.append(run)
+    return runs
+
+
+def window(n: int, i: int, k: int) -> list[int]:
+    """Indices ``i - k .. i + k`` into a stack of ``n``, clamped at its ends."""
+    return [min(max(i + d, 0), n - 1) for d in range(-k, k + 1)]
+
+
+@dataclass(frozen=True)
+class SliceStacks:
+    """The ordered stacks among a manifest's cases.
+
+    Attributes:
+        runs: each stack's case ids in slice order (stacks of at least two slices).
+    """
+
+    runs: tuple[tuple[str, ...], ...]
+
+    @classmethod
+    def from_frame(cls, df: Any) -> SliceStacks:
+        """The stacks of a manifest frame (its ``case_id``, ``image``, ``group`` and ``slice_index``)."""
+        members: list[tuple[Hashable, str, int]] = []
+        for cid, image, group, index in zip(df["case_id"], df["image"], df["group"], df["slice_index"],
+                                            strict=True):
+            if int(index) >= 0:
+                members.append((("volume", str(image), str(group)), str(cid), int(index)))
+                continue
+            parsed = slice_number(str(image))
+            if parsed is not None:
+                parent = str(PurePosixPath(str(image)).parent)
+                ext = split_ext(str(image))[1]
+                members.append((("files", parent, parsed[0], ext, str(group)), str(cid), parsed[1]))
+        return cls(tuple(tuple(run) for run in ordered_runs(members)))
+
+    def neighbours(self, k: int) -> dict[str, list[str]]:
+        """``case id -> the 2k + 1 case ids of its window`` for every case in a stack."""
+        out: dict[str, list[str]] = {}
+        for run in self.runs:
+            for i, cid in enumerate(run):
+                out[cid] = [run[j] for j in window(len(run), i, k)]
+        return out
+
+    def summary(self, n_cases: int) -> dict[str, float]:
+        """Stacks, the share of cases in stacks of three or more, and the median stack length."""
+        long = [len(r) for r in self.runs if len(r) >= 3]
+        return {"stacks": len(long), "share_in_stacks": round(sum(long) / n_cases, 4) if n_cases else 0.0,
+                "median_length": float(np.median(long)) if long else 0.0}
+
+
+def path_stacks(paths: Sequence[Any]) -> list[list[int]]:
+    """Ordered stacks among input files (indices into ``paths``), by folder and trailing slice number."""
+    members: list[tuple[Hashable, int, int]] = []
+    for i, p in enumerate(paths):
+        path = PurePosixPath(str(p))
+        parsed = slice_number(path.name)
+        if parsed is not None:
+            members.append(((str(path.parent), parsed[0], split_ext(path.name)[1]), i, parsed[1]))
+    return ordered_runs(members)
+
+
+def stack_planes(planes: Sequence[np.ndarray], k: int, channels: int) -> list[np.ndarray]:
+    """Each plane of an ordered stack with its ``k`` neighbours a side: ``(channels * (2k + 1), H, W)`` each.
+
+    Every plane is converted to ``channels`` (grey <-> RGB) first; the stack's ends repeat the edge plane.
+    """
+    base = [to_channels(np.asarray(p, dtype=np.float32), channels) for p in planes]
+    if k == 0:
+        return base
+    shapes = {b.shape[1:] for b in base}
+    if len(shapes) > 1:
+        from tumorseg.errors import TumorsegError
+
+        raise TumorsegError(f"slices of one stack differ in size ({', '.join(sorted(map(str, shapes)))}); "
+                            "a model with slice context needs the slices of one volume")
+    return [np.concatenate([base[j] for j in window(len(base), i, k)], axis=0) for i in range(len(base))]
+
+
+def window_image(planes: Sequence[np.ndarray], channels: int) -> np.ndarray:
+    """One case's network input from its window of ``2k + 1`` planes (each converted to ``channels``)."""
+    return np.concatenate([to_channels(np.asarray(p, dtype=np.float32), channels) for p in planes], axis=0)
+
+
+def centre(image: np.ndarray, k: int) -> np.ndarray:
+    """The case's own plane of a context image (its middle ``C / (2k + 1)`` channels)."""
+    if k == 0:
+        return image
+    c = image.shape[0] // (2 * k + 1)
+    return image[k * c:(k + 1) * c]
+
+
+def consecutive_similarity(stacks: Sequence[Sequence[np.ndarray]], rng: np.random.Generator,
+                           pairs: int = 32) -> tuple[float, float]:
+    """Median correlation of consecutive planes, and of planes from different stacks (or far apart in one).
+
+    Ordered slices of a volume correlate far more with their neighbours than with random slices; file names
+    that only happen to end in numbers do not. Planes are compared as ``32 x 32`` grey thumbnails.
+    """
+    thumbs = [[_thumb(p) for p in s] for s in stacks if len(s) >= 2]
+    if not thumbs:
+        return float("nan"), float("nan")
+    near, far = [], []
+    flat = [(si, j) for si, s in enumerate(thumbs) for j in range(len(s))]
+    for _ in range(pairs):
+        si = int(rng.integers(len(thumbs)))
+        j = int(rng.integers(len(thumbs[si]) - 1))
+        near.append(_corr(thumbs[si][j], thumbs[si][j + 1]))
+        a, b = (flat[int(x)] for x in rng.integers(len(flat), size=2))
+        if a[0] != b[0] or abs(a[1] - b[1]) > 2:
+            far.append(_corr(thumbs[a[0]][a[1]], thumbs[b[0]][b[1]]))
+    return float(np.median(near)), float(np.median(far)) if far else float("nan")
+
+
+def _thumb(plane: np.ndarray) -> np.ndarray:
+    grey = np.asarray(plane, dtype=np.float32).mean(axis=0)
+    h, w = grey.shape
+    ys = np.linspace(0, h - 1, 32).round().astype(int)
+    xs = np.linspace(0, w - 1, 32).round().astype(int)
+    return grey[np.ix_(ys, xs)].ravel()
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    sa, sb = float(a.std()), float(b.std())
+    if sa == 0 or sb == 0:
+        return 1.0 if sa == sb and float(a.mean()) == float(b.mean()) else 0.0
+    return float(np.mean((a - a.mean()) * (b - b.mean())) / (sa * sb))
