@@ -206,15 +206,14 @@ def test_predict_and_pyfunc_take_neighbours_from_the_volume_or_the_file_names(st
     from tumorseg import predict
     from tumorseg.config import PredictConfig
     from tumorseg.imageio import slice_of
-    from tumorseg.predict.files import Item
-    from tumorseg.predict.stage import load_item
+    from tumorseg.predict.files import Item, load_item
 
     tmp = stack_run["tmp"]
     volume = tmp / "img" / "v7.nii.gz"
     planes = load_item(Item(0, volume, Path(volume.name)), 2).planes
     (tmp / "slices").mkdir()
-    for z, plane in enumerate(planes):  # numbered out of text order: slice_10 would sort before slice_2
-        tifffile.imwrite(tmp / "slices" / f"v7_slice{z + 1}.tif", plane[0])
+    for z, plane in enumerate(planes):  # numbered 5..10: as text, slice10 sorts before slice5
+        tifffile.imwrite(tmp / "slices" / f"v7_slice{z + 5}.tif", plane[0])
     run = str(stack_run["run"])
     predict.run(PredictConfig(model=run, inputs=[volume], output_dir=tmp / "out_vol"))
     predict.run(PredictConfig(model=run, inputs=[tmp / "slices"], output_dir=tmp / "out_files"))
@@ -222,7 +221,7 @@ def test_predict_and_pyfunc_take_neighbours_from_the_volume_or_the_file_names(st
 
     vol_mask = decode(read_bytes(tmp / "out_vol" / "v7.nii.gz"), tmp / "out_vol" / "v7.nii.gz", "mask")
     by_volume = [slice_of(vol_mask, z, 2)[0] for z in range(len(planes))]
-    by_files = [np.asarray(Image.open(tmp / "out_files" / f"v7_slice{z + 1}.png")) > 0 for z in range(len(planes))]
+    by_files = [np.asarray(Image.open(tmp / "out_files" / f"v7_slice{z + 5}.png")) > 0 for z in range(len(planes))]
     assert sum(int(m.sum()) for m in by_volume) > 0
     for a, b in zip(by_volume, by_files, strict=True):
         assert np.array_equal(a > 0, b)
@@ -235,6 +234,22 @@ def test_predict_and_pyfunc_take_neighbours_from_the_volume_or_the_file_names(st
     assert masks.shape == (len(planes), 32, 32)
     for a, b in zip(by_volume, masks, strict=True):
         assert np.array_equal(a > 0, b > 0)
+    # the probabilities are the network's on each slice's window (previous, own, next; ends repeated) ...
+    from tumorseg.inference import Segmenter
+
+    seg = Segmenter.from_checkpoint(stack_run["run"] / "best.pt", device="cpu")
+    probs = model.predict(batch, params={"probabilities": True})
+    windows = [np.concatenate([planes[max(z - 1, 0)], planes[z], planes[min(z + 1, len(planes) - 1)]])
+               for z in range(len(planes))]
+    assert np.allclose(probs, np.stack(seg.predict_proba(windows)), atol=1e-6)
+    # ... and not on the slice repeated: the neighbours reach the network
+    repeated = np.stack(seg.predict_proba([np.concatenate([p, p, p]) for p in planes]))
+    assert not np.allclose(probs, repeated, atol=1e-3)
+    # a bare slice given to the 2.5D network is refused, not silently repeated
+    from tumorseg.errors import TumorsegError
+
+    with pytest.raises(TumorsegError, match="pass the slices of a stack through Segmenter.stack"):
+        seg.predict_proba([planes[0]])
 
 
 def test_context_without_stacks_is_one_line(tmp_path: Path) -> None:

@@ -319,7 +319,8 @@ class OracleSegmenter:
 
         self.truth, self.mode = truth, mode
         self.threshold = 0.5
-        self.in_channels = 1
+        self.in_channels = self.base_channels = 1
+        self.context = 0  # a plain 2D model (no neighbouring slices)
         self.device = torch.device("cpu")
 
     def mask(self, prob: np.ndarray, threshold: float | None = None) -> np.ndarray:

@@ -382,6 +382,10 @@ class Segmenter:
 
         if not images:
             return []
+        bare = next((img for img in images if self.context and img.shape[0] == self.base_channels), None)
+        if bare is not None and self.base_channels != self.in_channels:
+            raise TumorsegError(f"a {bare.shape[0]}-channel image given to a model with slice context "
+                                f"{self.context}: pass the slices of a stack through Segmenter.stack first")
         size = (int(self.config.image_size[0]), int(self.config.image_size[1]))
         batch = torch.stack([preprocess(img, size, self.in_channels, self.stats) for img in images]).to(self.device)
         if self.config.channels_last:

@@ -1,19 +1,28 @@
-"""The files of ``tumorseg predict``: each input, its outputs, and the writing of masks and probabilities."""
+"""The files of ``tumorseg predict``: inputs, their decoding, their outputs and the writing of masks.
+
+A 2.5D model's 2D inputs also get their neighbouring slices here (:func:`file_neighbours`).
+"""
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tumorseg.config import PredictConfig
+from tumorseg.errors import TumorsegError
+from tumorseg.imageio import image_format
 from tumorseg.labels import Classes
 
 if TYPE_CHECKING:
     from tumorseg.imageio import Decoded
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,3 +102,65 @@ def write_tiff(path: Path, array: np.ndarray) -> None:
         tifffile.imwrite(tmp, array, photometric="minisblack")
 
 
+def load_item(item: Item, slice_axis: int) -> Loaded:
+    """Decode one input into ``float32 (C, H, W)`` planes (one per slice for a volume)."""
+    from tumorseg.imageio import decode, read_bytes, slice_of
+    from tumorseg.imageio.nifti import nifti_shape
+
+    decoded = decode(read_bytes(item.path), item.path, "image")
+    if decoded.is_volume:
+        n = decoded.array.shape[slice_axis]
+        planes = [slice_of(decoded, i, slice_axis).astype(np.float32) for i in range(n)]
+    else:
+        planes = [slice_of(decoded, -1, slice_axis).astype(np.float32)]
+    # a NIfTI mask keeps its input's header shape (trailing 1s included); other grids their decoded shape
+    shape = (nifti_shape(item.path) if image_format(item.path) == "nifti"
+             else tuple(decoded.array.shape) if decoded.is_grid else None)
+    return Loaded(item, planes, decoded, shape)
+
+
+def file_neighbours(items: list[Item], k: int, slice_axis: int) -> Any:
+    """For a 2.5D model: ``loaded -> the planes of its window`` among the input files.
+
+    Stacks as :func:`tumorseg.context.path_stacks` finds them among the 2D inputs (same folder, consecutive
+    trailing slice numbers); a file in no stack is its own neighbour. Decoded neighbours are kept in a small
+    cache (the inputs are sorted, so a stack's files come one after another).
+    """
+    from tumorseg.context import path_stacks, window
+    from tumorseg.imageio import DecodeError, volume_shape
+
+    def flat(it: Item) -> bool:
+        try:
+            return volume_shape(it.path) is None and image_format(it.path) != "dicom-series"
+        except DecodeError:
+            return False
+
+    files = [it for it in items if flat(it)]
+    windows: dict[int, list[int]] = {}
+    for run in path_stacks([it.path for it in files]):
+        for i, pos in enumerate(run):
+            windows[files[pos].index] = [files[run[j]].index for j in window(len(run), i, k)]
+    if windows:
+        log.info("slice context: %d of %d inputs are slices of numbered stacks (their neighbours are the files "
+                 "numbered next to them); the others are their own neighbours", len(windows), len(items))
+    by_index = {it.index: it for it in items}
+    cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def plane(j: int) -> np.ndarray:
+        if j not in cache:
+            cache[j] = load_item(by_index[j], slice_axis).planes[0]
+            while len(cache) > 4 * k + 2:
+                cache.popitem(last=False)
+        return cache[j]
+
+    def planes(loaded: Loaded) -> list[np.ndarray]:
+        own = loaded.item.index
+        ids = windows.get(own, [own] * (2 * k + 1))
+        read = {j: loaded.planes[0] if j == own else plane(j) for j in set(ids)}
+        for j, p in read.items():
+            if p.shape[1:] != loaded.planes[0].shape[1:]:
+                raise TumorsegError(f"{by_index[j].path}: a neighbouring slice of {loaded.item.path} but of "
+                                    "another size; slices of one stack must share a size")
+        return [read[j] for j in ids]
+
+    return planes

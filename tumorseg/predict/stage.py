@@ -42,7 +42,7 @@ import numpy as np
 from tumorseg.config import PredictConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.imageio import FORMATS_TEXT, image_format, split_ext
-from tumorseg.predict.files import Item, Loaded, write_outputs
+from tumorseg.predict.files import Item, Loaded, file_neighbours, load_item, write_outputs
 
 if TYPE_CHECKING:
     from tumorseg.inference import Segmenter
@@ -168,26 +168,6 @@ def plan_outputs(items: list[Item], cfg: PredictConfig, volumes: set[int] | None
                                         "input files - choose another output folder")
 
 
-# ----------------------------------------------------------------------------- decoding
-
-
-def load_item(item: Item, slice_axis: int) -> Loaded:
-    """Decode one input into ``float32 (C, H, W)`` planes (one per slice for a volume)."""
-    from tumorseg.imageio import decode, read_bytes, slice_of
-    from tumorseg.imageio.nifti import nifti_shape
-
-    decoded = decode(read_bytes(item.path), item.path, "image")
-    if decoded.is_volume:
-        n = decoded.array.shape[slice_axis]
-        planes = [slice_of(decoded, i, slice_axis).astype(np.float32) for i in range(n)]
-    else:
-        planes = [slice_of(decoded, -1, slice_axis).astype(np.float32)]
-    # a NIfTI mask keeps its input's header shape (trailing 1s included); other grids their decoded shape
-    shape = (nifti_shape(item.path) if image_format(item.path) == "nifti"
-             else tuple(decoded.array.shape) if decoded.is_grid else None)
-    return Loaded(item, planes, decoded, shape)
-
-
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -295,35 +275,6 @@ def _planes(loaded_iter: Iterator[Loaded], seg: Segmenter, outside: dict[int, Pa
             yield loaded, i, plane
 
 
-def _file_neighbours(items: list[Item], k: int, slice_axis: int) -> Any:
-    """For a 2.5D model: ``loaded -> the planes of its window`` among the input files.
-
-    Stacks as :func:`tumorseg.context.path_stacks` finds them (same folder, consecutive trailing slice
-    numbers); a file in no stack is its own neighbour.
-    """
-    from tumorseg.context import path_stacks, window
-
-    windows: dict[int, list[int]] = {}
-    for run in path_stacks([it.path for it in items]):
-        for i, idx in enumerate(run):
-            windows[items[idx].index] = [run[j] for j in window(len(run), i, k)]
-    by_index = {it.index: it for it in items}
-
-    def planes(loaded: Loaded) -> list[np.ndarray]:
-        own = loaded.item.index
-        ids = windows.get(own, [own] * (2 * k + 1))
-        read = {own: loaded.planes[0]}
-        for j in ids:
-            if j not in read:
-                read[j] = load_item(by_index[j], slice_axis).planes[0]
-                if read[j].shape[1:] != read[own].shape[1:]:
-                    raise TumorsegError(f"{by_index[j].path}: a neighbouring slice of {loaded.item.path} but of "
-                                        "another size; slices of one stack must share a size")
-        return [read[j] for j in ids]
-
-    return planes
-
-
 def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: PredictConfig) -> list[dict[str, Any]]:
     """Decode inputs in threads, predict planes in batches across files, write each file when complete."""
     from tumorseg.progress import track
@@ -350,7 +301,7 @@ def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: Pred
                          "tumour_pixels": fut.result(), "intensity_outside_training": it.index in outside})
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="tumorseg-write") as writer:
-        neighbours = _file_neighbours(items, seg.context, cfg.slice_axis) if seg.context else None
+        neighbours = file_neighbours(items, seg.context, cfg.slice_axis) if seg.context else None
         for batch in track(batched(_planes(loaded_iter, seg, outside, neighbours), cfg.batch_size), None,
                            "predict"):
             probs = seg.predict_proba([plane for _, _, plane in batch], tta=cfg.tta)

@@ -110,11 +110,11 @@ def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: p
     return Inputs(train, val, stats, fingerprint, storage)
 
 
-def slice_context(cfg: TrainConfig, df: pd.DataFrame, in_channels: int) -> Any:
+def slice_context(cfg: TrainConfig, df: pd.DataFrame, in_channels: int, check: bool = True) -> Any:
     """The reader's :class:`tumorseg.data.reader.SliceContext` for ``cfg.slice_context`` (``None`` without).
 
     Raises:
-        TumorsegError: slice context asked for data without ordered slice stacks.
+        TumorsegError: (``check``) slice context asked for data without ordered slice stacks.
     """
     k = int(cfg.slice_context)
     if k == 0:
@@ -122,7 +122,7 @@ def slice_context(cfg: TrainConfig, df: pd.DataFrame, in_channels: int) -> Any:
     from tumorseg.context import SliceStacks
     from tumorseg.data.reader import SliceContext
 
-    if not SliceStacks.from_frame(df).runs:
+    if check and not SliceStacks.from_frame(df).runs:
         raise TumorsegError(f"{cfg.manifest}: slice_context={k} needs cases that are slices of ordered stacks (a "
                             "volume in slice mode, or files named by a trailing slice number); this manifest has "
                             "none - train with slice_context=0")

@@ -292,7 +292,7 @@ def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: Split | None, d
     from tumorseg.context import centre
     from tumorseg.train.inputs import slice_context
 
-    context = slice_context(cfg, val_df, seg.in_channels)
+    context = slice_context(cfg, val_df, seg.in_channels, check=False)  # a case in no stack repeats its plane
     firsts = CaseReader(info, source, context=context).read_all(val_df.iloc[:k]) if k else []
     if firsts and cfg.val_overlays:
         images = [c.image for c in firsts]
