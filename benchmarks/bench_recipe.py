@@ -12,6 +12,10 @@ variant trains at the same resolution and steps and only the named component cha
 
     python benchmarks/bench_recipe.py data_manifest/busi --budget 4m --out /tmp/ablation
     python benchmarks/bench_recipe.py data_manifest/busi --budget 30m --only full   # one variant
+    python benchmarks/bench_recipe.py data_manifest/la2d --budget 30m --only full select-by-case context-1
+
+``*_dice_group`` is the mean over groups of the Dice of each group's pooled counts (``per_group.csv``): the
+per-patient (volumetric) Dice of slice stacks; it equals the per-case mean where every group holds one case.
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                         "augment.noise=true"]),
     "no-augment": ("full, augmentation off", ["PLAN", "augment.flip=false", "augment.rotate90=false",
                                               "augment.affine=false", "augment.intensity=false"]),
+    # issue #23's rules, each against "full" (the plan as it is) at the same budget
+    "select-by-case": ("full, the best checkpoint by mean per-case val Dice (rule 9 off)", ["PLAN", "val_unit=case"]),
+    "select-by-group": ("full, the best checkpoint by per-group val Dice (rule 9 forced)", ["PLAN", "val_unit=group"]),
+    # planned afresh (the shared plan.json was made without it; the probe's cached throughput keeps the rest equal)
+    "patches-for-time": ("full, crops when whole images cannot buy the samples (rule 5)", ["patches_for_time=true"]),
+    "context-1": ("full, one neighbouring slice a side as channels (2.5D, rule 10)", ["PLAN", "slice_context=1"]),
 }
 
 
@@ -62,7 +72,9 @@ def scores(eval_dir: Path) -> dict[str, float]:
     pc = pd.read_csv(eval_dir / "per_case.csv")
     tumour = pc[~pc["gt_empty"]]
     empty = pc[pc["gt_empty"]]
+    pg = pd.read_csv(eval_dir / "per_group.csv")  # counts pooled per group: per-patient (volumetric) Dice
     return {"dice_tumour": float(tumour["dice"].mean()), "dice_all": float(pc["dice"].mean()),
+            "dice_group": float(pg["dice"].mean()),
             "fp_rate_empty": float((~empty["pred_empty"]).mean()) if len(empty) else float("nan"),
             "n_tumour": len(tumour), "n_empty": len(empty)}
 
@@ -106,6 +118,7 @@ def main() -> None:
                          str(ev), "--tracking-uri", uri, log=out / f"{name}.{split}.log")
             s = scores(ev)
             row[f"{split}_dice_tumour"] = round(s["dice_tumour"], 4)
+            row[f"{split}_dice_group"] = round(s["dice_group"], 4)
             row[f"{split}_fp_empty"] = round(s["fp_rate_empty"], 3)
         rows.append(row)
         print(row, flush=True)
