@@ -276,3 +276,55 @@ def test_context_without_stacks_is_one_line(tmp_path: Path) -> None:
 def test_path_stacks_find_numbered_inputs() -> None:
     paths = ["d/a_3.png", "d/a_1.png", "d/a_2.png", "d/b.png", "e/a_4.png"]
     assert path_stacks(paths) == [[1, 2, 0]]
+
+
+def test_synthetic_volumes_are_ordered_stacks_and_numbered_2d_files_are_not(tmp_path: Path) -> None:
+    """Rule 10 on real files: ``synth --dims 3`` volumes in slice mode are confirmed stacks; the 2D synthetic
+    set (``patient_007_slice_2.png``: numbered, but each slice an independent image) is not."""
+    import nibabel as nib
+
+    from tumorseg import ingest, synth
+    from tumorseg.config import IngestConfig
+    from tumorseg.manifest import load_manifest, select_split
+    from tumorseg.planning.fingerprint import compute
+    from tumorseg.planning.rules import slice_context
+
+    res = synth.run(tmp_path / "vol", n=8, size=24, seed=1, classes=2, dims=3)
+    assert res.n == 8 and sorted(p.name for p in res.images_dir.iterdir())[0] == "case_000.nii.gz"
+    first = tmp_path / "vol" / "images" / "case_000.nii.gz"
+    img, lab = nib.load(str(first)), nib.load(str(tmp_path / "vol" / "masks" / "case_000.nii.gz"))
+    assert img.shape == lab.shape == (24, 24, 24) and img.get_data_dtype() == np.int16
+    labels = np.asarray(lab.dataobj)
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if (labels == 2).any() and (labels == 1).any():  # the brighter class is the higher label
+        assert data[labels == 2].mean() > data[labels == 1].mean() > data[labels == 0].mean()
+    before = first.read_bytes()
+    synth.run(tmp_path / "vol", n=8, size=24, seed=1, classes=2, dims=3)
+    assert first.read_bytes() == before  # the same seed, the same bytes
+
+    man = ingest.run(IngestConfig(images_dir=res.images_dir, masks_dir=res.masks_dir, name="vol",
+                                  out_dir=tmp_path / "dm", labels={0: "background", 1: "class_1", 2: "class_2"},
+                                  slice_axis=2, fractions=(0.5, 0.25, 0.25), seed=0, workers=1))
+    info, df = load_manifest(man.manifest_dir)
+    fp = compute(info, select_split(df, "train", "m"), "m")
+    assert fp.slice_stacks["share_in_stacks"] == 1.0 and fp.slice_stacks["median_length"] == 24
+    assert fp.slice_stacks["adjacent"] - fp.slice_stacks["unrelated"] > 0.2
+    assert "offered" in slice_context(fp)[1] or slice_context(fp)[0] > 0
+
+    flat = synth.run(tmp_path / "flat", n=24, size=32, seed=0)
+    man2 = ingest.run(IngestConfig(images_dir=flat.images_dir, masks_dir=flat.masks_dir, name="flat",
+                                   out_dir=tmp_path / "dm", group_pattern=synth.GROUP_PATTERN, seed=3, workers=1))
+    info2, df2 = load_manifest(man2.manifest_dir)
+    fp2 = compute(info2, select_split(df2, "train", "m"), "m")
+    assert fp2.slice_stacks["share_in_stacks"] > 0.5  # numbered 0..3 within each patient
+    k, why = slice_context(fp2)
+    assert k == 0 and "not the anatomy's" in why
+
+
+def test_synth_dims_is_checked(tmp_path: Path) -> None:
+    from tumorseg import synth
+    from tumorseg.errors import TumorsegError
+
+    with pytest.raises(TumorsegError, match="--dims 4: give 2"):
+        synth.run(tmp_path, n=1, size=16, dims=4)

@@ -103,15 +103,18 @@ def synth(
     seed: Annotated[int, typer.Option("--seed", help="random seed (same seed, same files)")] = 0,
     classes: Annotated[int, typer.Option("--classes", help="tumour classes: 1 = binary masks, K > 1 = label "
                                          "maps of the values 0..K")] = 1,
+    dims: Annotated[int, typer.Option("--dims", help="2: PNG images; 3: NIfTI volumes (SIZE^3) with ellipsoid "
+                                      "tumours")] = 2,
 ) -> None:
-    """Write the built-in synthetic dataset: N image/mask PNG pairs, 4 slices per patient."""
+    """Write the built-in synthetic dataset: N image/mask PNG pairs, 4 slices per patient (or N volumes)."""
     from tumorseg import synth as stage
 
-    res = stage.run(out_dir, n=n, size=size, seed=seed, classes=classes)
-    typer.echo(f"wrote {res.n} pairs ({res.n_empty} with empty masks) to {res.images_dir} and {res.masks_dir}")
+    res = stage.run(out_dir, n=n, size=size, seed=seed, classes=classes, dims=dims)
+    what = "volumes" if dims == 3 else "pairs"
+    typer.echo(f"wrote {res.n} {what} ({res.n_empty} with empty masks) to {res.images_dir} and {res.masks_dir}")
     labels = f" --labels {stage.labels_text(classes)}" if classes > 1 else ""
-    typer.echo(f"ingest with: tumorseg ingest {res.images_dir} {res.masks_dir} --name NAME "
-               f"--group-pattern '{stage.GROUP_PATTERN}'{labels}")
+    grouping = "--slice-axis 2" if dims == 3 else f"--group-pattern '{stage.GROUP_PATTERN}'"
+    typer.echo(f"ingest with: tumorseg ingest {res.images_dir} {res.masks_dir} --name NAME {grouping}{labels}")
 
 
 # ----------------------------------------------------------------------------- ingest

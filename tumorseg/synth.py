@@ -8,6 +8,10 @@ one image in eight has an empty mask. Deterministic for a seed.
 With ``classes=K`` (K >= 2) each blob is one of K tumour classes (MONAI's ``num_seg_classes``),
 its brightness ``k / K`` telling which, and the masks are label maps of the values ``0..K``: ingest them
 with ``--labels`` (:func:`labels_text`).
+
+With ``dims=3`` the cases are volumes instead (:func:`make_volume`): ``case_007.nii.gz`` images (``int16``,
+1 mm voxels) of a smooth body with ellipsoid tumours of the K classes, and label volumes of the same name,
+so their slices are ordered stacks (ingest them in slice mode with ``--slice-axis 2``).
 """
 
 from __future__ import annotations
@@ -65,15 +69,54 @@ def make_pair(size: int, seed: int, empty: bool, classes: int = 1) -> tuple[np.n
     return image, (lab > 0).astype(np.uint8) if classes == 1 else lab.astype(np.uint8)
 
 
-def run(out_dir: Path, n: int = 160, size: int = 128, seed: int = 0, classes: int = 1) -> SynthResult:
+def make_volume(size: int, seed: int, empty: bool, classes: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """One ``int16`` cube of side ``size`` and its label volume (``uint8``, values ``0..classes``).
+
+    A smooth ellipsoid body (so neighbouring slices look alike, as in a scan) holds one to three ellipsoid
+    tumours per class, each class at its own brightness, under Gaussian noise.
+    """
+    rng = np.random.RandomState(seed)
+    grid = np.indices((size, size, size), dtype=np.float32)
+    centre = np.full(3, (size - 1) / 2.0, np.float32)
+    body = (((grid - centre[:, None, None, None]) / (0.42 * size)) ** 2).sum(axis=0) <= 1.0
+    label = np.zeros((size, size, size), np.uint8)
+    if not empty:
+        for k in range(1, classes + 1):
+            for _ in range(int(rng.randint(1, 3 if classes > 1 else 4))):
+                radii = rng.uniform(size / 14, size / 7, 3).astype(np.float32)
+                c = rng.uniform(0.3 * size, 0.7 * size, 3).astype(np.float32)
+                inside = (((grid - c[:, None, None, None]) / radii[:, None, None, None]) ** 2).sum(axis=0) <= 1.0
+                label[inside & body] = k
+    image = 300.0 * body + 600.0 * label / classes + rng.normal(0.0, 60.0, label.shape)
+    return np.clip(image, -1000, 3000).astype(np.int16), label
+
+
+def _write_volumes(images_dir: Path, masks_dir: Path, n: int, size: int, seed: int, classes: int) -> int:
+    """Write ``n`` volumes and label volumes as NIfTI; returns how many hold no tumour."""
+    from tumorseg.imageio.nifti import write_nifti
+
+    n_empty = 0
+    for i in range(n):
+        case_seed = seed * 1_000_003 + i
+        empty = np.random.RandomState(case_seed + 7).rand() < 0.125
+        n_empty += int(empty)
+        image, label = make_volume(size, case_seed, empty, classes)
+        write_nifti(images_dir / f"case_{i:03d}.nii.gz", image, np.eye(4))
+        write_nifti(masks_dir / f"case_{i:03d}.nii.gz", label, np.eye(4))
+    return n_empty
+
+
+def run(out_dir: Path, n: int = 160, size: int = 128, seed: int = 0, classes: int = 1,
+        dims: int = 2) -> SynthResult:
     """Write ``n`` pairs into ``out_dir/images`` and ``out_dir/masks``.
 
     Args:
         out_dir: created if missing; existing files of the same names are replaced.
-        n: number of image/mask pairs.
-        size: image side in pixels (square), at least 16.
+        n: number of image/mask pairs (volumes with ``dims=3``).
+        size: image side in pixels (square; a cube for volumes), at least 16.
         seed: the same seed gives byte-identical files.
         classes: tumour classes; 1 writes binary 0/255 masks, more write label maps ``0..classes``.
+        dims: 2 for PNG images, 3 for NIfTI volumes.
     """
     if n < 1:
         raise TumorsegError(f"--n {n}: need at least 1 image")
@@ -81,9 +124,13 @@ def run(out_dir: Path, n: int = 160, size: int = 128, seed: int = 0, classes: in
         raise TumorsegError(f"--size {size}: images must be at least 16 pixels wide")
     if not 1 <= classes <= 20:
         raise TumorsegError(f"--classes {classes}: give 1 (binary) to 20 tumour classes")
+    if dims not in (2, 3):
+        raise TumorsegError(f"--dims {dims}: give 2 (PNG images) or 3 (NIfTI volumes)")
     images_dir, masks_dir = Path(out_dir) / "images", Path(out_dir) / "masks"
     images_dir.mkdir(parents=True, exist_ok=True)
     masks_dir.mkdir(parents=True, exist_ok=True)
+    if dims == 3:
+        return SynthResult(images_dir, masks_dir, n, _write_volumes(images_dir, masks_dir, n, size, seed, classes))
     n_empty = 0
     for i in range(n):
         patient, slice_no = divmod(i, SLICES_PER_PATIENT)
