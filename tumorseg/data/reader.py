@@ -182,12 +182,19 @@ class SliceContext:
     windows: dict[str, list[dict[str, Any]]]
 
     @classmethod
-    def of(cls, df: pd.DataFrame, k: int, channels: int) -> SliceContext:
-        """The windows of every case of a manifest frame (neighbours come from the whole manifest)."""
+    def of(cls, df: pd.DataFrame, k: int, channels: int, missing: str | None = None) -> SliceContext:
+        """The windows of every case of a manifest frame (neighbours come from the whole manifest).
+
+        Raises:
+            TumorsegError: ``missing`` (the one-line message), when given and the frame holds no ordered stack.
+        """
         from tumorseg.context import SliceStacks
 
+        stacks = SliceStacks.from_frame(df)
+        if missing is not None and not stacks.runs:
+            raise TumorsegError(missing)
         rows = {str(r["case_id"]): r for r in _records(df)}
-        windows = {cid: [rows[n] for n in ids] for cid, ids in SliceStacks.from_frame(df).neighbours(k).items()}
+        windows = {cid: [rows[n] for n in ids] for cid, ids in stacks.neighbours(k).items()}
         return cls(k, channels, windows)
 
     def image(self, case_id: str, plane: np.ndarray, read: Callable[[dict[str, Any]], np.ndarray]) -> np.ndarray:

@@ -337,13 +337,11 @@ def _context(seg: Segmenter, rows: pd.DataFrame, source: str) -> Any:
     """The reader's slice context for a 2.5D model (``None`` for a 2D one); data without stacks are an error."""
     if seg.context == 0:
         return None
-    from tumorseg.context import SliceStacks
     from tumorseg.data.reader import SliceContext
 
-    if not SliceStacks.from_frame(rows).runs:
-        raise TumorsegError(f"{source}: the model takes {seg.context} neighbouring slice(s) a side (2.5D) but this "
-                            "split has no ordered slice stacks; evaluate it on slices of volumes")
-    return SliceContext.of(rows, seg.context, seg.base_channels)
+    return SliceContext.of(rows, seg.context, seg.base_channels,
+                           f"{source}: the model takes {seg.context} neighbouring slice(s) a side (2.5D) but this "
+                           "split has no ordered slice stacks; evaluate it on slices of volumes")
 
 
 def split_metrics(summary: dict[str, Any], split: str) -> dict[str, float]:

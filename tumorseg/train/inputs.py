@@ -119,14 +119,11 @@ def slice_context(cfg: TrainConfig, df: pd.DataFrame, in_channels: int, check: b
     k = int(cfg.slice_context)
     if k == 0:
         return None
-    from tumorseg.context import SliceStacks
     from tumorseg.data.reader import SliceContext
 
-    if check and not SliceStacks.from_frame(df).runs:
-        raise TumorsegError(f"{cfg.manifest}: slice_context={k} needs cases that are slices of ordered stacks (a "
-                            "volume in slice mode, or files named by a trailing slice number); this manifest has "
-                            "none - train with slice_context=0")
-    return SliceContext.of(df, k, in_channels // (2 * k + 1))
+    missing = (f"{cfg.manifest}: slice_context={k} needs cases that are slices of ordered stacks (a volume in slice "
+               "mode, or files named by a trailing slice number); this manifest has none - train with slice_context=0")
+    return SliceContext.of(df, k, in_channels // (2 * k + 1), missing if check else None)
 
 
 def _on_disk(cfg: TrainConfig, info: ManifestInfo, reader: Any, train_df: pd.DataFrame, val_df: pd.DataFrame,
