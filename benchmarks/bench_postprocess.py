@@ -2,7 +2,9 @@
 
 How the RESULTS.md rows "with / without the confidence rule" were made: the search of
 ``tumorseg.train.postprocess.choose`` on the run's val split, with the confidence levels of the
-code at hand (``--no-confidence``: only 0, i.e. the search before the rule). It prints the time,
+code at hand (``--no-confidence``: only 0, i.e. the search before the rule), scored per unit as training does
+(``val_unit``: per case, or per group), with the volumetric candidates where val holds slice stacks
+(``--flat``: without them, the search before those). It prints the time,
 the choice and the best candidates; with ``--out DIR`` it writes a copy of the run (``best.pt``
 with the new choice, ``config.yaml``) for ``tumorseg evaluate DIR``. The run is never modified.
 
@@ -25,11 +27,13 @@ def main() -> None:
     from tumorseg.train import postprocess
     from tumorseg.train.inputs import load as load_inputs
     from tumorseg.train.runtime import Dist
+    from tumorseg.train.validation import val_units
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a run folder with best.pt")
     ap.add_argument("--out", type=Path, default=None, help="write the re-chosen checkpoint here")
     ap.add_argument("--no-confidence", action="store_true", help="search without the confidence rule")
+    ap.add_argument("--flat", action="store_true", help="search without the volumetric (per-stack) candidates")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
@@ -46,7 +50,11 @@ def main() -> None:
     assert inputs.val is not None
     seg = Segmenter.from_checkpoint(args.run / "best.pt", device=args.device)
     start = time.perf_counter()
-    post, scores = postprocess.choose(seg.net, inputs.val, cfg, device, seg.classes)
+    val_df = select_split(df, "val", source)
+    units, unit, _ = val_units(cfg, val_df, inputs.val.case_ids)
+    stacks = [] if args.flat else postprocess.val_stacks(val_df, inputs.val.case_ids)
+    print(f"val unit: {unit}; {len(stacks)} slice stacks")
+    post, scores = postprocess.choose(seg.net, inputs.val, cfg, device, seg.classes, units, stacks)
     print(f"search: {time.perf_counter() - start:.1f} s; chosen {post.to_dict()}")
     print(f"val Dice (all cases): plain {scores['val_dice_plain']:.4f} -> {scores['val_dice_postprocessed']:.4f}")
     print("| candidate | val Dice |\n|---|---:|")

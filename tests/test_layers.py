@@ -6,10 +6,10 @@ Base modules (the bottom of the house) import only base modules below them, in t
     < encoders < model
 
 so nothing imports upward from ``model``, ``metrics``, ``imageio``, ``manifest`` or ``config``.
-Above them: ``checkpoint``, ``intensity`` and ``context`` < ``inference`` < ``data`` and ``tracking``, then the
-stages (``ingest``, ``train``, ``evaluate``, ``predict``), then ``pipeline`` and ``cli``. Every import counts, also
-those inside functions and under ``TYPE_CHECKING``: an import circle is a design circle even when
-Python happens to resolve it at run time.
+Above them: ``checkpoint``, ``intensity``, ``context`` and ``postprocessing`` < ``inference`` < ``data`` and
+``tracking``, then the stages (``ingest``, ``train``, ``evaluate``, ``predict``), then ``pipeline`` and ``cli``.
+Every import counts, also those inside functions and under ``TYPE_CHECKING``: an import circle is a design
+circle even when Python happens to resolve it at run time.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ ABOVE = {
     "checkpoint": set(BASE),
     "intensity": set(BASE),
     "context": set(BASE),
-    "inference": set(BASE) | {"checkpoint", "intensity", "context"},
-    "data": set(BASE) | {"checkpoint", "inference", "intensity", "context"},
+    "postprocessing": set(BASE),
+    "inference": set(BASE) | {"checkpoint", "intensity", "context", "postprocessing"},
+    "data": set(BASE) | {"checkpoint", "inference", "intensity", "context", "postprocessing"},
     "tracking": set(BASE),
     "review": set(BASE),
     "augment": set(BASE),

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from itertools import combinations
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +26,13 @@ from tumorseg.errors import TumorsegError
 from tumorseg.imageio import to_channels
 from tumorseg.intensity import Fingerprint, Stats, legacy_fingerprint, normalize, range_message
 from tumorseg.labels import Classes
+from tumorseg.postprocessing import (  # noqa: F401  (re-exported: where callers have always found them)
+    Postprocess,
+    component_confidence,
+    component_means,
+    component_peaks,
+    components,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -132,116 +139,6 @@ def cpu_has_bf16() -> bool:
 
 
 # ----------------------------------------------------------------------------- inference
-
-
-@dataclass(frozen=True)
-class Postprocess:
-    """How probabilities become a mask: chosen on val after training, stored in the checkpoint.
-
-    A multi-class probability map ``(K, H, W)`` becomes the argmax class of each pixel (the threshold
-    plays no part), and the component rule applies to each tumour class on its own (removed
-    components become background, as nnU-Net's post-processing).
-
-    Attributes:
-        threshold: a pixel is tumour when its probability exceeds this (binary).
-        keep: ``all`` components, only the ``largest``, or those of at least ``min_size`` pixels.
-        min_size: the smallest component kept with ``keep="min_size"`` (pixels at the original resolution).
-        tta: average the network over mirrored copies of the input.
-        min_confidence: binary models: drop components whose confidence is below this, before the
-            ``keep`` rule (a whole doubtful blob goes; the boundaries of the others stay at ``threshold``).
-        confidence: how a component's confidence is measured: ``peak``, its most likely pixel (hysteresis
-            thresholding: a component cut at ``threshold`` stays if the network is sure of it somewhere),
-            or ``mean``, its mean probability (the rule of models chosen before ``peak`` existed).
-    """
-
-    threshold: float = 0.5
-    keep: Literal["all", "largest", "min_size"] = "all"
-    min_size: int = 0
-    tta: bool = False
-    min_confidence: float = 0.0
-    confidence: Literal["peak", "mean"] = "peak"
-
-    def mask(self, prob: np.ndarray, classes: Classes | None = None) -> np.ndarray:
-        """``uint8 (H, W)`` mask from ``float (H, W)`` probabilities; class indices from ``(K, H, W)``.
-
-        Several channels are decided by :meth:`tumorseg.labels.Classes.decide` (the argmax, or the regions
-        of ``classes`` thresholded and painted); without ``classes``, the argmax.
-        """
-        if prob.ndim == 3:
-            if classes is None:
-                return self.per_class(np.argmax(prob, axis=0).astype(np.uint8))
-            return self.per_class(classes.decide(prob, self.threshold))
-        mask = (prob > self.threshold).astype(np.uint8)
-        if (self.keep == "all" and self.min_confidence <= 0) or not mask.any():
-            return mask
-        labels, sizes = components(mask)
-        return self.filter(labels, sizes, component_confidence(labels, sizes, prob, self.confidence))
-
-    def per_class(self, index: np.ndarray) -> np.ndarray:
-        """The component rule applied to each class of a class-index map (removed pixels become 0)."""
-        if self.keep == "all":
-            return index
-        out = index.copy()
-        for k in np.unique(index)[1:] if index.any() else []:
-            out[(index == k) & (self.filter(*components(index == k)) == 0)] = 0
-        return out
-
-    def filter(self, labels: np.ndarray, sizes: np.ndarray, confidence: np.ndarray | None = None) -> np.ndarray:
-        """The component rules on a labelled mask (:func:`components`; confidences: :func:`component_confidence`)."""
-        alive = np.ones(sizes.size, dtype=bool)
-        alive[0] = False
-        if self.min_confidence > 0 and confidence is not None:
-            alive &= confidence >= self.min_confidence
-        if self.keep == "largest" and alive.any():
-            biggest = int(np.argmax(np.where(alive, sizes, -1)))
-            alive[:] = False
-            alive[biggest] = True
-        elif self.keep == "min_size":
-            alive &= sizes >= max(1, self.min_size)
-        return alive[labels].astype(np.uint8)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values for the checkpoint."""
-        return {"threshold": float(self.threshold), "keep": self.keep, "min_size": int(self.min_size),
-                "tta": bool(self.tta), "min_confidence": float(self.min_confidence), "confidence": self.confidence}
-
-    @classmethod
-    def from_checkpoint(cls, ckpt: dict[str, Any], cfg: TrainConfig) -> Postprocess:
-        """The checkpoint's choice; a checkpoint from before post-processing uses the config's threshold.
-
-        A choice stored with ``min_confidence`` but no ``confidence`` measure was made with the mean.
-        """
-        d = ckpt.get("postprocess") or {}
-        return cls(threshold=float(d.get("threshold", cfg.threshold)), keep=d.get("keep", "all"),
-                   min_size=int(d.get("min_size", 0)), tta=bool(d.get("tta", cfg.tta)),
-                   min_confidence=float(d.get("min_confidence", 0.0)),
-                   confidence=d.get("confidence", "mean" if "min_confidence" in d else "peak"))
-
-
-def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """8-connected components of a binary mask: ``(labels, pixels per label)`` (label 0 is background)."""
-    from skimage.measure import label
-
-    labels = label(mask > 0, connectivity=2)
-    return labels, np.bincount(labels.ravel())
-
-
-def component_means(labels: np.ndarray, sizes: np.ndarray, prob: np.ndarray) -> np.ndarray:
-    """The mean probability of each labelled component (entry 0: the background)."""
-    return np.bincount(labels.ravel(), weights=prob.ravel(), minlength=sizes.size) / np.maximum(sizes, 1)
-
-
-def component_peaks(labels: np.ndarray, sizes: np.ndarray, prob: np.ndarray) -> np.ndarray:
-    """The highest probability in each labelled component (entry 0: the background's)."""
-    peaks = np.zeros(sizes.size, dtype=np.float64)
-    np.maximum.at(peaks, labels.ravel(), prob.ravel())
-    return peaks
-
-
-def component_confidence(labels: np.ndarray, sizes: np.ndarray, prob: np.ndarray,
-                         measure: Literal["peak", "mean"]) -> np.ndarray:
-    """Each labelled component's confidence by ``measure`` (:attr:`Postprocess.confidence`)."""
-    return (component_peaks if measure == "peak" else component_means)(labels, sizes, prob)
 
 
 def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[int, int] | None = None,
@@ -405,10 +302,21 @@ class Segmenter:
         post = self.post if threshold is None else replace(self.post, threshold=threshold)
         return post.mask(prob, self.classes)
 
+    def stack_masks(self, probs: list[np.ndarray], threshold: float | None = None) -> list[np.ndarray]:
+        """The masks of an ordered stack of slices' probabilities (:meth:`Postprocess.stack_masks`).
+
+        One component rule over the whole stack where the post-processing is volumetric, else slice by slice.
+        """
+        post = self.post if threshold is None else replace(self.post, threshold=threshold)
+        return post.stack_masks(probs, self.classes)
+
     def predict_masks(self, images: list[np.ndarray], tta: bool | None = None,
                       threshold: float | None = None) -> list[np.ndarray]:
-        """``uint8 (H, W)`` masks (binary, or class indices): probabilities, threshold and component filtering."""
-        return [self.mask(p, threshold) for p in self.predict_proba(images, tta=tta)]
+        """``uint8 (H, W)`` masks (binary, or class indices): probabilities, threshold and component filtering.
+
+        ``images`` are one ordered stack of slices when the post-processing is volumetric (:meth:`stack_masks`).
+        """
+        return self.stack_masks(self.predict_proba(images, tta=tta), threshold)
 
 
 def channels_compatible(image_channels: int, model_channels: int) -> bool:

@@ -10,7 +10,9 @@ it is:
 A model trained with slice context (2.5D, ``tumorseg_slice_context`` in its metadata) takes the same shapes
 and reads a batch (or a list) as **one ordered stack of consecutive slices** of a volume: each slice's
 neighbours are the arrays before and after it (the ends repeat the edge slice), so send a volume's slices
-in order, one volume per request; a single image is a stack of one.
+in order, one volume per request; a single image is a stack of one. So does a model whose post-processing
+is volumetric (``tumorseg_volumetric_postprocess``: its component rule spans the slices of a stack, chosen on
+val for slice stacks): its masks are those of the batch as one stack.
 
 Masks hold ``{0, 1}``; ``params={"probabilities": True}`` returns ``float32`` probabilities of
 the same shape instead. A multi-class model returns label maps of its declared values (``uint8``),
@@ -150,9 +152,10 @@ class TumorsegPyfunc(_Base):  # type: ignore[misc]
     def _predict(self, images: list[np.ndarray], probabilities: bool) -> list[np.ndarray]:
         # in chunks: a client may post a large batch, and the network's activations grow with it
         seg = self.segmenter
-        fn = seg.predict_proba if probabilities else seg.predict_masks
         images = seg.stack(images)  # 2.5D: the images are one ordered stack of slices
-        out = [o for i in range(0, len(images), CHUNK) for o in fn(images[i:i + CHUNK])]
+        out = [o for i in range(0, len(images), CHUNK) for o in seg.predict_proba(images[i:i + CHUNK])]
+        if not probabilities:  # volumetric post-processing: the images are one ordered stack of slices
+            out = seg.stack_masks(out)
         if not probabilities and seg.classes.multiclass:
             out = [seg.classes.to_values(o) for o in out]
         return out
@@ -212,6 +215,7 @@ def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -
                            "probabilities with params {'probabilities': true}",
         "tumorseg_in_channels": in_channels,
         "tumorseg_slice_context": context,
+        "tumorseg_volumetric_postprocess": bool((ckpt.get("postprocess") or {}).get("volumetric", False)),
         "tumorseg_labels": classes.describe(),
         "tumorseg_input_normalization": checkpoint.input_normalization(checkpoint.train_config(ckpt),
                                                                        ckpt.get("intensity")),

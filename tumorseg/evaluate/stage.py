@@ -291,6 +291,7 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame, cf
 
     from tumorseg.context import centre
     from tumorseg.data import CaseReader
+    from tumorseg.postprocessing import StackBuffer
     from tumorseg.progress import track
     from tumorseg.streaming import batched
 
@@ -305,32 +306,53 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame, cf
     classes = label_set_of(seg)
     k = len(classes.names)
     matrix = np.zeros((k, k), dtype=np.int64) if classes.multiclass else None
+    def score(case: Any, pred: np.ndarray) -> None:
+        nonlocal matrix
+        ident: dict[str, Any] = {"case_id": case.case_id, "group": case.group, "split": split_of[case.index]}
+        dices = []
+        scored = zip(classes.foreground, classes.score_masks(pred), classes.score_masks(case.mask), strict=True)
+        for (_, name), p, g in scored:
+            scores = scores_from_counts(confusion(p, g), cfg.empty_both)  # type: ignore[arg-type]
+            row = {**ident, **({"label": name} if matrix is not None else {}), **scores}
+            if cfg.surface:
+                row["hd95"], row["assd"] = surface_distances(p, g, case.spacing, cfg.hd95_empty)
+            out.append(row)
+            dices.append(float(scores["dice"]))
+        if matrix is not None:
+            matrix += confusion_matrix(pred, case.mask, k)
+        finite = [d for d in dices if math.isfinite(d)]
+        gallery.offer(float(np.mean(finite)) if finite else float("nan"), case.index,
+                      (centre(case.image, seg.context), case.mask, pred, case.case_id))
+        why = seg.intensity_outside_training(case.image)
+        if why is not None:
+            outside.append(f"{image_path(info, rows.iloc[case.index])}: {why}")
+
+    def finish(group: list[tuple[int, tuple[Any, np.ndarray]]]) -> None:
+        preds = seg.stack_masks([prob for _, (_, prob) in group])
+        for (_, (case, _)), pred in zip(group, preds, strict=True):
+            score(case, pred)
+
+    # volumetric post-processing: a stack's slices are post-processed together once all are predicted
+    buffer: StackBuffer[int, tuple[Any, np.ndarray]] = StackBuffer(_stacks(rows) if seg.post.volumetric else [])
     for batch in track(batched(cases, cfg.batch_size), n_batches, f"evaluate {cfg.split}"):
         probs = seg.predict_proba([c.image for c in batch])
         for case, prob in zip(batch, probs, strict=True):
-            pred = seg.mask(prob)
-            ident: dict[str, Any] = {"case_id": case.case_id, "group": case.group, "split": split_of[case.index]}
-            dices = []
-            scored = zip(classes.foreground, classes.score_masks(pred), classes.score_masks(case.mask), strict=True)
-            for (_, name), p, g in scored:
-                scores = scores_from_counts(confusion(p, g), cfg.empty_both)  # type: ignore[arg-type]
-                row = {**ident, **({"label": name} if matrix is not None else {}), **scores}
-                if cfg.surface:
-                    row["hd95"], row["assd"] = surface_distances(p, g, case.spacing, cfg.hd95_empty)
-                out.append(row)
-                dices.append(float(scores["dice"]))
-            if matrix is not None:
-                matrix += confusion_matrix(pred, case.mask, k)
-            finite = [d for d in dices if math.isfinite(d)]
-            gallery.offer(float(np.mean(finite)) if finite else float("nan"), case.index,
-                          (centre(case.image, seg.context), case.mask, pred, case.case_id))
-            why = seg.intensity_outside_training(case.image)
-            if why is not None:
-                outside.append(f"{image_path(info, rows.iloc[case.index])}: {why}")
+            for group in buffer.add(case.index, (case, prob)):
+                finish(group)
+    for group in buffer.rest():
+        finish(group)
     columns = PER_CASE_COLUMNS + (SURFACE_COLUMNS if cfg.surface else [])
     if matrix is not None:
         columns = [*columns[:3], "label", *columns[3:]]
     return pd.DataFrame(out, columns=columns), gallery, outside, matrix
+
+
+def _stacks(rows: pd.DataFrame) -> list[list[int]]:
+    """The ordered slice stacks among ``rows`` (row positions in slice order)."""
+    from tumorseg.context import SliceStacks
+
+    position = {str(cid): i for i, cid in enumerate(rows["case_id"])}
+    return [[position[c] for c in run] for run in SliceStacks.from_frame(rows).runs]
 
 
 def _context(seg: Segmenter, rows: pd.DataFrame, source: str) -> Any:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,12 +46,12 @@ class Loaded:
     volume_shape: tuple[int, ...] | None = None
 
 
-def write_outputs(loaded: Loaded, probs: list[np.ndarray], to_mask: Callable[[np.ndarray], np.ndarray],
+def write_outputs(loaded: Loaded, probs: list[np.ndarray], masks: list[np.ndarray],
                   cfg: PredictConfig, classes: Classes | None = None) -> int:
     """Write the mask (and probability map) of one input; returns the tumour pixel count.
 
-    ``to_mask`` turns one plane's probabilities into its mask (the model's threshold and
-    component filtering). A multi-class model's masks are label maps of the declared values and its
+    ``masks`` are its planes' masks (the model's threshold and component rules, applied by the caller:
+    volumetric rules span a stack). A multi-class model's masks are label maps of the declared values and its
     probabilities hold one channel per class, last (NIfTI) or first (a float32 TIFF beside a PNG mask).
     """
     from tumorseg.imageio import write_mask_png, write_nifti, write_png
@@ -63,10 +62,10 @@ def write_outputs(loaded: Loaded, probs: list[np.ndarray], to_mask: Callable[[np
     planes = [np.moveaxis(p, 0, -1) for p in probs] if multi else probs  # (H, W, K): the class axis last
     if dec.is_volume:
         prob = np.stack(planes, axis=cfg.slice_axis)
-        mask = np.stack([to_mask(p) for p in probs], axis=cfg.slice_axis)
+        mask = np.stack(masks, axis=cfg.slice_axis)
     else:
         prob = planes[0]
-        mask = to_mask(probs[0])
+        mask = masks[0]
     if multi:
         assert classes is not None
         mask = classes.to_values(mask)
@@ -119,14 +118,12 @@ def load_item(item: Item, slice_axis: int) -> Loaded:
     return Loaded(item, planes, decoded, shape)
 
 
-def file_neighbours(items: list[Item], k: int, slice_axis: int) -> Any:
-    """For a 2.5D model: ``loaded -> the planes of its window`` among the input files.
+def file_stacks(items: list[Item]) -> list[list[int]]:
+    """The ordered stacks among the 2D input files (item indices in slice order).
 
-    Stacks as :func:`tumorseg.context.path_stacks` finds them among the 2D inputs (same folder, consecutive
-    trailing slice numbers); a file in no stack is its own neighbour. Decoded neighbours are kept in a small
-    cache (the inputs are sorted, so a stack's files come one after another).
+    As :func:`tumorseg.context.path_stacks` finds them: same folder, consecutive trailing slice numbers.
     """
-    from tumorseg.context import path_stacks, window
+    from tumorseg.context import path_stacks
     from tumorseg.imageio import DecodeError, volume_shape
 
     def flat(it: Item) -> bool:
@@ -136,10 +133,22 @@ def file_neighbours(items: list[Item], k: int, slice_axis: int) -> Any:
             return False
 
     files = [it for it in items if flat(it)]
+    return [[files[pos].index for pos in run] for run in path_stacks([it.path for it in files])]
+
+
+def file_neighbours(items: list[Item], k: int, slice_axis: int) -> Any:
+    """For a 2.5D model: ``loaded -> the planes of its window`` among the input files.
+
+    Stacks as :func:`tumorseg.context.path_stacks` finds them among the 2D inputs (same folder, consecutive
+    trailing slice numbers); a file in no stack is its own neighbour. Decoded neighbours are kept in a small
+    cache (the inputs are sorted, so a stack's files come one after another).
+    """
+    from tumorseg.context import window
+
     windows: dict[int, list[int]] = {}
-    for run in path_stacks([it.path for it in files]):
-        for i, pos in enumerate(run):
-            windows[files[pos].index] = [files[run[j]].index for j in window(len(run), i, k)]
+    for run in file_stacks(items):
+        for i, index in enumerate(run):
+            windows[index] = [run[j] for j in window(len(run), i, k)]
     if windows:
         log.info("slice context: %d of %d inputs are slices of numbered stacks (their neighbours are the files "
                  "numbered next to them); the others are their own neighbours", len(windows), len(items))

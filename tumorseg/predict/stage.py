@@ -42,7 +42,7 @@ import numpy as np
 from tumorseg.config import PredictConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.imageio import FORMATS_TEXT, image_format, split_ext
-from tumorseg.predict.files import Item, Loaded, file_neighbours, load_item, write_outputs
+from tumorseg.predict.files import Item, Loaded, file_neighbours, file_stacks, load_item, write_outputs
 
 if TYPE_CHECKING:
     from tumorseg.inference import Segmenter
@@ -276,7 +276,12 @@ def _planes(loaded_iter: Iterator[Loaded], seg: Segmenter, outside: dict[int, Pa
 
 
 def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: PredictConfig) -> list[dict[str, Any]]:
-    """Decode inputs in threads, predict planes in batches across files, write each file when complete."""
+    """Decode inputs in threads, predict planes in batches across files, write each file when complete.
+
+    With volumetric post-processing, a volume's slices are one stack, and so are 2D files numbered as slices
+    of one (:func:`file_stacks`): such files are written once the last of their stack is predicted.
+    """
+    from tumorseg.postprocessing import StackBuffer
     from tumorseg.progress import track
     from tumorseg.streaming import batched, prefetch
 
@@ -285,10 +290,11 @@ def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: Pred
     partial: dict[int, list[np.ndarray | None]] = {}
     outside: dict[int, Path] = {}
     rows: list[dict[str, Any]] = []
-
-    def to_mask(prob: np.ndarray) -> np.ndarray:
-        return seg.mask(prob, threshold)
-
+    stacks: StackBuffer[int, tuple[Loaded, list[np.ndarray]]] = StackBuffer(
+        file_stacks(items) if seg.post.volumetric else [])
+    if stacks.stacks:
+        log.info("volumetric post-processing: %d of %d inputs are slices of numbered stacks, post-processed "
+                 "together", sum(len(r) for r in stacks.stacks), len(items))
     writes: deque[tuple[Loaded, Future[int]]] = deque()
 
     def collect(block: bool) -> None:
@@ -300,6 +306,15 @@ def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: Pred
                          "width": int(loaded.planes[0].shape[2]), "slices": len(loaded.planes),
                          "tumour_pixels": fut.result(), "intensity_outside_training": it.index in outside})
 
+    def write(group: list[tuple[int, tuple[Loaded, list[np.ndarray]]]]) -> None:
+        if len(group) == 1:  # one input: its own planes are the stack (a volume's slices)
+            loaded, probs = group[0][1]
+            masks = [seg.stack_masks(probs, threshold)]
+        else:  # 2D files of one stack
+            masks = [[m] for m in seg.stack_masks([probs[0] for _, (_, probs) in group], threshold)]
+        for (_, (loaded, probs)), mask in zip(group, masks, strict=True):
+            writes.append((loaded, writer.submit(write_outputs, loaded, probs, mask, cfg, seg.classes)))
+
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="tumorseg-write") as writer:
         neighbours = file_neighbours(items, seg.context, cfg.slice_axis) if seg.context else None
         for batch in track(batched(_planes(loaded_iter, seg, outside, neighbours), cfg.batch_size), None,
@@ -310,9 +325,11 @@ def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: Pred
                 buf[i] = prob
                 if all(p is not None for p in buf):
                     del partial[loaded.item.index]
-                    done = [p for p in buf if p is not None]
-                    writes.append((loaded, writer.submit(write_outputs, loaded, done, to_mask, cfg, seg.classes)))
+                    for group in stacks.add(loaded.item.index, (loaded, [p for p in buf if p is not None])):
+                        write(group)
             collect(block=False)
+        for group in stacks.rest():
+            write(group)
         collect(block=True)
     if len(outside) > RANGE_WARNINGS:
         log.warning("%d more inputs have intensities far from the training images' (%d of %d in all; column "

@@ -279,7 +279,8 @@ def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: Split | None, d
 
     best = run_dir / "best.pt"
     if cfg.postprocess == "auto" and val_data is not None and best.is_file():
-        postprocess.choose_and_store(run, best, cfg, val_data, device, units)
+        postprocess.choose_and_store(run, best, cfg, val_data, device, units,
+                                     postprocess.val_stacks(val_df, val_data.case_ids))
     curve = run_dir / "learning_curve.png"
     review.learning_curve(state.history, curve)
     run.log_artifact(curve)
