@@ -306,6 +306,7 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame, cf
     classes = label_set_of(seg)
     k = len(classes.names)
     matrix = np.zeros((k, k), dtype=np.int64) if classes.multiclass else None
+
     def score(case: Any, pred: np.ndarray) -> None:
         nonlocal matrix
         ident: dict[str, Any] = {"case_id": case.case_id, "group": case.group, "split": split_of[case.index]}

@@ -362,6 +362,9 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
                        "the score (mean Dice over cases), so small tumours are not outvoted by large ones in a batch; "
                        "cross-entropy keeps tumour-free images in the loss (BUSI, benchmarks/RESULTS.md)")
     reasons["postprocess"] = "threshold, mirroring and component filtering chosen on val, kept only if val Dice rises"
+    if float(fp.slice_stacks.get("share_in_stacks", 0.0)) >= STACK_SHARE:
+        reasons["postprocess"] += ("; the component rules also over each slice stack's 3D components (a speck on a "
+                                   "tumour-free slice is a component of its own)")
     estimates = {"steps": steps, "epochs": planned_epochs, "samples_target": want, "floor_scale": round(lo, 4),
                  "scale": round(scale, 4), "val_seconds_per_epoch": round(n_val / infer_ips, 2),
                  "finish_seconds": round(finish, 1),
