@@ -122,7 +122,7 @@ def test_the_plan_rule_offers_context_only_for_confirmed_stacks() -> None:
     stacks = Fingerprint(**base, slice_stacks={"stacks": 4, "share_in_stacks": 0.9, "median_length": 20,
                                                "adjacent": 0.95, "unrelated": 0.4})
     k, why = rules.slice_context(stacks)
-    assert k == rules.CONTEXT_WHEN_ORDERED and "4 ordered stacks" in why and "slice_context" in why
+    assert k == rules.CONTEXT_WHEN_ORDERED == 1 and "4 ordered stacks" in why and why.startswith("2.5D, 1 ")
 
 
 # ----------------------------------------------------------------------------- end to end on real files

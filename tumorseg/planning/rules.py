@@ -60,9 +60,11 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
 10. **Slice context (2.5D).** Where most train cases are slices of ordered stacks (a volume in slice mode,
    files numbered by slice: the fingerprint's ``slice_stacks``) and adjacent slices are confirmed to be
    neighbours in the anatomy (they correlate clearly more than unrelated slices), the network can take
-   ``slice_context`` neighbouring slices a side as extra channels (:mod:`tumorseg.context`). **Not a
-   default yet** (``CONTEXT_WHEN_ORDERED`` is 0): no equal-budget run has measured it; ``--set
-   slice_context=1`` asks for it, and the plan says when the data allow it (:func:`slice_context`).
+   ``slice_context`` neighbouring slices a side as extra channels (:mod:`tumorseg.context`): one a side
+   (``CONTEXT_WHEN_ORDERED``; :func:`slice_context`). On the left-atrium slice stacks at an equal
+   30-minute CPU budget, one neighbour a side raised per-volume val Dice from 0.9083 (two 2D runs) to
+   0.9133 (test 0.9126/0.9129 to 0.9147) for a wider first convolution only; benchmarks/RESULTS.md.
+   ``--set slice_context=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -100,9 +102,9 @@ STACK_SHARE = 0.5
 """Rule 10: the share of train cases in stacks of three or more slices above which the data are slice stacks."""
 ADJACENT_MARGIN = 0.1
 """Rule 10: adjacent slices must correlate at least this much more than unrelated ones (median correlations)."""
-CONTEXT_WHEN_ORDERED = 0
-"""Rule 10: neighbouring slices a side given to the network when the data are ordered slice stacks (0: not
-measured at an equal budget yet, so not a default)."""
+CONTEXT_WHEN_ORDERED = 1
+"""Rule 10: neighbouring slices a side given to the network when the data are ordered slice stacks (measured
+on the left-atrium slice stacks at 30 minutes: +0.005 per-volume val Dice; benchmarks/RESULTS.md)."""
 FINISH_SECONDS = 10.0
 """Fixed cost after the last step: learning curve, overlays, logging the model."""
 
@@ -403,5 +405,5 @@ def slice_context(fp: Fingerprint) -> tuple[int, str]:
              f"{st.get('median_length', 0):g} slices; adjacent slices correlate {adjacent:.2f}, unrelated "
              f"{unrelated:.2f})")
     if CONTEXT_WHEN_ORDERED == 0:
-        return 0, f"2D: {where}; 2.5D (--set slice_context=1) is offered but not a default until measured"
+        return 0, f"2D: {where}; 2.5D is off here (CONTEXT_WHEN_ORDERED = 0; --set slice_context=1 asks for it)"
     return CONTEXT_WHEN_ORDERED, f"2.5D, {CONTEXT_WHEN_ORDERED} neighbouring slice(s) a side: {where}"
