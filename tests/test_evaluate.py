@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from tumorseg.config import EvaluateConfig, LossConfig, ModelConfig, TrackingConfig, TrainConfig
 from tumorseg.fsutil import sha256_file
+from tumorseg.postprocessing import Postprocess
 
 EXPERIMENT = "test-evaluate"
 SPLIT = "train"  # the split with the most cases (and some empty masks) in the synthetic manifest
@@ -322,9 +323,13 @@ class OracleSegmenter:
         self.in_channels = self.base_channels = 1
         self.context = 0  # a plain 2D model (no neighbouring slices)
         self.device = torch.device("cpu")
+        self.post = Postprocess(threshold=self.threshold)  # slice by slice (not volumetric)
 
     def mask(self, prob: np.ndarray, threshold: float | None = None) -> np.ndarray:
         return (prob > (self.threshold if threshold is None else threshold)).astype(np.uint8)
+
+    def stack_masks(self, probs: list[np.ndarray], threshold: float | None = None) -> list[np.ndarray]:
+        return [self.mask(p, threshold) for p in probs]
 
     def intensity_outside_training(self, image: np.ndarray) -> str | None:
         return None
