@@ -328,3 +328,35 @@ def test_synth_dims_is_checked(tmp_path: Path) -> None:
 
     with pytest.raises(TumorsegError, match="--dims 4: give 2"):
         synth.run(tmp_path, n=1, size=16, dims=4)
+
+
+def test_ingest_warns_when_numbered_slices_are_each_their_own_group(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Numbered slices of several stacks, each its own group (the default): one warning naming the fix."""
+    import logging
+
+    from tumorseg import ingest
+    from tumorseg.config import IngestConfig
+    from tumorseg.imageio import write_mask_png, write_png
+
+    tmp = tmp_path
+    (tmp / "img").mkdir()
+    (tmp / "lab").mkdir()
+    rng = np.random.default_rng(0)
+    for patient in ("pa", "pb"):
+        for z in range(1, 5):
+            write_png(tmp / "img" / f"{patient}_{z}.png", rng.integers(0, 255, (16, 16), dtype=np.uint8))
+            mask = np.zeros((16, 16), np.uint8)
+            mask[4:8, 4:8] = 1
+            write_mask_png(tmp / "lab" / f"{patient}_{z}.png", mask)
+    with caplog.at_level(logging.WARNING, logger="tumorseg.ingest.stage"):
+        ingest.run(IngestConfig(images_dir=tmp / "img", masks_dir=tmp / "lab", name="a", out_dir=tmp / "dm",
+                                workers=1))
+    warned = [r.getMessage() for r in caplog.records if "numbered slices" in r.getMessage()]
+    assert len(warned) == 1 and "8 of 8 images are numbered slices of 2 stacks" in warned[0]
+    assert "--group-by folder" in warned[0] and "--group-pattern" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tumorseg.ingest.stage"):
+        ingest.run(IngestConfig(images_dir=tmp / "img", masks_dir=tmp / "lab", name="b", out_dir=tmp / "dm",
+                                workers=1, group_pattern=r"(p[ab])_"))
+    assert not [r for r in caplog.records if "numbered slices" in r.getMessage()]

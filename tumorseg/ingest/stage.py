@@ -75,6 +75,32 @@ def assign_splits(rows: list[dict[str, Any]], cfg: IngestConfig) -> None:
         row["group"] = group
         row["split"] = row.pop("fixed_split", None) or assign_split(group, cfg.seed, cfg.fractions)
         row["fold"] = assign_fold(group, cfg.seed, cfg.folds) if row["split"] != "test" else -1
+    why = ungrouped_slices(rows, cfg)
+    if why:
+        log.warning("%s", why)
+
+
+def ungrouped_slices(rows: list[dict[str, Any]], cfg: IngestConfig) -> str | None:
+    """Why to group by patient, when most images are numbered slices of several stacks each in its own group.
+
+    With the default ``--group-by case`` one patient's slices (``TCGA_CS_4941_19960909_12.tif``) land in
+    different splits, are scored apart, and give no slice stacks to the plan (rules 9 and 10).
+    """
+    from tumorseg.context import path_stacks
+
+    if cfg.group_pattern or cfg.group_by != "case":
+        return None
+    files = [r for r in rows if int(r["slice_index"]) < 0]
+    runs = [run for run in path_stacks([r["image"] for r in files]) if len(run) >= 3]
+    covered = sum(len(run) for run in runs)
+    groups = {files[i]["group"] for run in runs for i in run}
+    if len(runs) < 2 or 2 * covered < len(rows) or len(groups) < covered:
+        return None
+    first = [files[i]["image"] for i in runs[0]]
+    return (f"{covered} of {len(rows)} images are numbered slices of {len(runs)} stacks (e.g. {first[0]} .. "
+            f"{first[-1]}) but each is its own group (--group-by case): one patient's slices can land in "
+            "different splits and are scored apart; pass --group-by folder (a folder per patient) or "
+            "--group-pattern (the patient's part of the path)")
 
 
 def summarize(rows: list[dict[str, Any]], n_rejected: int, n_ignored: int = 0) -> dict[str, Any]:
