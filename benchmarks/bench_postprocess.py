@@ -22,6 +22,7 @@ from pathlib import Path
 
 def main() -> None:
     from tumorseg import checkpoint
+    from tumorseg.context import SliceStacks
     from tumorseg.inference import Segmenter, resolve_device
     from tumorseg.manifest import load_manifest, select_split
     from tumorseg.train import postprocess
@@ -52,7 +53,7 @@ def main() -> None:
     start = time.perf_counter()
     val_df = select_split(df, "val", source)
     units, unit, _ = val_units(cfg, val_df, inputs.val.case_ids)
-    stacks = [] if args.flat else postprocess.val_stacks(val_df, inputs.val.case_ids)
+    stacks = [] if args.flat else SliceStacks.from_frame(val_df).positions(inputs.val.case_ids)
     print(f"val unit: {unit}; {len(stacks)} slice stacks")
     post, scores = postprocess.choose(seg.net, inputs.val, cfg, device, seg.classes, units, stacks)
     print(f"search: {time.perf_counter() - start:.1f} s; chosen {post.to_dict()}")

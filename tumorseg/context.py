@@ -105,6 +105,11 @@ class SliceStacks:
                 members.append((("files", parent, parsed[0], ext, str(group)), str(cid), parsed[1]))
         return cls(tuple(tuple(run) for run in ordered_runs(members)))
 
+    def positions(self, case_ids: Sequence[str]) -> list[list[int]]:
+        """Each stack whose cases are all in ``case_ids``, as positions in it (slice order)."""
+        index = {str(cid): i for i, cid in enumerate(case_ids)}
+        return [[index[c] for c in run] for run in self.runs if all(c in index for c in run)]
+
     def neighbours(self, k: int) -> dict[str, list[str]]:
         """``case id -> the 2k + 1 case ids of its window`` for every case in a stack."""
         out: dict[str, list[str]] = {}

@@ -289,7 +289,7 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame, cf
     """
     import pandas as pd
 
-    from tumorseg.context import centre
+    from tumorseg.context import SliceStacks, centre
     from tumorseg.data import CaseReader
     from tumorseg.postprocessing import StackBuffer
     from tumorseg.progress import track
@@ -334,7 +334,8 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame, cf
             score(case, pred)
 
     # volumetric post-processing: a stack's slices are post-processed together once all are predicted
-    buffer: StackBuffer[int, tuple[Any, np.ndarray]] = StackBuffer(_stacks(rows) if seg.post.volumetric else [])
+    buffer: StackBuffer[int, tuple[Any, np.ndarray]] = StackBuffer(
+        SliceStacks.from_frame(rows).positions(list(rows["case_id"])) if seg.post.volumetric else [])
     for batch in track(batched(cases, cfg.batch_size), n_batches, f"evaluate {cfg.split}"):
         probs = seg.predict_proba([c.image for c in batch])
         for case, prob in zip(batch, probs, strict=True):
@@ -346,14 +347,6 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame, cf
     if matrix is not None:
         columns = [*columns[:3], "label", *columns[3:]]
     return pd.DataFrame(out, columns=columns), gallery, outside, matrix
-
-
-def _stacks(rows: pd.DataFrame) -> list[list[int]]:
-    """The ordered slice stacks among ``rows`` (row positions in slice order)."""
-    from tumorseg.context import SliceStacks
-
-    position = {str(cid): i for i, cid in enumerate(rows["case_id"])}
-    return [[position[c] for c in run] for run in SliceStacks.from_frame(rows).runs]
 
 
 def _context(seg: Segmenter, rows: pd.DataFrame, source: str) -> Any:

@@ -222,12 +222,3 @@ def choose_and_store(run: Run, best: Path, cfg: TrainConfig, val_data: Split, de
                      "val_dice_postprocessed": scores["val_dice_postprocessed"]})
     atomic_write_json(best.parent / "postprocess.json", {"chosen": post.to_dict(), **scores})
     run.log_artifact(best.parent / "postprocess.json")
-
-
-def val_stacks(val_df: Any, case_ids: Sequence[str]) -> list[list[int]]:
-    """The val split's ordered slice stacks as indices into ``case_ids`` (the order val is read in)."""
-    from tumorseg.context import SliceStacks
-
-    index = {cid: i for i, cid in enumerate(case_ids)}
-    runs = SliceStacks.from_frame(val_df).runs
-    return [[index[c] for c in run] for run in runs if all(c in index for c in run)]

@@ -274,13 +274,14 @@ def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: Split | None, d
             units: np.ndarray | None = None) -> str | None:
     """Learning curve, val overlays at the best epoch, and the MLflow model."""
     from tumorseg import review
+    from tumorseg.context import SliceStacks
     from tumorseg.data import CaseReader
     from tumorseg.inference import Segmenter
 
     best = run_dir / "best.pt"
     if cfg.postprocess == "auto" and val_data is not None and best.is_file():
-        postprocess.choose_and_store(run, best, cfg, val_data, device, units,
-                                     postprocess.val_stacks(val_df, val_data.case_ids))
+        stacks = SliceStacks.from_frame(val_df).positions(val_data.case_ids)
+        postprocess.choose_and_store(run, best, cfg, val_data, device, units, stacks)
     curve = run_dir / "learning_curve.png"
     review.learning_curve(state.history, curve)
     run.log_artifact(curve)
