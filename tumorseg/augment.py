@@ -27,30 +27,37 @@ def _coin(n: int, p: float, gen: torch.Generator, device: torch.device) -> torch
     return (torch.rand(n, generator=gen) < p).to(device)
 
 
+def _per_sample(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``(N,)`` values shaped to broadcast over ``(N, C, *spatial)`` batches of ``ndim`` dims."""
+    return v.reshape(-1, *([1] * (ndim - 1)))
+
+
 def augment_batch(
     images: torch.Tensor, masks: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment ``images (N, C, H, W)`` and ``masks (N, 1, H, W)`` together.
+    """Augment ``images (N, C, *spatial)`` and ``masks (N, 1, *spatial)`` together (images or volumes).
 
     Each transform is applied to each sample with probability ``cfg.prob``. The
-    generator lives on the CPU; masks stay binary.
+    generator lives on the CPU; masks stay binary. Volumes rotate about their third axis (in the
+    plane of the first two, as nnU-Net's anisotropic data would) and scale isotropically.
     """
     import torch
 
-    n, _, h, w = images.shape
+    n, h, w = images.shape[0], images.shape[2], images.shape[3]
+    nd = images.dim()
     dev = images.device
     p = cfg.prob
     if cfg.flip:
-        for dim in (2, 3):
-            sel = _coin(n, p, gen, dev)[:, None, None, None]  # drawn for both axes: the same stream either way
+        for dim in range(2, nd):
+            sel = _per_sample(_coin(n, p, gen, dev), nd)  # drawn for every axis: the same stream either way
             if dim in cfg.flip_dims:
                 images = torch.where(sel, images.flip(dim), images)
                 masks = torch.where(sel, masks.flip(dim), masks)
-    if cfg.rotate90 and h == w and len(cfg.flip_dims) == 2:
+    if cfg.rotate90 and h == w and {2, 3} <= set(cfg.flip_dims):
         k = torch.randint(0, 4, (n,), generator=gen).to(dev)
         k = torch.where(_coin(n, p, gen, dev), k, torch.zeros_like(k))
         for turns in (1, 2, 3):
-            sel = (k == turns)[:, None, None, None]
+            sel = _per_sample(k == turns, nd)
             images = torch.where(sel, torch.rot90(images, turns, (2, 3)), images)
             masks = torch.where(sel, torch.rot90(masks, turns, (2, 3)), masks)
     if cfg.affine:
@@ -60,14 +67,14 @@ def augment_batch(
     if cfg.noise:
         sigma = torch.rand(n, generator=gen) * 0.1 * (torch.rand(n, generator=gen) < p)
         noise = torch.randn(images.shape, generator=gen).to(images.device, images.dtype)
-        images = images + noise * sigma.to(images.device, images.dtype)[:, None, None, None]
+        images = images + noise * _per_sample(sigma.to(images.device, images.dtype), nd)
     if cfg.intensity:
         scale = 1.0 + (torch.rand(n, generator=gen) * 0.2 - 0.1)
         shift = torch.rand(n, generator=gen) * 0.2 - 0.1
         on = torch.rand(n, generator=gen) < p
         scale = torch.where(on, scale, torch.ones_like(scale)).to(dev, images.dtype)
         shift = torch.where(on, shift, torch.zeros_like(shift)).to(dev, images.dtype)
-        images = images * scale[:, None, None, None] + shift[:, None, None, None]
+        images = images * _per_sample(scale, nd) + _per_sample(shift, nd)
     return images, masks
 
 
@@ -79,10 +86,11 @@ def _random_gamma(images: torch.Tensor, p: float, gen: torch.Generator) -> torch
     on = torch.rand(n, generator=gen) < p
     gamma = torch.where(torch.rand(n, generator=gen) < 0.5, 0.7 + 0.3 * torch.rand(n, generator=gen),
                         1.0 + 0.5 * torch.rand(n, generator=gen))
-    gamma = torch.where(on, gamma, torch.ones_like(gamma)).to(images.device, images.dtype)[:, None, None, None]
+    nd = images.dim()
+    gamma = _per_sample(torch.where(on, gamma, torch.ones_like(gamma)).to(images.device, images.dtype), nd)
     flat = images.flatten(1)
-    lo = flat.min(dim=1).values[:, None, None, None]
-    span = (flat.max(dim=1).values[:, None, None, None] - lo).clamp_min(1e-6)
+    lo = _per_sample(flat.min(dim=1).values, nd)
+    span = (_per_sample(flat.max(dim=1).values, nd) - lo).clamp_min(1e-6)
     return ((images - lo) / span).clamp(0, 1).pow(gamma) * span + lo
 
 
@@ -90,22 +98,28 @@ def _random_affine(
     images: torch.Tensor, masks: torch.Tensor, p: float, gen: torch.Generator, degrees: float = 15.0,
     scale_range: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotation within ±``degrees``, scale within ±``scale_range``, translation within ±5%, per sample."""
+    """Rotation within ±``degrees``, scale within ±``scale_range``, translation within ±5%, per sample.
+
+    Volumes rotate in the plane of their first two axes (about the third) and scale alike on every axis.
+    """
     import torch
     from monai.networks.layers import AffineTransform
 
-    n = images.shape[0]
+    n, sd = images.shape[0], images.dim() - 2
     on = torch.rand(n, generator=gen) < p
     angle = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(degrees)
     scale = 1.0 + (torch.rand(n, generator=gen) * 2 - 1) * scale_range
-    shift = (torch.rand(n, 2, generator=gen) * 2 - 1) * 0.1  # normalised coords span 2
+    shift = (torch.rand(n, sd, generator=gen) * 2 - 1) * 0.1  # normalised coords span 2
     if not bool(on.any()):
         return images, masks
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = cos, -sin, shift[:, 0]
-    theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = sin, cos, shift[:, 1]
-    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]).expand(n, 2, 3)
+    theta = torch.zeros(n, sd, sd + 1)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin
+    theta[:, 1, 0], theta[:, 1, 1] = sin, cos
+    if sd == 3:
+        theta[:, 2, 2] = 1.0 / scale
+    theta[:, :, sd] = shift
+    identity = torch.eye(sd, sd + 1).expand(n, sd, sd + 1)
     theta = torch.where(on[:, None, None], theta, identity).to(images.device, torch.float32)
     warp_img = AffineTransform(normalized=True, mode="bilinear", padding_mode="border", align_corners=False)
     warp_msk = AffineTransform(normalized=True, mode="nearest", padding_mode="zeros", align_corners=False)
@@ -115,7 +129,7 @@ def _random_affine(
 
 
 def crop_batch(
-    images: torch.Tensor, masks: torch.Tensor, patch: tuple[int, int], oversample: float, gen: torch.Generator
+    images: torch.Tensor, masks: torch.Tensor, patch: tuple[int, ...], oversample: float, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ``patch`` crops of a batch; a share ``oversample`` of them centred on a tumour pixel.
 
@@ -125,21 +139,21 @@ def crop_batch(
     """
     import torch
 
-    n, _, h, w = images.shape
-    ph, pw = min(patch[0], h), min(patch[1], w)
-    if (ph, pw) == (h, w):
+    n, full = images.shape[0], tuple(int(s) for s in images.shape[2:])
+    size = tuple(min(int(p), s) for p, s in zip(patch, full, strict=True))
+    if size == full:
         return images, masks
     coins = torch.rand(n, generator=gen)
-    corner = torch.rand(n, 2, generator=gen)
+    corner = torch.rand(n, len(full), generator=gen)
     out_x, out_y = [], []
     for i in range(n):
-        top, left = int(corner[i, 0] * (h - ph + 1)), int(corner[i, 1] * (w - pw + 1))
+        start = [int(corner[i, a] * (full[a] - size[a] + 1)) for a in range(len(full))]
         if float(coins[i]) < oversample:
             fg = torch.nonzero(masks[i, 0].cpu() > 0)
             if len(fg):
-                cy, cx = (int(v) for v in fg[int(torch.randint(0, len(fg), (1,), generator=gen))])
-                top = min(max(cy - ph // 2, 0), h - ph)
-                left = min(max(cx - pw // 2, 0), w - pw)
-        out_x.append(images[i, :, top : top + ph, left : left + pw])
-        out_y.append(masks[i, :, top : top + ph, left : left + pw])
+                centre = fg[int(torch.randint(0, len(fg), (1,), generator=gen))]
+                start = [min(max(int(centre[a]) - size[a] // 2, 0), full[a] - size[a]) for a in range(len(full))]
+        window = tuple(slice(a, a + s) for a, s in zip(start, size, strict=True))
+        out_x.append(images[(i, slice(None), *window)])
+        out_y.append(masks[(i, slice(None), *window)])
     return torch.stack(out_x), torch.stack(out_y)

@@ -158,8 +158,9 @@ def ingest(
     regions: Annotated[str | None, typer.Option(
         help="region-based training over the labels (overlapping, painted back in this order), e.g. "
              "'whole=1,2,3 core=1,3 enhancing=3'")] = None,
-    slice_axis: Annotated[int, typer.Option(help="axis along which volumes (NIfTI, NRRD/MHA, DICOM series, "
-                                                 "TIFF stacks) are sliced")] = 2,
+    slice_axis: Annotated[int | None, typer.Option(
+        help="cut volumes (NIfTI, NRRD/MHA, DICOM series, TIFF stacks) into 2D slices along this axis; "
+             "default: each volume is one case (3D)")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="fail (exit 2, no manifest) on any rejected file")] = False,
     workers: Annotated[int, typer.Option(help="decode processes (0 = one per core, max 8)")] = 0,
     tracking_uri: TrackingUri = None,

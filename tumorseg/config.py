@@ -7,6 +7,7 @@ imports nothing heavy, so the CLI and the pipeline can validate configs instantl
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -64,7 +65,8 @@ class IngestConfig(StrictModel):
     mask_threshold: float | None = None
     labels: dict[int, str] | None = Field(default=None, description="label value -> class name (multi-class)")
     regions: dict[str, list[int]] | None = Field(default=None, description="region name -> label values")
-    slice_axis: int = Field(default=2, ge=0, le=2)
+    slice_axis: int | None = Field(default=None, ge=0, le=2, description="cut volumes into 2D slices along this "
+                                   "axis (slice mode); default: each volume is one case")
     strict: bool = False
     workers: int = Field(default=0, ge=0, description="decode processes; 0 = one per CPU core (at most 8)")
     tracking: TrackingConfig = TrackingConfig()
@@ -135,7 +137,8 @@ class ModelConfig(StrictModel):
     name: Literal["unet", "basic_unet", "attention_unet", "segresnet", "flexible_unet", "dynunet"] = "unet"
     in_channels: int | Literal["auto"] = "auto"
     channels: list[int] = [16, 32, 64, 128, 256]
-    strides: list[int] | None = None
+    strides: list[int | list[int]] | None = Field(default=None, description="each level's downsampling: 2, or "
+                                                   "one factor per axis (anisotropic volumes, e.g. [2, 2, 1])")
     num_res_units: int = 2
     norm: Literal["instance", "batch", "group"] = "batch"
     dropout: float = 0.0
@@ -212,8 +215,9 @@ class AugmentConfig(StrictModel):
     """Seeded MONAI augmentations, each with its own switch."""
 
     flip: bool = True
-    flip_axes: tuple[Literal["vertical", "horizontal"], ...] = Field(default=("vertical", "horizontal"), description=
-                                                                    "axes flipped in training and in mirroring TTA")
+    flip_axes: tuple[Literal["vertical", "horizontal", "depth"], ...] = Field(
+        default=("vertical", "horizontal"), description="axes flipped in training and in mirroring TTA (depth: the "
+        "third axis of a volume)")
     rotate90: bool = Field(default=True, description="90-degree turns (square images, both axes in flip_axes)")
     affine: bool = True
     intensity: bool = True
@@ -225,8 +229,15 @@ class AugmentConfig(StrictModel):
 
     @property
     def flip_dims(self) -> tuple[int, ...]:
-        """Dims of ``(N, C, H, W)`` batches that ``flip_axes`` names (H vertical, W horizontal); TTA mirrors them."""
-        return tuple(dim for dim, axis in ((2, "vertical"), (3, "horizontal")) if axis in self.flip_axes)
+        """Dims of ``(N, C, H, W[, D])`` batches that ``flip_axes`` names (H vertical, W horizontal, D depth).
+
+        TTA mirrors them; ``depth`` exists only in volumes (:meth:`dims_of` drops it for 2D batches).
+        """
+        return tuple(dim for dim, axis in ((2, "vertical"), (3, "horizontal"), (4, "depth")) if axis in self.flip_axes)
+
+    def dims_of(self, spatial: int) -> tuple[int, ...]:
+        """:attr:`flip_dims` that a batch with ``spatial`` dimensions has."""
+        return tuple(d for d in self.flip_dims if d < 2 + spatial)
 
 
 def _check_budget(v: str | None) -> str | None:
@@ -250,9 +261,11 @@ class TrainConfig(StrictModel):
     epochs: int = Field(default=40, ge=1)
     batch_size: int = Field(default=8, ge=1)
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimiser steps")
-    image_size: tuple[int, int] = (128, 128)
-    patch_size: tuple[int, int] | None = Field(default=None, description="train on random crops of this size; "
-                                               "predict with a sliding window")
+    image_size: tuple[int, int] | tuple[int, int, int] = Field(
+        default=(128, 128), description="the grid every case is resampled to: (H, W) images, or (X, Y, Z) volumes "
+        "(a 3D network; the manifest must hold volumes as cases)")
+    patch_size: tuple[int, int] | tuple[int, int, int] | None = Field(
+        default=None, description="train on random crops of this size; predict with a sliding window")
     oversample_foreground: float = Field(default=0.0, ge=0, le=1, description="share of crops centred on tumour")
     tta: bool = Field(default=False, description="mirroring test-time augmentation in validation and inference")
     postprocess: Literal["none", "auto"] = Field(default="none", description="auto: choose threshold and component "
@@ -295,10 +308,48 @@ class TrainConfig(StrictModel):
 
     @field_validator("image_size", "patch_size")
     @classmethod
-    def _size_divisible(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
-        if v is not None and (min(v) < 16 or any(s % 16 for s in v)):
+    def _size_divisible(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None and len(v) == 2 and (min(v) < 16 or any(s % 16 for s in v)):
             raise ValueError("sizes must be multiples of 16 and at least 16 (e.g. [256, 256])")
+        if v is not None and len(v) == 3 and (min(v) < 8 or any(s % 8 for s in v)):
+            raise ValueError("volume sizes must be multiples of 8 and at least 8 (e.g. [96, 96, 64])")
         return v
+
+    @model_validator(mode="after")
+    def _patch_dims(self) -> TrainConfig:
+        if len(self.image_size) == 3 or (self.model.strides and any(isinstance(s, list) for s in self.model.strides)):
+            self._check_divisible()
+        if self.patch_size is not None and len(self.patch_size) != len(self.image_size):
+            raise ValueError(f"patch_size {list(self.patch_size)} and image_size {list(self.image_size)} need as many "
+                             "dimensions (2 for images, 3 for volumes)")
+        if len(self.image_size) == 3 and self.model.name == "flexible_unet":
+            raise ValueError("model.name=flexible_unet has 2D encoders only; volumes train unet, dynunet, "
+                             "basic_unet, attention_unet or segresnet")
+        if len(self.image_size) == 3 and self.slice_context:
+            raise ValueError("slice_context is for 2D models of slice stacks; a 3D model (3 image_size values) "
+                             "sees the whole volume")
+        return self
+
+    def _check_divisible(self) -> None:
+        """Each axis of the grid (and patch) must divide by the product of its strides.
+
+        Any multiple of 16 divides the default strides; the plan gives anisotropic ones.
+        """
+        strides = self.model.strides or [2] * (len(self.model.channels) - 1)
+        dims = len(self.image_size)
+        for name, size in (("image_size", self.image_size), ("patch_size", self.patch_size)):
+            for axis, n in enumerate(size or ()):
+                factor = math.prod(s if isinstance(s, int) else s[axis] for s in strides)
+                if any(isinstance(s, list) and len(s) != dims for s in strides):
+                    raise ValueError(f"model.strides {strides}: per-axis strides need {dims} factors each")
+                if n % factor:
+                    raise ValueError(f"{name} {list(size or ())}: axis {axis} ({n}) is not divisible by its total "
+                                     f"downsampling {factor} (model.strides {strides})")
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for an image model, 3 for a volume model (the length of ``image_size``)."""
+        return len(self.image_size)
 
     @model_validator(mode="after")
     def _pretrained_normalisation(self) -> TrainConfig:

@@ -41,25 +41,34 @@ log = logging.getLogger(__name__)
 
 
 def preprocess(
-    image: np.ndarray, size: tuple[int, int], in_channels: int, stats: Stats | None = None
+    image: np.ndarray, size: tuple[int, ...], in_channels: int, stats: Stats | None = None
 ) -> torch.Tensor:
-    """``(C, H, W)`` image -> ``float32 (in_channels, *size)`` network input."""
+    """``(C, H, W)`` image (or ``(C, X, Y, Z)`` volume) -> ``float32 (in_channels, *size)`` network input."""
     return resize_image(normalize(to_channels(image, in_channels), stats), size)
 
 
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """``float32 (C, H, W)`` -> ``(C, *size)`` tensor (bilinear, antialiased; as is when the size matches)."""
+def resize_image(image: np.ndarray, size: tuple[int, ...]) -> torch.Tensor:
+    """``float32 (C, *spatial)`` -> ``(C, *size)`` tensor; as is when the size matches.
+
+    Images: bilinear, antialiased. Volumes: trilinear, after an area (box) filter on the axes that shrink
+    (torch antialiases only 2D), so a coarser grid averages its voxels instead of skipping them.
+    """
     import torch
     import torch.nn.functional as F
 
     t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    if tuple(t.shape[-2:]) != tuple(size):
-        t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
-    return t[0]
+    if tuple(t.shape[2:]) == tuple(size):
+        return t[0]
+    if len(size) == 2:
+        return F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    shrink = tuple(min(int(s), int(n)) for s, n in zip(size, t.shape[2:], strict=True))
+    if shrink != tuple(t.shape[2:]):
+        t = F.interpolate(t, size=shrink, mode="area")
+    return F.interpolate(t, size=size, mode="trilinear", align_corners=False)[0]
 
 
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """``(H, W)`` mask -> ``float32 (1, *size)`` training target.
+def resize_mask(mask: np.ndarray, size: tuple[int, ...]) -> torch.Tensor:
+    """``(H, W)`` mask (or ``(X, Y, Z)`` label volume) -> ``float32 (1, *size)`` training target.
 
     A ``{0, 1}`` mask is area-resampled and kept where at least half covered; a label map (class
     indices above 1) gets each pixel's majority class: its one-hot planes area-resampled, then the
@@ -75,12 +84,12 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     if k <= 2:
         t = F.interpolate(idx.float()[None, None], size=size, mode="area")
         return (t >= 0.5).float()[0]
-    onehot = F.one_hot(idx, k).permute(2, 0, 1).float()[None]
+    onehot = torch.movedim(F.one_hot(idx, k), -1, 0).float()[None]
     return F.interpolate(onehot, size=size, mode="area")[0].argmax(0, keepdim=True).float()
 
 
-def logits_to_original(logits: torch.Tensor, shape: tuple[int, int], softmax: bool = True) -> torch.Tensor:
-    """Logits -> probabilities at the original size (``(H, W)``, or ``(K, H, W)`` for K classes).
+def logits_to_original(logits: torch.Tensor, shape: tuple[int, ...], softmax: bool = True) -> torch.Tensor:
+    """Logits -> probabilities at the original size (``(H, W)``, or ``(K, H, W)`` for K classes; volumes alike).
 
     ``(1, h, w)`` logits give tumour probabilities (sigmoid); the ``(K, h, w)`` logits of a
     multi-class network give class probabilities (``softmax``), those of a region-based one region
@@ -90,8 +99,8 @@ def logits_to_original(logits: torch.Tensor, shape: tuple[int, int], softmax: bo
     import torch.nn.functional as F
 
     x = logits.float()[None]
-    if tuple(x.shape[-2:]) != tuple(shape):
-        x = F.interpolate(x, size=shape, mode="bilinear", align_corners=False)
+    if tuple(x.shape[2:]) != tuple(shape):
+        x = F.interpolate(x, size=shape, mode="bilinear" if len(shape) == 2 else "trilinear", align_corners=False)
     if x.shape[1] == 1:
         return torch.sigmoid(x)[0, 0]
     return torch.softmax(x, dim=1)[0] if softmax else torch.sigmoid(x)[0]
@@ -141,9 +150,9 @@ def cpu_has_bf16() -> bool:
 # ----------------------------------------------------------------------------- inference
 
 
-def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[int, int] | None = None,
+def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[int, ...] | None = None,
                    tta: bool = False, mirror: tuple[int, ...] = (2, 3)) -> torch.Tensor:
-    """Logits ``(N, 1, h, w)`` of a preprocessed batch, whole or by sliding window, optionally mirrored.
+    """Logits ``(N, K, *spatial)`` of a preprocessed batch, whole or by sliding window, optionally mirrored.
 
     With ``patch_size`` smaller than the batch's images, MONAI's ``sliding_window_inference``
     tiles them with half-patch overlap and Gaussian blending (as nnU-Net). With ``tta`` the
@@ -155,15 +164,15 @@ def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[
     from tumorseg.model import main_output
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        if patch_size is not None and (h > patch_size[0] or w > patch_size[1]):
+        if patch_size is not None and any(int(s) > p for s, p in zip(x.shape[2:], patch_size, strict=True)):
             from monai.inferers import sliding_window_inference
 
-            out = sliding_window_inference(x, patch_size, max(1, x.shape[0]), lambda t: main_output(net(t)),
+            out = sliding_window_inference(x, patch_size, max(1, x.shape[0]), lambda t: main_output(net(t), t.dim()),
                                            overlap=0.5, mode="gaussian")
             return torch.as_tensor(out).float()
-        return main_output(net(x)).float()
+        return main_output(net(x), x.dim()).float()
 
+    mirror = tuple(d for d in mirror if d < batch.dim())
     logits = forward(batch)
     if tta and mirror:
         axes = sorted(mirror, reverse=True)
@@ -205,9 +214,9 @@ class Segmenter:
         self._amp = amp_dtype(device, config.amp)
         self.checkpoint_meta: dict[str, Any] = {}
         if config.channels_last:
-            import torch
+            from tumorseg.model import channels_last
 
-            self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.net = channels_last(self.net)
 
     @property
     def threshold(self) -> float:
@@ -249,7 +258,8 @@ class Segmenter:
             cfg = checkpoint.train_config(ckpt)
             from tumorseg.model import build_model
 
-            net = build_model(cfg.model, int(ckpt["in_channels"]), checkpoint.classes(ckpt).out_channels)
+            net = build_model(cfg.model, int(ckpt["in_channels"]), checkpoint.classes(ckpt).out_channels,
+                              spatial_dims=cfg.spatial_dims)
             net.load_state_dict(ckpt["model"])
         except ValidationError as exc:
             raise TumorsegError(f"{path}: checkpoint config is not a valid tumorseg TrainConfig "
@@ -283,17 +293,25 @@ class Segmenter:
         if bare is not None and self.base_channels != self.in_channels:
             raise TumorsegError(f"a {bare.shape[0]}-channel image given to a model with slice context "
                                 f"{self.context}: pass the slices of a stack through Segmenter.stack first")
-        size = (int(self.config.image_size[0]), int(self.config.image_size[1]))
+        size = tuple(int(s) for s in self.config.image_size)
+        odd = next((img for img in images if img.ndim != len(size) + 1), None)
+        if odd is not None:
+            raise TumorsegError(f"a {odd.ndim - 1}D input given to a {len(size)}D model (trained on "
+                                f"{'volumes' if len(size) == 3 else 'images'}); "
+                                + ("predict volumes slice by slice with a 2D model" if len(size) == 2
+                                   else "a 3D model needs (C, X, Y, Z) volumes"))
         batch = torch.stack([preprocess(img, size, self.in_channels, self.stats) for img in images]).to(self.device)
         if self.config.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
+            from tumorseg.model import channels_last
+
+            batch = channels_last(batch)
         use_tta = self.post.tta if tta is None else tta
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._amp or torch.float32,
                                                     enabled=self._amp is not None):
             logits = network_logits(self.net, batch, self.config.patch_size, use_tta, self.config.augment.flip_dims)
         out = []
         for i, img in enumerate(images):
-            prob = logits_to_original(logits[i], (int(img.shape[1]), int(img.shape[2])), self.classes.softmax)
+            prob = logits_to_original(logits[i], tuple(int(s) for s in img.shape[1:]), self.classes.softmax)
             out.append(prob.cpu().numpy().astype(np.float32))
         return out
 

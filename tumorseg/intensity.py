@@ -69,7 +69,7 @@ def normalize(image: np.ndarray, stats: Stats | None = None) -> np.ndarray:
     """
     mode = "image" if stats is None else ("percentile" if stats.get("percentiles") else "dataset")
     img = prescale(image, mode, stats["percentiles"] if stats and stats.get("percentiles") else SCALE_PERCENTILES)
-    mapping = affine(stats)
+    mapping = affine(stats, img.ndim - 1)
     if mapping is None:
         return img
     return (img - mapping[0]) / mapping[1]
@@ -86,18 +86,23 @@ def prescale(image: np.ndarray, mode: str,
     if mode == "percentile":
         return percentile_scale(img, percentiles)
     if mode == "image":
-        mean = img.mean(axis=(1, 2), keepdims=True)
-        std = img.std(axis=(1, 2), keepdims=True)
+        spatial = tuple(range(1, img.ndim))
+        mean = img.mean(axis=spatial, keepdims=True)
+        std = img.std(axis=spatial, keepdims=True)
         return (img - mean) / np.where(std > 1e-8, std, 1.0)
     return img
 
 
-def affine(stats: Stats | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(mean, std)`` as ``float32 (C, 1, 1)`` arrays (std of constant channels: 1), or ``None`` (per image)."""
+def affine(stats: Stats | None, spatial: int = 2) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(mean, std)`` as ``float32 (C, 1, 1)`` arrays, or ``None`` (per image).
+
+    ``(C, 1, 1, 1)`` for volumes (``spatial=3``); the std of a constant channel is 1.
+    """
     if stats is None:
         return None
-    mean = np.asarray(stats["mean"], dtype=np.float32)[:, None, None]
-    std = np.asarray(stats["std"], dtype=np.float32)[:, None, None]
+    shape = (-1, *([1] * spatial))
+    mean = np.asarray(stats["mean"], dtype=np.float32).reshape(shape)
+    std = np.asarray(stats["std"], dtype=np.float32).reshape(shape)
     return mean, np.where(std > 1e-8, std, np.float32(1.0)).astype(np.float32)
 
 
@@ -107,8 +112,9 @@ def prescaled_sums(image: np.ndarray) -> np.ndarray:
     Summed over the training split (and over DDP ranks) they give :func:`stats_from_sums`.
     """
     img = image.astype(np.float64)
-    return np.stack([np.full(img.shape[0], img.shape[1] * img.shape[2], dtype=np.float64),
-                     img.sum(axis=(1, 2)), np.square(img).sum(axis=(1, 2))])
+    spatial = tuple(range(1, img.ndim))
+    return np.stack([np.full(img.shape[0], img[0].size, dtype=np.float64),
+                     img.sum(axis=spatial), np.square(img).sum(axis=spatial)])
 
 
 def stats_from_sums(sums: np.ndarray, percentiles: tuple[float, float] | list[float] | None = None) -> Stats:

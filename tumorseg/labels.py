@@ -241,7 +241,7 @@ class Classes:
         ``(H, W)`` tumour probabilities are thresholded, ``(K, H, W)`` class probabilities take the argmax,
         ``(R, H, W)`` region probabilities are thresholded and painted (:meth:`paint`).
         """
-        if prob.ndim == 2:
+        if prob.ndim == 2 or not (self.multiclass or self.regions):  # one channel, none stored (images or volumes)
             return (prob > threshold).astype(np.uint8)
         if self.regions:
             return self.paint(prob > threshold)

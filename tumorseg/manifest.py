@@ -54,6 +54,7 @@ class ManifestInfo(BaseModel):
     data_root: str
     dataset_digest: str
     slice_axis: int = 2
+    dims: int = 2  # 3: every case is a whole volume (older manifests: 2D cases, volumes cut into slices)
     mask_threshold: float | None = None
     labels: dict[str, str] | None = None  # declared label values (as strings) -> class names; None: binary
     regions: list[tuple[str, list[int]]] | None = None  # (region name, declared values), in painting order

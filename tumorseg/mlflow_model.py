@@ -7,6 +7,12 @@ it is:
 * ``(H, W)``: one grey image, and ``(C, H, W)``: one image with C channels -> a ``uint8 (H, W)`` mask;
 * ``(N, C, H, W)``: a batch of N images of one size -> ``uint8 (N, H, W)`` masks.
 
+A 3D model (trained on volumes, ``tumorseg_spatial_dims`` 3 in its metadata) takes one more axis:
+``(D, H, W)`` or ``(C, D, H, W)`` one volume, ``(N, C, D, H, W)`` a batch, in the canonical RAS+ axis order
+of :mod:`tumorseg.imageio.volume` (``tumorseg predict`` reorients NIfTI files itself). It needs no spacing:
+every volume is resampled to the model's training grid (``image_size``) and its prediction back to the
+volume's own size, as in training.
+
 A model trained with slice context (2.5D, ``tumorseg_slice_context`` in its metadata) takes the same shapes
 and reads a batch (or a list) as **one ordered stack of consecutive slices** of a volume: each slice's
 neighbours are the arrays before and after it (the ends repeat the edge slice), so send a volume's slices
@@ -60,14 +66,17 @@ EXAMPLE_SIDE = 32
 CHUNK = 16
 """Images per forward pass; a larger batch is predicted in chunks of this size."""
 SHAPES = "send one image as (H, W) or (C, H, W), a batch as (N, C, H, W)"
+VOLUME_SHAPES = "send one volume as (D, H, W) or (C, D, H, W), a batch as (N, C, D, H, W)"
 
 
-def as_images(array: Any, in_channels: int) -> tuple[list[np.ndarray], bool]:
-    """Split a model input into ``float32 (C, H, W)`` images by its rank.
+def as_images(array: Any, in_channels: int, spatial: int = 2) -> tuple[list[np.ndarray], bool]:
+    """Split a model input into ``float32 (C, H, W)`` images (``(C, D, H, W)`` volumes) by its rank.
 
     Args:
-        array: ``(H, W)`` or ``(C, H, W)`` (one image) or ``(N, C, H, W)`` (a batch).
+        array: ``(H, W)`` or ``(C, H, W)`` (one image) or ``(N, C, H, W)`` (a batch); for a 3D model
+            (``spatial=3``) ``(D, H, W)`` or ``(C, D, H, W)`` (one volume) or ``(N, C, D, H, W)``.
         in_channels: channels the network takes (1 and 3 convert into each other).
+        spatial: the model's spatial dimensions.
 
     Returns:
         The images and whether the input was a single image.
@@ -79,12 +88,13 @@ def as_images(array: Any, in_channels: int) -> tuple[list[np.ndarray], bool]:
         arr = np.asarray(array, dtype=np.float32)
     except (TypeError, ValueError) as exc:
         raise TumorsegError(f"model input is not a numeric array ({exc}); {SHAPES}") from exc
-    if arr.ndim not in (2, 3, 4):
-        raise TumorsegError(f"model input of shape {arr.shape} has {arr.ndim} dimension(s); {SHAPES}")
-    single = arr.ndim < 4
-    batch = arr[None, None] if arr.ndim == 2 else arr[None] if arr.ndim == 3 else arr
+    shapes = VOLUME_SHAPES if spatial == 3 else SHAPES
+    if arr.ndim not in range(spatial, spatial + 3):
+        raise TumorsegError(f"model input of shape {arr.shape} has {arr.ndim} dimension(s); {shapes}")
+    single = arr.ndim < spatial + 2
+    batch = arr[None, None] if arr.ndim == spatial else arr[None] if arr.ndim == spatial + 1 else arr
     if 0 in batch.shape[1:]:
-        raise TumorsegError(f"model input of shape {arr.shape} holds an empty image; {SHAPES}")
+        raise TumorsegError(f"model input of shape {arr.shape} holds an empty image; {shapes}")
     from tumorseg.inference import channels_compatible
 
     channels = int(batch.shape[1])
@@ -92,7 +102,7 @@ def as_images(array: Any, in_channels: int) -> tuple[list[np.ndarray], bool]:
         read_as = "one image" if single else f"a batch of {batch.shape[0]} images"
         hint = f"; a batch of {in_channels}-channel images is (N, {in_channels}, H, W)" if single else ""
         raise TumorsegError(f"model input of shape {arr.shape} reads as {read_as} with {channels} channels, but "
-                            f"the model takes {in_channels} channel(s){hint}; {SHAPES}")
+                            f"the model takes {in_channels} channel(s){hint}; {shapes}")
     return list(batch), single
 
 
@@ -129,18 +139,19 @@ class TumorsegPyfunc(_Base):  # type: ignore[misc]
 
         probabilities = bool((params or {}).get("probabilities", False))
         channels = self.segmenter.base_channels
+        spatial = self.segmenter.config.spatial_dims
         try:
             if isinstance(model_input, list | tuple) and model_input and all(
                     isinstance(item, np.ndarray) for item in model_input):
                 images = []
                 for item in model_input:
-                    one, single = as_images(item, channels)
+                    one, single = as_images(item, channels, spatial)
                     if not single:
                         raise TumorsegError(f"a list item of shape {np.shape(item)} is a batch; give a list "
                                             "of (H, W) or (C, H, W) images, or one (N, C, H, W) array")
                     images += one
                 return self._predict(images, probabilities)
-            images, single = as_images(model_input, channels)
+            images, single = as_images(model_input, channels, spatial)
         except TumorsegError as exc:
             raise MlflowException.invalid_parameter_value(str(exc)) from exc
         if not images:  # an empty batch (0, C, H, W)
@@ -153,7 +164,8 @@ class TumorsegPyfunc(_Base):  # type: ignore[misc]
         # in chunks: a client may post a large batch, and the network's activations grow with it
         seg = self.segmenter
         images = seg.stack(images)  # 2.5D: the images are one ordered stack of slices
-        out = [o for i in range(0, len(images), CHUNK) for o in seg.predict_proba(images[i:i + CHUNK])]
+        chunk = 1 if seg.config.spatial_dims == 3 else CHUNK  # a volume is a forward pass of its own
+        out = [o for i in range(0, len(images), chunk) for o in seg.predict_proba(images[i:i + chunk])]
         if not probabilities:  # volumetric post-processing: the images are one ordered stack of slices
             out = seg.stack_masks(out)
         if not probabilities and seg.classes.multiclass:
@@ -178,7 +190,8 @@ def input_example(image: np.ndarray | None, in_channels: int) -> np.ndarray:
     img = np.asarray(image, dtype=np.float32)
     img = img[None] if img.ndim == 2 else img
     step = max(1, math.ceil(max(img.shape[1:]) / EXAMPLE_SIDE))
-    return np.ascontiguousarray(img[None, :, ::step, ::step])
+    every = (slice(None, None, step),) * (img.ndim - 1)  # each spatial axis of an image or a volume
+    return np.ascontiguousarray(img[(None, slice(None), *every)])
 
 
 def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -> str:
@@ -220,10 +233,20 @@ def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -
         "tumorseg_input_normalization": checkpoint.input_normalization(checkpoint.train_config(ckpt),
                                                                        ckpt.get("intensity")),
     }
+    train_cfg = checkpoint.train_config(ckpt)
+    metadata["tumorseg_spatial_dims"] = train_cfg.spatial_dims
+    if train_cfg.spatial_dims == 3:
+        grid = "x".join(str(v) for v in train_cfg.image_size)
+        metadata["tumorseg_input"] = ("float array in canonical RAS+ axis order: (D, H, W) or (C, D, H, W) one "
+                                      "volume; (N, C, D, H, W) a batch of one size; no spacing needed: each volume "
+                                      f"is resampled to the training grid {grid} and predicted back to its own size")
+        metadata["tumorseg_output"] = ("uint8 mask (D, H, W) for one volume, (N, D, H, W) for a batch (label maps of "
+                                       "the declared values for a multi-class model); float32 probabilities with "
+                                       "params {'probabilities': true}")
     if context:
         metadata["tumorseg_input"] += (f"; 2.5D (slice context {context}): a batch or list is one ordered stack of "
                                        "consecutive slices of a volume, each slice's neighbours taken from it")
-    if classes.multiclass:
+    if classes.multiclass and train_cfg.spatial_dims == 2:
         metadata["tumorseg_output"] = ("uint8 label map of the values " + ", ".join(map(str, classes.values)) +
                                        " (H, W) for one image, (N, H, W) for a batch; float32 class "
                                        "probabilities (K, H, W) / (N, K, H, W) with params {'probabilities': true}")

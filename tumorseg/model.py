@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def build_model(cfg: ModelConfig, in_channels: int, out_channels: int = 1, *,
-                load_weights: bool = False) -> torch.nn.Module:
-    """A 2D MONAI network: one output channel (tumour logits), or one per class (multi-class).
+                load_weights: bool = False, spatial_dims: int = 2) -> torch.nn.Module:
+    """A 2D (or, with ``spatial_dims=3``, 3D) MONAI network: one output channel (tumour logits), or one per class.
 
     ``load_weights`` loads ``cfg.pretrained`` into a ``flexible_unet``'s encoder (a new training run
     does; a network about to receive a checkpoint's weights, or a throughput probe, does not).
@@ -34,7 +34,7 @@ def build_model(cfg: ModelConfig, in_channels: int, out_channels: int = 1, *,
     strides = cfg.strides or [2] * (len(cfg.channels) - 1)
     if cfg.name == "unet":
         return nets.UNet(
-            spatial_dims=2,
+            spatial_dims=spatial_dims,
             in_channels=in_channels,
             out_channels=out_channels,
             channels=cfg.channels,
@@ -48,7 +48,7 @@ def build_model(cfg: ModelConfig, in_channels: int, out_channels: int = 1, *,
         if len(cfg.channels) != 5:
             raise TumorsegError("model.channels: basic_unet needs exactly 5 entries, e.g. [64, 128, 256, 512, 1024]")
         return nets.BasicUNet(
-            spatial_dims=2,
+            spatial_dims=spatial_dims,
             in_channels=in_channels,
             out_channels=out_channels,
             features=(*cfg.channels, cfg.channels[0]),
@@ -58,18 +58,19 @@ def build_model(cfg: ModelConfig, in_channels: int, out_channels: int = 1, *,
         )
     if cfg.name == "attention_unet":
         return nets.AttentionUnet(
-            spatial_dims=2, in_channels=in_channels, out_channels=out_channels, channels=cfg.channels, strides=strides,
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, channels=cfg.channels,
+            strides=strides,
             dropout=cfg.dropout,
         )
     if cfg.name == "segresnet":
         return nets.SegResNet(
-            spatial_dims=2, init_filters=cfg.init_filters, in_channels=in_channels, out_channels=out_channels,
-            dropout_prob=cfg.dropout or None,
+            spatial_dims=spatial_dims, init_filters=cfg.init_filters, in_channels=in_channels,
+            out_channels=out_channels, dropout_prob=cfg.dropout or None,
         )
     if cfg.name == "dynunet":
         # nnU-Net's network: 3x3 kernels, first level at full resolution, stride-2 downsampling.
         return nets.DynUNet(
-            spatial_dims=2, in_channels=in_channels, out_channels=out_channels,
+            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
             kernel_size=[3] * len(cfg.channels), strides=[1, *strides], upsample_kernel_size=strides,
             filters=cfg.channels, norm_name=_norm_arg(cfg.norm), dropout=cfg.dropout or None,
             deep_supervision=cfg.deep_supervision, deep_supr_num=max(1, min(2, len(cfg.channels) - 2)),
@@ -105,7 +106,8 @@ def init_output_bias(net: torch.nn.Module, prior: float | list[float], softmax: 
     priors = [prior] if isinstance(prior, float | int) else list(prior)
     k = len(priors)
     def heads(root: torch.nn.Module) -> list[torch.nn.Module]:
-        return [m for m in root.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)
+        kinds = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.Conv3d, torch.nn.ConvTranspose3d)
+        return [m for m in root.modules() if isinstance(m, kinds)
                 and m.out_channels == k and m.bias is not None]
 
     # DynUNet registers its deep-supervision heads after its output block: every head starts at the prior
@@ -278,5 +280,21 @@ def _HeadsLoss(base: torch.nn.Module, deep: torch.nn.Module) -> torch.nn.Module:
 
 
 def main_output(out: torch.Tensor, target_dim: int = 4) -> torch.Tensor:
-    """The full-resolution head of a network's output (deep-supervision heads are dropped)."""
+    """The full-resolution head of a network's output (deep-supervision heads are dropped).
+
+    ``target_dim``: the dims of one output, ``(N, C, *spatial)``: 4 for images, 5 for volumes.
+    """
     return out[:, 0] if out.dim() == target_dim + 1 else out
+
+
+def channels_last(x: Any) -> Any:
+    """A batch (or a network) in the channels-last layout of its dimensionality (``channels_last_3d`` for volumes).
+
+    A tensor's layout follows its rank; a network's follows its first convolution's weights.
+    """
+    import torch
+
+    dim = x.dim() if isinstance(x, torch.Tensor) else next(
+        (p.dim() for p in x.parameters() if p.dim() >= 4), 4)
+    fmt = torch.channels_last_3d if dim == 5 else torch.channels_last
+    return x.contiguous(memory_format=fmt) if isinstance(x, torch.Tensor) else x.to(memory_format=fmt)

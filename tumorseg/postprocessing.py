@@ -60,10 +60,11 @@ class Postprocess:
     def mask(self, prob: np.ndarray, classes: Classes | None = None) -> np.ndarray:
         """``uint8 (H, W)`` mask from ``float (H, W)`` probabilities; class indices from ``(K, H, W)``.
 
-        Several channels are decided by :meth:`tumorseg.labels.Classes.decide` (the argmax, or the regions
-        of ``classes`` thresholded and painted); without ``classes``, the argmax.
+        Volumes alike (``(X, Y, Z)``, ``(K, X, Y, Z)``). Several channels are decided by
+        :meth:`tumorseg.labels.Classes.decide` (the argmax, or the regions of ``classes`` thresholded and
+        painted); without ``classes``, the argmax of a 3-dimensional ``prob``.
         """
-        if prob.ndim == 3:
+        if _channels(prob, classes):
             if classes is None:
                 return self.per_class(np.argmax(prob, axis=0).astype(np.uint8))
             return self.per_class(classes.decide(prob, self.threshold))
@@ -83,7 +84,7 @@ class Postprocess:
         shapes = {p.shape for p in probs}
         if not self.volumetric or len(probs) < 2 or len(shapes) != 1:
             return [self.mask(p, classes) for p in probs]
-        if probs[0].ndim == 3:  # several channels: the class index map, then the rule per class in 3D
+        if _channels(probs[0], classes):  # several channels: the class index map, then the rule per class in 3D
             flat = replace(self, keep="all", min_confidence=0.0)
             return list(self.per_class(np.stack([flat.mask(p, classes) for p in probs])))
         stack = np.stack(probs)
@@ -204,3 +205,10 @@ class StackBuffer(Generic[K, T]):
         out = [[(k, held[k])] for s, held in sorted(self._held.items()) for k in self.stacks[s] if k in held]
         self._held.clear()
         return out
+
+
+def _channels(prob: np.ndarray, classes: Classes | None) -> bool:
+    """Whether ``prob`` has a channel axis first: a multi-class model's (known from ``classes``), else 3 dims."""
+    if classes is not None:
+        return bool(classes.multiclass or classes.regions)
+    return prob.ndim == 3

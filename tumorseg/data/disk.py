@@ -52,7 +52,7 @@ FORMAT = 1
 """Bumped whenever the layout or the preprocessing changes, so older folders are not reused."""
 
 
-def cache_key(digest: str, split: str, case_ids: list[str], size: tuple[int, int], in_channels: int,
+def cache_key(digest: str, split: str, case_ids: list[str], size: tuple[int, ...], in_channels: int,
               mode: str, context: int = 0) -> str:
     """What a cache folder's contents depend on, hashed (the same inputs give the same folder)."""
     ids = hashlib.sha256("\n".join(case_ids).encode()).hexdigest()
@@ -64,9 +64,9 @@ def cache_key(digest: str, split: str, case_ids: list[str], size: tuple[int, int
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def folder_name(split: str, size: tuple[int, int], key: str) -> str:
-    """The folder of one split and preprocessing: ``<split>-<h>x<w>-<key>``."""
-    return f"{split}-{size[0]}x{size[1]}-{key}"
+def folder_name(split: str, size: tuple[int, ...], key: str) -> str:
+    """The folder of one split and preprocessing: ``<split>-<h>x<w>-<key>`` (``<x>x<y>x<z>`` for volumes)."""
+    return f"{split}-{'x'.join(str(s) for s in size)}-{key}"
 
 
 @dataclass
@@ -76,11 +76,11 @@ class DiskSink:
     folder: Path
     n: int
     channels: int
-    size: tuple[int, int]
+    size: tuple[int, ...]
     scale: np.ndarray = field(init=False)
     fg: np.ndarray = field(init=False)
     offsets: list[int] = field(default_factory=lambda: [0])
-    shapes: list[tuple[int, int]] = field(default_factory=list)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
     _files: list[IO[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -90,11 +90,10 @@ class DiskSink:
         self.masks = open(self.folder / "masks.npy", "wb")  # noqa: SIM115
         self.originals = open(self.folder / "original_masks.bin", "wb")  # noqa: SIM115
         self._files = [self.images, self.masks, self.originals]
-        h, w = self.size
         np.lib.format.write_array_header_1_0(
-            self.images, {"descr": "<f2", "fortran_order": False, "shape": (self.n, self.channels, h, w)})
+            self.images, {"descr": "<f2", "fortran_order": False, "shape": (self.n, self.channels, *self.size)})
         np.lib.format.write_array_header_1_0(
-            self.masks, {"descr": "|u1", "fortran_order": False, "shape": (self.n, 1, h, w)})
+            self.masks, {"descr": "|u1", "fortran_order": False, "shape": (self.n, 1, *self.size)})
 
     def put(self, i: int, p: Prepared) -> None:
         """Append case ``i`` (cases arrive in order)."""
@@ -107,7 +106,7 @@ class DiskSink:
         packed = pack_mask(p.original_mask)
         self.originals.write(packed)
         self.offsets.append(self.offsets[-1] + len(packed))
-        self.shapes.append((int(p.original_mask.shape[0]), int(p.original_mask.shape[1])))
+        self.shapes.append(tuple(int(s) for s in p.original_mask.shape))
 
     def close(self) -> None:
         """Flush the files to disk and write the index."""
@@ -116,7 +115,7 @@ class DiskSink:
             os.fsync(f.fileno())
             f.close()
         np.savez(self.folder / "index.npz", scale=self.scale, fg=self.fg, offsets=np.asarray(self.offsets, np.int64),
-                 shapes=np.asarray(self.shapes, np.int32).reshape(-1, 2))
+                 shapes=np.asarray(self.shapes, np.int32).reshape(-1, len(self.size)))
 
 
 class DiskSplit(Split):
@@ -138,8 +137,8 @@ class DiskSplit(Split):
         self.rows = all_rows if rows is None else np.asarray(rows, dtype=np.int64)
         self.case_ids = [meta["case_ids"][r] for r in self.rows]
         self.fg_pixels = self._fg[self.rows]
-        self.channels, self.size = int(meta["channels"]), (int(meta["size"][0]), int(meta["size"][1]))
-        self.pixels = self.size[0] * self.size[1]
+        self.channels, self.size = int(meta["channels"]), tuple(int(s) for s in meta["size"])
+        self.pixels = int(np.prod(self.size))
         self._img_bytes = 2 * self.channels * self.pixels
         self._mask_bytes = self.pixels
         self._img_header = _npy_header_length(folder / "images.npy")
@@ -200,12 +199,11 @@ class DiskSplit(Split):
 
         rows = self.rows[np.asarray(idx, dtype=np.int64)]
         b = len(rows)
-        h, w = self.size
-        images = torch.empty((b, self.channels, h, w), dtype=torch.float16, pin_memory=self.pin)
+        images = torch.empty((b, self.channels, *self.size), dtype=torch.float16, pin_memory=self.pin)
         self._read_rows("images.npy", self._img_header, self._img_bytes, rows, images.numpy().view(np.uint8))
         out_masks = None
         if masks:
-            out_masks = torch.empty((b, 1, h, w), dtype=torch.uint8, pin_memory=self.pin)
+            out_masks = torch.empty((b, 1, *self.size), dtype=torch.uint8, pin_memory=self.pin)
             self._read_rows("masks.npy", self._mask_header, self._mask_bytes, rows, out_masks.numpy())
         return Batch(images, out_masks, torch.from_numpy(self._scale[rows]))
 
@@ -215,10 +213,10 @@ class DiskSplit(Split):
 
         x = batch.images.to(device, non_blocking=True).float()
         assert batch.scale is not None
-        x.mul_(batch.scale.to(device, non_blocking=True).view(-1, 1, 1, 1))
+        x.mul_(batch.scale.to(device, non_blocking=True).view(-1, *([1] * (x.dim() - 1))))
         if self.stats is not None:
             if self._mapping is None or self._mapping[0].device != device:
-                mean, std = affine(self.stats)  # type: ignore[misc]  # stats given: never None
+                mean, std = affine(self.stats, x.dim() - 2)  # type: ignore[misc]  # stats given: never None
                 self._mapping = (torch.from_numpy(mean).to(device), torch.from_numpy(std).to(device))
             x.sub_(self._mapping[0]).div_(self._mapping[1])
         y = batch.masks.to(device, non_blocking=True).float() if batch.masks is not None else None
@@ -232,8 +230,7 @@ class DiskSplit(Split):
         if len(data) != end - start:
             raise TumorsegError(f"{self.folder / 'original_masks.bin'}: truncated; remove the cache folder (tumorseg "
                                 "cache clear) and run again")
-        shape = self._shapes[r]
-        return unpack_mask(data, (int(shape[0]), int(shape[1])))
+        return unpack_mask(data, tuple(int(s) for s in self._shapes[r]))
 
 
 def _npy_header_length(path: Path) -> int:
@@ -248,7 +245,7 @@ def _npy_header_length(path: Path) -> int:
 
 def _expected_sizes(meta: dict[str, Any], header: dict[str, int]) -> dict[str, int]:
     n, c = int(meta["n"]), int(meta["channels"])
-    pixels = int(meta["size"][0]) * int(meta["size"][1])
+    pixels = int(np.prod([int(s) for s in meta["size"]]))
     return {"images.npy": header["images.npy"] + 2 * n * c * pixels, "masks.npy": header["masks.npy"] + n * pixels,
             "original_masks.bin": int(meta["original_bytes"])}
 
@@ -283,7 +280,7 @@ def _open(path: Path) -> int:
                             "Run again: the cache is rebuilt") from exc
 
 
-def open_or_build(reader: CaseReader, rows: pd.DataFrame, root: Path, split: str, size: tuple[int, int],
+def open_or_build(reader: CaseReader, rows: pd.DataFrame, root: Path, split: str, size: tuple[int, ...],
                   in_channels: int, mode: str, digest: str, build: bool = True) -> tuple[DiskSplit, Summary]:
     """The split's cache folder under ``root``, built first when absent, incomplete or stale.
 
@@ -311,7 +308,7 @@ def open_or_build(reader: CaseReader, rows: pd.DataFrame, root: Path, split: str
 
 
 def _build(reader: CaseReader, rows: pd.DataFrame, root: Path, name: str, key: str, case_ids: list[str],
-           size: tuple[int, int], in_channels: int, mode: str, split: str, digest: str) -> dict[str, Any]:
+           size: tuple[int, ...], in_channels: int, mode: str, split: str, digest: str) -> dict[str, Any]:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

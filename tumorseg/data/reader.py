@@ -32,6 +32,7 @@ from tumorseg.imageio import (
     slice_of,
     union_masks,
 )
+from tumorseg.imageio.volume import canonical_spacing, to_canonical, volume_of
 from tumorseg.manifest import MASK_SEP, ManifestInfo, combine_hashes
 from tumorseg.streaming import prefetch
 
@@ -48,9 +49,11 @@ class Case:
         index: the row's position in the frame it was read from.
         case_id: the manifest's case id.
         group: the patient (group) it belongs to.
-        image: ``float32 (C, H, W)``.
-        mask: ``uint8 (H, W)`` in ``{0, 1}`` (several mask files merged by union).
-        spacing: pixel size ``(dy, dx)`` from a NIfTI image's affine (usually mm); ``None`` for PNG/TIFF.
+        image: ``float32 (C, H, W)``; a volume case (``manifest.json`` ``dims: 3``): ``(C, X, Y, Z)`` in
+            canonical RAS+ axis order (:mod:`tumorseg.imageio.volume`).
+        mask: ``uint8 (H, W)`` (or ``(X, Y, Z)``) in ``{0, 1}`` or class indices (several files merged by union).
+        spacing: pixel size ``(dy, dx)`` from a NIfTI image's affine (usually mm), ``(dx, dy, dz)`` of a volume
+            case; ``None`` for PNG/TIFF.
     """
 
     index: int
@@ -58,7 +61,7 @@ class Case:
     group: str
     image: np.ndarray
     mask: np.ndarray
-    spacing: tuple[float, float] | None = None
+    spacing: tuple[float, ...] | None = None
 
 
 class CaseReader:
@@ -116,12 +119,14 @@ class CaseReader:
         return out
 
     def _image(self, row: Mapping[Any, Any]) -> tuple[Decoded, np.ndarray]:
-        """A row's decoded file (hash checked) and its ``float32 (C, H, W)`` plane."""
+        """A row's decoded file (hash checked) and its ``float32 (C, H, W)`` plane (or canonical volume)."""
         slice_index = int(row["slice_index"])
         img_path = Path(self.info.data_root) / str(row["image"])
         img_sha, img = self._read(img_path, "image", slice_index >= 0)
         if img_sha != row["image_sha256"]:
             raise TumorsegError(f"{img_path}: changed since ingest (sha256 differs); re-run tumorseg ingest")
+        if self.info.dims == 3:
+            return img, volume_of(img, str(img_path))
         return img, slice_of(img, slice_index, self.info.slice_axis).astype(np.float32)
 
     def read(self, row: Mapping[Any, Any], index: int = 0) -> Case:
@@ -131,7 +136,7 @@ class CaseReader:
         """
         root = Path(self.info.data_root)
         slice_index, axis = int(row["slice_index"]), self.info.slice_axis
-        volume = slice_index >= 0
+        volume = slice_index >= 0 or self.info.dims == 3
         img_path = root / str(row["image"])
         img, image = self._image(row)
         if self.context is not None:
@@ -140,12 +145,17 @@ class CaseReader:
         masks = [self._read(p, "mask", volume) for p in mask_files]
         if combine_hashes([sha for sha, _ in masks]) != row["mask_sha256"]:
             raise TumorsegError(f"{mask_files[0]}: changed since ingest (sha256 differs); re-run tumorseg ingest")
-        mask = union_masks([slice_of(m, slice_index, axis)[0] for _, m in masks])
+        if self.info.dims == 3:
+            assert img.affine is not None  # volume_of checked it is a grid
+            mask = union_masks([to_canonical(m.array, img.affine) for _, m in masks])
+            spacing: tuple[float, ...] | None = canonical_spacing(img.affine)
+        else:
+            mask = union_masks([slice_of(m, slice_index, axis)[0] for _, m in masks])
+            spacing = plane_spacing(img, slice_index, axis)
         if tuple(image.shape[1:]) != tuple(mask.shape):
-            raise TumorsegError(f"{img_path}: image {image.shape[1]}x{image.shape[2]} but mask "
-                                f"{mask.shape[0]}x{mask.shape[1]}; re-run tumorseg ingest")
-        return Case(index, str(row["case_id"]), str(row["group"]), image, mask,
-                    plane_spacing(img, slice_index, axis))
+            shapes = "x".join(str(s) for s in image.shape[1:]), "x".join(str(s) for s in mask.shape)
+            raise TumorsegError(f"{img_path}: image {shapes[0]} but mask {shapes[1]}; re-run tumorseg ingest")
+        return Case(index, str(row["case_id"]), str(row["group"]), image, mask, spacing)
 
     def stream(self, df: pd.DataFrame, workers: int = 0, ahead: int = 32) -> Iterator[Case]:
         """Cases of ``df`` in order, decoded by ``workers`` threads at most ``ahead`` rows in advance."""

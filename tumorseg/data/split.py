@@ -176,7 +176,7 @@ class RamSplit(Split):
         import torch
 
         self.stats = stats
-        mapping = affine(stats)
+        mapping = affine(stats, self.images.dim() - 2)
         if mapping is not None:
             mean, std = (torch.from_numpy(a).to(self.images.device) for a in mapping)
             self.images.sub_(mean).div_(std)
@@ -206,14 +206,14 @@ RAM_LIMIT_BYTES = 2 * 2**30
 """``cache: auto`` keeps a split in RAM up to this size (or an eighth of the machine's memory, if less)."""
 
 
-def storage_for(mode: str, n_cases: int, channels: int, size: tuple[int, int]) -> str:
+def storage_for(mode: str, n_cases: int, channels: int, size: tuple[int, ...]) -> str:
     """``ram``/``gpu`` or ``disk`` for ``cache: mode``: ``auto`` goes to disk above the RAM limit.
 
     The estimate is the normalised float32 images plus the masks at training size.
     """
     if mode != "auto":
         return mode
-    need = n_cases * (4 * channels + 1) * size[0] * size[1]
+    need = n_cases * (4 * channels + 1) * int(np.prod(size))
     try:
         phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -221,7 +221,7 @@ def storage_for(mode: str, n_cases: int, channels: int, size: tuple[int, int]) -
     return "disk" if need > min(RAM_LIMIT_BYTES, phys // 8) else "auto"
 
 
-def prepare(case: Case, size: tuple[int, int], in_channels: int, mode: str) -> Prepared:
+def prepare(case: Case, size: tuple[int, ...], in_channels: int, mode: str) -> Prepared:
     """Prescale, resize and sum one decoded case (runs in the decode threads)."""
     import torch
 
@@ -240,7 +240,7 @@ class Sink(Protocol):
         """Store case ``i`` (cases arrive in order)."""
 
 
-def build(reader: CaseReader, rows: pd.DataFrame, size: tuple[int, int], in_channels: int, mode: str,
+def build(reader: CaseReader, rows: pd.DataFrame, size: tuple[int, ...], in_channels: int, mode: str,
           sink: Sink, workers: int = 0, description: str = "caching") -> Summary:
     """Stream ``rows`` through ``prepare`` into ``sink`` in order; returns the summed statistics."""
     summary = Summary.empty(in_channels)
@@ -257,7 +257,7 @@ class RamSink:
 
     n: int
     channels: int
-    size: tuple[int, int]
+    size: tuple[int, ...]
     images: np.ndarray = field(init=False)
     masks: np.ndarray = field(init=False)
     fg: np.ndarray = field(init=False)
@@ -281,7 +281,7 @@ class RamSink:
                         masks_original=self.originals, fg_pixels=self.fg, pixels=int(np.prod(self.size)))
 
 
-def in_ram(reader: CaseReader, rows: pd.DataFrame, size: tuple[int, int], in_channels: int, mode: str,
+def in_ram(reader: CaseReader, rows: pd.DataFrame, size: tuple[int, ...], in_channels: int, mode: str,
            description: str) -> tuple[RamSplit, Summary]:
     """Build ``rows`` into RAM (prescaled; call :meth:`RamSplit.normalise` once the statistics are known)."""
     sink = RamSink(len(rows), in_channels, size)
@@ -294,6 +294,6 @@ def pack_mask(mask: np.ndarray) -> bytes:
     return zlib.compress(np.ascontiguousarray(mask, dtype=np.uint8).tobytes(), 1)
 
 
-def unpack_mask(data: bytes, shape: tuple[int, int]) -> np.ndarray:
+def unpack_mask(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
     """The inverse of :func:`pack_mask`."""
     return np.frombuffer(zlib.decompress(data), dtype=np.uint8).reshape(shape)

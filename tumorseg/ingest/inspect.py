@@ -23,6 +23,7 @@ from tumorseg.imageio import (
     read_bytes,
     union_masks,
 )
+from tumorseg.imageio.volume import axcodes, spacing_of
 from tumorseg.ingest.discover import Task, base_name
 from tumorseg.manifest import MASK_SEP, combine_hashes
 
@@ -35,7 +36,7 @@ class InspectContext:
 
     root: str
     mask_threshold: float | None
-    slice_axis: int
+    slice_axis: int | None  # None: a volume is one case (its row has depth, spacing and orientation)
     labels: dict[int, str] | None = None  # declared label values -> names (multi-class); None: binary masks
 
 
@@ -141,6 +142,13 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
     }
     if task.split is not None:
         common["fixed_split"] = task.split  # not a manifest column: assign_splits keeps it as the split
+    if volume and ctx.slice_axis is None:
+        assert image.affine is not None  # a volume is a grid
+        has, frac = _fraction(mask)
+        spacing = "x".join(f"{v:.6g}" for v in spacing_of(image.affine))
+        return [{**common, "case_id": task.key, "slice_index": -1, "has_tumour": has, "tumour_fraction": frac,
+                 "height": mask.shape[0], "width": mask.shape[1], **_class_counts(mask, ctx.labels),
+                 **volume_columns(mask.shape[2], spacing, axcodes(image.affine))}], []
     if volume:
         rows = []
         for k in range(mask.shape[ctx.slice_axis]):
@@ -154,6 +162,17 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
     has, frac = _fraction(plane2d)
     return [{**common, "case_id": task.key, "slice_index": -1, "has_tumour": has, "tumour_fraction": frac,
              "height": plane2d.shape[0], "width": plane2d.shape[1], **_class_counts(plane2d, ctx.labels)}], []
+
+
+VOLUME_COLUMNS = ["depth", "spacing", "orientation"]
+"""A volume case's extra manifest columns (``dims: 3`` manifests): its third size, the voxel size of each stored
+axis in mm (``0.7x0.7x3``) and the stored orientation's letters (``LPS``); ``height``/``width`` hold its first two
+sizes. Cases are read in canonical RAS+ order (:mod:`tumorseg.imageio.volume`)."""
+
+
+def volume_columns(depth: int, spacing: str, orientation: str) -> dict[str, Any]:
+    """The :data:`VOLUME_COLUMNS` of one volume case."""
+    return dict(zip(VOLUME_COLUMNS, (depth, spacing, orientation), strict=True))
 
 
 def _plane(arr: Any, grid: bool) -> Any:

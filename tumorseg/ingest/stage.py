@@ -16,7 +16,7 @@ from tumorseg.config import IngestConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_bytes, atomic_write_json, sha256_bytes
 from tumorseg.ingest.discover import discover
-from tumorseg.ingest.inspect import InspectContext, class_columns, inspect_all
+from tumorseg.ingest.inspect import VOLUME_COLUMNS, InspectContext, class_columns, inspect_all
 from tumorseg.ingest.pairs import pairs_root, read_pairs
 from tumorseg.labels import check_labels, check_regions
 from tumorseg.manifest import COLUMNS, SPLITS
@@ -101,6 +101,26 @@ def ungrouped_slices(rows: list[dict[str, Any]], cfg: IngestConfig) -> str | Non
             f"{first[-1]}) but each is its own group (--group-by case): one patient's slices can land in "
             "different splits and are scored apart; pass --group-by folder (a folder per patient) or "
             "--group-pattern (the patient's part of the path)")
+
+
+def _keep_one_kind(rows: list[dict[str, Any]], rejected: list[tuple[str, str]]) -> int:
+    """Without ``--slice-axis``: 3 when the set's cases are volumes (each one case), else 2.
+
+    A set holds one kind: the minority (2D files in a set of volumes, or volumes in a set of 2D images) is
+    removed from ``rows`` into ``rejected``, each with the reason and the fix.
+    """
+    volumes = [r for r in rows if "depth" in r]
+    if not volumes:
+        return 2
+    planes = [r for r in rows if "depth" not in r]
+    dims = 3 if len(volumes) >= len(planes) else 2
+    odd = planes if dims == 3 else volumes
+    why = ("a 2D image in a set of 3D volumes; ingest it on its own, or pass --slice-axis 2 to cut the volumes "
+           "into slices" if dims == 3 else
+           "a 3D volume in a set of 2D images; pass --slice-axis 2 to cut volumes into slices, or ingest it on its own")
+    rejected.extend((str(r["image"]), why) for r in odd)
+    rows[:] = volumes if dims == 3 else planes
+    return dims
 
 
 def summarize(rows: list[dict[str, Any]], n_rejected: int, n_ignored: int = 0) -> dict[str, Any]:
@@ -264,6 +284,7 @@ def run(cfg: IngestConfig) -> IngestResult:
         rows.extend(case_rows)
         rejected.extend(case_rejected)
     rows = _drop_duplicate_ids(rows, rejected)
+    dims = 2 if cfg.slice_axis is not None else _keep_one_kind(rows, rejected)
     rejected = sorted(set(rejected))
     _check_label_maps(rejected, len(tasks), cfg)
     if cfg.strict and rejected:
@@ -284,7 +305,8 @@ def run(cfg: IngestConfig) -> IngestResult:
     rows.sort(key=lambda r: r["case_id"])
     summary = summarize(rows, len(rejected), len(ignored))
 
-    manifest_csv = _csv_bytes(rows, COLUMNS + class_columns(cfg.labels))
+    extra = VOLUME_COLUMNS if dims == 3 else []
+    manifest_csv = _csv_bytes(rows, COLUMNS + extra + class_columns(cfg.labels))
     rejected_csv = _csv_bytes([{"path": p, "reason": r} for p, r in rejected], ["path", "reason"])
     ignored_csv = _csv_bytes([{"path": p, "reason": r} for p, r in ignored], ["path", "reason"])
     digest = sha256_bytes(manifest_csv)
@@ -293,7 +315,8 @@ def run(cfg: IngestConfig) -> IngestResult:
         "tumorseg_version": __version__,
         "data_root": str(root),
         "dataset_digest": digest,
-        "slice_axis": cfg.slice_axis,
+        "slice_axis": 2 if cfg.slice_axis is None else cfg.slice_axis,
+        **({"dims": 3} if dims == 3 else {}),  # 2D manifests stay as they were
         "mask_threshold": cfg.mask_threshold,
         "labels": {str(v): n for v, n in sorted(cfg.labels.items())} if cfg.labels else None,
         "regions": [[n, v] for n, v in cfg.regions.items()] if cfg.regions else None,  # a list: JSON keeps its order

@@ -80,12 +80,17 @@ def make(cfg: TrainConfig, info: ManifestInfo, df: pd.DataFrame, device: torch.d
     in_channels = 1 if fp.grey_as_rgb else fp.channels
     loss = TrainConfig().loss.model_copy(update={"name": "dice_ce"})
 
-    def measure(model: Any, size: tuple[int, int], batch: int) -> probe.Throughput:
+    def measure(model: Any, size: tuple[int, ...], batch: int) -> probe.Throughput:
         return probe.measure(model, loss, in_channels, size, batch, device, cfg.amp, use_cache=use_cache)
 
     free = float(torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else 0.0
-    chosen = rules.choose(fp, seconds, n_val, measure, device.type, free, cached_encoders(cfg, fp),
-                          patches_for_time=cfg.patches_for_time)
+    if info.dims == 3:
+        from tumorseg.planning import volumes
+
+        chosen = volumes.choose(fp, seconds, n_val, measure, device.type, free)
+    else:
+        chosen = rules.choose(fp, seconds, n_val, measure, device.type, free, cached_encoders(cfg, fp),
+                              patches_for_time=cfg.patches_for_time)
     plan = Plan(manifest_name=info.name, manifest_digest=info.dataset_digest, device=probe.device_label(device),
                 budget=budget, budget_seconds=seconds, train=chosen["train"], estimates=chosen["estimates"],
                 reasons=chosen["reasons"])
@@ -125,7 +130,7 @@ def apply(cfg: TrainConfig, plan: Plan) -> tuple[TrainConfig, dict[str, Any]]:
     merged.setdefault("budget", plan.budget)
     if merged.get("patch_size") and merged.get("image_size"):
         ps, im = merged["patch_size"], merged["image_size"]
-        if ps[0] >= im[0] and ps[1] >= im[1]:
+        if len(ps) == len(im) and all(p >= i for p, i in zip(ps, im, strict=True)):
             merged["patch_size"] = None
     out = TrainConfig.model_validate(merged)
     overrides = {k: v for k, v in _flat(user).items() if k in _flat(plan.train) and _flat(plan.train)[k] != v}
@@ -170,9 +175,10 @@ def summary_rows(plan: Plan) -> list[tuple[str, str]]:
     t, e = plan.train, plan.estimates
     model = t["model"]
     size = "x".join(str(s) for s in t["image_size"])
+    unit = "volume" if len(t["image_size"]) == 3 else "image"
     rows = [
         ("device / budget", f"{plan.device} / {plan.budget}"),
-        ("training size", f"{size} (scale {e['scale']:.2f} of the median image; floor {e['floor_scale']:.2f})"),
+        ("training size", f"{size} (scale {e['scale']:.2f} of the median {unit}; floor {e['floor_scale']:.2f})"),
         ("patches", "x".join(str(s) for s in t["patch_size"]) + f", {t['oversample_foreground']:.0%} on tumour"
          if t.get("patch_size") else "whole images"),
         ("network", f"{model['name']} on an ImageNet-pretrained {model['backbone']} encoder"

@@ -9,7 +9,7 @@ images read through the one case reader.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -49,6 +49,9 @@ class Fingerprint(BaseModel):
         natural: every train image is a 2D 8-bit file (PNG, TIFF; not a NIfTI volume or slice) of one or
             three channels: photographs and ultrasound look like the images an ImageNet encoder learnt from.
             False in fingerprints from before it was measured.
+        dims: 3 when the cases are whole volumes (``manifest.json`` ``dims: 3``); the fields below are theirs.
+        shape_median: median volume size in voxels, per canonical (RAS+) axis; ``size_median`` holds its first two.
+        spacing_median: median voxel size (mm) per canonical axis; ``spacing_p10``/``spacing_p90``: percentiles.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -70,6 +73,11 @@ class Fingerprint(BaseModel):
     orientation: dict[str, float] = {}
     natural: bool = False
     slice_stacks: dict[str, float] = {}
+    dims: int = 2
+    shape_median: tuple[int, int, int] | None = None
+    spacing_median: tuple[float, float, float] | None = None
+    spacing_p10: tuple[float, float, float] | None = None
+    spacing_p90: tuple[float, float, float] | None = None
 
 
 def _diameter(area: float) -> float:
@@ -116,11 +124,14 @@ def compute(info: ManifestInfo, train: pd.DataFrame, source: str, sample: int = 
     """
     from tumorseg.data import CaseReader
 
+    volumes = info.dims == 3
     h = train["height"].to_numpy(dtype=np.int64)
     w = train["width"].to_numpy(dtype=np.int64)
     frac = train["tumour_fraction"].to_numpy(dtype=np.float64)
     has = train["has_tumour"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
-    area = frac * h * w
+    area = frac * h * w * (train["depth"].to_numpy(dtype=np.int64) if volumes else 1)
+    if volumes:  # whole volumes are large: a few give the intensity statistics
+        sample = min(sample, VOLUME_SAMPLE)
     tumour = area[has & (area > 0)]
     pick = np.sort(np.random.RandomState(seed).permutation(len(train))[: min(sample, len(train))])
     cases = CaseReader(info, source).read_all(train.iloc[pick])
@@ -150,12 +161,45 @@ def compute(info: ManifestInfo, train: pd.DataFrame, source: str, sample: int = 
         foreground_fraction=float(frac.mean()) if frac.size else 0.0,
         empty_share=float(1.0 - has.mean()) if has.size else 0.0,
         tumour_pixels=pix,
-        tumour_diameter={k: _diameter(v) for k, v in pix.items()},
+        tumour_diameter={k: (_sphere_diameter(v) if volumes else _diameter(v)) for k, v in pix.items()},
         sampled_images=len(cases),
-        orientation=orientation([c.image for c in cases]),
+        orientation={} if volumes else orientation([c.image for c in cases]),
         natural=natural(train),
-        slice_stacks=slice_stacks(info, train, source, seed),
+        slice_stacks={} if volumes else slice_stacks(info, train, source, seed),
+        **(volume_geometry(train) if volumes else {}),
     )
+
+
+VOLUME_SAMPLE = 12
+"""Volumes decoded for a 3D fingerprint's intensity statistics."""
+
+
+def _sphere_diameter(volume: float) -> float:
+    return float((6.0 * volume / math.pi) ** (1.0 / 3.0)) if volume > 0 else 0.0
+
+
+def volume_geometry(train: pd.DataFrame) -> dict[str, Any]:
+    """A 3D fingerprint's shape and spacing statistics, per canonical axis (the manifest's stored axes permuted)."""
+    from tumorseg.imageio.volume import canonical_axes
+
+    shapes, spacings = [], []
+    for h, w, d, sp, codes in train[["height", "width", "depth", "spacing", "orientation"]].itertuples(
+            index=False, name=None):
+        order = canonical_axes(str(codes))
+        stored_shape = (int(h), int(w), int(d))
+        stored_spacing = [float(v) for v in str(sp).split("x")]
+        shapes.append([stored_shape[order[a]] for a in range(3)])
+        spacings.append([stored_spacing[order[a]] for a in range(3)])
+    shape, spacing = np.asarray(shapes, dtype=np.float64), np.asarray(spacings, dtype=np.float64)
+
+    def per_axis(a: np.ndarray, q: float) -> tuple[float, float, float]:
+        v = np.percentile(a, q, axis=0)
+        return round(float(v[0]), 6), round(float(v[1]), 6), round(float(v[2]), 6)
+
+    med = np.median(shape, axis=0)
+    return {"dims": 3, "shape_median": (int(med[0]), int(med[1]), int(med[2])),
+            "spacing_median": per_axis(spacing, 50), "spacing_p10": per_axis(spacing, 10),
+            "spacing_p90": per_axis(spacing, 90)}
 
 
 def slice_stacks(info: ManifestInfo, train: pd.DataFrame, source: str, seed: int = 0,

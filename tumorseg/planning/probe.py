@@ -56,7 +56,7 @@ def device_label(device: torch.device) -> str:
     return f"cpu:{torch.get_num_threads()} threads"
 
 
-def _key(model: ModelConfig, loss: LossConfig, in_channels: int, size: tuple[int, int], batch: int,
+def _key(model: ModelConfig, loss: LossConfig, in_channels: int, size: tuple[int, ...], batch: int,
          device: torch.device, amp: bool) -> str:
     import torch
 
@@ -67,7 +67,7 @@ def _key(model: ModelConfig, loss: LossConfig, in_channels: int, size: tuple[int
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def measure(model: ModelConfig, loss: LossConfig, in_channels: int, size: tuple[int, int], batch: int,
+def measure(model: ModelConfig, loss: LossConfig, in_channels: int, size: tuple[int, ...], batch: int,
             device: torch.device, amp: bool = True, seconds: float = 2.0, use_cache: bool = True) -> Throughput:
     """Train and infer for about ``seconds`` each on random data of the run's shape; cached."""
     key = _key(model, loss, in_channels, size, batch, device, amp)
@@ -81,7 +81,7 @@ def measure(model: ModelConfig, loss: LossConfig, in_channels: int, size: tuple[
         if key in cache:
             return Throughput(**cache[key])
     result = _run(model, loss, in_channels, size, batch, device, amp, seconds)
-    log.info("probe %s %dx%d batch %d on %s: %.1f train img/s, %.1f infer img/s", model.name, size[0], size[1],
+    log.info("probe %s %s batch %d on %s: %.1f train img/s, %.1f infer img/s", model.name, "x".join(map(str, size)),
              batch, device_label(device), result.train_images_per_second, result.infer_images_per_second)
     if use_cache:
         cache[key] = asdict(result)
@@ -92,18 +92,18 @@ def measure(model: ModelConfig, loss: LossConfig, in_channels: int, size: tuple[
     return result
 
 
-def _run(model: ModelConfig, loss_cfg: LossConfig, in_channels: int, size: tuple[int, int], batch: int,
+def _run(model: ModelConfig, loss_cfg: LossConfig, in_channels: int, size: tuple[int, ...], batch: int,
          device: torch.device, amp: bool, seconds: float) -> Throughput:
     import torch
 
-    from tumorseg.model import build_loss, build_model, main_output
+    from tumorseg.model import build_loss, build_model, channels_last, main_output
 
     gen = torch.Generator().manual_seed(0)
-    net = build_model(model, in_channels).to(device)
-    net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # as train runs
+    net = build_model(model, in_channels, spatial_dims=len(size)).to(device)
+    net = channels_last(net)  # as train runs
     loss_fn = build_loss(loss_cfg)
     opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
-    x = torch.randn(batch, in_channels, *size, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    x = channels_last(torch.randn(batch, in_channels, *size, generator=gen).to(device))
     y = (torch.rand(batch, 1, *size, generator=gen) > 0.9).float().to(device)
     dtype = amp_dtype(device, amp)
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
@@ -141,7 +141,7 @@ def _run(model: ModelConfig, loss_cfg: LossConfig, in_channels: int, size: tuple
 
     def infer_step() -> None:
         with torch.inference_mode(), autocast:
-            main_output(net(x))
+            main_output(net(x), x.dim())
 
     infer_ips = timed(infer_step, seconds / 2)
     if device.type == "cuda":

@@ -15,7 +15,8 @@ import numpy as np
 
 from tumorseg.config import PredictConfig
 from tumorseg.errors import TumorsegError
-from tumorseg.imageio import image_format
+from tumorseg.imageio import DecodeError, image_format
+from tumorseg.imageio.volume import from_canonical, volume_of
 from tumorseg.labels import Classes
 
 if TYPE_CHECKING:
@@ -38,12 +39,13 @@ class Item:
 
 @dataclass
 class Loaded:
-    """A decoded input cut into the 2D planes the network sees."""
+    """A decoded input cut into the 2D planes the network sees (a 3D model's: the one canonical volume)."""
 
     item: Item
     planes: list[np.ndarray]
     decoded: Decoded
     volume_shape: tuple[int, ...] | None = None
+    canonical: bool = False  # planes[0] is the whole volume in RAS+ order (:mod:`tumorseg.imageio.volume`)
 
 
 def write_outputs(loaded: Loaded, probs: list[np.ndarray], masks: list[np.ndarray],
@@ -59,8 +61,14 @@ def write_outputs(loaded: Loaded, probs: list[np.ndarray], masks: list[np.ndarra
     item = loaded.item
     dec = loaded.decoded
     multi = classes is not None and classes.multiclass
+    if loaded.canonical:  # a 3D model's volume, back onto the file's own axes
+        assert dec.affine is not None
+        probs = [from_canonical(probs[0], dec.affine)]
+        masks = [from_canonical(masks[0], dec.affine)]
     planes = [np.moveaxis(p, 0, -1) for p in probs] if multi else probs  # (H, W, K): the class axis last
-    if dec.is_volume:
+    if loaded.canonical:
+        prob, mask = planes[0], masks[0]
+    elif dec.is_volume:
         prob = np.stack(planes, axis=cfg.slice_axis)
         mask = np.stack(masks, axis=cfg.slice_axis)
     else:
@@ -101,13 +109,21 @@ def write_tiff(path: Path, array: np.ndarray) -> None:
         tifffile.imwrite(tmp, array, photometric="minisblack")
 
 
-def load_item(item: Item, slice_axis: int) -> Loaded:
-    """Decode one input into ``float32 (C, H, W)`` planes (one per slice for a volume)."""
+def load_item(item: Item, slice_axis: int, volumes: bool = False) -> Loaded:
+    """Decode one input into ``float32 (C, H, W)`` planes (one per slice for a volume).
+
+    ``volumes`` (a 3D model): the input must be a volume, given whole in canonical order (:func:`volume_of`).
+    """
     from tumorseg.imageio import decode, read_bytes, slice_of
     from tumorseg.imageio.nifti import nifti_shape
 
     decoded = decode(read_bytes(item.path), item.path, "image")
-    if decoded.is_volume:
+    if volumes:
+        if not decoded.is_volume:
+            raise DecodeError(f"{item.path}: a 2D image given to a 3D model (trained on volumes); predict volumes "
+                              "with it, or 2D images with a 2D model")
+        planes = [volume_of(decoded, str(item.path))]
+    elif decoded.is_volume:
         n = decoded.array.shape[slice_axis]
         planes = [slice_of(decoded, i, slice_axis).astype(np.float32) for i in range(n)]
     else:
@@ -115,7 +131,7 @@ def load_item(item: Item, slice_axis: int) -> Loaded:
     # a NIfTI mask keeps its input's header shape (trailing 1s included); other grids their decoded shape
     shape = (nifti_shape(item.path) if image_format(item.path) == "nifti"
              else tuple(decoded.array.shape) if decoded.is_grid else None)
-    return Loaded(item, planes, decoded, shape)
+    return Loaded(item, planes, decoded, shape, canonical=volumes)
 
 
 def file_stacks(items: list[Item]) -> list[list[int]]:
@@ -124,7 +140,7 @@ def file_stacks(items: list[Item]) -> list[list[int]]:
     As :func:`tumorseg.context.path_stacks` finds them: same folder, consecutive trailing slice numbers.
     """
     from tumorseg.context import path_stacks
-    from tumorseg.imageio import DecodeError, volume_shape
+    from tumorseg.imageio import volume_shape
 
     def flat(it: Item) -> bool:
         try:

@@ -286,7 +286,9 @@ def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: Pred
     from tumorseg.streaming import batched, prefetch
 
     workers = min(4, os.cpu_count() or 1)
-    loaded_iter = prefetch(lambda it: load_item(it, cfg.slice_axis), items, workers, ahead=max(2, workers * 2))
+    volumes = seg.config.spatial_dims == 3
+    loaded_iter = prefetch(lambda it: load_item(it, cfg.slice_axis, volumes), items, workers,
+                           ahead=2 if volumes else max(2, workers * 2))
     partial: dict[int, list[np.ndarray | None]] = {}
     outside: dict[int, Path] = {}
     rows: list[dict[str, Any]] = []
@@ -303,7 +305,8 @@ def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: Pred
             it = loaded.item
             rows.append({"input": str(it.path), "mask": str(it.mask_out),
                          "probabilities": str(it.prob_out or ""), "height": int(loaded.planes[0].shape[1]),
-                         "width": int(loaded.planes[0].shape[2]), "slices": len(loaded.planes),
+                         "width": int(loaded.planes[0].shape[2]),
+                         "slices": int(loaded.planes[0].shape[3]) if loaded.canonical else len(loaded.planes),
                          "tumour_pixels": fut.result(), "intensity_outside_training": it.index in outside})
 
     def write(group: list[tuple[int, tuple[Loaded, list[np.ndarray]]]]) -> None:
@@ -317,8 +320,8 @@ def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: Pred
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="tumorseg-write") as writer:
         neighbours = file_neighbours(items, seg.context, cfg.slice_axis) if seg.context else None
-        for batch in track(batched(_planes(loaded_iter, seg, outside, neighbours), cfg.batch_size), None,
-                           "predict"):
+        bs = 1 if volumes else cfg.batch_size  # a volume is a batch of its own
+        for batch in track(batched(_planes(loaded_iter, seg, outside, neighbours), bs), None, "predict"):
             probs = seg.predict_proba([plane for _, _, plane in batch], tta=cfg.tta)
             for (loaded, i, _), prob in zip(batch, probs, strict=True):
                 buf = partial.setdefault(loaded.item.index, [None] * len(loaded.planes))

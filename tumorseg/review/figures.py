@@ -161,8 +161,35 @@ def overlay_grid(
         ncols: panels per row.
         classes: class names (background first) when ``gt`` and ``pred`` are class-index maps: each
             class is drawn in its own colour (truth solid, prediction dashed) with a legend.
+
+    A volume (``image (C, X, Y, Z)``, masks ``(X, Y, Z)`` in canonical RAS+ order) gets a row of its three
+    orthogonal planes through the tumour's centre (:func:`orthogonal_planes`).
     """
+    if any(np.asarray(it[1]).ndim == 3 for it in items):
+        items = [plane for it in items for plane in orthogonal_planes(*it)]
+        ncols = 3
     _save(_grid_figure(items, ncols, classes), Path(path))
+
+
+def orthogonal_planes(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, title: str
+                      ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, str]]:
+    """The axial, coronal and sagittal planes of a canonical (RAS+) volume through its tumour's centre.
+
+    The centre is the truth's centroid, else the prediction's, else the volume's; each plane is turned so
+    that superior (or anterior, in the axial plane) is up.
+    """
+    fg = np.argwhere(gt > 0) if np.any(gt) else np.argwhere(pred > 0)
+    centre = fg.mean(axis=0).round().astype(int) if len(fg) else np.asarray(gt.shape) // 2
+    out = []
+    for axis, name in ((2, "axial"), (1, "coronal"), (0, "sagittal")):
+        k = int(centre[axis])
+
+        def cut(a: np.ndarray, lead: int = 0, axis: int = axis, k: int = k) -> np.ndarray:
+            return np.rot90(np.take(a, k, axis=axis + lead), axes=(lead, lead + 1))
+
+        out.append((np.ascontiguousarray(cut(image, 1)), np.ascontiguousarray(cut(gt)),
+                    np.ascontiguousarray(cut(pred)), f"{title} · {name} {'xyz'[axis]}={k}"))
+    return out
 
 
 def learning_curve(history: list[dict[str, float]], path: Path) -> None:

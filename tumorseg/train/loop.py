@@ -194,7 +194,7 @@ def train_one_epoch(
     import torch
 
     from tumorseg.augment import augment_batch, crop_batch
-    from tumorseg.model import encoder_parameters
+    from tumorseg.model import channels_last, encoder_parameters
     from tumorseg.streaming import prefetch
     from tumorseg.train.runtime import steps_per_step
 
@@ -228,7 +228,7 @@ def train_one_epoch(
             x, y = crop_batch(x, y, cfg.patch_size, cfg.oversample_foreground, gen)
         x, y = augment_batch(x, y, cfg.augment, gen)
         if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = channels_last(x)
         loss = train_step(ctx.net, x, y, ctx.loss_fn, ctx.opt, ctx.scaler, device, dtype,
                           encoder if state.global_step < n_frozen else None)
         if not torch.isfinite(loss):

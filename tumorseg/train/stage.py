@@ -22,7 +22,7 @@ from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from tumorseg.inference import amp_dtype, resolve_device
 from tumorseg.manifest import ManifestInfo, load_manifest, require_same_labels, select_split
-from tumorseg.model import build_loss, build_model, init_output_bias
+from tumorseg.model import build_loss, build_model, channels_last, init_output_bias
 from tumorseg.train import postprocess
 from tumorseg.train.inputs import class_priors, foreground_fraction, warn_mixed_ranges
 from tumorseg.train.inputs import load as load_inputs
@@ -139,7 +139,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
     units, val_unit, unit_reason = (val_units(cfg, val_df, val_data.case_ids) if val_data is not None
                                     else (None, "case", "no val split"))
 
-    net = build_model(cfg.model, in_channels, classes.out_channels, load_weights=ckpt is None)
+    net = build_model(cfg.model, in_channels, classes.out_channels, load_weights=ckpt is None,
+                      spatial_dims=cfg.spatial_dims)
     if ckpt is None:
         if classes.multiclass:
             init_output_bias(net, classes.channel_priors(class_priors(train_df, classes)), classes.softmax)
@@ -147,7 +148,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
             init_output_bias(net, foreground_fraction(train_data, dist, device))
     net = net.to(device)
     if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        net = channels_last(net)
     loss_fn = (build_loss(cfg.loss, multiclass=True, regions=classes.region_indices or None) if classes.multiclass
                else build_loss(cfg.loss))
     opt = build_optimizer(cfg, net.parameters())

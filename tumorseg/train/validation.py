@@ -38,6 +38,7 @@ def val_probabilities(net: torch.nn.Module, data: Split, cfg: TrainConfig, devic
     import torch
 
     from tumorseg.inference import logits_to_original, network_logits
+    from tumorseg.model import channels_last
     from tumorseg.streaming import prefetch
 
     net.eval()
@@ -50,11 +51,11 @@ def val_probabilities(net: torch.nn.Module, data: Split, cfg: TrainConfig, devic
         with torch.inference_mode(), autocast:
             x, _ = data.to_device(batch, device)
             if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+                x = channels_last(x)
             logits = network_logits(net, x, cfg.patch_size, tta, cfg.augment.flip_dims)
         for j in range(logits.shape[0]):
             gt = data.original_mask(start + j)
-            yield logits_to_original(logits[j], (int(gt.shape[0]), int(gt.shape[1])), softmax).cpu().numpy()
+            yield logits_to_original(logits[j], tuple(int(s) for s in gt.shape), softmax).cpu().numpy()
 
 
 def class_means(sums: np.ndarray, classes: Classes) -> tuple[float, dict[str, float]]:

@@ -1,0 +1,266 @@
+"""Planning rules for volumes as cases (3D): nnU-Net's ``ExperimentPlanner``, fitted to a time budget.
+
+Used when the manifest's cases are whole volumes (``manifest.json`` ``dims: 3``); :mod:`.rules` plans 2D.
+Every choice and its reason goes into ``plan.json``, as there.
+
+V1. **2D or 3D.** Volumes train a 3D network: it sees the anatomy across slices (nnU-Net's 3D full-resolution
+    U-Net is its usual winner). Only where the volumes are too thin for it (fewer than ``MIN_SLICES_3D`` voxels
+    along an axis at the target spacing, e.g. a handful of thick slices) does the plan refuse 3D and say to
+    ingest with ``--slice-axis`` for a 2D model (:func:`dims_rule`).
+V2. **Target spacing.** The median voxel size per axis; where the data are anisotropic (the coarsest median
+    spacing over ``ANISOTROPY`` times the finest), the coarse axis takes the 10th percentile of its spacings
+    instead (nnU-Net), so the volumes with thin slices keep them (:func:`target_spacing`).
+V3. **Grid and budget.** The median volume at the target spacing, unless the budget cannot buy the wanted
+    samples (``TARGET_EPOCHS_3D`` passes over the train volumes, within ``MIN_SAMPLES_3D..MAX_SAMPLES_3D``):
+    then a coarser grid, the finest axes coarsened first (nnU-Net's low-resolution stage), never below the
+    tumour floor (the median tumour ``MIN_TUMOUR_DIAMETER_3D`` voxels across, the 5th percentile
+    ``MIN_SMALL_TUMOUR_DIAMETER_3D``). Every volume is resampled to that grid, as a 2D image to its size, and
+    the predictions back onto each volume's own grid.
+V4. **Network.** MONAI ``UNet`` 16..256 channels with instance norm and per-axis strides: at each level an
+    axis is halved while its spacing is at most twice the finest and its size stays at least ``MIN_FEATURE``
+    voxels (nnU-Net's ``get_pool_and_conv_props``), at most ``MAX_DOWNSAMPLINGS`` levels. nnU-Net's own
+    DynUNet trains 6x slower per volume on a 2-core CPU (benchmarks/RESULTS.md), so it is not the CPU default.
+V5. **Patches.** Where the grid holds more voxels than fit (``MAX_PATCH_VOXELS_CPU`` on a CPU; 40% of the free
+    GPU memory at the measured memory per volume), random patches, a third centred on tumour, and
+    sliding-window inference with Gaussian blending.
+V6. **Batch, steps, loss.** Batch 2 (nnU-Net's 3D batch); steps from the measured throughput; Dice + CE.
+V7. **Intensities.** CT-like data (stored values reaching -500 and below: Hounsfield units) keep their
+    physical scale (the training split's mean/std); other modalities (MRI) a z-score per volume (nnU-Net).
+V8. **Mirroring.** Along all three axes (nnU-Net): the canonical orientation makes them comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from tumorseg.config import LossConfig, ModelConfig
+from tumorseg.errors import TumorsegError
+from tumorseg.planning.fingerprint import Fingerprint
+from tumorseg.planning.probe import Throughput
+from tumorseg.planning.rules import FINISH_SECONDS, MAX_DOWNSAMPLINGS, MIN_FEATURE, patience
+
+Probe = Callable[[ModelConfig, tuple[int, ...], int], Throughput]
+
+ANISOTROPY = 3.0
+"""nnU-Net's anisotropy threshold: the coarsest median spacing over this many times the finest."""
+MIN_SLICES_3D = 8
+"""V1: fewer voxels than this along an axis at the target spacing is too thin for a 3D network."""
+TARGET_EPOCHS_3D = 100
+MIN_SAMPLES_3D = 2_000
+MAX_SAMPLES_3D = 50_000
+MIN_TUMOUR_DIAMETER_3D = 24.0
+MIN_SMALL_TUMOUR_DIAMETER_3D = 8.0
+MAX_PATCH_VOXELS_CPU = 128 * 128 * 128
+BATCH_3D = 2
+SIZE_STEP_3D = 8
+CHANNELS_3D = [16, 32, 64, 128, 256]
+
+
+def target_spacing(fp: Fingerprint) -> tuple[tuple[float, float, float], str]:
+    """V2: the spacing every volume is resampled to (before the budget's coarsening), with its reason."""
+    assert fp.spacing_median is not None and fp.spacing_p10 is not None
+    med = list(fp.spacing_median)
+    coarse = max(range(3), key=lambda a: med[a])
+    if med[coarse] > ANISOTROPY * min(med):
+        med[coarse] = float(fp.spacing_p10[coarse])
+        why = (f"anisotropic ({fp.spacing_median[coarse]:g} mm against {min(fp.spacing_median):g} mm): the median "
+               f"spacing, the coarse axis {coarse} at its 10th percentile {med[coarse]:g} mm (nnU-Net)")
+    else:
+        why = "the median voxel size per axis (nnU-Net)"
+    return (med[0], med[1], med[2]), why
+
+
+def coarsened(target: tuple[float, ...], factor: float) -> tuple[float, float, float]:
+    """V3: the target spacing coarsened by ``factor``, the finest axes first (up to the coarsest, then all)."""
+    finest = min(target)
+    out = [max(t, finest * factor) for t in target]
+    return out[0], out[1], out[2]
+
+
+def grid(fp: Fingerprint, spacing: tuple[float, ...]) -> tuple[int, int, int]:
+    """The median volume's size at ``spacing``, rounded to :data:`SIZE_STEP_3D` (made divisible by the strides)."""
+    assert fp.shape_median is not None and fp.spacing_median is not None
+    out = [max(SIZE_STEP_3D, int(round(n * s / t / SIZE_STEP_3D)) * SIZE_STEP_3D)
+           for n, s, t in zip(fp.shape_median, fp.spacing_median, spacing, strict=True)]
+    return out[0], out[1], out[2]
+
+
+def strides_for(size: tuple[int, ...], spacing: tuple[float, ...]) -> list[list[int]]:
+    """V4: per-level, per-axis strides (nnU-Net's pooling rule); at least two levels."""
+    cur_size, cur_spacing = list(size), list(spacing)
+    levels: list[list[int]] = []
+    while len(levels) < MAX_DOWNSAMPLINGS:
+        finest = min(cur_spacing)
+        step = [2 if cur_spacing[a] <= 2 * finest and cur_size[a] // 2 >= MIN_FEATURE and cur_size[a] % 2 == 0
+                else 1 for a in range(3)]
+        if not any(s == 2 for s in step):
+            break
+        levels.append(step)
+        cur_size = [n // s for n, s in zip(cur_size, step, strict=True)]
+        cur_spacing = [sp * s for sp, s in zip(cur_spacing, step, strict=True)]
+    while len(levels) < 2:
+        levels.append([1, 1, 1])
+    return levels
+
+
+def network(size: tuple[int, ...], spacing: tuple[float, ...]) -> ModelConfig:
+    """V4: the 3D U-Net for a grid of ``size`` at ``spacing``."""
+    strides = strides_for(size, spacing)
+    channels = CHANNELS_3D[: len(strides) + 1]
+    return ModelConfig(name="unet", channels=channels, strides=[list(s) for s in strides], norm="instance")
+
+
+def fit_to_strides(size: tuple[int, ...], strides: list[list[int]]) -> tuple[int, int, int]:
+    """``size`` rounded up on each axis to a multiple of its total downsampling."""
+    out = []
+    for axis, n in enumerate(size):
+        f = math.prod(s[axis] for s in strides)
+        out.append(max(f, -(-n // f) * f))
+    return out[0], out[1], out[2]
+
+
+def dims_rule(fp: Fingerprint) -> tuple[int, str]:
+    """V1: ``(3 | 2, reason)``."""
+    spacing, _ = target_spacing(fp)
+    assert fp.shape_median is not None and fp.spacing_median is not None
+    native = [n * s / t for n, s, t in zip(fp.shape_median, fp.spacing_median, spacing, strict=True)]
+    thin = min(range(3), key=lambda a: native[a])
+    size = "x".join(str(n) for n in fp.shape_median)
+    sp = "x".join(f"{s:g}" for s in fp.spacing_median)
+    if native[thin] < MIN_SLICES_3D:
+        return 2, (f"2D: the median volume ({size} voxels of {sp} mm) has {native[thin]:.0f} voxels along axis {thin} "
+                   f"at the target spacing, too few for a 3D network (under {MIN_SLICES_3D}); ingest with "
+                   f"--slice-axis {thin} and train a 2D model on its slices")
+    return 3, (f"3D: the cases are volumes (median {size} voxels of {sp} mm); a 3D U-Net sees the anatomy across "
+               "slices, nnU-Net's usual winner on volumes")
+
+
+def floor_factor(fp: Fingerprint) -> float:
+    """V3: the largest coarsening that keeps the tumours visible (1.0: none)."""
+    d = fp.tumour_diameter
+    room = [d["median"] / MIN_TUMOUR_DIAMETER_3D if d["median"] else math.inf,
+            d["p5"] / MIN_SMALL_TUMOUR_DIAMETER_3D if d["p5"] else math.inf]
+    return max(1.0, min(room)) if all(math.isfinite(r) for r in room) else 1.0
+
+
+def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type: str,
+           free_memory: float = 0.0) -> dict[str, Any]:
+    """Apply V1-V8; returns the training settings, the estimates and the reasons (as :func:`.rules.choose`).
+
+    Raises:
+        TumorsegError: the volumes are too thin for 3D (V1), with the fix.
+    """
+    dims, why_dims = dims_rule(fp)
+    if dims == 2:
+        raise TumorsegError(f"{fp.manifest_name}: {why_dims}")
+    reasons: dict[str, str] = {"dims": why_dims}
+    target, reasons["target_spacing"] = target_spacing(fp)
+    want = int(min(MAX_SAMPLES_3D, max(MIN_SAMPLES_3D, TARGET_EPOCHS_3D * fp.n_train)))
+    top = floor_factor(fp)
+    batch = BATCH_3D
+
+    def settle(factor: float) -> tuple[tuple[float, float, float], tuple[int, int, int], ModelConfig]:
+        spacing = coarsened(target, factor)
+        size = grid(fp, spacing)
+        model = network(size, spacing)
+        return spacing, fit_to_strides(size, [list(s) for s in model.strides or []]), model  # type: ignore[misc]
+
+    def cap(thr: Throughput, size: tuple[int, ...]) -> float:
+        if device_type == "cuda" and thr.bytes_per_image > 0 and free_memory > 0:
+            return 0.4 * free_memory / (batch * thr.bytes_per_image) * math.prod(size)
+        return float(MAX_PATCH_VOXELS_CPU)
+
+    def buys(thr: Throughput, train_voxels: float, grid_voxels: float, probed_voxels: float) -> float:
+        train_vps = thr.train_images_per_second * probed_voxels / train_voxels
+        infer_vps = thr.infer_images_per_second * probed_voxels / grid_voxels
+        finish = FINISH_SECONDS + 5.0 * n_val / infer_vps
+        per_epoch = fp.n_train / train_vps + n_val / infer_vps
+        return max(0.0, budget - finish) / per_epoch * fp.n_train
+
+    factor, chosen = 1.0, settle(1.0)
+    while True:  # V3: the finest grid (coarsened by 1.15x steps) whose throughput buys the samples
+        spacing, size, model = chosen
+        probe_size = _fit_patch(size, model, cap(Throughput(1.0, 1.0), size))
+        thr = probe(model, probe_size, batch)
+        patch = _fit_patch(size, model, cap(thr, probe_size))
+        got = buys(thr, math.prod(patch), math.prod(size), math.prod(probe_size))
+        if got >= want or factor * 1.15 > top:
+            break
+        factor *= 1.15
+        chosen = settle(factor)
+    spacing, size, model = chosen
+    sp = "x".join(f"{s:.3g}" for s in spacing)
+    if got < want:
+        reasons["image_size"] = (f"the tumour floor: {sp} mm keeps the median tumour at "
+                                 f"{fp.tumour_diameter['median'] / factor:.0f} voxels across; the budget buys "
+                                 f"{got:.0f} of the {want} wanted volumes")
+    elif factor == 1.0:
+        reasons["image_size"] = f"the median volume at the target spacing ({sp} mm) fits the budget"
+    else:
+        reasons["image_size"] = (f"coarsened {factor:.2f}x to {sp} mm (the finest axes first): the finest grid whose "
+                                 f"measured throughput buys {want} training volumes in the budget")
+    patch_size = patch if tuple(patch) != tuple(size) else None
+    if patch_size is not None:
+        reasons["patch_size"] = (f"{'x'.join(map(str, size))} volumes hold more voxels than fit: random "
+                                 f"{'x'.join(map(str, patch_size))} patches, a third centred on tumour, "
+                                 "sliding-window inference (Gaussian blending)")
+    infer_vps = thr.infer_images_per_second * math.prod(probe_size) / math.prod(size)
+    train_ips = thr.train_images_per_second * math.prod(probe_size) / math.prod(patch)
+    finish = FINISH_SECONDS + 5.0 * n_val / infer_vps
+    epochs = max(1.0, (budget - finish) / (fp.n_train / train_ips + n_val / infer_vps))
+    steps = max(1, int(0.92 * epochs * fp.n_train / batch))
+    planned_epochs = max(1, math.ceil(steps / max(1, fp.n_train // batch)))
+    reasons["steps"] = (f"{train_ips:.2f} train volumes/s measured at {'x'.join(map(str, patch))}, batch {batch}: "
+                        f"{steps} steps ({planned_epochs} epochs) fit the budget after validation "
+                        f"({n_val / infer_vps:.1f} s/epoch) and the post-processing search ({finish:.0f} s)")
+    strides = model.strides or []
+    reasons["network"] = (f"MONAI UNet {model.channels[0]}..{model.channels[-1]}, instance norm, strides "
+                          f"{strides} (an axis is halved while its spacing is at most twice the finest; nnU-Net)")
+    ct = bool(fp.intensity) and min(s["p0_5"] for s in fp.intensity) <= -500
+    normalize = "dataset" if ct else "image"
+    reasons["normalize"] = ("CT-like values (down to -500 and below): the training split's mean/std in stored units"
+                            if ct else "a z-score per volume (MRI and other non-CT modalities; nnU-Net)")
+    reasons["loss"] = "Dice + cross-entropy (nnU-Net)"
+    reasons["postprocess"] = "threshold and 3D component filtering chosen on val, kept only if val Dice rises"
+    reasons["flip_axes"] = "all three axes of the canonical (RAS+) orientation (nnU-Net mirrors every axis)"
+    in_channels = 1 if fp.grey_as_rgb else fp.channels
+    train = {
+        "image_size": list(size),
+        "patch_size": list(patch_size) if patch_size else None,
+        "oversample_foreground": 0.33,
+        "batch_size": batch,
+        "max_steps": steps,
+        "epochs": planned_epochs,
+        "early_stopping_patience": patience(planned_epochs),
+        "normalize": normalize,
+        "model": {**model.model_dump(mode="json"), "in_channels": in_channels},
+        "loss": LossConfig(name="dice_ce", batch=False).model_dump(mode="json"),
+        "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "poly",
+                  "warmup_steps": min(200, steps // 20)},
+        "augment": {"flip": True, "flip_axes": ["vertical", "horizontal", "depth"], "rotate90": False,
+                    "affine": True, "intensity": True, "prob": 0.5},
+        "tta": False,
+        "postprocess": "auto",
+        "slice_context": 0,
+    }
+    estimates = {"steps": steps, "epochs": planned_epochs, "samples_target": want, "floor_scale": round(1 / top, 4),
+                 "scale": round(1 / factor, 4), "target_spacing": [round(s, 4) for s in target],
+                 "spacing": [round(s, 4) for s in spacing], "val_seconds_per_epoch": round(n_val / infer_vps, 2),
+                 "finish_seconds": round(finish, 1), "train_images_per_second": round(train_ips, 3),
+                 "infer_images_per_second": round(infer_vps, 3)}
+    return {"train": train, "estimates": estimates, "reasons": reasons}
+
+
+def _fit_patch(size: tuple[int, ...], model: ModelConfig, max_voxels: float) -> tuple[int, int, int]:
+    """The grid itself when it fits ``max_voxels``, else the largest patch of the same proportions that does."""
+    strides = [list(s) for s in model.strides or []]  # type: ignore[arg-type]
+    if math.prod(size) <= max_voxels:
+        return size[0], size[1], size[2]
+    shrink = (max_voxels / math.prod(size)) ** (1 / 3)
+    out = []
+    for axis, n in enumerate(size):
+        f = math.prod(s[axis] for s in strides)
+        out.append(min(n, max(f, int(n * shrink) // f * f)))
+    return out[0], out[1], out[2]
