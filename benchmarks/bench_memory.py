@@ -125,7 +125,7 @@ def memory_table(args: argparse.Namespace, work: Path) -> None:
         man_root = work / "dm"
         ing = stage("ingest", {"cfg": {"images_dir": str(data / "images"), "masks_dir": str(data / "masks"),
                                        "name": f"m{n}", "out_dir": str(man_root), "workers": 2,
-                                       "tracking": {"uri": uri}}})
+                                       "slice_axis": 2, "tracking": {"uri": uri}}})
         manifest = man_root / f"m{n}"
         for cache in args.modes:
             tr = stage("train", {"sets": train_sets(manifest, work / "runs", uri, args.steps, cache, f"{cache}{n}")})
@@ -154,7 +154,8 @@ def throughput(args: argparse.Namespace, work: Path) -> None:
     write_volumes(data, n, args.slices)
     uri = f"sqlite:///{work}/tp.db"
     stage("ingest", {"cfg": {"images_dir": str(data / "images"), "masks_dir": str(data / "masks"), "name": "tp",
-                             "out_dir": str(work / "dm"), "workers": 2, "tracking": {"uri": uri}}})
+                             "out_dir": str(work / "dm"), "workers": 2, "slice_axis": 2,
+                             "tracking": {"uri": uri}}})
     manifest = work / "dm" / "tp"
     best: dict[str, float] = {"ram": 0.0, "disk": 0.0}
     for r in range(args.repeat):

@@ -12,8 +12,12 @@ from tumorseg.config import IngestConfig, TrackingConfig
 from tumorseg.errors import TumorsegError
 
 
-def ingest_synth(images: Path, masks: Path, out_dir: Path, name: str, tracking: TrackingConfig | None = None) -> Path:
-    """Ingest by patient, retrying with the seed ingest suggests when a split lacks tumour cases."""
+def ingest_synth(images: Path, masks: Path, out_dir: Path, name: str, tracking: TrackingConfig | None = None,
+                 slice_axis: int | None = None) -> Path:
+    """Ingest by patient, retrying with the seed ingest suggests when a split lacks tumour cases.
+
+    ``slice_axis``: cut volumes into slices along it (slice mode); default: each volume one case.
+    """
     from tumorseg import ingest
 
     seed = 3
@@ -21,7 +25,7 @@ def ingest_synth(images: Path, masks: Path, out_dir: Path, name: str, tracking: 
         try:
             res = ingest.run(IngestConfig(images_dir=images, masks_dir=masks, name=name, out_dir=out_dir,
                                           group_pattern=r"(patient_\d+)", seed=seed, workers=1,
-                                          tracking=tracking or TrackingConfig()))
+                                          tracking=tracking or TrackingConfig(), slice_axis=slice_axis))
             return res.manifest_dir
         except TumorsegError as exc:
             m = re.search(r"pass --seed (\d+)", str(exc))

@@ -150,7 +150,7 @@ def stack_run(tmp_path_factory: pytest.TempPathFactory, mlflow_uri: str) -> dict
         nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp / "lab" / f"v{v}.nii.gz"))
     tracking = TrackingConfig(uri=mlflow_uri)
     res = ingest.run(IngestConfig(images_dir=tmp / "img", masks_dir=tmp / "lab", name="stack", out_dir=tmp / "dm",
-                                  fractions=(0.5, 0.25, 0.25), seed=1, workers=1, tracking=tracking))
+                                  fractions=(0.5, 0.25, 0.25), seed=1, workers=1, tracking=tracking, slice_axis=2))
     cfg = TrainConfig.model_validate({
         "manifest": str(res.manifest_dir), "out": str(tmp / "runs"), "run_name": "ctx", "plan": "off",
         "epochs": 2, "batch_size": 4, "image_size": [32, 32], "model": {"channels": [8, 16, 32], "num_res_units": 1},

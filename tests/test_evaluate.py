@@ -489,7 +489,7 @@ def test_nifti_volume_manifest_is_scored_per_slice(world: dict[str, Any], monkey
             mask[5 + p : 20, 10:30 + p, 1:] = 1
         nib.save(nib.Nifti1Image(vol + 200 * mask, np.eye(4)), str(data / f"patient_{p:03d}.nii.gz"))
         nib.save(nib.Nifti1Image(mask, np.eye(4)), str(data / f"patient_{p:03d}_mask.nii.gz"))
-    man = ingest_synth(data, data, tmp_path / "man", "vols", world["tracking"])
+    man = ingest_synth(data, data, tmp_path / "man", "vols", world["tracking"], slice_axis=2)
     info, df = load_manifest(man)
     truth = {}
     for r in df.to_dict("records"):
@@ -532,7 +532,7 @@ def test_nifti_surface_distances_use_the_voxel_spacing(world: dict[str, Any], mo
         vol = (rng.random((32, 32, 2)) * 50).astype(np.float32) + 200 * mask
         nib.save(nib.Nifti1Image(vol, affine), str(data / f"patient_{p:03d}.nii.gz"))
         nib.save(nib.Nifti1Image(mask, affine), str(data / f"patient_{p:03d}_mask.nii.gz"))
-    man = ingest_synth(data, data, tmp_path / "man", "aniso", world["tracking"])
+    man = ingest_synth(data, data, tmp_path / "man", "aniso", world["tracking"], slice_axis=2)
     info, df = load_manifest(man)
     truth = {}
     for r in df.to_dict("records"):
@@ -694,7 +694,7 @@ def test_a_mask_changed_between_two_runs_in_one_process_is_read_fresh(world: dic
     # the model predicts the original square on every slice
     square = np.zeros((32, 32), np.uint8)
     square[4:12, 4:12] = 1
-    man = ingest_synth(data, data, tmp_path / "man", "fresh", world["tracking"])
+    man = ingest_synth(data, data, tmp_path / "man", "fresh", world["tracking"], slice_axis=2)
     info, df = load_manifest(man)
     truth = {load_image(image_path(info, r), int(r["slice_index"])).tobytes(): square for r in df.to_dict("records")}
     monkeypatch.setattr("tumorseg.modelref.resolve_model", lambda ref, tracking, device: (
@@ -707,7 +707,7 @@ def test_a_mask_changed_between_two_runs_in_one_process_is_read_fresh(world: dic
         mask = np.zeros((32, 32, 2), np.uint8)
         mask[4:8, 4:12, :] = 1
         nib.save(nib.Nifti1Image(mask, np.eye(4)), str(data / f"patient_{p:03d}_mask.nii.gz"))
-    man = ingest_synth(data, data, tmp_path / "man", "fresh", world["tracking"])
+    man = ingest_synth(data, data, tmp_path / "man", "fresh", world["tracking"], slice_axis=2)
     second = evaluate.run(evaluate_cfg(world, "oracle", tmp_path / "ev2", manifest=man))
     pc = pd.read_csv(second.out_dir / "per_case.csv")
     assert (pc["gt_pixels"] == 32).all() and (pc["tp"] == 32).all() and (pc["fp"] == 32).all()

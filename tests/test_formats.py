@@ -386,7 +386,7 @@ def test_dicom_series_with_a_nifti_label_ingests_as_one_volume(tmp_path: Path) -
     grid = decode_file(tmp_path / "images" / "case0").affine  # the label lies on its series' grid
     for c in range(4):
         nib.save(nib.Nifti1Image(label, grid), str(tmp_path / "labels" / f"case{c}.nii.gz"))
-    res = ingest(tmp_path, tmp_path / "images", tmp_path / "labels", seed=4)
+    res = ingest(tmp_path, tmp_path / "images", tmp_path / "labels", seed=4, slice_axis=2)
     assert res.n_rejected == 0 and res.n_cases == 4 * 5
     rows = rows_of(res)
     assert {r["image"] for r in rows} == {f"images/case{c}" for c in range(4)}
@@ -597,7 +597,7 @@ def test_volume_checks_are_rejected_rows_naming_both_files(tmp_path: Path) -> No
     shifted = affine.copy()
     shifted[:3, 3] = [0.0, 5.0, 0.0]
     nib.save(nib.Nifti1Image(label, shifted), str(lab_dir / "c3.nii.gz"))  # c3's label: moved 5 mm
-    res = ingest(tmp_path, img_dir, lab_dir, seed=0, fractions=(0.34, 0.33, 0.33))
+    res = ingest(tmp_path, img_dir, lab_dir, seed=0, fractions=(0.34, 0.33, 0.33), slice_axis=2)
     rej = rejected_of(res)
     assert rej["labelsTr/c5.nii.gz"] == ("on another grid than its image c5.nii.gz (voxel size (0.7, 0.7, 3) mm vs "
                                          "(0.7, 0.7, 2.5) mm); resample the mask onto the image's grid")

@@ -295,11 +295,11 @@ def _volume_pair(data: Path, stem: str, seed: int, shape: tuple[int, int, int], 
     return mask
 
 
-def test_nifti_volume_becomes_one_case_per_slice(tmp_path: Path) -> None:
+def test_nifti_volume_becomes_one_case_per_slice_with_slice_axis(tmp_path: Path) -> None:
     data = tmp_path / "data"
     _volume_pair(data, "vol1", 1, (8, 6, 5), [1, 3])
     _volume_pair(data, "vol2", 2, (8, 6, 3), [0], ext=".nii")
-    res = ingest(data, out=tmp_path / "out")
+    res = ingest(data, out=tmp_path / "out", slice_axis=2)
     assert res.n_rejected == 0
     rows = by_id(res)
     assert sorted(rows) == [f"vol1#z{k:03d}" for k in range(5)] + [f"vol2#z{k:03d}" for k in range(3)]
@@ -358,7 +358,7 @@ def test_case_id_clash_between_slice_and_2d_file_is_rejected(tmp_path: Path) -> 
     png(data / "v#z001.png", image(2)[:8, :6])  # a 2D file named like a slice of v
     png(data / "v#z001_mask.png", box(0, 2, 0, 2)[:8, :6])
     pair(data, "other", 3)
-    res = ingest(data, out=tmp_path / "out", fractions=(1.0, 0.0, 0.0))
+    res = ingest(data, out=tmp_path / "out", fractions=(1.0, 0.0, 0.0), slice_axis=2)
     assert sorted(by_id(res)) == ["other"]
     rej = rejected_of(res)
     assert rej["v.nii.gz"] == "case id 'v#z001' is also made by v#z001.png; rename one of them"

@@ -112,7 +112,8 @@ def test_a_slice_stack_run_selects_by_patient(tmp_path: Path, mlflow_uri: str) -
         nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / "img" / f"v{v}.nii.gz"))
         nib.save(nib.Nifti1Image(lab, np.eye(4)), str(tmp_path / "lab" / f"v{v}.nii.gz"))
     res = ingest.run(IngestConfig(images_dir=tmp_path / "img", masks_dir=tmp_path / "lab", name="stack",
-                                  out_dir=tmp_path / "dm", fractions=(0.5, 0.25, 0.25), seed=1, workers=1))
+                                  out_dir=tmp_path / "dm", fractions=(0.5, 0.25, 0.25), seed=1, workers=1,
+                                  slice_axis=2))
     cfg = TrainConfig.model_validate({
         "manifest": str(res.manifest_dir), "out": str(tmp_path / "runs"), "run_name": "stack", "plan": "off",
         "epochs": 2, "batch_size": 4, "image_size": [32, 32], "model": {"channels": [8, 16, 32], "num_res_units": 1},

@@ -153,7 +153,7 @@ def crop_batch(
             if len(fg):
                 centre = fg[int(torch.randint(0, len(fg), (1,), generator=gen))]
                 start = [min(max(int(centre[a]) - size[a] // 2, 0), full[a] - size[a]) for a in range(len(full))]
-        window = tuple(slice(a, a + s) for a, s in zip(start, size, strict=True))
-        out_x.append(images[(i, slice(None), *window)])
-        out_y.append(masks[(i, slice(None), *window)])
+        window: tuple[slice, ...] = tuple(slice(a, a + s) for a, s in zip(start, size, strict=True))
+        out_x.append(images[i][(slice(None), *window)])
+        out_y.append(masks[i][(slice(None), *window)])
     return torch.stack(out_x), torch.stack(out_y)

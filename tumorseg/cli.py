@@ -113,8 +113,9 @@ def synth(
     what = "volumes" if dims == 3 else "pairs"
     typer.echo(f"wrote {res.n} {what} ({res.n_empty} with empty masks) to {res.images_dir} and {res.masks_dir}")
     labels = f" --labels {stage.labels_text(classes)}" if classes > 1 else ""
-    grouping = "--slice-axis 2" if dims == 3 else f"--group-pattern '{stage.GROUP_PATTERN}'"
-    typer.echo(f"ingest with: tumorseg ingest {res.images_dir} {res.masks_dir} --name NAME {grouping}{labels}")
+    grouping = "" if dims == 3 else f" --group-pattern '{stage.GROUP_PATTERN}'"
+    typer.echo(f"ingest with: tumorseg ingest {res.images_dir} {res.masks_dir} --name NAME{grouping}{labels}"
+               + ("   (each volume one case; --slice-axis 2 for 2D slices)" if dims == 3 else ""))
 
 
 # ----------------------------------------------------------------------------- ingest

@@ -10,16 +10,18 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tumorseg.configio import (  # noqa: F401 - the config API, re-exported
+    Budget,
     C,
     build_config,
     deep_merge,
     dump_config,
     load_config,
+    parse_duration,
     parse_overrides,
     read_yaml,
     validation_message,
@@ -231,23 +233,9 @@ class AugmentConfig(StrictModel):
     def flip_dims(self) -> tuple[int, ...]:
         """Dims of ``(N, C, H, W[, D])`` batches that ``flip_axes`` names (H vertical, W horizontal, D depth).
 
-        TTA mirrors them; ``depth`` exists only in volumes (:meth:`dims_of` drops it for 2D batches).
+        TTA mirrors them; ``depth`` exists only in volumes (2D batches ignore it).
         """
         return tuple(dim for dim, axis in ((2, "vertical"), (3, "horizontal"), (4, "depth")) if axis in self.flip_axes)
-
-    def dims_of(self, spatial: int) -> tuple[int, ...]:
-        """:attr:`flip_dims` that a batch with ``spatial`` dimensions has."""
-        return tuple(d for d in self.flip_dims if d < 2 + spatial)
-
-
-def _check_budget(v: str | None) -> str | None:
-    if v is not None:
-        parse_duration(v)
-    return v
-
-
-Budget = Annotated[str | None, AfterValidator(_check_budget)]
-"""A wall-time budget such as ``30m``; checked by :func:`parse_duration`."""
 
 
 class TrainConfig(StrictModel):
@@ -322,19 +310,13 @@ class TrainConfig(StrictModel):
         if self.patch_size is not None and len(self.patch_size) != len(self.image_size):
             raise ValueError(f"patch_size {list(self.patch_size)} and image_size {list(self.image_size)} need as many "
                              "dimensions (2 for images, 3 for volumes)")
-        if len(self.image_size) == 3 and self.model.name == "flexible_unet":
-            raise ValueError("model.name=flexible_unet has 2D encoders only; volumes train unet, dynunet, "
-                             "basic_unet, attention_unet or segresnet")
-        if len(self.image_size) == 3 and self.slice_context:
-            raise ValueError("slice_context is for 2D models of slice stacks; a 3D model (3 image_size values) "
-                             "sees the whole volume")
+        if len(self.image_size) == 3 and (self.model.name == "flexible_unet" or self.slice_context):
+            raise ValueError("a 3D model (3 image_size values) takes neither model.name=flexible_unet (2D encoders) "
+                             "nor slice_context (2.5D is for 2D models of slice stacks)")
         return self
 
     def _check_divisible(self) -> None:
-        """Each axis of the grid (and patch) must divide by the product of its strides.
-
-        Any multiple of 16 divides the default strides; the plan gives anisotropic ones.
-        """
+        """Each axis of the grid (and patch) must divide by the product of its strides (per axis, for volumes)."""
         strides = self.model.strides or [2] * (len(self.model.channels) - 1)
         dims = len(self.image_size)
         for name, size in (("image_size", self.image_size), ("patch_size", self.patch_size)):
@@ -376,21 +358,6 @@ class TrainConfig(StrictModel):
     def budget_seconds(self) -> float | None:
         """The budget in seconds, or ``None`` without one."""
         return None if self.budget is None else parse_duration(self.budget)
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)", re.IGNORECASE)
-
-
-def parse_duration(text: str) -> float:
-    """``"30m"``, ``"2h"``, ``"90s"``, ``"1h30m"`` -> seconds; anything else (or zero) is a ValueError."""
-    raw = str(text).strip()
-    parts = _DURATION.findall(raw)
-    if not parts or _DURATION.sub("", raw).strip():
-        raise ValueError(f"budget {text!r} is not a duration; use e.g. 90s, 30m, 2h or 1h30m")
-    seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u.lower()] for n, u in parts)
-    if seconds <= 0:
-        raise ValueError(f"budget {text!r} must be longer than zero (e.g. 30m)")
-    return seconds
 
 
 class PlanConfig(StrictModel):

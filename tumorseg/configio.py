@@ -5,11 +5,12 @@ Kept apart from the config models in :mod:`tumorseg.config` (which re-exports th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError
 
 from tumorseg.errors import TumorsegError
 
@@ -106,3 +107,28 @@ def load_config(cls: type[C], path: Path | None = None, overrides: list[str] | N
 def dump_config(cfg: BaseModel) -> str:
     """The full resolved config as YAML (paths as strings)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(h|m|s)", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> float:
+    """``"30m"``, ``"2h"``, ``"90s"``, ``"1h30m"`` -> seconds; anything else (or zero) is a ValueError."""
+    raw = str(text).strip()
+    parts = _DURATION.findall(raw)
+    if not parts or _DURATION.sub("", raw).strip():
+        raise ValueError(f"budget {text!r} is not a duration; use e.g. 90s, 30m, 2h or 1h30m")
+    seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u.lower()] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"budget {text!r} must be longer than zero (e.g. 30m)")
+    return seconds
+
+
+def _check_budget(v: str | None) -> str | None:
+    if v is not None:
+        parse_duration(v)
+    return v
+
+
+Budget = Annotated[str | None, AfterValidator(_check_budget)]
+"""A wall-time budget such as ``30m``; checked by :func:`parse_duration` (config and pipeline files)."""

@@ -38,7 +38,7 @@ def build_model(cfg: ModelConfig, in_channels: int, out_channels: int = 1, *,
             in_channels=in_channels,
             out_channels=out_channels,
             channels=cfg.channels,
-            strides=strides,
+            strides=strides,  # type: ignore[arg-type]  # per-axis strides (lists) work: MONAI's convs take them
             num_res_units=cfg.num_res_units,
             norm=cfg.norm,
             dropout=cfg.dropout,
@@ -59,7 +59,7 @@ def build_model(cfg: ModelConfig, in_channels: int, out_channels: int = 1, *,
     if cfg.name == "attention_unet":
         return nets.AttentionUnet(
             spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, channels=cfg.channels,
-            strides=strides,
+            strides=strides,  # type: ignore[arg-type]
             dropout=cfg.dropout,
         )
     if cfg.name == "segresnet":

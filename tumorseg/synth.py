@@ -11,7 +11,8 @@ with ``--labels`` (:func:`labels_text`).
 
 With ``dims=3`` the cases are volumes instead (:func:`make_volume`): ``case_007.nii.gz`` images (``int16``,
 1 mm voxels) of a smooth body with ellipsoid tumours of the K classes, and label volumes of the same name,
-so their slices are ordered stacks (ingest them in slice mode with ``--slice-axis 2``).
+ingested as volumes (each one case, for a 3D model), or in slice mode with ``--slice-axis 2`` (ordered slice
+stacks for a 2D model).
 """
 
 from __future__ import annotations

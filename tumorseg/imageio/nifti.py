@@ -32,6 +32,8 @@ def decode_nifti(data: bytes, path: str | os.PathLike[str]) -> Decoded:
         arr = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises several types for broken files
         raise DecodeError(f"{path}: truncated or corrupt NIfTI ({exc}); re-export the file") from exc
+    if arr.size == 0:
+        raise DecodeError(f"{path}: zero-sized NIfTI volume {arr.shape}; re-export the file")
     while arr.ndim > 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim == 2:

@@ -150,6 +150,7 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
                  "height": mask.shape[0], "width": mask.shape[1], **_class_counts(mask, ctx.labels),
                  **volume_columns(mask.shape[2], spacing, axcodes(image.affine))}], []
     if volume:
+        assert ctx.slice_axis is not None
         rows = []
         for k in range(mask.shape[ctx.slice_axis]):
             plane2d = np.take(mask, k, axis=ctx.slice_axis)

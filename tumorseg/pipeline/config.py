@@ -53,6 +53,7 @@ class SynthSpec(StrictModel):
     size: int = Field(128, ge=16)
     seed: int = 0
     classes: int = Field(1, ge=1, le=20, description="tumour classes; > 1 writes label maps (ingest with labels)")
+    dims: int = Field(2, ge=2, le=3, description="2: PNG images; 3: NIfTI volumes (size^3) ingested as volumes")
     out_dir: Path | None = Field(None, description="default: the parent of data.images_dir")
 
 

@@ -32,7 +32,8 @@ def _ensure_synth(cfg: PipelineConfig) -> str | None:
         return "present"  # (fewer files: an interrupted synth; it rewrites the same files)
     from tumorseg import synth
 
-    res = synth.run(out, n=cfg.synth.n, size=cfg.synth.size, seed=cfg.synth.seed, classes=cfg.synth.classes)
+    res = synth.run(out, n=cfg.synth.n, size=cfg.synth.size, seed=cfg.synth.seed, classes=cfg.synth.classes,
+                    dims=cfg.synth.dims)
     log.info("synth: wrote %d pairs to %s", res.n, out)
     return "generated"
 

@@ -165,7 +165,7 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         spacing = coarsened(target, factor)
         size = grid(fp, spacing)
         model = network(size, spacing)
-        return spacing, fit_to_strides(size, [list(s) for s in model.strides or []]), model  # type: ignore[misc]
+        return spacing, fit_to_strides(size, _axis_strides(model)), model
 
     def cap(thr: Throughput, size: tuple[int, ...]) -> float:
         if device_type == "cuda" and thr.bytes_per_image > 0 and free_memory > 0:
@@ -255,7 +255,7 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
 
 def _fit_patch(size: tuple[int, ...], model: ModelConfig, max_voxels: float) -> tuple[int, int, int]:
     """The grid itself when it fits ``max_voxels``, else the largest patch of the same proportions that does."""
-    strides = [list(s) for s in model.strides or []]  # type: ignore[arg-type]
+    strides = _axis_strides(model)
     if math.prod(size) <= max_voxels:
         return size[0], size[1], size[2]
     shrink = (max_voxels / math.prod(size)) ** (1 / 3)
@@ -264,3 +264,8 @@ def _fit_patch(size: tuple[int, ...], model: ModelConfig, max_voxels: float) -> 
         f = math.prod(s[axis] for s in strides)
         out.append(min(n, max(f, int(n * shrink) // f * f)))
     return out[0], out[1], out[2]
+
+
+def _axis_strides(model: ModelConfig) -> list[list[int]]:
+    """A 3D model's strides, each level as three per-axis factors."""
+    return [[s] * 3 if isinstance(s, int) else list(s) for s in model.strides or []]
