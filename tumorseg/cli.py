@@ -113,9 +113,8 @@ def synth(
     what = "volumes" if dims == 3 else "pairs"
     typer.echo(f"wrote {res.n} {what} ({res.n_empty} with empty masks) to {res.images_dir} and {res.masks_dir}")
     labels = f" --labels {stage.labels_text(classes)}" if classes > 1 else ""
-    grouping = "" if dims == 3 else f" --group-pattern '{stage.GROUP_PATTERN}'"
-    typer.echo(f"ingest with: tumorseg ingest {res.images_dir} {res.masks_dir} --name NAME{grouping}{labels}"
-               + ("   (each volume one case; --slice-axis 2 for 2D slices)" if dims == 3 else ""))
+    grouping = "   (each volume one case)" if dims == 3 else f" --group-pattern '{stage.GROUP_PATTERN}'"
+    typer.echo(f"ingest with: tumorseg ingest {res.images_dir} {res.masks_dir} --name NAME{labels}{grouping}")
 
 
 # ----------------------------------------------------------------------------- ingest
@@ -159,9 +158,9 @@ def ingest(
     regions: Annotated[str | None, typer.Option(
         help="region-based training over the labels (overlapping, painted back in this order), e.g. "
              "'whole=1,2,3 core=1,3 enhancing=3'")] = None,
-    slice_axis: Annotated[int | None, typer.Option(
-        help="cut volumes (NIfTI, NRRD/MHA, DICOM series, TIFF stacks) into 2D slices along this axis; "
-             "default: each volume is one case (3D)")] = None,
+    slice_axis: Annotated[int | None, typer.Option(help="cut volumes (NIfTI, NRRD/MHA, DICOM, TIFF stacks) into "
+                                                        "2D slices along this axis; default: a volume is a case")
+                          ] = None,
     strict: Annotated[bool, typer.Option("--strict", help="fail (exit 2, no manifest) on any rejected file")] = False,
     workers: Annotated[int, typer.Option(help="decode processes (0 = one per core, max 8)")] = 0,
     tracking_uri: TrackingUri = None,
