@@ -55,7 +55,8 @@ MIN_SMALL_TUMOUR_DIAMETER_3D = 8.0
 MAX_PATCH_VOXELS_CPU = 128 * 128 * 128
 BATCH_3D = 2
 SIZE_STEP_3D = 8
-CHANNELS_3D = [16, 32, 64, 128, 256]
+CHANNELS_3D = [16, 32, 64, 128, 256, 256]
+"""Widths per level (a sixth level, where the grid allows five downsamplings, stays at 256)."""
 
 
 def target_spacing(fp: Fingerprint) -> tuple[tuple[float, float, float], str]:
