@@ -324,6 +324,7 @@ class OracleSegmenter:
         self.context = 0  # a plain 2D model (no neighbouring slices)
         self.device = torch.device("cpu")
         self.post = Postprocess(threshold=self.threshold)  # slice by slice (not volumetric)
+        self.config = TrainConfig()  # a 2D model's (two image_size values)
 
     def mask(self, prob: np.ndarray, threshold: float | None = None) -> np.ndarray:
         return (prob > (self.threshold if threshold is None else threshold)).astype(np.uint8)

@@ -456,10 +456,15 @@ def test_nifti_mask_slices(tmp_path: Path) -> None:
     assert load_mask([tmp_path / "m.nii.gz"], 1, 0)[7, 2] == 1
 
 
-def test_nifti_4d_rejected(tmp_path: Path) -> None:
-    nib.save(nib.Nifti1Image(np.zeros((3, 4, 2, 2), np.uint8), np.eye(4)), str(tmp_path / "t.nii"))
-    with pytest.raises(DecodeError, match=r"t\.nii: NIfTI with shape"):
+def test_nifti_4d_is_a_multi_channel_volume_up_to_8_channels(tmp_path: Path) -> None:
+    nib.save(nib.Nifti1Image(np.zeros((3, 4, 2, 2), np.uint8), np.eye(4)), str(tmp_path / "c.nii"))
+    assert decode_file(tmp_path / "c.nii").array.shape == (3, 4, 2, 2)  # two sequences, last axis
+    nib.save(nib.Nifti1Image(np.zeros((3, 4, 2, 9), np.uint8), np.eye(4)), str(tmp_path / "t.nii"))
+    with pytest.raises(DecodeError, match=r"t\.nii: NIfTI with shape \(3, 4, 2, 9\); only 2D images, 3D volumes"):
         decode_file(tmp_path / "t.nii")
+    nib.save(nib.Nifti1Image(np.zeros((3, 4, 1, 2), np.uint8), np.eye(4)), str(tmp_path / "f.nii"))
+    with pytest.raises(DecodeError, match=r"f\.nii: NIfTI with shape"):  # a 2D image with channels: not a volume
+        decode_file(tmp_path / "f.nii")
 
 
 def test_read_nifti_affine_of_png_is_none(tmp_path: Path) -> None:

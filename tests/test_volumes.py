@@ -110,6 +110,30 @@ def test_the_reader_gives_canonical_volumes_and_spacing(tmp_path: Path) -> None:
     assert case.spacing == pytest.approx(SPACING)
 
 
+def test_a_4d_volume_is_one_case_with_its_sequences_as_channels(tmp_path: Path) -> None:
+    from tumorseg.data import CaseReader, infer_in_channels
+    from tumorseg.manifest import load_manifest
+
+    images, masks = tmp_path / "img", tmp_path / "lab"
+    images.mkdir()
+    masks.mkdir()
+    for i in range(6):
+        image, label = blob_volume(i)
+        write_nifti(images / f"c{i}.nii.gz", np.stack([image, 1000 - image], axis=-1), LPS)  # (X, Y, Z, 2)
+        write_nifti(masks / f"c{i}.nii.gz", label, LPS)
+    info, df = load_manifest(ingest(images, masks, tmp_path / "m"))
+    assert set(df["channels"].astype(int)) == {2} and infer_in_channels(df) == 2
+    case = CaseReader(info, "m").read(df[df["case_id"] == "c0"].iloc[0])
+    image, label = blob_volume(0)
+    assert case.image.shape == (2, *SHAPE)
+    np.testing.assert_array_equal(case.image[1], (1000 - image)[::-1, ::-1, :].astype(np.float32))
+    from tumorseg import ingest as stage
+
+    with pytest.raises(TumorsegError, match="2-channel volume .* without --slice-axis"):
+        stage.run(IngestConfig(images_dir=images, masks_dir=masks, name="s", out_dir=tmp_path / "m3", workers=1,
+                               slice_axis=2, strict=True))
+
+
 def test_canonical_round_trip_of_a_permuted_grid() -> None:
     from tumorseg.imageio.volume import axcodes, canonical_spacing, from_canonical, to_canonical
 
@@ -164,7 +188,7 @@ def _bad_inputs(root: Path) -> dict[str, str]:
     # a 5D volume
     write_nifti(images / "five.nii.gz", np.zeros((4, 4, 4, 2, 2), np.int16), LPS)
     write_nifti(masks / "five.nii.gz", np.zeros((4, 4, 4, 2, 2), np.uint8), LPS)
-    expect["imagesTr/five.nii.gz"] = "only 2D images and 3D volumes"
+    expect["imagesTr/five.nii.gz"] = "only 2D images, 3D volumes and 4D volumes"
     # a zero-sized volume
     write_nifti(images / "empty.nii.gz", np.zeros((4, 0, 4), np.int16), LPS)
     write_nifti(masks / "empty.nii.gz", np.zeros((4, 0, 4), np.uint8), LPS)
@@ -262,6 +286,46 @@ def test_a_3d_grid_must_divide_by_its_strides() -> None:
         TrainConfig(image_size=(32, 32, 24))
     with pytest.raises(ValueError, match="as many"):
         TrainConfig(image_size=(32, 32, 16), patch_size=(16, 16))
+
+
+@pytest.mark.parametrize("model", [
+    {"name": "unet", "channels": [4, 8, 16], "strides": [[2, 2, 1], [2, 2, 2]], "norm": "instance"},
+    {"name": "dynunet", "channels": [4, 8, 16], "strides": [[2, 2, 1], [2, 2, 2]], "deep_supervision": True},
+    {"name": "attention_unet", "channels": [4, 8, 16]},
+    {"name": "segresnet", "init_filters": 8},
+])
+def test_each_3d_network_takes_a_step_on_an_anisotropic_grid(model: dict) -> None:
+    import torch
+
+    from tumorseg.config import LossConfig, ModelConfig
+    from tumorseg.model import build_loss, build_model, main_output
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig.model_validate(model), 1, 3, spatial_dims=3)
+    loss_fn = build_loss(LossConfig(name="dice_ce"), multiclass=True)
+    x, y = torch.randn(2, 1, 16, 16, 8), torch.randint(0, 3, (2, 1, 16, 16, 8)).float()
+    loss = loss_fn(net(x), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    net.eval()
+    with torch.no_grad():
+        assert main_output(net(x), x.dim()).shape == (2, 3, 16, 16, 8)
+
+
+def test_region_targets_of_a_volume() -> None:
+    """BraTS-style regions on volumes: class-index targets become one channel per region, as in 2D."""
+    import torch
+
+    from tumorseg.config import LossConfig
+    from tumorseg.model import build_loss
+
+    loss_fn = build_loss(LossConfig(name="dice_ce"), multiclass=True, regions=[[1, 2, 3], [1, 3], [3]])
+    target = torch.zeros(1, 1, 4, 4, 2)
+    target[0, 0, 0, 0, 0], target[0, 0, 1, 1, 1], target[0, 0, 2, 2, 0] = 1, 2, 3
+    regions = torch.stack([(target[:, 0] > 0), (target[:, 0] == 1) | (target[:, 0] == 3), target[:, 0] == 3], 1)
+    perfect = (regions.float() * 2 - 1) * 20  # logits that are sure of every region
+    assert float(loss_fn(perfect, target)) < 1e-3
+    assert float(loss_fn(-perfect, target)) > 1.0
 
 
 # ----------------------------------------------------------------------------- train, evaluate, predict
@@ -369,3 +433,19 @@ def test_truncated_gzip_volume_at_predict_is_one_line(trained: tuple[Path, Path,
     (src / "cut.nii.gz").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(TumorsegError, match="cut.nii.gz: truncated or corrupt NIfTI"):
         predict.run(PredictConfig(model=str(run_dir), inputs=[src], output_dir=tmp_path / "out", format="nifti"))
+
+
+def test_a_model_of_the_other_kind_is_one_line(trained: tuple[Path, Path, Path], manifest: Path,
+                                               tmp_path: Path) -> None:
+    """A 2D config on a manifest of volumes, and a 3D model on a manifest of 2D images: one line each, no work."""
+    from tumorseg import evaluate
+    from tumorseg.config import EvaluateConfig
+    from tumorseg.train import run as train
+
+    mdir, run_dir, _ = trained
+    cfg = load_config(TrainConfig, None, ["plan=off", "max_steps=1"], base={"manifest": str(mdir),
+                                                                            "out": str(tmp_path / "runs")})
+    with pytest.raises(TumorsegError, match=r"holds 3D volumes \(each one case\) but image_size \[128, 128\] is 2D"):
+        train(cfg)
+    with pytest.raises(TumorsegError, match="holds 2D cases .* but model .* is 3D"):
+        evaluate.run(EvaluateConfig(model=str(run_dir), manifest=manifest, out=tmp_path / "ev"))

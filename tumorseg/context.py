@@ -91,8 +91,14 @@ class SliceStacks:
 
     @classmethod
     def from_frame(cls, df: Any) -> SliceStacks:
-        """The stacks of a manifest frame (its ``case_id``, ``image``, ``group`` and ``slice_index``)."""
+        """The stacks of a manifest frame (its ``case_id``, ``image``, ``group`` and ``slice_index``).
+
+        A frame of whole volumes (a ``dims: 3`` manifest, with its ``depth`` column) has none: numbered volume files
+        are patients, not slices.
+        """
         members: list[tuple[Hashable, str, int]] = []
+        if "depth" in df.columns:
+            return cls(())
         for cid, image, group, index in zip(df["case_id"], df["image"], df["group"], df["slice_index"],
                                             strict=True):
             if int(index) >= 0:

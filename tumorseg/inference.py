@@ -79,13 +79,20 @@ def resize_mask(mask: np.ndarray, size: tuple[int, ...]) -> torch.Tensor:
 
     if tuple(mask.shape) == tuple(size):
         return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None]
-    idx = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
+    idx = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8 if mask.dtype == np.uint8 else np.int64))
     k = int(idx.max()) + 1 if idx.numel() else 1
     if k <= 2:
         t = F.interpolate(idx.float()[None, None], size=size, mode="area")
         return (t >= 0.5).float()[0]
-    onehot = torch.movedim(F.one_hot(idx, k), -1, 0).float()[None]
-    return F.interpolate(onehot, size=size, mode="area")[0].argmax(0, keepdim=True).float()
+    # one class at a time (a volume's one-hot planes at once would take K float copies of it); ties keep the
+    # lowest class, as argmax does
+    best = torch.full(tuple(size), -1.0)
+    arg = torch.zeros(tuple(size), dtype=torch.int64)
+    for c in range(k):
+        share = F.interpolate((idx == c).float()[None, None], size=size, mode="area")[0, 0]
+        better = share > best
+        best, arg = torch.where(better, share, best), torch.where(better, c, arg)
+    return arg[None].float()
 
 
 def logits_to_original(logits: torch.Tensor, shape: tuple[int, ...], softmax: bool = True) -> torch.Tensor:
@@ -337,9 +344,12 @@ class Segmenter:
         return self.stack_masks(self.predict_proba(images, tta=tta), threshold)
 
 
-def channels_compatible(image_channels: int, model_channels: int) -> bool:
+def channels_compatible(image_channels: int, model_channels: int, volumes: bool = False) -> bool:
     """Whether images with ``image_channels`` can feed a model taking ``model_channels``.
 
     Equal counts always work; grey and RGB convert into each other (:func:`tumorseg.imageio.to_channels`).
+    Volumes (``volumes``): only equal counts: their channels are MR sequences, not colours.
     """
+    if volumes:
+        return image_channels == model_channels
     return image_channels == model_channels or (image_channels in (1, 3) and model_channels in (1, 3))

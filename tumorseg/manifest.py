@@ -81,6 +81,16 @@ def require_same_labels(model: Classes, data: Classes, source: str | os.PathLike
                             f"{model.describe()}; use a model trained on this label set")
 
 
+def require_same_dims(dims: int, info: ManifestInfo, source: str | os.PathLike[str], what: str) -> None:
+    """Raise when a model (or config) of ``dims`` spatial dimensions meets a manifest of the other kind."""
+    if dims == info.dims:
+        return
+    held = "3D volumes (each one case)" if info.dims == 3 else "2D cases (images, or volumes cut into slices)"
+    fix = ("a 3D model (plan=auto, or image_size with 3 values)" if info.dims == 3 else
+           "a 2D model, or re-ingest the volumes without --slice-axis for a 3D one")
+    raise TumorsegError(f"{source}: holds {held} but {what} is {dims}D; use {fix}")
+
+
 def resolve_manifest_dir(path: str | os.PathLike[str]) -> Path:
     """Accept a manifest folder or a file in it."""
     p = Path(path)

@@ -98,7 +98,7 @@ def as_images(array: Any, in_channels: int, spatial: int = 2) -> tuple[list[np.n
     from tumorseg.inference import channels_compatible
 
     channels = int(batch.shape[1])
-    if not channels_compatible(channels, in_channels):
+    if not channels_compatible(channels, in_channels, spatial == 3):
         read_as = "one image" if single else f"a batch of {batch.shape[0]} images"
         hint = f"; a batch of {in_channels}-channel images is (N, {in_channels}, H, W)" if single else ""
         raise TumorsegError(f"model input of shape {arr.shape} reads as {read_as} with {channels} channels, but "

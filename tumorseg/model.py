@@ -254,7 +254,7 @@ def _regions_loss_type() -> type:
                 self.lut = self.lut.to(target.device)
             lut = self.lut
             idx = target[:, 0].round().long().clamp_max(lut.shape[0] - 1)
-            return self.base(out, lut[idx].permute(0, 3, 1, 2))
+            return self.base(out, torch.movedim(lut[idx], -1, 1))  # (N, *spatial, R) -> (N, R, *spatial)
 
     return RegionTargets
 

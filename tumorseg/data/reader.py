@@ -235,5 +235,7 @@ def _records(df: pd.DataFrame) -> Iterator[dict[str, Any]]:
 
 
 def infer_in_channels(df: pd.DataFrame) -> int:
-    """3 if any case is colour, else 1."""
-    return 3 if (df["channels"].astype(int) == 3).any() else 1
+    """3 if any case is colour, else 1; multi-channel volumes (MR sequences): their channel count."""
+    channels = df["channels"].astype(int)
+    most = int(channels.max()) if len(channels) else 1
+    return most if most not in (1, 3) else (3 if (channels == 3).any() else 1)

@@ -60,6 +60,7 @@ from tumorseg.manifest import (
     image_path,
     load_manifest,
     mask_paths,
+    require_same_dims,
     require_same_labels,
     resolve_manifest_dir,
     select_split,
@@ -141,7 +142,7 @@ def check_channels(seg: Segmenter, rows: pd.DataFrame, source: Path) -> None:
 
     need = int(seg.base_channels)
     for ch in sorted({int(c) for c in rows["channels"]}):
-        if not channels_compatible(ch, need):
+        if not channels_compatible(ch, need, seg.config.spatial_dims == 3):
             raise TumorsegError(f"{source}: the split has {ch}-channel images but the model takes {need} "
                                 "channel(s); evaluate a model trained on images like these")
 
@@ -172,6 +173,7 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
     seg, mref = resolve_model(cfg.model, cfg.tracking, cfg.device)
     classes = label_set_of(seg)
     require_same_labels(classes, info.classes, mdir, f"model {mref.ref}")
+    require_same_dims(seg.config.spatial_dims, info, mdir, f"model {mref.ref}")
     check_channels(seg, rows, mdir / "manifest.csv")
     if mref.manifest_digest and mref.manifest_digest != info.dataset_digest:
         log.warning("model was trained on another manifest (digest %s, this one %s): make sure the %s cases "
@@ -298,10 +300,11 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame, cf
     split_of = [str(s) for s in rows["split"]]
     gallery = Gallery(cfg.gallery_k)
     out: list[dict[str, Any]] = []
-    n_batches = math.ceil(len(rows) / cfg.batch_size)
+    bs = cfg.batch_size if seg.config.spatial_dims == 2 else min(cfg.batch_size, 2)  # volumes: two at a time
+    n_batches = math.ceil(len(rows) / bs)
     source = str(Path(cfg.manifest) / "manifest.csv")
     reader = CaseReader(info, source, context=_context(seg, rows, source))
-    cases = reader.stream(rows, cfg.workers, ahead=2 * cfg.batch_size)
+    cases = reader.stream(rows, cfg.workers, ahead=2 * bs)
     outside: list[str] = []
     classes = label_set_of(seg)
     k = len(classes.names)
@@ -336,7 +339,7 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame, cf
     # volumetric post-processing: a stack's slices are post-processed together once all are predicted
     buffer: StackBuffer[int, tuple[Any, np.ndarray]] = StackBuffer(
         SliceStacks.from_frame(rows).positions(list(rows["case_id"])) if seg.post.volumetric else [])
-    for batch in track(batched(cases, cfg.batch_size), n_batches, f"evaluate {cfg.split}"):
+    for batch in track(batched(cases, bs), n_batches, f"evaluate {cfg.split}"):
         probs = seg.predict_proba([c.image for c in batch])
         for case, prob in zip(batch, probs, strict=True):
             for group in buffer.add(case.index, (case, prob)):

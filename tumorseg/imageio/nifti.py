@@ -12,9 +12,15 @@ import numpy as np
 from tumorseg.fsutil import atomic_path
 from tumorseg.imageio.base import Decoded, DecodeError
 
+MAX_CHANNELS = 8
+"""A 4D NIfTI with at most this many volumes on its last axis is one multi-channel volume (MR sequences)."""
+
 
 def decode_nifti(data: bytes, path: str | os.PathLike[str]) -> Decoded:
-    """Decode a ``.nii``/``.nii.gz`` file as stored, ``(X, Y[, Z])`` (a 2D file gets ``Z == 1``)."""
+    """Decode a ``.nii``/``.nii.gz`` file as stored, ``(X, Y[, Z])`` (a 2D file gets ``Z == 1``).
+
+    A 4D file of a few volumes (``(X, Y, Z, C)``, C up to :data:`MAX_CHANNELS`) is one volume with C channels.
+    """
     import nibabel as nib
 
     try:
@@ -38,8 +44,9 @@ def decode_nifti(data: bytes, path: str | os.PathLike[str]) -> Decoded:
         arr = arr[..., 0]
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    if arr.ndim != 3:
-        raise DecodeError(f"{path}: NIfTI with shape {arr.shape}; only 2D images and 3D volumes are supported")
+    if not (arr.ndim == 3 or (arr.ndim == 4 and arr.shape[2] > 1 and arr.shape[3] <= MAX_CHANNELS)):
+        raise DecodeError(f"{path}: NIfTI with shape {arr.shape}; only 2D images, 3D volumes and 4D volumes of up "
+                          f"to {MAX_CHANNELS} channels (MR sequences, last axis) are supported")
     if arr.size == 0:
         raise DecodeError(f"{path}: zero-sized NIfTI volume {arr.shape}; re-export the file")
     return Decoded(np.ascontiguousarray(arr), "NIfTI", np.asarray(img.affine, dtype=np.float64))

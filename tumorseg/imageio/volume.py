@@ -72,7 +72,7 @@ def from_canonical(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def volume_of(decoded: Decoded, path: str) -> np.ndarray:
-    """A decoded grid as the ``float32 (1, X, Y, Z)`` canonical image of a volume case.
+    """A decoded grid as the ``float32 (C, X, Y, Z)`` canonical image of a volume case (C: a 4D file's channels).
 
     Raises:
         DecodeError: a 2D file where a volume is expected (one line naming it).
@@ -81,4 +81,6 @@ def volume_of(decoded: Decoded, path: str) -> np.ndarray:
         raise DecodeError(f"{path}: a 2D image in a set of 3D volumes; ingest it on its own, or ingest the set "
                           "with --slice-axis 2 to train on slices")
     assert decoded.affine is not None
-    return to_canonical(decoded.array, decoded.affine)[None].astype(np.float32, copy=False)
+    arr = decoded.array
+    channels = np.moveaxis(arr, -1, 0) if arr.ndim == 4 else arr[None]  # (C, X, Y, Z): MR sequences first
+    return to_canonical(channels, decoded.affine).astype(np.float32, copy=False)

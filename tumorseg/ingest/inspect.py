@@ -81,9 +81,12 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
         image = decode(data, img_path, "image")
     except DecodeError as exc:
         return [], [(rel_img, _reason(exc, img_path))]
-    channels = image.array.shape[0] if not image.is_grid else 1
-    if channels not in (1, 3):
+    channels = image.array.shape[0] if not image.is_grid else (image.array.shape[3] if image.array.ndim == 4 else 1)
+    if channels not in (1, 3) and not image.is_grid:
         return [], [(rel_img, f"{channels}-channel image; use grey or RGB(A)")]
+    if image.array.ndim == 4 and ctx.slice_axis is not None:
+        return [], [(rel_img, f"a {channels}-channel volume (MR sequences as channels); ingest it without "
+                              "--slice-axis, as one case")]
     if image.array.dtype.kind == "f" and not np.isfinite(image.array).all():
         bad = int(np.count_nonzero(~np.isfinite(image.array)))
         return [], [(rel_img, f"{bad} NaN or infinite pixel value(s); replace them (e.g. with the background "
@@ -91,7 +94,7 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
     # Compare masks with the image as the loaders will read them: a volume as (X, Y, Z), any
     # 2D file (a one-slice NIfTI included) as one (H, W) plane, so formats can be mixed.
     volume = image.is_volume
-    img_shape = image.array.shape if volume else _plane(image.array, image.is_grid).shape
+    img_shape = image.array.shape[:3] if volume else _plane(image.array, image.is_grid).shape
 
     masks = []
     encodings = []

@@ -88,8 +88,8 @@ def ungrouped_slices(rows: list[dict[str, Any]], cfg: IngestConfig) -> str | Non
     """
     from tumorseg.context import path_stacks
 
-    if cfg.group_pattern or cfg.group_by != "case":
-        return None
+    if cfg.group_pattern or cfg.group_by != "case" or any("depth" in r for r in rows):
+        return None  # (numbered volume files are patients, not slices)
     files = [r for r in rows if int(r["slice_index"]) < 0]
     runs = [run for run in path_stacks([r["image"] for r in files]) if len(run) >= 3]
     covered = sum(len(run) for run in runs)

@@ -55,6 +55,9 @@ MIN_SMALL_TUMOUR_DIAMETER_3D = 8.0
 MAX_PATCH_VOXELS_CPU = 128 * 128 * 128
 BATCH_3D = 2
 SIZE_STEP_3D = 8
+SEARCH_PASSES = 10.0
+"""Val passes the post-processing search costs in 3D: a plain pass, one per mirroring of three axes (7) and the
+filters' re-scoring (about 2)."""
 CHANNELS_3D = [16, 32, 64, 128, 256, 256]
 """Widths per level (a sixth level, where the grid allows five downsamplings, stays at 256)."""
 
@@ -176,7 +179,7 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
     def buys(thr: Throughput, train_voxels: float, grid_voxels: float, probed_voxels: float) -> float:
         train_vps = thr.train_images_per_second * probed_voxels / train_voxels
         infer_vps = thr.infer_images_per_second * probed_voxels / grid_voxels
-        finish = FINISH_SECONDS + 5.0 * n_val / infer_vps
+        finish = FINISH_SECONDS + SEARCH_PASSES * n_val / infer_vps
         per_epoch = fp.n_train / train_vps + n_val / infer_vps
         return max(0.0, budget - finish) / per_epoch * fp.n_train
 
@@ -209,7 +212,7 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
                                  "sliding-window inference (Gaussian blending)")
     infer_vps = thr.infer_images_per_second * math.prod(probe_size) / math.prod(size)
     train_ips = thr.train_images_per_second * math.prod(probe_size) / math.prod(patch)
-    finish = FINISH_SECONDS + 5.0 * n_val / infer_vps
+    finish = FINISH_SECONDS + SEARCH_PASSES * n_val / infer_vps
     epochs = max(1.0, (budget - finish) / (fp.n_train / train_ips + n_val / infer_vps))
     steps = max(1, int(0.92 * epochs * fp.n_train / batch))
     planned_epochs = max(1, math.ceil(steps / max(1, fp.n_train // batch)))

@@ -123,6 +123,9 @@ def load_item(item: Item, slice_axis: int, volumes: bool = False) -> Loaded:
             raise DecodeError(f"{item.path}: a 2D image given to a 3D model (trained on volumes); predict volumes "
                               "with it, or 2D images with a 2D model")
         planes = [volume_of(decoded, str(item.path))]
+    elif decoded.array.ndim == 4:
+        raise DecodeError(f"{item.path}: a multi-channel volume given to a 2D model; a 3D model trained on such "
+                          "volumes predicts it")
     elif decoded.is_volume:
         n = decoded.array.shape[slice_axis]
         planes = [slice_of(decoded, i, slice_axis).astype(np.float32) for i in range(n)]

@@ -258,7 +258,7 @@ def _planes(loaded_iter: Iterator[Loaded], seg: Segmenter, outside: dict[int, Pa
 
     for loaded in loaded_iter:
         c = int(loaded.planes[0].shape[0])
-        if not channels_compatible(c, int(seg.base_channels)):
+        if not channels_compatible(c, int(seg.base_channels), seg.config.spatial_dims == 3):
             raise TumorsegError(f"{loaded.item.path}: {c}-channel image but the model takes {seg.base_channels} "
                                 "channel(s)")
         why = seg.intensity_outside_training(loaded.decoded.array)

@@ -21,7 +21,7 @@ from tumorseg.config import TrainConfig, dump_config
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from tumorseg.inference import amp_dtype, resolve_device
-from tumorseg.manifest import ManifestInfo, load_manifest, require_same_labels, select_split
+from tumorseg.manifest import ManifestInfo, load_manifest, require_same_dims, require_same_labels, select_split
 from tumorseg.model import build_loss, build_model, channels_last, init_output_bias
 from tumorseg.train import postprocess
 from tumorseg.train.inputs import class_priors, foreground_fraction, warn_mixed_ranges
@@ -119,6 +119,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
     if ckpt is None and cfg.plan != "off":
         cfg, plan = planned(cfg, info, df, device, dist, run_dir)
     manifest = Path(str(cfg.manifest))
+    require_same_dims(cfg.spatial_dims, info, manifest, f"image_size {list(cfg.image_size)}")
     seed_everything(cfg.seed, cfg.deterministic)
     if ckpt is not None and ckpt["manifest_digest"] != info.dataset_digest:
         raise TumorsegError(f"{cfg.manifest}: differs from the manifest this run was trained on (digest "
@@ -298,8 +299,7 @@ def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: Split | None, d
     context = slice_context(cfg, val_df, seg.in_channels, check=False)  # a case in no stack repeats its plane
     firsts = CaseReader(info, source, context=context).read_all(val_df.iloc[:k]) if k else []
     if firsts and cfg.val_overlays:
-        images = [c.image for c in firsts]
-        preds = seg.predict_masks(images)
+        preds = [m for c in firsts for m in seg.predict_masks([c.image])]  # one at a time (volumes)
         items = []
         for c, pred in zip(firsts, preds, strict=True):
             scores = [v for v in case_dice(pred, c.mask, seg.classes) if math.isfinite(v)]

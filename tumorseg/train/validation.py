@@ -43,7 +43,7 @@ def val_probabilities(net: torch.nn.Module, data: Split, cfg: TrainConfig, devic
 
     net.eval()
     dtype = amp_dtype(device, cfg.amp)
-    bs = max(cfg.batch_size, 16)
+    bs = max(cfg.batch_size, 16) if cfg.spatial_dims == 2 else cfg.batch_size  # volumes: the planned batch
     autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     chunks = prefetch(lambda start: (start, data.read(np.arange(start, min(start + bs, len(data))), masks=False)),
                       range(0, len(data), bs), 1 if data.streams else 0, 2)
