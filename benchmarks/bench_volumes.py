@@ -96,6 +96,7 @@ def speed_table(size: int, steps: int, batch: int, device_name: str, repeat: int
     train_df = select_split(df, "train", "speed")
     cfg = load_config(TrainConfig, None, [f"image_size=[{size},{size},{size}]", f"batch_size={batch}",
                                           f"device={device_name}", "augment.flip_axes=[vertical,horizontal,depth]",
+                                          "augment.affine_prob=0.2", "augment.rotate90=false",
                                           *NET], base={"manifest": str(mdir)})
     device = resolve_device(cfg.device)
     dtype = amp_dtype(device, cfg.amp)

@@ -61,7 +61,8 @@ def augment_batch(
             images = torch.where(sel, torch.rot90(images, turns, (2, 3)), images)
             masks = torch.where(sel, torch.rot90(masks, turns, (2, 3)), masks)
     if cfg.affine:
-        images, masks = _random_affine(images, masks, p, gen, cfg.rotate_degrees, cfg.scale)
+        images, masks = _random_affine(images, masks, p if cfg.affine_prob is None else cfg.affine_prob, gen,
+                                       cfg.rotate_degrees, cfg.scale)
     if cfg.gamma:
         images = _random_gamma(images, p, gen)
     if cfg.noise:
@@ -123,6 +124,16 @@ def _random_affine(
     theta = torch.where(on[:, None, None], theta, identity).to(images.device, torch.float32)
     warp_img = AffineTransform(normalized=True, mode="bilinear", padding_mode="border", align_corners=False)
     warp_msk = AffineTransform(normalized=True, mode="nearest", padding_mode="zeros", align_corners=False)
+    if sd == 3:  # volumes: one sampling grid for image and mask (a 3D warp costs ~a tenth of a training step)
+        import torch.nn.functional as F
+
+        # MONAI's layer reads theta in array-axis order; torch's affine_grid in reverse (x = the last axis)
+        axes = torch.tensor([2, 1, 0], device=theta.device)
+        flipped = theta[:, axes][:, :, torch.tensor([2, 1, 0, 3], device=theta.device)]
+        grid = F.affine_grid(flipped, [images.shape[0], 1, *images.shape[2:]], align_corners=False)
+        out_img = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out_msk = F.grid_sample(masks.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        return out_img.to(images.dtype), out_msk.to(masks.dtype)
     out_img = warp_img(images.float(), theta).to(images.dtype)
     out_msk = warp_msk(masks.float(), theta).to(masks.dtype)
     return out_img, out_msk

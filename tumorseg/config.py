@@ -224,6 +224,8 @@ class AugmentConfig(StrictModel):
     affine: bool = True
     intensity: bool = True
     prob: float = Field(default=0.5, ge=0, le=1)
+    affine_prob: float | None = Field(default=None, ge=0, le=1, description="the affine's own per-sample "
+                                      "probability (default: prob; the 3D plan: nnU-Net's 0.2)")
     rotate_degrees: float = Field(default=15.0, ge=0, le=180, description="affine rotation range (+-)")
     scale: float = Field(default=0.1, ge=0, lt=1, description="affine scale range (+-, as a fraction)")
     gamma: bool = Field(default=False, description="random gamma 0.7..1.5 on the image's own range (nnU-Net)")

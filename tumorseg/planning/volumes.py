@@ -26,7 +26,9 @@ V5. **Patches.** Where the grid holds more voxels than fit (``MAX_PATCH_VOXELS_C
 V6. **Batch, steps, loss.** Batch 2 (nnU-Net's 3D batch); steps from the measured throughput; Dice + CE.
 V7. **Intensities.** CT-like data (stored values reaching -500 and below: Hounsfield units) keep their
     physical scale (the training split's mean/std); other modalities (MRI) a z-score per volume (nnU-Net).
-V8. **Mirroring.** Along all three axes (nnU-Net): the canonical orientation makes them comparable.
+V8. **Augmentation.** Mirroring along all three axes (nnU-Net): the canonical orientation makes them comparable;
+    rotation about the third axis and scaling on a fifth of the samples (nnU-Net's ``AFFINE_PROB_3D``: a 3D warp
+    costs about a tenth of a CPU training step, benchmarks/RESULTS.md); intensity scale and shift.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ MIN_SMALL_TUMOUR_DIAMETER_3D = 8.0
 MAX_PATCH_VOXELS_CPU = 128 * 128 * 128
 BATCH_3D = 2
 SIZE_STEP_3D = 8
+AFFINE_PROB_3D = 0.2
+"""V8: nnU-Net's per-sample probability of rotation and scaling; a 3D warp costs about a tenth of a CPU step."""
 SEARCH_PASSES = 10.0
 """Val passes the post-processing search costs in 3D: a plain pass, one per mirroring of three axes (7) and the
 filters' re-scoring (about 2)."""
@@ -228,7 +232,8 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
                             if ct else "a z-score per volume (MRI and other non-CT modalities; nnU-Net)")
     reasons["loss"] = "Dice + cross-entropy (nnU-Net)"
     reasons["postprocess"] = "threshold and 3D component filtering chosen on val, kept only if val Dice rises"
-    reasons["flip_axes"] = "all three axes of the canonical (RAS+) orientation (nnU-Net mirrors every axis)"
+    reasons["flip_axes"] = ("all three axes of the canonical (RAS+) orientation (nnU-Net mirrors every axis); rotation "
+                            f"and scaling on {AFFINE_PROB_3D:.0%} of the samples (nnU-Net)")
     in_channels = 1 if fp.grey_as_rgb else fp.channels
     train = {
         "image_size": list(size),
@@ -244,7 +249,7 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "poly",
                   "warmup_steps": min(200, steps // 20)},
         "augment": {"flip": True, "flip_axes": ["vertical", "horizontal", "depth"], "rotate90": False,
-                    "affine": True, "intensity": True, "prob": 0.5},
+                    "affine": True, "affine_prob": AFFINE_PROB_3D, "intensity": True, "prob": 0.5},
         "tta": False,
         "postprocess": "auto",
         "slice_context": 0,
