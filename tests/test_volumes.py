@@ -134,6 +134,38 @@ def test_a_4d_volume_is_one_case_with_its_sequences_as_channels(tmp_path: Path) 
                                slice_axis=2, strict=True))
 
 
+def test_nnunet_channel_files_are_one_case(tmp_path: Path) -> None:
+    """``case_0000.nii.gz`` + ``case_0001.nii.gz`` with the label ``case.nii.gz``: one 2-channel case."""
+    from tumorseg.data import CaseReader
+    from tumorseg.manifest import load_manifest
+
+    images, masks = tmp_path / "imagesTr", tmp_path / "labelsTr"
+    images.mkdir()
+    masks.mkdir()
+    for i in range(6):
+        image, label = blob_volume(i)
+        write_nifti(images / f"c{i}_0000.nii.gz", image, LPS)
+        write_nifti(images / f"c{i}_0001.nii.gz", (1000 - image).astype(np.int16), LPS)
+        write_nifti(masks / f"c{i}.nii.gz", label, LPS)
+    # a case whose second channel lies on another grid
+    shifted = LPS.copy()
+    shifted[:3, 3] = (9.0, 0.0, 0.0)
+    write_nifti(images / "bad_0000.nii.gz", image, LPS)
+    write_nifti(images / "bad_0001.nii.gz", image, shifted)
+    write_nifti(masks / "bad.nii.gz", label, LPS)
+    mdir = ingest(images, masks, tmp_path / "m")
+    info, df = load_manifest(mdir)
+    first = df[df["case_id"] == "c0"].iloc[0]
+    assert first["image"] == "imagesTr/c0_0000.nii.gz|imagesTr/c0_0001.nii.gz" and int(first["channels"]) == 2
+    case = CaseReader(info, "m").read(first)
+    image, _ = blob_volume(0)
+    assert case.image.shape == (2, *SHAPE)
+    np.testing.assert_array_equal(case.image[1], (1000 - image)[::-1, ::-1, :].astype(np.float32))
+    rejected = {r["path"]: r["reason"] for r in rows(mdir, "rejected.csv")}
+    assert "bad_0001.nii.gz: on another grid than" in rejected["imagesTr/bad_0000.nii.gz|imagesTr/bad_0001.nii.gz"]
+    assert len(df) == 6
+
+
 def test_canonical_round_trip_of_a_permuted_grid() -> None:
     from tumorseg.imageio.volume import axcodes, canonical_spacing, from_canonical, to_canonical
 

@@ -139,8 +139,13 @@ def select_split(df: pd.DataFrame, split: str, source: str | os.PathLike[str]) -
 
 
 def image_path(info: ManifestInfo, row: Any) -> Path:
-    """Absolute path of a row's image."""
-    return Path(info.data_root) / str(row["image"])
+    """Absolute path of a row's image (its first channel file, where one file holds each channel)."""
+    return image_paths(info, row)[0]
+
+
+def image_paths(info: ManifestInfo, row: Any) -> list[Path]:
+    """Absolute paths of a row's image file(s): one, or one per channel (nnU-Net's ``case_0000``, ...)."""
+    return [Path(info.data_root) / p for p in str(row["image"]).split(MASK_SEP)]
 
 
 def mask_paths(info: ManifestInfo, row: Any) -> list[Path]:
@@ -162,7 +167,7 @@ def verify_files(info: ManifestInfo, df: pd.DataFrame, source: str | os.PathLike
         return checked[key]
 
     for row in df.to_dict("records"):
-        for files, expected in (([image_path(info, row)], row["image_sha256"]),
+        for files, expected in ((image_paths(info, row), row["image_sha256"]),
                                 (mask_paths(info, row), row["mask_sha256"])):
             if current(files) != expected:
                 raise TumorsegError(f"{files[0]}: changed since ingest (sha256 differs); re-run tumorseg ingest")

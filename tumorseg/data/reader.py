@@ -32,7 +32,7 @@ from tumorseg.imageio import (
     slice_of,
     union_masks,
 )
-from tumorseg.imageio.volume import canonical_spacing, to_canonical, volume_of
+from tumorseg.imageio.volume import canonical_spacing, stack_channels, to_canonical, volume_of
 from tumorseg.manifest import MASK_SEP, ManifestInfo, combine_hashes
 from tumorseg.streaming import prefetch
 
@@ -121,8 +121,17 @@ class CaseReader:
     def _image(self, row: Mapping[Any, Any]) -> tuple[Decoded, np.ndarray]:
         """A row's decoded file (hash checked) and its ``float32 (C, H, W)`` plane (or canonical volume)."""
         slice_index = int(row["slice_index"])
-        img_path = Path(self.info.data_root) / str(row["image"])
-        img_sha, img = self._read(img_path, "image", slice_index >= 0)
+        paths = [Path(self.info.data_root) / p for p in str(row["image"]).split(MASK_SEP)]
+        img_path = paths[0]
+        if len(paths) == 1:
+            img_sha, img = self._read(img_path, "image", slice_index >= 0)
+        else:  # one file per channel (nnU-Net's naming): one volume
+            read = [self._read(p, "image", False) for p in paths]
+            img_sha = combine_hashes([sha for sha, _ in read])
+            try:
+                img = stack_channels([dec for _, dec in read], [str(p) for p in paths])
+            except DecodeError as exc:
+                raise TumorsegError(f"{exc}; re-run tumorseg ingest") from exc
         if img_sha != row["image_sha256"]:
             raise TumorsegError(f"{img_path}: changed since ingest (sha256 differs); re-run tumorseg ingest")
         if self.info.dims == 3:
@@ -137,7 +146,7 @@ class CaseReader:
         root = Path(self.info.data_root)
         slice_index, axis = int(row["slice_index"]), self.info.slice_axis
         volume = slice_index >= 0 or self.info.dims == 3
-        img_path = root / str(row["image"])
+        img_path = root / str(row["image"]).split(MASK_SEP)[0]
         img, image = self._image(row)
         if self.context is not None:
             image = self.context.image(str(row["case_id"]), image, lambda r: self._image(r)[1])

@@ -58,6 +58,7 @@ from tumorseg.labels import Classes
 from tumorseg.manifest import (
     ManifestInfo,
     image_path,
+    image_paths,
     load_manifest,
     mask_paths,
     require_same_dims,
@@ -125,7 +126,7 @@ def check_files(info: ManifestInfo, rows: pd.DataFrame, source: Path) -> None:
     missing: list[Path] = []
     seen: set[Path] = set()
     for row in rows.to_dict("records"):
-        for p in (image_path(info, row), *mask_paths(info, row)):
+        for p in (*image_paths(info, row), *mask_paths(info, row)):
             if p not in seen:
                 seen.add(p)
                 if not p.is_file():

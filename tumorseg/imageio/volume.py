@@ -84,3 +84,20 @@ def volume_of(decoded: Decoded, path: str) -> np.ndarray:
     arr = decoded.array
     channels = np.moveaxis(arr, -1, 0) if arr.ndim == 4 else arr[None]  # (C, X, Y, Z): MR sequences first
     return to_canonical(channels, decoded.affine).astype(np.float32, copy=False)
+
+
+def stack_channels(files: list[Decoded], paths: list[str]) -> Decoded:
+    """One multi-channel volume from one volume file per channel (nnU-Net's ``case_0000``, ``case_0001``, ...).
+
+    Raises:
+        DecodeError: a file that is not a one-channel volume, or one on another grid than the first (naming both).
+    """
+    first = files[0]
+    for dec, path in zip(files, paths, strict=True):
+        if not dec.is_volume or dec.array.ndim != 3:
+            raise DecodeError(f"{path}: a channel file must be a one-channel 3D volume (got shape {dec.array.shape})")
+        assert dec.affine is not None and first.affine is not None
+        if dec.array.shape != first.array.shape or not np.allclose(dec.affine, first.affine, atol=1e-3):
+            raise DecodeError(f"{path}: on another grid than {paths[0]} (shape {dec.array.shape} vs "
+                              f"{first.array.shape}, or another affine); the channels of a case share one grid")
+    return Decoded(np.stack([d.array for d in files], axis=-1), first.mode, first.affine)

@@ -184,6 +184,7 @@ def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str,
             masks[key_of(rel, base)][idx].append(rel_root)
 
     _pair_sibling_folders(images, masks)
+    _pair_channel_files(images, masks)
     tasks: list[Task] = []
     for key in sorted(set(images) | set(masks)):
         imgs = images.get(key, [])
@@ -213,7 +214,7 @@ def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str,
             for p in imgs + mask_files:
                 rejected.append((p, f"two masks share one stem ({names}); keep one of them"))
             continue
-        group = _group_of(cfg, image_rel[imgs[0]], key)
+        group = _group_of(cfg, image_rel[imgs[0].split("|")[0]], key)
         if group is None:
             rejected.append((imgs[0], f"path does not match --group-pattern {cfg.group_pattern!r}; fix the pattern"))
             continue
@@ -245,6 +246,27 @@ def _pair_sibling_folders(images: dict[str, list[str]], masks: dict[str, dict[in
         mask_keys = lonely_masks.get(where, [])
         if len(keys) == 1 and len(mask_keys) == 1:
             masks[keys[0]] = masks.pop(mask_keys[0])
+
+
+CHANNEL_FILE = re.compile(r"^(?P<base>.+)_(?P<channel>\d{4})$")
+"""nnU-Net's naming of one file per channel (MR sequence): ``case_0000.nii.gz``, ``case_0001.nii.gz``, ..."""
+
+
+def _pair_channel_files(images: dict[str, list[str]], masks: dict[str, dict[int, list[str]]]) -> None:
+    """Join nnU-Net's per-channel image files into one case whose mask has the bare stem (``case.nii.gz``).
+
+    Only where no mask has a file's own stem, the bare stem has masks but no image, and the channels number
+    ``0000`` up without a gap; the joined paths (channel order, ``|`` between) are the case's ``image``.
+    """
+    by_base: dict[str, dict[int, str]] = defaultdict(dict)
+    for key in images:
+        m = CHANNEL_FILE.match(key)
+        if m and key not in masks and m["base"] in masks and m["base"] not in images and len(images[key]) == 1:
+            by_base[m["base"]][int(m["channel"])] = key
+    for base, channels in by_base.items():
+        if sorted(channels) != list(range(len(channels))):
+            continue  # a gap: left as separate images (each rejected without a mask)
+        images[base] = ["|".join(images.pop(channels[c])[0] for c in range(len(channels)))]
 
 
 def _group_of(cfg: IngestConfig, rel: str, key: str) -> str | None:

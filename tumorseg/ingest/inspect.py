@@ -76,9 +76,7 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
     rel_img = task.image
     img_path = os.path.join(ctx.root, rel_img)
     try:
-        data = read_bytes(img_path)
-        img_sha = sha256_bytes(data)
-        image = decode(data, img_path, "image")
+        image, img_sha = _read_image(ctx.root, rel_img)
     except DecodeError as exc:
         return [], [(rel_img, _reason(exc, img_path))]
     channels = image.array.shape[0] if not image.is_grid else (image.array.shape[3] if image.array.ndim == 4 else 1)
@@ -177,6 +175,17 @@ sizes. Cases are read in canonical RAS+ order (:mod:`tumorseg.imageio.volume`)."
 def volume_columns(depth: int, spacing: str, orientation: str) -> dict[str, Any]:
     """The :data:`VOLUME_COLUMNS` of one volume case."""
     return dict(zip(VOLUME_COLUMNS, (depth, spacing, orientation), strict=True))
+
+
+def _read_image(root: str, rel: str) -> tuple[Any, str]:
+    """A case's decoded image and its recorded hash; several channel files (``a|b``) become one volume."""
+    from tumorseg.imageio.volume import stack_channels
+
+    paths = [os.path.join(root, p) for p in rel.split(MASK_SEP)]
+    data = [read_bytes(p) for p in paths]
+    decoded = [decode(d, p, "image") for d, p in zip(data, paths, strict=True)]
+    image = decoded[0] if len(paths) == 1 else stack_channels(decoded, paths)
+    return image, combine_hashes([sha256_bytes(d) for d in data])
 
 
 def _plane(arr: Any, grid: bool) -> Any:
