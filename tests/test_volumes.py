@@ -481,3 +481,46 @@ def test_a_model_of_the_other_kind_is_one_line(trained: tuple[Path, Path, Path],
         train(cfg)
     with pytest.raises(TumorsegError, match="holds 2D cases .* but model .* is 3D"):
         evaluate.run(EvaluateConfig(model=str(run_dir), manifest=manifest, out=tmp_path / "ev"))
+
+
+@pytest.mark.slow
+def test_exact_resume_of_a_3d_run_after_killed_process(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """As in 2D (deterministic mode, on-disk cache): kill a 3D training, resume it, get the uninterrupted weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from tumorseg import train
+    from tumorseg.checkpoint import load as load_checkpoint
+
+    mdir = trained[0]
+    sets = [*[s for s in TINY_3D if not s.startswith(("epochs", "max_steps", "postprocess", "val_overlays"))],
+            "epochs=8", "deterministic=true", "early_stopping_patience=null", "postprocess=none", "val_overlays=0",
+            "cache=disk", f"cache_dir={tmp_path / 'cache'}"]
+    full = train.run(load_config(TrainConfig, None, [*sets, "run_name=full"],
+                                 base={"manifest": str(mdir), "out": str(tmp_path)}))
+    proc = subprocess.Popen([sys.executable, "-m", "tumorseg", "train", str(mdir), "--out", str(tmp_path),
+                             *[f"--set={s}" for s in (*sets, "run_name=killed")]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = tmp_path / "killed" / "last.pt"
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if last.exists() and load_checkpoint(last)["epoch"] >= 2:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert 2 <= load_checkpoint(last)["epoch"] < 8
+    resumed = train.resume(tmp_path / "killed")
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(last)
+    assert a["epoch"] == b["epoch"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [h["val_dice"] for h in full.history] == [h["val_dice"] for h in resumed.history]
