@@ -524,3 +524,26 @@ def test_exact_resume_of_a_3d_run_after_killed_process(trained: tuple[Path, Path
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert [h["val_dice"] for h in full.history] == [h["val_dice"] for h in resumed.history]
+
+
+@pytest.mark.slow
+def test_ddp_trains_a_3d_model_on_two_cpu_processes(trained: tuple[Path, Path, Path], tmp_path: Path,
+                                                     mlflow_uri: str) -> None:
+    """torchrun with 2 gloo processes on volumes: one run, one set of checkpoints, the disk cache built once."""
+    import os
+    import subprocess
+    import sys
+
+    mdir = trained[0]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": mlflow_uri}
+    sets = [*TINY_3D, "run_name=ddp3d", "device=cpu", "cache=disk", f"cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tumorseg",
+         "train", str(mdir), "--out", str(tmp_path), *[f"--set={s}" for s in sets]],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("best val Dice") == 1
+    assert (tmp_path / "ddp3d" / "best.pt").is_file()
+    assert proc.stderr.count(": built ") == 2, proc.stderr[-3000:]
+    assert sorted(p.name.split("-")[1] for p in (tmp_path / "cache").glob("*")) == ["16x16x16"] * 2
