@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from tumorseg.config import IngestConfig, TrackingConfig
@@ -65,3 +67,20 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
             pass
         except psutil.TimeoutExpired:
             child.kill()
+
+
+def kill_at_epoch(proc: subprocess.Popen[bytes], last: Path, epoch: int, timeout: float) -> int:
+    """SIGKILL a training process once its ``last.pt`` records ``epoch`` (or later); the epoch it was killed at."""
+    from tumorseg.checkpoint import load as load_checkpoint
+
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if last.exists() and load_checkpoint(last)["epoch"] >= epoch:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    return int(load_checkpoint(last)["epoch"])

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import kill_at_epoch
 from typer.testing import CliRunner
 
 from tumorseg.cli import app
@@ -184,18 +183,7 @@ def test_exact_resume_after_killed_process(manifest: Path, tmp_path: Path, cache
         [sys.executable, "-m", "tumorseg", "train", str(manifest), "--out", str(tmp_path), *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
-    last = tmp_path / "killed" / "last.pt"
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if last.exists() and load_checkpoint(last)["epoch"] >= 3:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    killed_at = load_checkpoint(last)["epoch"]
+    killed_at = kill_at_epoch(proc, tmp_path / "killed" / "last.pt", 3, 120)
     assert 3 <= killed_at < 40
     assert not (tmp_path / "killed" / "result.json").exists()
 

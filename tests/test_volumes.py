@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import kill_at_epoch
 
 from tumorseg.config import IngestConfig, TrainConfig, load_config
 from tumorseg.errors import TumorsegError
@@ -486,11 +487,8 @@ def test_a_model_of_the_other_kind_is_one_line(trained: tuple[Path, Path, Path],
 @pytest.mark.slow
 def test_exact_resume_of_a_3d_run_after_killed_process(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
     """As in 2D (deterministic mode, on-disk cache): kill a 3D training, resume it, get the uninterrupted weights."""
-    import os
-    import signal
     import subprocess
     import sys
-    import time
 
     import torch
 
@@ -507,17 +505,7 @@ def test_exact_resume_of_a_3d_run_after_killed_process(trained: tuple[Path, Path
                              *[f"--set={s}" for s in (*sets, "run_name=killed")]],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = tmp_path / "killed" / "last.pt"
-    deadline = time.monotonic() + 180
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if last.exists() and load_checkpoint(last)["epoch"] >= 2:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert 2 <= load_checkpoint(last)["epoch"] < 8
+    assert 2 <= kill_at_epoch(proc, last, 2, 180) < 8
     resumed = train.resume(tmp_path / "killed")
     a, b = load_checkpoint(tmp_path / "full" / "last.pt"), load_checkpoint(last)
     assert a["epoch"] == b["epoch"] == 8
