@@ -54,6 +54,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # planned afresh (the shared plan.json was made without it; the probe's cached throughput keeps the rest equal)
     "patches-for-time": ("full, crops when whole images cannot buy the samples (rule 5)", ["patches_for_time=true"]),
     "context-1": ("full, one neighbouring slice a side as channels (2.5D, rule 10)", ["PLAN", "slice_context=1"]),
+    "context-1-by-case": ("context-1, the best checkpoint and post-processing by mean per-case val Dice (rule 9 off)",
+                          ["PLAN", "slice_context=1", "val_unit=case"]),
 }
 
 
