@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the re-chosen checkpoint here")
     ap.add_argument("--no-confidence", action="store_true", help="search without the confidence rule")
     ap.add_argument("--flat", action="store_true", help="search without the volumetric (per-stack) candidates")
+    ap.add_argument("--val-unit", choices=["case", "group"], default=None,
+                    help="score per this unit instead of the run's (what rule 9 changes in the search)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
@@ -42,6 +44,8 @@ def main() -> None:
         postprocess.CONFIDENCES = (0.0,)
     ckpt = checkpoint.load(args.run / "best.pt")
     cfg = checkpoint.train_config(ckpt)
+    if args.val_unit is not None:
+        cfg.val_unit = args.val_unit
     assert cfg.manifest is not None
     info, df = load_manifest(cfg.manifest)
     source = str(Path(cfg.manifest) / "manifest.csv")

@@ -335,6 +335,9 @@ class OracleSegmenter:
     def intensity_outside_training(self, image: np.ndarray) -> str | None:
         return None
 
+    def batch_for(self, requested: int) -> int:
+        return requested
+
     def predict_proba(self, images: list[np.ndarray], tta: bool | None = None) -> list[np.ndarray]:
         out = []
         for img in images:

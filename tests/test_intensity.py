@@ -21,6 +21,9 @@ from helpers import ingest_synth as _ingest
 from tumorseg.config import PredictConfig, TrackingConfig, TrainConfig, load_config
 from tumorseg.intensity import (
     fingerprint_from_sums,
+    foreground_sample,
+    foreground_stats,
+    mode_of,
     normalize,
     percentile_scale,
     range_message,
@@ -60,6 +63,38 @@ def test_stored_unit_rule_is_what_old_checkpoints_hold() -> None:
     np.testing.assert_allclose(normalize(img, {"mean": [2.0], "std": [4.0]}), (img - 2.0) / 4.0)
     z = normalize(img, None)  # normalize: image
     assert z.mean() == pytest.approx(0.0, abs=1e-6) and z.std() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_ct_rule_clips_to_the_foreground_window_then_z_scores_by_it() -> None:
+    """nnU-Net's CT rule on a hand-computed case: foreground 0..999, air -1000 around it."""
+    image = np.concatenate([np.arange(1000, dtype=np.float32).reshape(1, 10, 100),
+                            np.full((1, 10, 100), -1000.0, np.float32)], axis=1)
+    mask = np.zeros((20, 100), np.uint8)
+    mask[:10] = 2  # any label counts as foreground
+    stats = foreground_stats([foreground_sample(image, mask)])
+    assert stats is not None and mode_of(stats) == "ct"
+    (lo, hi), = stats["clip"]
+    assert lo == pytest.approx(4.995) and hi == pytest.approx(994.005)  # 0.5/99.5 percentiles of 0..999
+    assert stats["mean"] == [pytest.approx(499.5)]
+    assert stats["std"] == [pytest.approx(math.sqrt((1000**2 - 1) / 12))]  # of the unclipped foreground
+    out = normalize(image, stats)
+    std = stats["std"][0]
+    assert out[0, 15, 0] == pytest.approx((4.995 - 499.5) / std)  # air: clipped to the window first
+    assert out[0, 5, 0] == pytest.approx((500 - 499.5) / std)
+    assert out[0, 9, 99] == pytest.approx((994.005 - 499.5) / std)
+    assert foreground_stats([foreground_sample(image, np.zeros_like(mask))]) is None  # no foreground: no window
+
+
+def test_ct_rule_samples_each_case_with_a_seed_and_per_channel() -> None:
+    image = np.stack([np.arange(40000, dtype=np.float32), -np.arange(40000, dtype=np.float32)]).reshape(2, 200, 200)
+    mask = np.zeros((200, 200), np.uint8)
+    mask[:100] = 1  # 20000 foreground voxels: 0..19999
+    a, b = foreground_sample(image, mask), foreground_sample(image, mask)
+    assert a.shape == (2, 10000) and np.array_equal(a, b)  # capped, and the same draw on a rebuild
+    assert len(np.unique(a[0])) == 10000 and a[0].max() < 20000 and np.array_equal(a[1], -a[0])
+    stats = foreground_stats([a, foreground_sample(image[:, :50], mask[:50])])  # two cases pooled
+    assert stats is not None and len(stats["clip"]) == 2
+    assert stats["clip"][1][0] == pytest.approx(-stats["clip"][0][1])  # channel 2 mirrors channel 1
 
 
 def test_range_message_factor_four_both_ways() -> None:

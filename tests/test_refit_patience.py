@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tumorseg.config import ModelConfig, TrainConfig
@@ -39,3 +40,46 @@ def test_a_longer_refitted_run_keeps_the_plans_share_of_patience(refine_patience
     assert ctx.cfg.epochs == -(-ctx.cfg.max_steps // 10)
     # a patience the user set (--set early_stopping_patience=10) is theirs: only the plan's is refitted
     assert ctx.cfg.early_stopping_patience == (patience(ctx.cfg.epochs) if refine_patience else 10)
+
+
+@pytest.mark.parametrize(("image_size", "axes", "passes"), [
+    ((32, 32), ["vertical", "horizontal"], 5.0),  # plain + 4 mirrorings
+    ((32, 32), ["vertical"], 3.0),
+    ((32, 32), ["vertical", "depth"], 3.0),  # an image has no depth to mirror
+    ((16, 16, 16), ["vertical", "horizontal", "depth"], 9.0),  # plain + 8: a volume's mirrorings
+    ((32, 32), [], 1.0),
+])
+def test_the_search_is_reserved_one_validation_per_network_pass(image_size: tuple[int, ...], axes: list[str],
+                                                                passes: float) -> None:
+    from tumorseg.config import AugmentConfig
+    from tumorseg.train.postprocess import search_passes
+
+    cfg = TrainConfig(image_size=image_size, model=ModelConfig(channels=[8, 16, 32]), plan="off",
+                      augment=AugmentConfig(flip_axes=axes))  # type: ignore[arg-type]
+    assert search_passes(cfg) == passes
+
+
+def test_the_search_scoring_is_timed_on_a_val_case_with_tumour(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The candidates' scoring is measured on the first val case holding tumour (the labelling's real cost)."""
+    import torch
+
+    from tumorseg.data import RamSplit
+    from tumorseg.labels import Classes
+    from tumorseg.train import postprocess
+
+    masks = [np.zeros((40, 40), np.uint8), np.zeros((40, 40), np.uint8)]
+    masks[1][5:15, 5:15] = 1
+    val = RamSplit(case_ids=["empty", "tumour"], images=torch.zeros(2, 1, 16, 16), masks=torch.zeros(2, 1, 16, 16,
+                   dtype=torch.uint8), masks_original=masks, fg_pixels=np.array([0, 16]), pixels=256)
+    cfg = TrainConfig(image_size=(16, 16), model=ModelConfig(channels=[8, 16, 32]), plan="off")
+    scored: list[np.ndarray] = []
+    real = postprocess.flat_counts
+
+    def spy(grid: list, plain: np.ndarray, mirrored: np.ndarray, gt: np.ndarray, classes: Classes) -> list:
+        scored.append(gt)
+        assert len(grid) == len(postprocess.candidates(cfg, classes, 100))  # the search's whole grid
+        return real(grid, plain, mirrored, gt, classes)
+
+    monkeypatch.setattr(postprocess, "flat_counts", spy)
+    seconds = postprocess.scoring_seconds(val, cfg, Classes())
+    assert seconds > 0 and len(scored) == 1 and scored[0] is masks[1]

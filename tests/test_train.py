@@ -310,12 +310,17 @@ def test_cuda_requested_without_gpu_is_one_line(manifest: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("cache", ["ram", "disk"])
 def test_ddp_two_cpu_processes(manifest: Path, tmp_path: Path, mlflow_uri: str, cache: str) -> None:
-    """torchrun with 2 CPU processes on gloo: rank 0 alone logs, checkpoints and prints."""
+    """torchrun with 2 CPU processes on gloo: rank 0 alone logs, checkpoints and prints.
+
+    In RAM each rank caches its own shard; ``normalize: ct`` then gathers both shards' foreground voxels.
+    """
     import mlflow
+    import pandas as pd
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": mlflow_uri}
+    rule = "ct" if cache == "ram" else "percentile"
     args = [f"--set={s}" for s in (*TINY, f"run_name=ddp-{cache}", "device=cpu", f"cache={cache}",
-                                   f"cache_dir={tmp_path / 'cache'}")]
+                                   f"cache_dir={tmp_path / 'cache'}", f"normalize={rule}")]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tumorseg",
          "train", str(manifest), "--out", str(tmp_path), *args],
@@ -335,6 +340,9 @@ def test_ddp_two_cpu_processes(manifest: Path, tmp_path: Path, mlflow_uri: str, 
     assert proc.stderr.count(": built ") == (2 if cache == "disk" else 0), proc.stderr[-3000:]
     built = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*") if cache == "disk")
     assert built == (["train", "val"] if cache == "disk" else [])
+    if cache == "ram":  # both shards' foreground gathered, each train case once (a padded shard repeats one)
+        n_train = int((pd.read_csv(manifest / "manifest.csv")["split"] == "train").sum())
+        assert f"foreground voxels of {n_train} cases" in proc.stderr, proc.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- CUDA

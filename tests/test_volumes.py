@@ -135,22 +135,29 @@ def test_a_4d_volume_is_one_case_with_its_sequences_as_channels(tmp_path: Path) 
                                slice_axis=2, strict=True))
 
 
+def write_channel_files(images: Path, masks: Path | None, n: int, first: int = 0) -> None:
+    """nnU-Net's layout: ``c<i>_0000.nii.gz`` and ``c<i>_0001.nii.gz`` (two sequences), label ``c<i>.nii.gz``."""
+    images.mkdir(parents=True, exist_ok=True)
+    for i in range(first, first + n):
+        image, label = blob_volume(i, empty=i % 6 == 5)
+        write_nifti(images / f"c{i}_0000.nii.gz", image, LPS)
+        write_nifti(images / f"c{i}_0001.nii.gz", (1000 - image).astype(np.int16), LPS)
+        if masks is not None:
+            masks.mkdir(parents=True, exist_ok=True)
+            write_nifti(masks / f"c{i}.nii.gz", label, LPS)
+
+
 def test_nnunet_channel_files_are_one_case(tmp_path: Path) -> None:
     """``case_0000.nii.gz`` + ``case_0001.nii.gz`` with the label ``case.nii.gz``: one 2-channel case."""
     from tumorseg.data import CaseReader
     from tumorseg.manifest import load_manifest
 
     images, masks = tmp_path / "imagesTr", tmp_path / "labelsTr"
-    images.mkdir()
-    masks.mkdir()
-    for i in range(6):
-        image, label = blob_volume(i)
-        write_nifti(images / f"c{i}_0000.nii.gz", image, LPS)
-        write_nifti(images / f"c{i}_0001.nii.gz", (1000 - image).astype(np.int16), LPS)
-        write_nifti(masks / f"c{i}.nii.gz", label, LPS)
+    write_channel_files(images, masks, 6)
     # a case whose second channel lies on another grid
     shifted = LPS.copy()
     shifted[:3, 3] = (9.0, 0.0, 0.0)
+    image, label = blob_volume(5)
     write_nifti(images / "bad_0000.nii.gz", image, LPS)
     write_nifti(images / "bad_0001.nii.gz", image, shifted)
     write_nifti(masks / "bad.nii.gz", label, LPS)
@@ -313,6 +320,17 @@ def test_plan_rules_on_isotropic_and_anisotropic_fingerprints() -> None:
         volumes.choose(thin, 600, 4, lambda *a: None, "cpu")  # type: ignore[arg-type]
 
 
+def test_plan_uses_the_ct_rule_for_hounsfield_units_only() -> None:
+    from tumorseg.planning import volumes
+
+    mri = fingerprint((1.0, 1.0, 1.0), (64, 64, 64))
+    assert volumes.intensity_rule(mri)[0] == "image"  # type: ignore[arg-type]
+    ct = mri.model_copy(update={  # type: ignore[attr-defined]
+        "intensity": [{"p0_5": -1024.0, "p50": -700.0, "p99_5": 1200.0, "mean": -500.0, "std": 400.0}]})
+    rule, why = volumes.intensity_rule(ct)  # type: ignore[arg-type]
+    assert rule == "ct" and "foreground" in why
+
+
 def test_a_3d_grid_must_divide_by_its_strides() -> None:
     assert TrainConfig(image_size=(32, 32, 16), model={"channels": [8, 16, 32], "strides": [[2, 2, 1], [2, 2, 2]]})
     with pytest.raises(ValueError, match="not divisible"):
@@ -366,7 +384,7 @@ def test_region_targets_of_a_volume() -> None:
 
 TINY_3D = [
     "plan=off", "epochs=2", "max_steps=6", "batch_size=2", "image_size=[16,16,16]", "model.channels=[4,8,16]",
-    "model.num_res_units=1", "model.norm=instance", "normalize=image", "log_model=false", "val_overlays=2",
+    "model.num_res_units=1", "model.norm=instance", "normalize=ct", "log_model=false", "val_overlays=2",
     "augment.flip_axes=[vertical,horizontal,depth]", "postprocess=auto",
 ]
 
@@ -392,6 +410,13 @@ def test_a_3d_model_trains_and_evaluates_per_volume(trained: tuple[Path, Path, P
     mdir, run_dir, _ = trained
     seg = Segmenter.from_checkpoint(run_dir / "best.pt", device="cpu")
     assert seg.config.spatial_dims == 3 and (run_dir / "val_overlays.png").is_file()
+    assert seg.batch_for(16) == 2 and seg.batch_for(1) == 1  # never more volumes a pass than training's batch
+    # normalize: ct (nnU-Net's CT rule): the window and z-score come from the tumour voxels (600 +- 30), not
+    # from the whole volumes (mean about 210)
+    assert seg.stats is not None
+    (lo, hi), = seg.stats["clip"]
+    assert 500 < lo < 560 and 640 < hi < 700
+    assert seg.stats["mean"][0] == pytest.approx(600, abs=5) and seg.stats["std"][0] == pytest.approx(30, abs=3)
     res = evaluate.run(EvaluateConfig(model=str(run_dir), manifest=mdir, out=tmp_path / "eval", surface=True,
                                       bootstrap=0))
     per_case = rows(res.out_dir, "per_case.csv")
@@ -432,6 +457,47 @@ def test_predict_writes_the_mask_on_the_inputs_own_grid(trained: tuple[Path, Pat
     with pytest.raises(TumorsegError, match="one.nii.gz: a 2D image given to a 3D model"):
         predict.run(PredictConfig(model=str(run_dir), inputs=[flat], output_dir=tmp_path / "out2",
                                   format="nifti"))
+
+
+def test_predict_joins_nnunet_channel_files_as_a_4d_file(tmp_path: Path) -> None:
+    """A 2-channel model predicts ``new_0000`` + ``new_0001`` as one input (mask ``new.nii.gz``), as the 4D file."""
+    from tumorseg import predict
+    from tumorseg.config import PredictConfig
+    from tumorseg.train import run as train
+
+    write_channel_files(tmp_path / "imagesTr", tmp_path / "labelsTr", 12)
+    mdir = ingest(tmp_path / "imagesTr", tmp_path / "labelsTr", tmp_path / "m", seed=1)
+    cfg = load_config(TrainConfig, None, [*TINY_3D, "max_steps=2", "postprocess=none", "val_overlays=0"],
+                      base={"manifest": str(mdir), "out": str(tmp_path / "runs")})
+    run_dir = str(train(cfg).run_dir)
+    files, four_d = tmp_path / "new", tmp_path / "new4d"
+    write_channel_files(files, None, 2, first=40)
+    four_d.mkdir()
+    for i in (40, 41):
+        seqs = [np.asarray(nib.load(str(files / f"c{i}_{c:04d}.nii.gz")).dataobj) for c in (0, 1)]
+        write_nifti(four_d / f"c{i}.nii.gz", np.stack(seqs, axis=-1), LPS)
+    res = predict.run(PredictConfig(model=run_dir, inputs=[files], output_dir=tmp_path / "out", format="nifti",
+                                    probabilities=True))
+    assert res.n_inputs == 2
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.nii.gz")) == [
+        "c40.nii.gz", "c40_prob.nii.gz", "c41.nii.gz", "c41_prob.nii.gz"]
+    predict.run(PredictConfig(model=run_dir, inputs=[four_d], output_dir=tmp_path / "out4d", format="nifti",
+                              probabilities=True))
+    for name in ("c40.nii.gz", "c40_prob.nii.gz", "c41.nii.gz", "c41_prob.nii.gz"):
+        joined, whole = nib.load(str(tmp_path / "out" / name)), nib.load(str(tmp_path / "out4d" / name))
+        assert joined.shape == SHAPE
+        np.testing.assert_array_equal(np.asarray(joined.dataobj), np.asarray(whole.dataobj))  # channels in order
+    swapped = tmp_path / "swapped"  # the sequences in the other order: other probabilities (the test can fail)
+    swapped.mkdir()
+    for c in (0, 1):
+        (swapped / f"c40_{c:04d}.nii.gz").write_bytes((files / f"c40_{1 - c:04d}.nii.gz").read_bytes())
+    predict.run(PredictConfig(model=run_dir, inputs=[swapped], output_dir=tmp_path / "outs", format="nifti",
+                              probabilities=True))
+    assert not np.array_equal(np.asarray(nib.load(str(tmp_path / "outs" / "c40_prob.nii.gz")).dataobj),
+                              np.asarray(nib.load(str(tmp_path / "out" / "c40_prob.nii.gz")).dataobj))
+    (files / "c41_0001.nii.gz").unlink()  # a case missing its second sequence: one line naming it
+    with pytest.raises(TumorsegError, match=r"c41_0000.nii.gz: the model takes 2 channels.* has _0000;"):
+        predict.run(PredictConfig(model=run_dir, inputs=[files], output_dir=tmp_path / "out2", format="nifti"))
 
 
 def test_the_pyfunc_model_takes_volumes_by_rank(trained: tuple[Path, Path, Path]) -> None:

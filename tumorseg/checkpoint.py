@@ -110,7 +110,7 @@ def build_payload(
     return payload
 
 
-def input_normalization(cfg: TrainConfig, intensity: Mapping[str, list[float]] | None) -> str:
+def input_normalization(cfg: TrainConfig, intensity: Mapping[str, Any] | None) -> str:
     """What a checkpoint's ``intensity`` is, in words (it is applied the same way whatever its source)."""
     if intensity is None:
         return "image: each image z-scored by its own mean/std"
@@ -119,6 +119,9 @@ def input_normalization(cfg: TrainConfig, intensity: Mapping[str, list[float]] |
                 "own 0.5/99.5 percentiles to [0, 1]")
     if intensity.get("percentiles"):
         return "percentile: each image scaled by its own 0.5/99.5 percentiles, then the training split's mean/std"
+    if intensity.get("clip"):
+        return ("ct: each channel clipped to the training split's foreground 0.5/99.5 percentiles "
+                f"{intensity['clip']}, then the foreground's mean/std (nnU-Net's CT rule)")
     return "dataset: the training split's mean/std in stored units"
 
 

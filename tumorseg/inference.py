@@ -2,7 +2,7 @@
 
 Train's validation, ``evaluate``, ``predict`` and the MLflow pyfunc model all predict
 through the functions here, so they share one preprocessing and one resize-back rule:
-the network sees the image normalised (:func:`normalize`) and resized to ``image_size``;
+the network sees the image normalised (:func:`tumorseg.intensity.normalize`) and resized to ``image_size``;
 its logits are resized back (bilinear) to the original size before the sigmoid and threshold.
 
 The normalisation rules live in :mod:`tumorseg.intensity`; they travel in the checkpoint
@@ -24,7 +24,7 @@ from tumorseg import checkpoint
 from tumorseg.config import TrainConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.imageio import to_channels
-from tumorseg.intensity import Fingerprint, Stats, legacy_fingerprint, normalize, range_message
+from tumorseg.intensity import Fingerprint, Stats, finish, legacy_fingerprint, prescale_for, range_message
 from tumorseg.labels import Classes
 from tumorseg.postprocessing import (  # noqa: F401  (re-exported: where callers have always found them)
     Postprocess,
@@ -44,7 +44,10 @@ def preprocess(
     image: np.ndarray, size: tuple[int, ...], in_channels: int, stats: Stats | None = None
 ) -> torch.Tensor:
     """``(C, H, W)`` image (or ``(C, X, Y, Z)`` volume) -> ``float32 (in_channels, *size)`` network input."""
-    return resize_image(normalize(to_channels(image, in_channels), stats), size)
+    import torch
+
+    pre = prescale_for(to_channels(image, in_channels), stats)
+    return torch.from_numpy(finish(resize_image(pre, size).numpy(), stats))
 
 
 def resize_image(image: np.ndarray, size: tuple[int, ...]) -> torch.Tensor:
@@ -239,6 +242,16 @@ class Segmenter:
     def base_channels(self) -> int:
         """Channels of one input plane (``in_channels`` of a 2.5D model counts every slice of the window)."""
         return self.in_channels // (2 * self.context + 1)
+
+    def batch_for(self, requested: int) -> int:
+        """Inputs per forward pass: ``requested`` images, but at most two volumes and never more than training's batch.
+
+        A whole volume's activations (and a sliding window's full-size buffers) are those of a training batch
+        of patches or more, so evaluate, predict and the MLflow model hold nnU-Net's 3D batch (2) at the most.
+        """
+        if self.config.spatial_dims == 2:
+            return max(1, requested)
+        return max(1, min(requested, int(self.config.batch_size), 2))
 
     def stack(self, planes: list[np.ndarray]) -> list[np.ndarray]:
         """The network's inputs for an ordered stack of ``(C, H, W)`` planes: each with its neighbours (2.5D).

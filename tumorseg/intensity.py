@@ -10,7 +10,13 @@ rule the model was trained with, and a checkpoint written before a rule existed 
 * ``{"mean", "std"}`` (``normalize: dataset``): z-scored by the training split's mean/std in the
   stored units (physical units such as CT Hounsfield; a 16-bit file given to an 8-bit model
   is out of range).
+* ``{"mean", "std", "clip"}`` (``normalize: ct``, nnU-Net's CT rule): clipped per channel to the 0.5/99.5
+  percentiles of the training split's *foreground* voxels (label > 0) in stored units, then z-scored by the
+  foreground's mean/std: the window a radiologist would set on the structures to segment.
 * ``None`` (``normalize: image``): each image z-scored by its own mean/std (nnU-Net's non-CT rule).
+
+The dataset part (clip and affine map, :func:`finish`) is applied after resizing, in training and in
+inference alike; the per-image part (:func:`prescale`) before.
 
 A separate intensity *fingerprint* of the raw training images (``intensity_fingerprint``)
 lets :meth:`Segmenter.intensity_outside_training` say when an input's stored range is far from
@@ -20,20 +26,29 @@ what the model saw.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 
-Stats = dict[str, list[float]]
-"""Per-channel intensity statistics ``{"mean": [...], "std": [...]}`` of a training split, plus
-``"percentiles": [0.5, 99.5]`` when each image is first scaled by its own percentiles."""
+Stats = dict[str, Any]
+"""Per-channel intensity statistics ``{"mean": [...], "std": [...]}`` (lists of floats) of a training split,
+plus ``"percentiles": [0.5, 99.5]`` when each image is first scaled by its own percentiles, or ``"clip":
+[[low, high], ...]`` (one window per channel) under ``normalize: ct``."""
 
 Fingerprint = dict[str, float]
 """Raw intensity range of the training images: the mean of their per-image 0.5 and 99.5 percentiles
 (``p0_5``, ``p99_5``), the lowest and highest per-image 99.5 percentile (``p99_5_min``, ``p99_5_max``)
 and ``n_images``."""
+
+FOREGROUND_SAMPLES = 10_000
+"""Foreground voxels drawn per case and channel for ``normalize: ct`` (nnU-Net samples its intensity
+properties the same way; the draw is seeded, so a rebuild gives the same statistics)."""
 
 SCALE_PERCENTILES = (0.5, 99.5)
 """Per-image percentiles mapped to 0 and 1 by ``normalize: percentile``."""
@@ -67,12 +82,93 @@ def normalize(image: np.ndarray, stats: Stats | None = None) -> np.ndarray:
     its own statistics (``normalize: image``; constant images -> 0). It is
     :func:`prescale` (per image) followed by :func:`affine` (the dataset's map).
     """
-    mode = "image" if stats is None else ("percentile" if stats.get("percentiles") else "dataset")
-    img = prescale(image, mode, stats["percentiles"] if stats and stats.get("percentiles") else SCALE_PERCENTILES)
-    mapping = affine(stats, img.ndim - 1)
+    return finish(prescale_for(image, stats), stats)
+
+
+def prescale_for(image: np.ndarray, stats: Stats | None) -> np.ndarray:
+    """:func:`prescale` by the rule that made ``stats`` (what comes before resizing)."""
+    return prescale(image, mode_of(stats),
+                    stats["percentiles"] if stats and stats.get("percentiles") else SCALE_PERCENTILES)
+
+
+def mode_of(stats: Stats | None) -> str:
+    """The ``normalize`` rule that made ``stats`` (checkpoints carry the statistics, not the name)."""
+    if stats is None:
+        return "image"
+    if stats.get("percentiles"):
+        return "percentile"
+    return "ct" if stats.get("clip") else "dataset"
+
+
+def finish(image: np.ndarray, stats: Stats | None) -> np.ndarray:
+    """The dataset part of the rule on a prescaled ``(C, *spatial)`` array: clip (``ct``), then the affine map."""
+    spatial = image.ndim - 1
+    bounds = clip_range(stats, spatial)
+    img = image if bounds is None else np.clip(image, bounds[0], bounds[1])
+    mapping = affine(stats, spatial)
     if mapping is None:
         return img
     return (img - mapping[0]) / mapping[1]
+
+
+def finish_tensor_(x: torch.Tensor, stats: Stats | None, rule: list[torch.Tensor | None] | None = None
+                   ) -> torch.Tensor:
+    """:func:`finish` in place on a ``(N, C, *spatial)`` tensor (on its device).
+
+    ``rule``: the tensors of :func:`rule_tensors` for ``stats`` on ``x``'s device, made once by a caller that
+    finishes many batches.
+    """
+    import torch
+
+    lo, hi, mean, std = rule if rule is not None else rule_tensors(stats, x.dim() - 2, x.device)
+    if lo is not None and hi is not None:
+        torch.maximum(x, lo, out=x)
+        torch.minimum(x, hi, out=x)
+    if mean is not None and std is not None:
+        x.sub_(mean).div_(std)
+    return x
+
+
+def rule_tensors(stats: Stats | None, spatial: int, device: torch.device) -> list[torch.Tensor | None]:
+    """``[low, high, mean, std]`` of the dataset part of the rule as tensors on ``device`` (``None``: not used)."""
+    import torch
+
+    bounds = clip_range(stats, spatial) or (None, None)
+    mapping = affine(stats, spatial) or (None, None)
+    return [None if a is None else torch.from_numpy(a).to(device) for a in (*bounds, *mapping)]
+
+
+def clip_range(stats: Stats | None, spatial: int = 2) -> tuple[np.ndarray, np.ndarray] | None:
+    """``normalize: ct``'s per-channel ``(low, high)`` as ``float32 (C, 1, ...)`` arrays, or ``None``."""
+    if not stats or not stats.get("clip"):
+        return None
+    bounds = np.asarray(stats["clip"], dtype=np.float32).reshape(-1, 2)
+    shape = (-1, *([1] * spatial))
+    return bounds[:, 0].reshape(shape), bounds[:, 1].reshape(shape)
+
+
+def foreground_sample(image: np.ndarray, mask: np.ndarray, n: int = FOREGROUND_SAMPLES) -> np.ndarray:
+    """Up to ``n`` of ``image``'s ``(C, *spatial)`` voxels where ``mask > 0``, as ``float32 (C, k)`` (seeded)."""
+    idx = np.flatnonzero(np.asarray(mask).reshape(-1) > 0)
+    if idx.size > n:
+        idx = np.sort(np.random.default_rng(1234).choice(idx, n, replace=False))
+    flat = np.asarray(image).reshape(image.shape[0], -1)
+    return flat[:, idx].astype(np.float32)
+
+
+def foreground_stats(samples: list[np.ndarray]) -> Stats | None:
+    """``normalize: ct``'s statistics from pooled :func:`foreground_sample` draws (``None`` without foreground).
+
+    The clip window is the pooled 0.5/99.5 percentiles; mean and std are those of the unclipped foreground
+    (nnU-Net's ``CTNormalization``).
+    """
+    pooled = np.concatenate([s for s in samples if s.size], axis=1) if any(s.size for s in samples) else None
+    if pooled is None:
+        return None
+    values = pooled.astype(np.float64)
+    lo, hi = np.percentile(values, SCALE_PERCENTILES, axis=1)
+    return {"mean": [float(v) for v in values.mean(axis=1)], "std": [float(v) for v in values.std(axis=1)],
+            "clip": [[float(a), float(b)] for a, b in zip(lo, hi, strict=True)]}
 
 
 def prescale(image: np.ndarray, mode: str,
@@ -203,8 +299,8 @@ def range_message(image: np.ndarray, fingerprint: Fingerprint | None, stats: Sta
     head = (f"intensities up to {hi:g} (99.5th percentile), {how} the training images' {trained} - another "
             "bit depth (16-bit, 12-bit in 16) or another kind of image?")
     if stats is not None and not stats.get("percentiles"):
-        return (f"{head} This model normalises in the training images' stored units (normalize: dataset), so its "
-                "predictions on this image are likely wrong: store it like the training images, or retrain with "
-                "normalize: percentile")
+        return (f"{head} This model normalises in the training images' stored units (normalize: "
+                f"{mode_of(stats)}), so its predictions on this image are likely wrong: store it like the training "
+                "images, or retrain with normalize: percentile")
     return (f"{head} The model scales each image by its own intensity range, so the bit depth alone does not "
             "change its predictions; check that this is the kind of image it was trained on")

@@ -164,7 +164,7 @@ class TumorsegPyfunc(_Base):  # type: ignore[misc]
         # in chunks: a client may post a large batch, and the network's activations grow with it
         seg = self.segmenter
         images = seg.stack(images)  # 2.5D: the images are one ordered stack of slices
-        chunk = 1 if seg.config.spatial_dims == 3 else CHUNK  # a volume is a forward pass of its own
+        chunk = seg.batch_for(CHUNK)
         out = [o for i in range(0, len(images), chunk) for o in seg.predict_proba(images[i:i + chunk])]
         if not probabilities:  # volumetric post-processing: the images are one ordered stack of slices
             out = seg.stack_masks(out)

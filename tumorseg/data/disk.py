@@ -39,7 +39,7 @@ from tumorseg.data.maintenance import partial_suffix, prune_stale, remove_stale_
 from tumorseg.data.split import Batch, Prepared, Split, Summary, build, pack_mask, unpack_mask
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_json
-from tumorseg.intensity import SCALE_PERCENTILES, Stats, affine
+from tumorseg.intensity import SCALE_PERCENTILES, Stats, finish_tensor_, rule_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -144,7 +144,7 @@ class DiskSplit(Split):
         self._img_header = _npy_header_length(folder / "images.npy")
         self._mask_header = _npy_header_length(folder / "masks.npy")
         self.stats = None
-        self._mapping: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rule: tuple[torch.device, list[torch.Tensor | None]] | None = None  # the stats' tensors, on a device
         self.pin = False
 
     def subset(self, rows: np.ndarray) -> DiskSplit:
@@ -156,7 +156,7 @@ class DiskSplit(Split):
     def normalise(self, stats: Stats | None) -> None:
         """Apply ``stats`` to every batch read from now on."""
         self.stats = stats
-        self._mapping = None
+        self._rule = None
 
     def _fd(self, name: str) -> int:
         with self._lock:
@@ -209,16 +209,12 @@ class DiskSplit(Split):
 
     def to_device(self, batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Copy, widen to float32, undo the storage scale and normalise, on ``device``."""
-        import torch
-
         x = batch.images.to(device, non_blocking=True).float()
         assert batch.scale is not None
         x.mul_(batch.scale.to(device, non_blocking=True).view(-1, *([1] * (x.dim() - 1))))
-        if self.stats is not None:
-            if self._mapping is None or self._mapping[0].device != device:
-                mean, std = affine(self.stats, x.dim() - 2)  # type: ignore[misc]  # stats given: never None
-                self._mapping = (torch.from_numpy(mean).to(device), torch.from_numpy(std).to(device))
-            x.sub_(self._mapping[0]).div_(self._mapping[1])
+        if self._rule is None or self._rule[0] != device:
+            self._rule = (device, rule_tensors(self.stats, x.dim() - 2, device))
+        finish_tensor_(x, self.stats, self._rule[1])
         y = batch.masks.to(device, non_blocking=True).float() if batch.masks is not None else None
         return x, y
 

@@ -27,8 +27,10 @@ from tumorseg.intensity import (
     SCALE_PERCENTILES,
     Stats,
     add_range,
-    affine,
     empty_range,
+    finish_tensor_,
+    foreground_sample,
+    foreground_stats,
     prescale,
     prescaled_sums,
     raw_range,
@@ -53,6 +55,7 @@ class Prepared:
         original_mask: ``uint8 (H, W)`` mask at the original resolution (scoring).
         sums: ``(3, C)`` intensity sums of the prescaled original (the dataset statistics).
         raw_range: the raw 0.5/99.5 percentiles (the intensity fingerprint).
+        foreground: ``(C, k)`` sampled foreground voxels (``normalize: ct`` only), else ``None``.
     """
 
     image: np.ndarray
@@ -60,6 +63,7 @@ class Prepared:
     original_mask: np.ndarray
     sums: np.ndarray
     raw_range: tuple[float, float]
+    foreground: np.ndarray | None = None
 
 
 @dataclass
@@ -69,6 +73,10 @@ class Summary:
     sums: np.ndarray  # (3, C): count, sum, sum of squares of the prescaled originals
     range_sums: np.ndarray  # [sum p0.5, sum p99.5, n]
     range_max: np.ndarray  # [max p99.5, -min p99.5]
+    # normalize: ct: the sampled foreground voxels (gathered across DDP ranks, not summed), or their
+    # statistics once stored (a reused disk cache)
+    foreground: list[np.ndarray] = field(default_factory=list)
+    foreground_stored: Stats | None = None
 
     @classmethod
     def empty(cls, channels: int) -> Summary:
@@ -79,17 +87,23 @@ class Summary:
         """Add one case."""
         self.sums += p.sums
         add_range(self.range_sums, self.range_max, *p.raw_range)
+        if p.foreground is not None:
+            self.foreground.append(p.foreground)
+
+    def foreground_stats(self) -> Stats | None:
+        """``normalize: ct``'s clip window and foreground mean/std (``None``: no foreground voxel was sampled)."""
+        return foreground_stats(self.foreground) if self.foreground else self.foreground_stored
 
     def to_json(self) -> dict[str, Any]:
         """Plain lists (the disk cache's ``meta.json``)."""
         return {"sums": self.sums.tolist(), "range_sums": self.range_sums.tolist(),
-                "range_max": self.range_max.tolist()}
+                "range_max": self.range_max.tolist(), "foreground": self.foreground_stats()}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Summary:
         """The inverse of :meth:`to_json`."""
         return cls(np.asarray(d["sums"], dtype=np.float64), np.asarray(d["range_sums"], dtype=np.float64),
-                   np.asarray(d["range_max"], dtype=np.float64))
+                   np.asarray(d["range_max"], dtype=np.float64), foreground_stored=d.get("foreground"))
 
 
 @dataclass
@@ -172,14 +186,9 @@ class RamSplit(Split):
         return self.masks_original[i]
 
     def normalise(self, stats: Stats | None) -> None:
-        """Apply the dataset's affine map in place (once, after the statistics are known)."""
-        import torch
-
+        """Apply the dataset's clip and affine map in place (once, after the statistics are known)."""
         self.stats = stats
-        mapping = affine(stats, self.images.dim() - 2)
-        if mapping is not None:
-            mean, std = (torch.from_numpy(a).to(self.images.device) for a in mapping)
-            self.images.sub_(mean).div_(std)
+        finish_tensor_(self.images, stats)
 
     def place(self, device: torch.device, mode: str) -> None:
         """Move the tensors to the GPU when asked or when they fit, else pin them (CUDA machines only).
@@ -230,7 +239,8 @@ def prepare(case: Case, size: tuple[int, ...], in_channels: int, mode: str) -> P
 
     pre = prescale(to_channels(case.image, in_channels), mode, SCALE_PERCENTILES)
     mask = resize_mask(case.mask, size).to(torch.uint8).numpy()
-    return Prepared(resize_image(pre, size).numpy(), mask, case.mask, prescaled_sums(pre), raw_range(case.image))
+    return Prepared(resize_image(pre, size).numpy(), mask, case.mask, prescaled_sums(pre), raw_range(case.image),
+                    foreground_sample(pre, case.mask) if mode == "ct" else None)
 
 
 class Sink(Protocol):

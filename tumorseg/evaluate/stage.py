@@ -301,7 +301,7 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame, cf
     split_of = [str(s) for s in rows["split"]]
     gallery = Gallery(cfg.gallery_k)
     out: list[dict[str, Any]] = []
-    bs = cfg.batch_size if seg.config.spatial_dims == 2 else min(cfg.batch_size, 2)  # volumes: two at a time
+    bs = seg.batch_for(cfg.batch_size)
     n_batches = math.ceil(len(rows) / bs)
     source = str(Path(cfg.manifest) / "manifest.csv")
     reader = CaseReader(info, source, context=_context(seg, rows, source))

@@ -9,6 +9,8 @@ image in ITK-SNAP or 3D Slicer.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from tumorseg.imageio.base import Decoded, DecodeError
@@ -84,6 +86,10 @@ def volume_of(decoded: Decoded, path: str) -> np.ndarray:
     arr = decoded.array
     channels = np.moveaxis(arr, -1, 0) if arr.ndim == 4 else arr[None]  # (C, X, Y, Z): MR sequences first
     return to_canonical(channels, decoded.affine).astype(np.float32, copy=False)
+
+
+CHANNEL_FILE = re.compile(r"^(?P<base>.+)_(?P<channel>\d{4})$")
+"""nnU-Net's one-file-per-channel naming: ``<case>_0000``, ``<case>_0001``, ... (the stem, extension removed)."""
 
 
 def stack_channels(files: list[Decoded], paths: list[str]) -> Decoded:

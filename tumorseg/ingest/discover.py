@@ -13,6 +13,7 @@ from pathlib import Path
 from tumorseg.config import IngestConfig
 from tumorseg.imageio import EXTENSIONS, FORMATS_TEXT, split_ext
 from tumorseg.imageio.dicom import is_series_folder
+from tumorseg.imageio.volume import CHANNEL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -246,10 +247,6 @@ def _pair_sibling_folders(images: dict[str, list[str]], masks: dict[str, dict[in
         mask_keys = lonely_masks.get(where, [])
         if len(keys) == 1 and len(mask_keys) == 1:
             masks[keys[0]] = masks.pop(mask_keys[0])
-
-
-CHANNEL_FILE = re.compile(r"^(?P<base>.+)_(?P<channel>\d{4})$")
-"""nnU-Net's naming of one file per channel (MR sequence): ``case_0000.nii.gz``, ``case_0001.nii.gz``, ..."""
 
 
 def _pair_channel_files(images: dict[str, list[str]], masks: dict[str, dict[int, list[str]]]) -> None:

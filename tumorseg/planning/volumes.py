@@ -25,7 +25,9 @@ V5. **Patches.** Where the grid holds more voxels than fit (``MAX_PATCH_VOXELS_C
     sliding-window inference with Gaussian blending.
 V6. **Batch, steps, loss.** Batch 2 (nnU-Net's 3D batch); steps from the measured throughput; Dice + CE.
 V7. **Intensities.** CT-like data (stored values reaching -500 and below: Hounsfield units) keep their
-    physical scale (the training split's mean/std); other modalities (MRI) a z-score per volume (nnU-Net).
+    physical scale: clipped to the 0.5/99.5 percentiles of the training split's foreground voxels, then
+    z-scored by the foreground's mean/std (nnU-Net's ``CTNormalization``, ``normalize: ct``); other modalities
+    (MRI) a z-score per volume (nnU-Net).
 V8. **Augmentation.** Mirroring along all three axes (nnU-Net): the canonical orientation makes them comparable;
     rotation about the third axis and scaling on a fifth of the samples (nnU-Net's ``AFFINE_PROB_3D``: a 3D warp
     costs about a tenth of a CPU training step, benchmarks/RESULTS.md); intensity scale and shift.
@@ -59,6 +61,8 @@ BATCH_3D = 2
 SIZE_STEP_3D = 8
 AFFINE_PROB_3D = 0.2
 """V8: nnU-Net's per-sample probability of rotation and scaling; a 3D warp costs about a tenth of a CPU step."""
+CT_BELOW = -500.0
+"""V7: a train split whose mean 0.5th percentile reaches this is stored in Hounsfield units (air is -1000)."""
 SEARCH_PASSES = 10.0
 """Val passes the post-processing search costs in 3D: a plain pass, one per mirroring of three axes (7) and the
 filters' re-scoring (about 2)."""
@@ -145,6 +149,14 @@ def dims_rule(fp: Fingerprint) -> tuple[int, str]:
                "slices, nnU-Net's usual winner on volumes")
 
 
+def intensity_rule(fp: Fingerprint) -> tuple[str, str]:
+    """V7: ``(normalize, reason)``: ``ct`` for Hounsfield-like values, else a z-score per volume."""
+    if fp.intensity and min(s["p0_5"] for s in fp.intensity) <= CT_BELOW:
+        return "ct", (f"CT-like values (down to {CT_BELOW:g} and below): clipped to the train foreground's 0.5/99.5 "
+                      "percentiles, then its mean/std (nnU-Net's CT rule)")
+    return "image", "a z-score per volume (MRI and other non-CT modalities; nnU-Net)"
+
+
 def floor_factor(fp: Fingerprint) -> float:
     """V3: the largest coarsening that keeps the tumours visible (1.0: none)."""
     d = fp.tumour_diameter
@@ -226,10 +238,7 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
     strides = model.strides or []
     reasons["network"] = (f"MONAI UNet {model.channels[0]}..{model.channels[-1]}, instance norm, strides "
                           f"{strides} (an axis is halved while its spacing is at most twice the finest; nnU-Net)")
-    ct = bool(fp.intensity) and min(s["p0_5"] for s in fp.intensity) <= -500
-    normalize = "dataset" if ct else "image"
-    reasons["normalize"] = ("CT-like values (down to -500 and below): the training split's mean/std in stored units"
-                            if ct else "a z-score per volume (MRI and other non-CT modalities; nnU-Net)")
+    normalize, reasons["normalize"] = intensity_rule(fp)
     reasons["loss"] = "Dice + cross-entropy (nnU-Net)"
     reasons["postprocess"] = "threshold and 3D component filtering chosen on val, kept only if val Dice rises"
     reasons["flip_axes"] = ("all three axes of the canonical (RAS+) orientation (nnU-Net mirrors every axis); rotation "

@@ -35,6 +35,58 @@ class Item:
     """Path relative to the input folder it was found in (its name for a file input)."""
     mask_out: Path = Path()
     prob_out: Path | None = None
+    channels: tuple[Path, ...] = ()
+    """The files of channels 1, 2, ... where the input is one file per channel (nnU-Net's naming; ``path``
+    holds channel 0)."""
+
+
+def join_channel_files(items: list[Item], channels: int) -> list[Item]:
+    """For a model of ``channels`` input channels: nnU-Net's ``case_0000`` ... files as one input each.
+
+    Files of one folder named ``<case>_0000`` up to ``<case>_{channels-1:04d}`` become one input named
+    ``<case>`` (its mask ``<case>.nii.gz``, as nnU-Net names its predictions), where ``<case>_0000`` is a
+    one-channel volume; other files stay as they are (``sub_0001``, ``sub_0002`` as cases numbered in a name,
+    4D files ending in ``_0000``).
+
+    Raises:
+        TumorsegError: a case whose channel files are not exactly ``_0000`` to the model's last channel.
+    """
+    from tumorseg.imageio import split_ext, volume_shape
+    from tumorseg.imageio.volume import CHANNEL_FILE
+
+    def one_channel_volume(path: Path) -> bool:
+        try:
+            shape = volume_shape(path)
+        except DecodeError:
+            return False  # said by the decoder, naming the file, when it is read
+        return shape is not None and all(s == 1 for s in shape[3:])
+
+    sets: dict[tuple[Path, str, str], dict[int, Item]] = {}
+    for it in items:
+        stem, ext = split_ext(it.path.name)
+        m = CHANNEL_FILE.match(stem)
+        if m:
+            sets.setdefault((it.path.parent, m["base"], ext), {})[int(m["channel"])] = it
+    joined: dict[int, Item] = {}
+    dropped: set[int] = set()
+    for (folder, base, ext), found in sets.items():
+        if 0 not in found or not one_channel_volume(found[0].path):
+            continue
+        if sorted(found) != list(range(channels)):
+            have = ", ".join(f"_{c:04d}" for c in sorted(found))
+            raise TumorsegError(f"{folder / base}_0000{ext}: the model takes {channels} channels, one file per "
+                                f"channel (_0000 to _{channels - 1:04d}), but this case has {have}; give every "
+                                "channel file of each case, or one multi-channel (4D) file")
+        first = found[0]
+        joined[first.index] = Item(first.index, first.path, first.rel.with_name(f"{base}{ext}"),
+                                   channels=tuple(found[c].path for c in range(1, channels)))
+        dropped.update(found[c].index for c in range(1, channels))
+    out = [joined.get(it.index, it) for it in items if it.index not in dropped]
+    for i, it in enumerate(out):
+        it.index = i
+    if joined:
+        log.info("%d input(s) given as one file per channel (nnU-Net's _0000 naming), joined", len(joined))
+    return out
 
 
 @dataclass
@@ -118,6 +170,12 @@ def load_item(item: Item, slice_axis: int, volumes: bool = False) -> Loaded:
     from tumorseg.imageio.nifti import nifti_shape
 
     decoded = decode(read_bytes(item.path), item.path, "image")
+    if item.channels:
+        from tumorseg.imageio.volume import stack_channels
+
+        paths = [item.path, *item.channels]
+        decoded = stack_channels([decoded, *(decode(read_bytes(p), p, "image") for p in item.channels)],
+                                 [str(p) for p in paths])
     if volumes:
         if not decoded.is_volume:
             raise DecodeError(f"{item.path}: a 2D image given to a 3D model (trained on volumes); predict volumes "

@@ -42,7 +42,15 @@ import numpy as np
 from tumorseg.config import PredictConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.imageio import FORMATS_TEXT, image_format, split_ext
-from tumorseg.predict.files import Item, Loaded, file_neighbours, file_stacks, load_item, write_outputs
+from tumorseg.predict.files import (
+    Item,
+    Loaded,
+    file_neighbours,
+    file_stacks,
+    join_channel_files,
+    load_item,
+    write_outputs,
+)
 
 if TYPE_CHECKING:
     from tumorseg.inference import Segmenter
@@ -187,8 +195,10 @@ def run(cfg: PredictConfig) -> PredictResult:
     if cfg.output_dir.exists() and not cfg.output_dir.is_dir():
         raise TumorsegError(f"{cfg.output_dir}: output path exists and is not a folder")
     items = collect_inputs(cfg)
-    volumes = _volume_indices(items) if cfg.format == "png" else set()
     seg, mref = resolve_model(cfg.model, cfg.tracking, cfg.device)
+    if seg.config.spatial_dims == 3 and int(seg.base_channels) > 1:  # several MR sequences: maybe one file each
+        items = join_channel_files(items, int(seg.base_channels))
+    volumes = _volume_indices(items) if cfg.format == "png" else set()
     plan_outputs(items, cfg, volumes, seg.classes.multiclass)  # the model says what its outputs hold
     threshold = float(cfg.threshold if cfg.threshold is not None else seg.threshold)
     tags = {"tumorseg.model_ref": mref.ref, "tumorseg.checkpoint_sha256": mref.checkpoint_sha256,
@@ -320,7 +330,7 @@ def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: Pred
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="tumorseg-write") as writer:
         neighbours = file_neighbours(items, seg.context, cfg.slice_axis) if seg.context else None
-        bs = 1 if volumes else cfg.batch_size  # a volume is a batch of its own
+        bs = seg.batch_for(cfg.batch_size)
         for batch in track(batched(_planes(loaded_iter, seg, outside, neighbours), bs), None, "predict"):
             probs = seg.predict_proba([plane for _, _, plane in batch], tta=cfg.tta)
             for (loaded, i, _), prob in zip(batch, probs, strict=True):

@@ -21,7 +21,7 @@ import pandas as pd
 
 from tumorseg.config import TrainConfig
 from tumorseg.errors import TumorsegError
-from tumorseg.intensity import SCALE_PERCENTILES, Fingerprint, Stats, fingerprint_from_sums, stats_from_sums
+from tumorseg.intensity import SCALE_PERCENTILES, Fingerprint, Stats, fingerprint_from_sums, mode_of, stats_from_sums
 from tumorseg.labels import Classes
 from tumorseg.manifest import ManifestInfo
 from tumorseg.train.runtime import Dist
@@ -62,7 +62,7 @@ def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: p
 
     t0 = time.perf_counter()
     reader = CaseReader(info, source, context=slice_context(cfg, pd.concat([train_df, val_df]), in_channels))
-    mode = cfg.normalize if ckpt is None else _mode_of(ckpt.get("intensity"))
+    mode = cfg.normalize if ckpt is None else mode_of(ckpt.get("intensity"))  # a resume keeps its rule
     group = _cpu_group(dist)
     storage = _agree(storage_for(cfg.cache, len(train_df) + len(val_df), in_channels, cfg.image_size), group)
     if storage == "disk":
@@ -83,7 +83,7 @@ def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: p
         from tumorseg.data.split import in_ram
 
         train_ram, summary = in_ram(reader, train_df.iloc[shard], cfg.image_size, in_channels, mode, "caching train")
-        summary = _all_reduce_summary(summary, dist, device)
+        summary = _all_reduce_summary(summary, dist, device, group, shard)
         train = train_ram
         if dist.main:
             val, _ = in_ram(reader, val_df, cfg.image_size, in_channels, mode, "caching val")
@@ -169,13 +169,6 @@ def _on_disk(cfg: TrainConfig, info: ManifestInfo, reader: Any, train_df: pd.Dat
     return train.subset(shard), summary, (val if dist.main else None)
 
 
-def _mode_of(stats: Stats | None) -> str:
-    """The normalisation rule a checkpoint's statistics were made with (a resume keeps it)."""
-    if stats is None:
-        return "image"
-    return "percentile" if stats.get("percentiles") else "dataset"
-
-
 def _cpu_group(dist: Dist) -> Any:
     """A gloo group over all ranks with a long timeout (CPU tensors, even under NCCL), or ``None`` alone."""
     if dist.world == 1:
@@ -210,16 +203,40 @@ def _stats(mode: str, summary: Summary, cfg: TrainConfig | None = None, in_chann
         return pretrained_stats(cfg.model.backbone, in_channels, SCALE_PERCENTILES)
     if mode == "image":
         return None
+    if mode == "ct":
+        window = summary.foreground_stats()
+        if window is not None:
+            voxels = sum(s.shape[1] for s in summary.foreground)
+            sampled = (f" from {voxels} foreground voxels of {len(summary.foreground)} cases" if summary.foreground
+                       else " (stored with the cache)")
+            log.info("normalize: ct: clip window %s, foreground mean %s, std %s%s", window["clip"],
+                     [round(v, 4) for v in window["mean"]], [round(v, 4) for v in window["std"]], sampled)
+            return window
+        log.warning("normalize: ct found no foreground voxel in the train split; z-scoring by the whole images' "
+                    "mean/std without a clip window")
     return stats_from_sums(summary.sums, SCALE_PERCENTILES if mode == "percentile" else None)
 
 
-def _all_reduce_summary(summary: Summary, dist: Dist, device: torch.device) -> Summary:
+def _all_reduce_summary(summary: Summary, dist: Dist, device: torch.device, group: Any,
+                        shard: np.ndarray) -> Summary:
+    """Every rank's shard summed, and the sampled foreground voxels of ``normalize: ct`` gathered.
+
+    One sample set per case: a shard padded to the others' size repeats a case another rank holds.
+    """
     if dist.world == 1:
         return summary
+    import torch.distributed as td
+
     from tumorseg.data import Summary as S
 
+    gathered: list[Any] = [None] * dist.world
+    td.all_gather_object(gathered, (shard.tolist(), summary.foreground), group=group)
+    by_case: dict[int, np.ndarray] = {}
+    for rows, samples in gathered:
+        for row, sample in zip(rows, samples, strict=False):  # no samples outside normalize: ct
+            by_case.setdefault(int(row), sample)
     return S(_all_reduce(summary.sums, dist, device, "sum"), _all_reduce(summary.range_sums, dist, device, "sum"),
-             _all_reduce(summary.range_max, dist, device, "max"))
+             _all_reduce(summary.range_max, dist, device, "max"), [by_case[r] for r in sorted(by_case)])
 
 
 def _all_reduce(values: np.ndarray, dist: Dist, device: torch.device, op: str) -> np.ndarray:
@@ -251,11 +268,11 @@ def class_priors(rows: pd.DataFrame, classes: Classes) -> list[float]:
     return [max(0.0, 1.0 - sum(fg)), *fg]
 
 
-def warn_mixed_ranges(fp: Fingerprint) -> None:
+def warn_mixed_ranges(fp: Fingerprint, mode: str = "dataset") -> None:
     """Stored-unit statistics cannot serve images stored at different bit depths: say so before training."""
     lo, hi = fp["p99_5_min"], fp["p99_5_max"]
     if lo > 0 and hi / lo > 16:
-        log.warning("normalize: dataset with training images whose intensity ranges differ %.0fx (99.5th "
+        log.warning("normalize: %s with training images whose intensity ranges differ %.0fx (99.5th "
                     "percentiles %g to %g: mixed bit depths?); the dimmer images will look almost constant to the "
                     "network. Use normalize: percentile (the default), which scales each image by its own range",
-                    hi / lo, lo, hi)
+                    mode, hi / lo, lo, hi)

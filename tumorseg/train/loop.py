@@ -25,6 +25,7 @@ from tumorseg.errors import TumorsegError
 from tumorseg.inference import Fingerprint, Stats, amp_dtype
 from tumorseg.labels import Classes
 from tumorseg.progress import is_interactive
+from tumorseg.train.postprocess import scoring_seconds, search_passes
 from tumorseg.train.runtime import Dist, epoch_generator, rng_states
 from tumorseg.train.validation import best_smoothed, smooth, val_span, validate
 
@@ -98,6 +99,7 @@ class TrainContext:
     deadline: float | None = None
     val_seconds: float = 0.0
     finish_seconds: float = 10.0
+    scoring_seconds: float | None = None  # the post-processing search's scoring of one val case, measured once
     refine_steps: bool = False
     refine_patience: bool = False
     val_units: np.ndarray | None = None
@@ -352,8 +354,13 @@ def _epoch(ctx: TrainContext, train_data: Split, val_data: Split | None, state: 
                                               ctx.val_units)
         ctx.val_seconds = time.perf_counter() - t0 - train_seconds
         # after the last epoch: overlays and the model (~10 s), and the post-processing search, which
-        # predicts val once plainly and once with four mirrorings
-        ctx.finish_seconds = 10.0 + (5.5 * ctx.val_seconds if cfg.postprocess == "auto" else ctx.val_seconds)
+        # predicts val once plainly and once per mirroring, then scores its candidates on every case
+        search = ctx.val_seconds
+        if cfg.postprocess == "auto":
+            if ctx.scoring_seconds is None:
+                ctx.scoring_seconds = scoring_seconds(val_data, cfg, ctx.classes)
+            search = search_passes(cfg) * ctx.val_seconds + len(val_data) * ctx.scoring_seconds
+        ctx.finish_seconds = 10.0 + search
     if dist.world > 1:
         import torch.distributed as td
 

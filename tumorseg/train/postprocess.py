@@ -76,6 +76,52 @@ def smallest_tumours(val: Split, stacks: Sequence[Sequence[int]]) -> tuple[int, 
     return (min(pixels) if pixels else 0), (min(voxels) if voxels else 0)
 
 
+def search_passes(cfg: TrainConfig) -> float:
+    """The network passes over val the search makes, in validations: the plain one and one per mirroring.
+
+    Four mirrorings for both axes of an image, eight for the three axes of a volume (nnU-Net's mirroring).
+    """
+    mirrors = len(mirror_dims(cfg))
+    return 1.0 + (2.0**mirrors if mirrors else 0.0)
+
+
+def mirror_dims(cfg: TrainConfig) -> tuple[int, ...]:
+    """The batch dims the search mirrors: ``augment.flip_dims`` that the data have (an image has no depth)."""
+    return tuple(dim for dim in cfg.augment.flip_dims if dim < 2 + cfg.spatial_dims)
+
+
+def scoring_seconds(val: Split, cfg: TrainConfig, classes: Classes) -> float:
+    """Seconds the search spends scoring its candidates on one val case, measured once.
+
+    The real candidate grid is scored on the first val case with tumour, its truth standing in for the
+    probabilities: the component labelling at the original resolution, which dominates the search on
+    large images and volumes (a volume's 3D labelling costs seconds where its network pass costs less
+    than one).
+    """
+    import time
+
+    n = len(val)
+    i = next((j for j in range(min(n, 64)) if np.any(val.original_mask(j))), 0)
+    gt = val.original_mask(i)
+    grid = candidates(cfg, classes, smallest_tumour([gt]))
+    prob = (np.stack([gt == k for k in range(classes.out_channels)]) if classes.multiclass else gt > 0)
+    prob = prob.astype(np.float32)
+    t0 = time.perf_counter()
+    flat_counts(grid, prob, prob, gt, classes)
+    return time.perf_counter() - t0
+
+
+def candidates(cfg: TrainConfig, classes: Classes, pixels: int) -> list[tuple[bool, float, Postprocess]]:
+    """The slice-by-slice candidates: (mirrored, threshold, post-processing) for every combination."""
+    keeps: tuple[Literal["all", "largest", "min_size"], ...] = ("all", "largest", "min_size")
+    thresholds = (cfg.threshold,) if classes.softmax else THRESHOLDS
+    confidences = (0.0,) if classes.multiclass else CONFIDENCES
+    ttas = (False, True) if mirror_dims(cfg) else (False,)  # no axis to mirror: no second val pass
+    return [(tta, threshold, Postprocess(threshold=threshold, keep=keep, min_size=max(1, pixels // 2)
+                                         if keep == "min_size" else 0, tta=tta, min_confidence=conf))
+            for tta, threshold in product(ttas, thresholds) for conf in confidences for keep in keeps]
+
+
 def choose(net: torch.nn.Module, val: Split, cfg: TrainConfig, device: torch.device,
            classes: Classes | None = None, units: np.ndarray | None = None,
            stacks: Sequence[Sequence[int]] = ()) -> tuple[Postprocess, dict[str, Any]]:
@@ -92,13 +138,8 @@ def choose(net: torch.nn.Module, val: Split, cfg: TrainConfig, device: torch.dev
     stacks = [list(run) for run in stacks if len(run) > 1]
     pixels, voxels = smallest_tumours(val, stacks)
     base = Postprocess(threshold=cfg.threshold)
-    keeps: tuple[Literal["all", "largest", "min_size"], ...] = ("all", "largest", "min_size")
-    thresholds = (cfg.threshold,) if classes.softmax else THRESHOLDS
-    confidences = (0.0,) if classes.multiclass else CONFIDENCES
-    ttas = (False, True) if cfg.augment.flip_dims else (False,)  # no axis to mirror: no second val pass
-    grid = [(tta, threshold, Postprocess(threshold=threshold, keep=keep, min_size=max(1, pixels // 2)
-                                         if keep == "min_size" else 0, tta=tta, min_confidence=conf))
-            for tta, threshold in product(ttas, thresholds) for conf in confidences for keep in keeps]
+    grid = candidates(cfg, classes, pixels)
+    mirrored_pass = any(tta for tta, _, _ in grid)
     if stacks:  # the same rules on 3D components (keep-all without a confidence floor is the plain mask)
         grid += [(tta, threshold, replace(post, volumetric=True,
                                           min_size=max(1, voxels // 2) if post.keep == "min_size" else 0))
@@ -107,7 +148,8 @@ def choose(net: torch.nn.Module, val: Split, cfg: TrainConfig, device: torch.dev
     # per candidate, unit and tumour class: pooled tp/fp/fn; candidate 0: the plain prediction
     tally = Tally(len(val), classes, units, candidates=len(grid) + 1)
     plain_probs = val_probabilities(net, val, cfg, device, tta=False, softmax=classes.softmax)
-    mirrored_probs = val_probabilities(net, val, cfg, device, tta=True, softmax=classes.softmax) if ttas[-1] else None
+    mirrored_probs = (val_probabilities(net, val, cfg, device, tta=True, softmax=classes.softmax) if mirrored_pass
+                      else None)
     buffer: StackBuffer[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = StackBuffer(stacks)
     for i, plain in enumerate(plain_probs):
         mirrored = next(mirrored_probs) if mirrored_probs is not None else plain

@@ -134,8 +134,8 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
 
     inputs = load_inputs(cfg, info, train_df, val_df, in_channels, ckpt, dist, device, source)
     stats, fingerprint = inputs.stats, inputs.fingerprint
-    if dist.main and cfg.normalize == "dataset" and ckpt is None and fingerprint:
-        warn_mixed_ranges(fingerprint)
+    if dist.main and cfg.normalize in ("dataset", "ct") and ckpt is None and fingerprint:
+        warn_mixed_ranges(fingerprint, cfg.normalize)
     train_data, val_data = inputs.train, inputs.val
     units, val_unit, unit_reason = (val_units(cfg, val_df, val_data.case_ids) if val_data is not None
                                     else (None, "case", "no val split"))
