@@ -83,3 +83,14 @@ def test_the_search_scoring_is_timed_on_a_val_case_with_tumour(monkeypatch: pyte
     monkeypatch.setattr(postprocess, "flat_counts", spy)
     seconds = postprocess.scoring_seconds(val, cfg, Classes())
     assert seconds > 0 and len(scored) == 1 and scored[0] is masks[1]
+    # slice stacks: the volumetric candidates are timed on the first stack, once
+    stacked: list[list[int]] = []
+    real_stack = postprocess.stack_counts
+
+    def stack_spy(grid: list, group: list, classes: Classes) -> np.ndarray:
+        stacked.append([case for case, _ in group])
+        assert grid and all(post.volumetric for _, _, post in grid)
+        return real_stack(grid, group, classes)
+
+    monkeypatch.setattr(postprocess, "stack_counts", stack_spy)
+    assert postprocess.scoring_seconds(val, cfg, Classes(), [[0, 1]]) > 0 and stacked == [[0, 1]]

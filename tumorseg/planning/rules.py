@@ -36,7 +36,8 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
    (``patches_for_time: true`` asks for it): on the left-atrium slice stacks at an equal
    30-minute CPU budget, 128x128 crops instead of whole 192x128 slices (24 epochs against 19, with
    rule 9) scored per-volume val Dice 0.9006 against 0.9097, test 0.9051 against 0.9133, with
-   more false positives on tumour-free slices (43% against 21% of val's); benchmarks/RESULTS.md.
+   more false positives on tumour-free slices (43% against 21% of val's); measured alone later (2.5D, rule 9
+   on both sides) level: val 0.9143 against 0.9161, test 0.9170 against 0.9158; benchmarks/RESULTS.md.
 6. **Loss.** Dice + cross-entropy, the Dice per image rather than pooled over the batch (nnU-Net's
    2D batch Dice): the score is the mean of per-case Dice, and a pooled Dice lets a batch's large
    tumours outvote its small ones. On BUSI at an equal 30-minute budget, per-image Dice raised val
@@ -57,6 +58,9 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
    volumetric, per-patient Dice of ``per_group.csv`` and of published per-patient results), averaged over
    groups; otherwise the mean per-case Dice. Per case, a speck on one of a volume's many tumour-free slices
    scores that slice 0 and swings the mean; pooled, it costs the patient a few pixels (:func:`selection_unit`).
+   Measured alone on the left-atrium slice stacks (34% tumour-free slices, one large structure), it was level
+   with per-slice selection on val (-0.001) and 0.003-0.005 lower on test: kept for stacks with many empty
+   slices and small tumours, where the per-slice mean swings (benchmarks/RESULTS.md).
 10. **Slice context (2.5D).** Where most train cases are slices of ordered stacks (a volume in slice mode,
    files numbered by slice: the fingerprint's ``slice_stacks``) and adjacent slices are confirmed to be
    neighbours in the anatomy (they correlate clearly more than unrelated slices), the network can take

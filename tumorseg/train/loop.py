@@ -99,7 +99,8 @@ class TrainContext:
     deadline: float | None = None
     val_seconds: float = 0.0
     finish_seconds: float = 10.0
-    scoring_seconds: float | None = None  # the post-processing search's scoring of one val case, measured once
+    scoring_seconds: float | None = None  # the post-processing search's scoring of val, measured once
+    val_stacks: list[list[int]] = field(default_factory=list)  # val's slice stacks (the volumetric candidates)
     refine_steps: bool = False
     refine_patience: bool = False
     val_units: np.ndarray | None = None
@@ -358,8 +359,8 @@ def _epoch(ctx: TrainContext, train_data: Split, val_data: Split | None, state: 
         search = ctx.val_seconds
         if cfg.postprocess == "auto":
             if ctx.scoring_seconds is None:
-                ctx.scoring_seconds = scoring_seconds(val_data, cfg, ctx.classes)
-            search = search_passes(cfg) * ctx.val_seconds + len(val_data) * ctx.scoring_seconds
+                ctx.scoring_seconds = scoring_seconds(val_data, cfg, ctx.classes, ctx.val_stacks)
+            search = search_passes(cfg) * ctx.val_seconds + ctx.scoring_seconds
         ctx.finish_seconds = 10.0 + search
     if dist.world > 1:
         import torch.distributed as td

@@ -90,25 +90,51 @@ def mirror_dims(cfg: TrainConfig) -> tuple[int, ...]:
     return tuple(dim for dim in cfg.augment.flip_dims if dim < 2 + cfg.spatial_dims)
 
 
-def scoring_seconds(val: Split, cfg: TrainConfig, classes: Classes) -> float:
-    """Seconds the search spends scoring its candidates on one val case, measured once.
+def scoring_seconds(val: Split, cfg: TrainConfig, classes: Classes, stacks: Sequence[Sequence[int]] = ()) -> float:
+    """Seconds the search will spend scoring its candidates on all of val, measured on one case (and one stack).
 
     The real candidate grid is scored on the first val case with tumour, its truth standing in for the
     probabilities: the component labelling at the original resolution, which dominates the search on
     large images and volumes (a volume's 3D labelling costs seconds where its network pass costs less
-    than one).
+    than one). Where val holds slice stacks, the volumetric candidates are timed on the first stack the
+    same way and scaled by the slices in stacks.
     """
     import time
 
     n = len(val)
     i = next((j for j in range(min(n, 64)) if np.any(val.original_mask(j))), 0)
     gt = val.original_mask(i)
-    grid = candidates(cfg, classes, smallest_tumour([gt]))
-    prob = (np.stack([gt == k for k in range(classes.out_channels)]) if classes.multiclass else gt > 0)
-    prob = prob.astype(np.float32)
+    pixels = smallest_tumour([gt])
+    grid = candidates(cfg, classes, pixels)
     t0 = time.perf_counter()
-    flat_counts(grid, prob, prob, gt, classes)
-    return time.perf_counter() - t0
+    flat_counts(grid, as_probabilities(gt, classes), as_probabilities(gt, classes), gt, classes)
+    seconds = n * (time.perf_counter() - t0)
+    runs = [list(run) for run in stacks if len(run) > 1]
+    if runs:
+        gts = [val.original_mask(j) for j in runs[0]]
+        group = [(j, (as_probabilities(g, classes), as_probabilities(g, classes), g, None))
+                 for j, g in zip(runs[0], gts, strict=True)]
+        t0 = time.perf_counter()
+        stack_counts(volumetric_candidates(grid, max(1, pixels)), group, classes)
+        seconds += (time.perf_counter() - t0) * sum(len(run) for run in runs) / len(runs[0])
+    return seconds
+
+
+def as_probabilities(gt: np.ndarray, classes: Classes) -> np.ndarray:
+    """A truth mask as the probabilities a model sure of it would give (what :func:`scoring_seconds` scores)."""
+    prob = np.stack([gt == k for k in range(classes.out_channels)]) if classes.multiclass else gt > 0
+    return prob.astype(np.float32)
+
+
+def volumetric_candidates(grid: list[tuple[bool, float, Postprocess]], voxels: int
+                          ) -> list[tuple[bool, float, Postprocess]]:
+    """The component rules of ``grid`` over a stack's 3D components.
+
+    Keep-all without a confidence floor is the plain mask, so it is left out.
+    """
+    return [(tta, threshold, replace(post, volumetric=True,
+                                     min_size=max(1, voxels // 2) if post.keep == "min_size" else 0))
+            for tta, threshold, post in grid if post.keep != "all" or post.min_confidence > 0]
 
 
 def candidates(cfg: TrainConfig, classes: Classes, pixels: int) -> list[tuple[bool, float, Postprocess]]:
@@ -140,10 +166,8 @@ def choose(net: torch.nn.Module, val: Split, cfg: TrainConfig, device: torch.dev
     base = Postprocess(threshold=cfg.threshold)
     grid = candidates(cfg, classes, pixels)
     mirrored_pass = any(tta for tta, _, _ in grid)
-    if stacks:  # the same rules on 3D components (keep-all without a confidence floor is the plain mask)
-        grid += [(tta, threshold, replace(post, volumetric=True,
-                                          min_size=max(1, voxels // 2) if post.keep == "min_size" else 0))
-                 for tta, threshold, post in list(grid) if post.keep != "all" or post.min_confidence > 0]
+    if stacks:  # the same rules on 3D components
+        grid += volumetric_candidates(grid, voxels)
     n_flat = sum(not post.volumetric for _, _, post in grid)
     # per candidate, unit and tumour class: pooled tp/fp/fn; candidate 0: the plain prediction
     tally = Tally(len(val), classes, units, candidates=len(grid) + 1)

@@ -208,7 +208,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
                            # would each measure their own)
                            refine_steps=plan is not None and dist.world == 1 and "max_steps" not in plan.overrides,
                            refine_patience=plan is not None and "early_stopping_patience" not in plan.overrides,
-                           val_units=units)
+                           val_units=units, val_stacks=val_stacks(val_df, val_data))
         run_epochs(ctx, train_data, val_data, state)
         result = TrainResult(run_dir, run_dir / "best.pt", run_dir / "last.pt", state.best_val_dice,
                              state.best_epoch, state.epoch, run.run_id, None, dist.main, state.stopped_reason,
@@ -271,19 +271,26 @@ def _describe(cfg: TrainConfig, info: Any, n_train: int, n_val: int, state: Stat
     return f"{best} of {state.epoch} ({state.stopped_reason or 'all epochs done'}): trained {what}."
 
 
+def val_stacks(val_df: pd.DataFrame, val_data: Split | None) -> list[list[int]]:
+    """Val's ordered slice stacks as positions in ``val_data`` (the post-processing's volumetric candidates)."""
+    if val_data is None:
+        return []
+    from tumorseg.context import SliceStacks
+
+    return [list(run) for run in SliceStacks.from_frame(val_df).positions(val_data.case_ids)]
+
+
 def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: Split | None, device: torch.device,
             state: State, info: ManifestInfo, val_df: pd.DataFrame, source: str,
             units: np.ndarray | None = None) -> str | None:
     """Learning curve, val overlays at the best epoch, and the MLflow model."""
     from tumorseg import review
-    from tumorseg.context import SliceStacks
     from tumorseg.data import CaseReader
     from tumorseg.inference import Segmenter
 
     best = run_dir / "best.pt"
     if cfg.postprocess == "auto" and val_data is not None and best.is_file():
-        stacks = SliceStacks.from_frame(val_df).positions(val_data.case_ids)
-        postprocess.choose_and_store(run, best, cfg, val_data, device, units, stacks)
+        postprocess.choose_and_store(run, best, cfg, val_data, device, units, val_stacks(val_df, val_data))
     curve = run_dir / "learning_curve.png"
     review.learning_curve(state.history, curve)
     run.log_artifact(curve)
