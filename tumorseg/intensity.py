@@ -49,6 +49,14 @@ and ``n_images``."""
 FOREGROUND_SAMPLES = 10_000
 """Foreground voxels drawn per case and channel for ``normalize: ct`` (nnU-Net samples its intensity
 properties the same way; the draw is seeded, so a rebuild gives the same statistics)."""
+FOREGROUND_TOTAL = 10_000_000
+"""At most this many foreground voxels per channel over the whole split (nnU-Net's cap): a large split draws
+fewer per case, so the samples held while the cache is built do not grow with the number of cases."""
+
+
+def foreground_per_case(n_cases: int) -> int:
+    """Foreground voxels drawn per case of a split of ``n_cases`` (:data:`FOREGROUND_SAMPLES`, capped by the total)."""
+    return max(1, min(FOREGROUND_SAMPLES, FOREGROUND_TOTAL // max(1, n_cases)))
 
 SCALE_PERCENTILES = (0.5, 99.5)
 """Per-image percentiles mapped to 0 and 1 by ``normalize: percentile``."""
@@ -162,10 +170,10 @@ def foreground_stats(samples: list[np.ndarray]) -> Stats | None:
     The clip window is the pooled 0.5/99.5 percentiles; mean and std are those of the unclipped foreground
     (nnU-Net's ``CTNormalization``).
     """
-    pooled = np.concatenate([s for s in samples if s.size], axis=1) if any(s.size for s in samples) else None
-    if pooled is None:
+    drawn = [s for s in samples if s.size]
+    if not drawn:
         return None
-    values = pooled.astype(np.float64)
+    values = np.concatenate(drawn, axis=1).astype(np.float64)
     lo, hi = np.percentile(values, SCALE_PERCENTILES, axis=1)
     return {"mean": [float(v) for v in values.mean(axis=1)], "std": [float(v) for v in values.std(axis=1)],
             "clip": [[float(a), float(b)] for a, b in zip(lo, hi, strict=True)]}

@@ -24,11 +24,13 @@ import numpy as np
 import pandas as pd
 
 from tumorseg.intensity import (
+    FOREGROUND_SAMPLES,
     SCALE_PERCENTILES,
     Stats,
     add_range,
     empty_range,
     finish_tensor_,
+    foreground_per_case,
     foreground_sample,
     foreground_stats,
     prescale,
@@ -230,7 +232,8 @@ def storage_for(mode: str, n_cases: int, channels: int, size: tuple[int, ...]) -
     return "disk" if need > min(RAM_LIMIT_BYTES, phys // 8) else "auto"
 
 
-def prepare(case: Case, size: tuple[int, ...], in_channels: int, mode: str) -> Prepared:
+def prepare(case: Case, size: tuple[int, ...], in_channels: int, mode: str,
+            foreground: int = FOREGROUND_SAMPLES) -> Prepared:
     """Prescale, resize and sum one decoded case (runs in the decode threads)."""
     import torch
 
@@ -240,7 +243,7 @@ def prepare(case: Case, size: tuple[int, ...], in_channels: int, mode: str) -> P
     pre = prescale(to_channels(case.image, in_channels), mode, SCALE_PERCENTILES)
     mask = resize_mask(case.mask, size).to(torch.uint8).numpy()
     return Prepared(resize_image(pre, size).numpy(), mask, case.mask, prescaled_sums(pre), raw_range(case.image),
-                    foreground_sample(pre, case.mask) if mode == "ct" else None)
+                    foreground_sample(pre, case.mask, foreground) if mode == "ct" else None)
 
 
 class Sink(Protocol):
@@ -254,7 +257,8 @@ def build(reader: CaseReader, rows: pd.DataFrame, size: tuple[int, ...], in_chan
           sink: Sink, workers: int = 0, description: str = "caching") -> Summary:
     """Stream ``rows`` through ``prepare`` into ``sink`` in order; returns the summed statistics."""
     summary = Summary.empty(in_channels)
-    prepared = reader.map(lambda case: prepare(case, size, in_channels, mode), rows, workers)
+    per_case = foreground_per_case(len(rows))
+    prepared = reader.map(lambda case: prepare(case, size, in_channels, mode, per_case), rows, workers)
     for i, p in enumerate(track(prepared, len(rows), description)):
         sink.put(i, p)
         summary.add(p)

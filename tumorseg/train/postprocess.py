@@ -106,14 +106,17 @@ def scoring_seconds(val: Split, cfg: TrainConfig, classes: Classes, stacks: Sequ
     gt = val.original_mask(i)
     pixels = smallest_tumour([gt])
     grid = candidates(cfg, classes, pixels)
+    prob = as_probabilities(gt, classes)
     t0 = time.perf_counter()
-    flat_counts(grid, as_probabilities(gt, classes), as_probabilities(gt, classes), gt, classes)
+    flat_counts(grid, prob, prob, gt, classes)
     seconds = n * (time.perf_counter() - t0)
     runs = [list(run) for run in stacks if len(run) > 1]
     if runs:
-        gts = [val.original_mask(j) for j in runs[0]]
-        group = [(j, (as_probabilities(g, classes), as_probabilities(g, classes), g, None))
-                 for j, g in zip(runs[0], gts, strict=True)]
+        group = []
+        for j in runs[0]:
+            g = val.original_mask(j)
+            p = as_probabilities(g, classes)
+            group.append((j, (p, p, g, None)))
         t0 = time.perf_counter()
         stack_counts(volumetric_candidates(grid, max(1, pixels)), group, classes)
         seconds += (time.perf_counter() - t0) * sum(len(run) for run in runs) / len(runs[0])
@@ -165,7 +168,7 @@ def choose(net: torch.nn.Module, val: Split, cfg: TrainConfig, device: torch.dev
     pixels, voxels = smallest_tumours(val, stacks)
     base = Postprocess(threshold=cfg.threshold)
     grid = candidates(cfg, classes, pixels)
-    mirrored_pass = any(tta for tta, _, _ in grid)
+    mirrored_pass = bool(mirror_dims(cfg))
     if stacks:  # the same rules on 3D components
         grid += volumetric_candidates(grid, voxels)
     n_flat = sum(not post.volumetric for _, _, post in grid)
