@@ -6,8 +6,9 @@ Base modules (the bottom of the house) import only base modules below them, in t
     < encoders < model
 
 so nothing imports upward from ``model``, ``metrics``, ``imageio``, ``manifest`` or ``config``.
-Above them: ``checkpoint``, ``intensity``, ``context`` and ``postprocessing`` < ``inference`` < ``data`` and
-``tracking``, then the stages (``ingest``, ``train``, ``evaluate``, ``predict``), then ``pipeline`` and ``cli``.
+Above them: ``checkpoint``, ``intensity``, ``cropping``, ``context`` and ``postprocessing`` < ``inference``
+< ``data`` and ``tracking``, then the stages (``ingest``, ``train``, ``evaluate``, ``predict``), then
+``pipeline`` and ``cli``.
 Every import counts, also those inside functions and under ``TYPE_CHECKING``: an import circle is a design
 circle even when Python happens to resolve it at run time.
 """
@@ -28,10 +29,11 @@ BASE = ["errors", "fsutil", "progress", "streaming", "splits", "labels", "config
 ABOVE = {
     "checkpoint": set(BASE),
     "intensity": set(BASE),
+    "cropping": set(BASE),
     "context": set(BASE),
     "postprocessing": set(BASE),
-    "inference": set(BASE) | {"checkpoint", "intensity", "context", "postprocessing"},
-    "data": set(BASE) | {"checkpoint", "inference", "intensity", "context", "postprocessing"},
+    "inference": set(BASE) | {"checkpoint", "intensity", "cropping", "context", "postprocessing"},
+    "data": set(BASE) | {"checkpoint", "inference", "intensity", "cropping", "context", "postprocessing"},
     "tracking": set(BASE),
     "review": set(BASE),
     "augment": set(BASE),

@@ -158,6 +158,20 @@ def test_a_budget_run_stops_on_time_not_on_epochs(manifest: Path, tmp_path: Path
     assert res.stopped_reason == "time budget 1s reached" and res.epochs_run < 500
 
 
+def test_the_budget_counts_from_the_commands_start(manifest: Path, tmp_path: Path) -> None:
+    """A run whose command started a budget ago (imports, a slow disk) stops after its one epoch."""
+    import time
+
+    from tumorseg import train
+
+    cfg = load_config(TrainConfig, None, ["plan=off", "budget=10m", "epochs=50", "batch_size=4", "image_size=[64,64]",
+                                          "model.channels=[8,16,32]", "model.num_res_units=1", "log_model=false",
+                                          "val_overlays=0", "device=cpu", "run_name=late"],
+                      base={"manifest": str(manifest), "out": str(tmp_path)})
+    res = train.run(cfg, started=time.perf_counter() - 600)
+    assert res.stopped_reason == "time budget 10m reached" and res.epochs_run == 1
+
+
 @pytest.mark.parametrize("budget", ["0", "soon", "0m", "-5m"])
 def test_bad_budgets_are_one_line_errors(manifest: Path, budget: str) -> None:
     from tumorseg.cli import app

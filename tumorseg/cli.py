@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -235,33 +236,24 @@ def train(
     experiment: Annotated[str | None, typer.Option("--experiment", help="MLflow experiment name")] = None,
 ) -> None:
     """Train on the manifest's train split, validating on val; planned from the data and the budget."""
+    started = time.perf_counter()  # the time budget counts the imports below
     from tumorseg import train as stage
     from tumorseg.config import load_config
 
     if resume is not None:
-        res = stage.resume(resume, tracking_uri=tracking_uri)
+        res = stage.resume(resume, tracking_uri=tracking_uri, started=started)
     else:
         if manifest is None:
             raise TumorsegError("train needs a MANIFEST folder (e.g. data_manifest/NAME) or --resume RUN_DIR")
-        base: dict[str, Any] = {"manifest": str(manifest)}
-        if out is not None:
-            base["out"] = str(out)
-        tracking: dict[str, Any] = {}
-        if tracking_uri:
-            tracking["uri"] = tracking_uri
-        if experiment:
-            tracking["experiment"] = experiment
-        if tracking:
-            base["tracking"] = tracking
-        if budget is not None:
-            base["budget"] = budget
-        if plan_file is not None:
-            base["plan"] = str(plan_file)
+        tracking = {k: v for k, v in (("uri", tracking_uri), ("experiment", experiment)) if v}
+        given = {"out": out and str(out), "tracking": tracking or None, "budget": budget,
+                 "plan": plan_file and str(plan_file)}
+        base: dict[str, Any] = {"manifest": str(manifest), **{k: v for k, v in given.items() if v is not None}}
         cfg = load_config(TrainConfig, config, set_, base=base)
         if out is not None:
             cfg.out = out
         cfg.manifest = manifest
-        res = stage.run(cfg)
+        res = stage.run(cfg, started=started)
     if res.is_main_process:
         typer.echo(f"best val Dice {res.best_val_dice:.4f} at epoch {res.best_epoch}; run folder {res.run_dir}")
 

@@ -275,6 +275,8 @@ class TrainConfig(StrictModel):
                     "units; ct: clipped to the train foreground's 0.5/99.5 percentiles, then its mean/std "
                     "(nnU-Net's CT rule); image: per-image z-score",
     )
+    crop_nonzero: bool = Field(default=False, description="volumes: each cut to the box of its nonzero voxels "
+                               "before resampling, predictions pasted back (nnU-Net; tumorseg.cropping)")
     early_stopping_patience: int | None = Field(default=15, ge=1)
     patches_for_time: bool = Field(
         default=False, description="plan: train on crops when whole images cannot buy the planned samples "

@@ -3,7 +3,8 @@
 Train's validation, ``evaluate``, ``predict`` and the MLflow pyfunc model all predict
 through the functions here, so they share one preprocessing and one resize-back rule:
 the network sees the image normalised (:func:`tumorseg.intensity.normalize`) and resized to ``image_size``;
-its logits are resized back (bilinear) to the original size before the sigmoid and threshold.
+its logits are resized back (bilinear) to the original size before the sigmoid and threshold. A volume model
+with ``crop_nonzero`` sees each volume's nonzero box and its prediction is pasted back (:mod:`tumorseg.cropping`).
 
 The normalisation rules live in :mod:`tumorseg.intensity`; they travel in the checkpoint
 (``intensity``), so every stage applies the rule the model was trained with.
@@ -22,6 +23,7 @@ import numpy as np
 
 from tumorseg import checkpoint
 from tumorseg.config import TrainConfig
+from tumorseg.cropping import Box, box_shape, nonzero_box, paste
 from tumorseg.errors import TumorsegError
 from tumorseg.imageio import to_channels
 from tumorseg.intensity import Fingerprint, Stats, finish, legacy_fingerprint, prescale_for, range_message
@@ -320,7 +322,9 @@ class Segmenter:
                                 f"{'volumes' if len(size) == 3 else 'images'}); "
                                 + ("predict volumes slice by slice with a 2D model" if len(size) == 2
                                    else "a 3D model needs (C, X, Y, Z) volumes"))
-        batch = torch.stack([preprocess(img, size, self.in_channels, self.stats) for img in images]).to(self.device)
+        boxes = [self.box(img) for img in images]
+        batch = torch.stack([preprocess(img[(slice(None), *box)] if box else img, size, self.in_channels, self.stats)
+                             for img, box in zip(images, boxes, strict=True)]).to(self.device)
         if self.config.channels_last:
             from tumorseg.model import channels_last
 
@@ -330,10 +334,19 @@ class Segmenter:
                                                     enabled=self._amp is not None):
             logits = network_logits(self.net, batch, self.config.patch_size, use_tta, self.config.augment.flip_dims)
         out = []
-        for i, img in enumerate(images):
-            prob = logits_to_original(logits[i], tuple(int(s) for s in img.shape[1:]), self.classes.softmax)
+        for i, (img, box) in enumerate(zip(images, boxes, strict=True)):
+            shape = tuple(int(s) for s in img.shape[1:])
+            prob = logits_to_original(logits[i], box_shape(box) if box else shape, self.classes.softmax)
             out.append(prob.cpu().numpy().astype(np.float32))
+            if box:
+                out[-1] = paste(out[-1], box, shape, self.classes.softmax)
         return out
+
+    def box(self, image: np.ndarray) -> Box | None:
+        """The part of a volume the network sees: its nonzero box where the model crops (``crop_nonzero``)."""
+        if not self.config.crop_nonzero or image.ndim != 4:
+            return None
+        return nonzero_box(image)
 
     def mask(self, prob: np.ndarray, threshold: float | None = None) -> np.ndarray:
         """The model's post-processing applied to one probability map (``threshold`` overrides its own)."""

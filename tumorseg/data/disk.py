@@ -53,7 +53,7 @@ FORMAT = 1
 
 
 def cache_key(digest: str, split: str, case_ids: list[str], size: tuple[int, ...], in_channels: int,
-              mode: str, context: int = 0) -> str:
+              mode: str, context: int = 0, crop: bool = False) -> str:
     """What a cache folder's contents depend on, hashed (the same inputs give the same folder)."""
     ids = hashlib.sha256("\n".join(case_ids).encode()).hexdigest()
     spec = {"format": FORMAT, "digest": digest, "split": split, "cases": ids, "size": list(size),
@@ -61,6 +61,8 @@ def cache_key(digest: str, split: str, case_ids: list[str], size: tuple[int, ...
             "percentiles": list(SCALE_PERCENTILES) if mode == "percentile" else None}
     if context:  # neighbouring slices as channels (grey with one a side has as many channels as RGB)
         spec["slice_context"] = context
+    if crop:  # volumes cut to their nonzero box (tumorseg.cropping)
+        spec["crop_nonzero"] = True
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -284,7 +286,7 @@ def open_or_build(reader: CaseReader, rows: pd.DataFrame, root: Path, split: str
     """
     case_ids = [str(c) for c in rows["case_id"]]
     key = cache_key(digest, split, case_ids, size, in_channels, mode,
-                    reader.context.k if reader.context is not None else 0)
+                    reader.context.k if reader.context is not None else 0, reader.crop)
     name = folder_name(split, size, key)
     folder = root / name
     meta, why = check(folder, key) if folder.exists() else (None, "")

@@ -79,12 +79,15 @@ class CaseReader:
         source: the manifest path named in error messages.
         volumes: how many decoded NIfTI volumes to keep.
         context: the slice context to add to each image (2.5D models), or ``None``.
+        crop: volume cases come cropped to the box of their nonzero voxels and labels (training's
+            ``crop_nonzero``, :mod:`tumorseg.cropping`); other readers see whole volumes.
     """
 
     def __init__(self, info: ManifestInfo, source: str, volumes: int = 4,
-                 context: SliceContext | None = None) -> None:
+                 context: SliceContext | None = None, crop: bool = False) -> None:
         self.info, self.source = info, source
         self.context = context
+        self.crop = crop and info.dims == 3
         self._volumes: OrderedDict[tuple[str, str], tuple[str, Decoded]] = OrderedDict()
         self._max_volumes = max(1, volumes)
         self._lock = threading.Lock()
@@ -164,6 +167,11 @@ class CaseReader:
         if tuple(image.shape[1:]) != tuple(mask.shape):
             shapes = "x".join(str(s) for s in image.shape[1:]), "x".join(str(s) for s in mask.shape)
             raise TumorsegError(f"{img_path}: image {shapes[0]} but mask {shapes[1]}; re-run tumorseg ingest")
+        if self.crop:
+            from tumorseg.cropping import nonzero_box
+
+            box = nonzero_box(image, mask)
+            image, mask = np.ascontiguousarray(image[(slice(None), *box)]), np.ascontiguousarray(mask[box])
         return Case(index, str(row["case_id"]), str(row["group"]), image, mask, spacing)
 
     def stream(self, df: pd.DataFrame, workers: int = 0, ahead: int = 32) -> Iterator[Case]:

@@ -52,6 +52,9 @@ class Fingerprint(BaseModel):
         dims: 3 when the cases are whole volumes (``manifest.json`` ``dims: 3``); the fields below are theirs.
         shape_median: median volume size in voxels, per canonical (RAS+) axis; ``size_median`` holds its first two.
         spacing_median: median voxel size (mm) per canonical axis; ``spacing_p10``/``spacing_p90``: percentiles.
+        nonzero_share: the median share of a sampled volume's voxels inside its nonzero box (nnU-Net's
+            ``median_relative_size_after_cropping``; 1.0 without zero borders; :mod:`tumorseg.cropping`).
+        shape_median_cropped: ``shape_median`` scaled per axis by the sampled volumes' median box extent.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -78,6 +81,8 @@ class Fingerprint(BaseModel):
     spacing_median: tuple[float, float, float] | None = None
     spacing_p10: tuple[float, float, float] | None = None
     spacing_p90: tuple[float, float, float] | None = None
+    nonzero_share: float | None = None
+    shape_median_cropped: tuple[int, int, int] | None = None
 
 
 def _diameter(area: float) -> float:
@@ -166,7 +171,7 @@ def compute(info: ManifestInfo, train: pd.DataFrame, source: str, sample: int = 
         orientation={} if volumes else orientation([c.image for c in cases]),
         natural=natural(train),
         slice_stacks={} if volumes else slice_stacks(info, train, source, seed),
-        **(volume_geometry(train) if volumes else {}),
+        **(cropped_geometry(volume_geometry(train), [c.image for c in cases]) if volumes else {}),
     )
 
 
@@ -200,6 +205,21 @@ def volume_geometry(train: pd.DataFrame) -> dict[str, Any]:
     return {"dims": 3, "shape_median": (int(med[0]), int(med[1]), int(med[2])),
             "spacing_median": per_axis(spacing, 50), "spacing_p10": per_axis(spacing, 10),
             "spacing_p90": per_axis(spacing, 90)}
+
+
+def cropped_geometry(geometry: dict[str, Any], volumes: list[np.ndarray]) -> dict[str, Any]:
+    """``geometry`` with what cropping to the nonzero box leaves of the sampled ``(C, X, Y, Z)`` volumes."""
+    from tumorseg.cropping import box_shape, nonzero_box
+
+    if not volumes:
+        return geometry
+    extents = np.asarray([[n / s for n, s in zip(box_shape(nonzero_box(v)), v.shape[1:], strict=True)]
+                          for v in volumes], dtype=np.float64)
+    ratio = np.median(extents, axis=0)
+    share = float(np.median(np.prod(extents, axis=1)))
+    shape = [max(1, int(round(n * r))) for n, r in zip(geometry["shape_median"], ratio, strict=True)]
+    return {**geometry, "nonzero_share": round(share, 4),
+            "shape_median_cropped": (shape[0], shape[1], shape[2])}
 
 
 def slice_stacks(info: ManifestInfo, train: pd.DataFrame, source: str, seed: int = 0,

@@ -3,6 +3,10 @@
 Used when the manifest's cases are whole volumes (``manifest.json`` ``dims: 3``); :mod:`.rules` plans 2D.
 Every choice and its reason goes into ``plan.json``, as there.
 
+V0. **Crop to the nonzero region.** Every volume is cut to the box of its voxels nonzero in any channel before
+    anything else, and its prediction pasted back (nnU-Net; :mod:`tumorseg.cropping`): a skull-stripped brain
+    fills about half of its stored volume, and the grid, the patches and the budget then go to the anatomy.
+    The rules below use the cropped median shape (the fingerprint's ``shape_median_cropped``).
 V1. **2D or 3D.** Volumes train a 3D network: it sees the anatomy across slices (nnU-Net's 3D full-resolution
     U-Net is its usual winner). Only where the volumes are too thin for it (fewer than ``MIN_SLICES_3D`` voxels
     along an axis at the target spacing, e.g. a handful of thick slices) does the plan refuse 3D and say to
@@ -70,6 +74,13 @@ CHANNELS_3D = [16, 32, 64, 128, 256, 256]
 """Widths per level (a sixth level, where the grid allows five downsamplings, stays at 256)."""
 
 
+def median_shape(fp: Fingerprint) -> tuple[int, int, int]:
+    """V0: the median volume's shape in voxels after cropping to the nonzero box (as stored, where unmeasured)."""
+    shape = fp.shape_median_cropped or fp.shape_median
+    assert shape is not None
+    return shape
+
+
 def target_spacing(fp: Fingerprint) -> tuple[tuple[float, float, float], str]:
     """V2: the spacing every volume is resampled to (before the budget's coarsening), with its reason."""
     assert fp.spacing_median is not None and fp.spacing_p10 is not None
@@ -93,9 +104,9 @@ def coarsened(target: tuple[float, ...], factor: float) -> tuple[float, float, f
 
 def grid(fp: Fingerprint, spacing: tuple[float, ...]) -> tuple[int, int, int]:
     """The median volume's size at ``spacing``, rounded to :data:`SIZE_STEP_3D` (made divisible by the strides)."""
-    assert fp.shape_median is not None and fp.spacing_median is not None
+    assert fp.spacing_median is not None
     out = [max(SIZE_STEP_3D, int(round(n * s / t / SIZE_STEP_3D)) * SIZE_STEP_3D)
-           for n, s, t in zip(fp.shape_median, fp.spacing_median, spacing, strict=True)]
+           for n, s, t in zip(median_shape(fp), fp.spacing_median, spacing, strict=True)]
     return out[0], out[1], out[2]
 
 
@@ -136,10 +147,10 @@ def fit_to_strides(size: tuple[int, ...], strides: list[list[int]]) -> tuple[int
 def dims_rule(fp: Fingerprint) -> tuple[int, str]:
     """V1: ``(3 | 2, reason)``."""
     spacing, _ = target_spacing(fp)
-    assert fp.shape_median is not None and fp.spacing_median is not None
-    native = [n * s / t for n, s, t in zip(fp.shape_median, fp.spacing_median, spacing, strict=True)]
+    assert fp.spacing_median is not None
+    native = [n * s / t for n, s, t in zip(median_shape(fp), fp.spacing_median, spacing, strict=True)]
     thin = min(range(3), key=lambda a: native[a])
-    size = "x".join(str(n) for n in fp.shape_median)
+    size = "x".join(str(n) for n in median_shape(fp))
     sp = "x".join(f"{s:g}" for s in fp.spacing_median)
     if native[thin] < MIN_SLICES_3D:
         return 2, (f"2D: the median volume ({size} voxels of {sp} mm) has {native[thin]:.0f} voxels along axis {thin} "
@@ -147,6 +158,15 @@ def dims_rule(fp: Fingerprint) -> tuple[int, str]:
                    f"--slice-axis {thin} and train a 2D model on its slices")
     return 3, (f"3D: the cases are volumes (median {size} voxels of {sp} mm); a 3D U-Net sees the anatomy across "
                "slices, nnU-Net's usual winner on volumes")
+
+
+def crop_reason(fp: Fingerprint) -> str:
+    """V0's reason, with what the crop leaves of the median volume."""
+    if fp.nonzero_share is None or fp.shape_median_cropped is None:
+        return "each volume cut to the box of its nonzero voxels, the prediction pasted back (nnU-Net)"
+    shape = "x".join(str(n) for n in fp.shape_median_cropped)
+    return (f"each volume cut to the box of its nonzero voxels, the prediction pasted back (nnU-Net): the median "
+            f"sampled volume keeps {fp.nonzero_share:.0%} of its voxels, a median of {shape}")
 
 
 def intensity_rule(fp: Fingerprint) -> tuple[str, str]:
@@ -175,7 +195,7 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
     dims, why_dims = dims_rule(fp)
     if dims == 2:
         raise TumorsegError(f"{fp.manifest_name}: {why_dims}")
-    reasons: dict[str, str] = {"dims": why_dims}
+    reasons: dict[str, str] = {"dims": why_dims, "crop_nonzero": crop_reason(fp)}
     target, reasons["target_spacing"] = target_spacing(fp)
     want = int(min(MAX_SAMPLES_3D, max(MIN_SAMPLES_3D, TARGET_EPOCHS_3D * fp.n_train)))
     top = floor_factor(fp)
@@ -253,6 +273,7 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         "epochs": planned_epochs,
         "early_stopping_patience": patience(planned_epochs),
         "normalize": normalize,
+        "crop_nonzero": True,
         "model": {**model.model_dump(mode="json"), "in_channels": in_channels},
         "loss": LossConfig(name="dice_ce", batch=False).model_dump(mode="json"),
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "poly",

@@ -61,7 +61,8 @@ def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: p
     from tumorseg.data import CaseReader, storage_for
 
     t0 = time.perf_counter()
-    reader = CaseReader(info, source, context=slice_context(cfg, pd.concat([train_df, val_df]), in_channels))
+    reader = CaseReader(info, source, context=slice_context(cfg, pd.concat([train_df, val_df]), in_channels),
+                        crop=cfg.crop_nonzero)
     mode = cfg.normalize if ckpt is None else mode_of(ckpt.get("intensity"))  # a resume keeps its rule
     group = _cpu_group(dist)
     storage = _agree(storage_for(cfg.cache, len(train_df) + len(val_df), in_channels, cfg.image_size), group)

@@ -69,8 +69,12 @@ class TrainResult:
 # ----------------------------------------------------------------------------- entry points
 
 
-def run(cfg: TrainConfig) -> TrainResult:
-    """Train a new run into ``cfg.out / run name``."""
+def run(cfg: TrainConfig, started: float | None = None) -> TrainResult:
+    """Train a new run into ``cfg.out / run name``.
+
+    ``started``: the ``time.perf_counter()`` reading the time budget counts from (the command's start, so its
+    imports count too); default now.
+    """
     if cfg.manifest is None:
         raise TumorsegError("train: no manifest given; pass data_manifest/NAME")
     dist = init_distributed(cfg)
@@ -79,11 +83,11 @@ def run(cfg: TrainConfig) -> TrainResult:
     if dist.main and (run_dir / "last.pt").exists():
         raise TumorsegError(f"{run_dir}: already holds a run; continue it with --resume {run_dir} or pick "
                             "another run_name")
-    return _train(cfg, run_dir, None, dist)
+    return _train(cfg, run_dir, None, dist, started)
 
 
-def resume(run_dir: Path, tracking_uri: str | None = None) -> TrainResult:
-    """Continue ``run_dir`` from its ``last.pt`` in the same MLflow run."""
+def resume(run_dir: Path, tracking_uri: str | None = None, started: float | None = None) -> TrainResult:
+    """Continue ``run_dir`` from its ``last.pt`` in the same MLflow run (``started``: as :func:`run`)."""
     last = Path(run_dir) / "last.pt"
     if not last.is_file():
         raise TumorsegError(f"{last}: nothing to resume (no last.pt); start a new run instead")
@@ -92,19 +96,20 @@ def resume(run_dir: Path, tracking_uri: str | None = None) -> TrainResult:
     if tracking_uri:
         cfg.tracking.uri = tracking_uri
     dist = init_distributed(cfg)
-    return _train(cfg, Path(run_dir), ckpt, dist)
+    return _train(cfg, Path(run_dir), ckpt, dist, started)
 
 
 # ----------------------------------------------------------------------------- orchestration
 
 
-def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: Dist) -> TrainResult:
+def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: Dist,
+           started: float | None = None) -> TrainResult:
     import torch
 
     from tumorseg import data as datamod
     from tumorseg import tracking
 
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() if started is None else started
     device = resolve_device(cfg.device)
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)

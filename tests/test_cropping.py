@@ -1,0 +1,153 @@
+"""nnU-Net's crop to the nonzero region (planning rule V0): the box, the paste, training, inference and the plan.
+
+Volumes with a zero border (a skull-stripped brain's background) are written as NIfTI files, ingested and read
+back by the product's own reader; the model is trained for a few steps (checked for grids, not quality).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_volumes import LPS, SHAPE, TINY_3D, blob_volume, ingest, rows
+
+from tumorseg.config import TrainConfig, load_config
+from tumorseg.cropping import box_shape, nonzero_box, paste
+from tumorseg.imageio.nifti import write_nifti
+
+BORDERS = [((3, 5), (2, 6), (1, 2)), ((0, 7), (4, 0), (2, 1)), ((6, 2), (1, 3), (0, 3))]
+"""Zero voxels before and after the anatomy per stored axis, one pattern per case (cycled)."""
+
+
+def test_the_box_spans_every_channel_and_the_labels() -> None:
+    image = np.zeros((2, 6, 7, 5), np.float32)
+    image[0, 1, 2, 3] = 5.0  # channel 0 reaches (1, 2, 3)
+    image[1, 4, 5, 1] = -2.0  # channel 1 reaches (4, 5, 1): negative values are not background
+    assert nonzero_box(image) == (slice(1, 5), slice(2, 6), slice(1, 4))
+    mask = np.zeros((6, 7, 5), np.uint8)
+    mask[5, 0, 4] = 1  # a label outside the nonzero voxels widens the box (val scores on cropped masks stay exact)
+    assert nonzero_box(image, mask) == (slice(1, 6), slice(0, 6), slice(1, 5))
+    assert nonzero_box(np.zeros((1, 3, 4, 2))) == (slice(0, 3), slice(0, 4), slice(0, 2))  # all zero: the whole
+    assert box_shape(nonzero_box(image)) == (4, 4, 3)
+
+
+def test_paste_puts_background_outside_the_box() -> None:
+    box = (slice(1, 3), slice(0, 2), slice(2, 3))
+    sigmoid = paste(np.full((2, 2, 1), 0.75, np.float32), box, (4, 3, 3), softmax=False)
+    assert sigmoid.shape == (4, 3, 3) and sigmoid.sum() == pytest.approx(4 * 0.75)
+    assert sigmoid[1:3, 0:2, 2].min() == 0.75
+    classes = np.zeros((3, 2, 2, 1), np.float32)
+    classes[2] = 1.0  # class 2 everywhere inside
+    soft = paste(classes, box, (4, 3, 3), softmax=True)
+    assert soft.shape == (3, 4, 3, 3)
+    np.testing.assert_array_equal(soft.sum(axis=0), np.ones((4, 3, 3)))  # still a distribution everywhere
+    assert soft[0].sum() == 36 - 4 and soft[2].sum() == 4  # background outside, the prediction inside
+
+
+def padded(seed: int, border: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A blob volume (nonzero everywhere) inside a zero border, and its label volume."""
+    image, label = blob_volume(seed, empty=seed % 6 == 5)
+    return np.pad(image, border), np.pad(label, border)
+
+
+def write_padded(root: Path, n: int) -> tuple[Path, Path]:
+    images, masks = root / "imagesTr", root / "labelsTr"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    for i in range(n):
+        image, label = padded(i, BORDERS[i % len(BORDERS)])
+        write_nifti(images / f"case_{i:03d}.nii.gz", image, LPS)
+        write_nifti(masks / f"case_{i:03d}.nii.gz", label, LPS)
+    return images, masks
+
+
+@pytest.fixture(scope="module")
+def cropped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(manifest folder, run folder): 12 zero-bordered volumes, a tiny 3D model trained on their boxes."""
+    from tumorseg.train import run as train
+
+    root = tmp_path_factory.mktemp("crop")
+    images, masks = write_padded(root / "data", 12)
+    mdir = ingest(images, masks, root / "m", seed=1)
+    cfg = load_config(TrainConfig, None, [*TINY_3D, "crop_nonzero=true", "cache=disk", "normalize=image"],
+                      base={"manifest": str(mdir), "out": str(root / "runs")})
+    return mdir, Path(train(cfg).run_dir)
+
+
+def test_training_reads_each_volume_cut_to_its_box(cropped_run: tuple[Path, Path]) -> None:
+    from tumorseg.data import CaseReader
+    from tumorseg.manifest import load_manifest
+
+    mdir, run_dir = cropped_run
+    info, df = load_manifest(mdir)
+    whole = CaseReader(info, str(mdir)).read_all(df.iloc[:3])
+    cut = CaseReader(info, str(mdir), crop=True).read_all(df.iloc[:3])
+    for w, c in zip(whole, cut, strict=True):
+        assert c.image.shape[1:] == SHAPE == c.mask.shape  # the border is gone on every (canonical) axis
+        assert w.image.shape[1:] != SHAPE and int(c.mask.sum()) == int(w.mask.sum())  # every label kept
+        assert np.all(c.image != 0)
+    # the disk cache holds the cropped masks (val scores on them), in a folder of its own
+    folders = [p.name for p in (mdir / "cache").iterdir() if p.is_dir()]
+    assert any(f.startswith("val-16x16x16-") for f in folders)
+    from tumorseg.data.disk import DiskSplit, check
+
+    val = next(mdir / "cache" / f for f in folders if f.startswith("val-"))
+    meta, why = check(val, val.name.rsplit("-", 1)[1])
+    assert meta is not None, why
+    split = DiskSplit(val, meta)
+    assert all(split.original_mask(i).shape == SHAPE for i in range(len(split)))
+    assert (run_dir / "best.pt").is_file()
+
+
+def test_a_cropping_model_predicts_on_the_whole_grid(cropped_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """The prediction on a zero-bordered volume is the one on its box, pasted back, background outside."""
+    from tumorseg import evaluate
+    from tumorseg.config import EvaluateConfig
+    from tumorseg.inference import Segmenter
+
+    mdir, run_dir = cropped_run
+    seg = Segmenter.from_checkpoint(run_dir / "best.pt", device="cpu")
+    assert seg.config.crop_nonzero
+    inner, _ = blob_volume(40)
+    border = ((2, 9), (5, 1), (3, 4))
+    full = np.pad(inner, border)[None].astype(np.float32)
+    prob = seg.predict_proba([full])[0]
+    assert prob.shape == full.shape[1:]
+    box = tuple(slice(a, a + n) for (a, _), n in zip(border, SHAPE, strict=True))
+    np.testing.assert_array_equal(prob[box], seg.predict_proba([inner[None].astype(np.float32)])[0])
+    outside = np.ones(full.shape[1:], bool)
+    outside[box] = False
+    assert not prob[outside].any()
+    # the same network without the crop sees the border: another prediction
+    plain = Segmenter(seg.net, seg.config.model_copy(update={"crop_nonzero": False}), seg.in_channels, seg.device,
+                      seg.stats, seg.post, seg.fingerprint, seg.classes)
+    assert not np.array_equal(plain.predict_proba([full])[0][box], prob[box])
+    # evaluate scores each test volume on its whole stored grid
+    res = evaluate.run(EvaluateConfig(model=str(run_dir), manifest=mdir, out=tmp_path / "eval", bootstrap=0))
+    shapes = {f"case_{i:03d}": math.prod(n + a + b for n, (a, b) in zip(SHAPE, BORDERS[i % 3], strict=True))
+              for i in range(12)}
+    for r in rows(res.out_dir, "per_case.csv"):
+        assert sum(int(r[k]) for k in ("tp", "fp", "fn", "tn")) == shapes[r["case_id"]]
+
+
+def test_the_fingerprint_and_plan_use_the_cropped_shape(cropped_run: tuple[Path, Path]) -> None:
+    from tumorseg.manifest import load_manifest
+    from tumorseg.planning import fingerprint as fpm
+    from tumorseg.planning import volumes
+
+    mdir, _ = cropped_run
+    info, df = load_manifest(mdir)
+    train = df[df["split"] == "train"]
+    fp = fpm.compute(info, train, str(mdir))
+    # canonical (RAS+) axes of the LPS files are the stored axes: the border patterns' median box is SHAPE
+    assert fp.shape_median_cropped == SHAPE
+    assert fp.shape_median is not None and fp.shape_median != SHAPE
+    full = [math.prod(n + a + b for n, (a, b) in zip(SHAPE, pattern, strict=True)) for pattern in BORDERS]
+    shares = [math.prod(SHAPE) / f for f in full]
+    assert min(shares) <= fp.nonzero_share <= max(shares)  # type: ignore[operator]
+    spacing, _ = volumes.target_spacing(fp)
+    assert volumes.median_shape(fp) == SHAPE
+    assert volumes.grid(fp, spacing) == SHAPE  # the planned grid is the anatomy's, not the stored volumes'
+    assert f"keeps {fp.nonzero_share:.0%}" in volumes.crop_reason(fp)
