@@ -1,4 +1,6 @@
-"""nnU-Net's crop to the nonzero region (planning rule V0): the box, the paste, training, inference and the plan.
+"""nnU-Net's crop to the nonzero region (planning rule V0) and its z-score over the nonzero voxels (V7).
+
+The box, the paste, the normalisation by hand, training, inference and the plan.
 
 Volumes with a zero border (a skull-stripped brain's background) are written as NIfTI files, ingested and read
 back by the product's own reader; the model is trained for a few steps (checked for grids, not quality).
@@ -46,6 +48,37 @@ def test_paste_puts_background_outside_the_box() -> None:
     assert soft[0].sum() == 36 - 4 and soft[2].sum() == 4  # background outside, the prediction inside
 
 
+def test_the_nonzero_zscore_by_hand() -> None:
+    from tumorseg.intensity import mode_of, normalize, prescale
+
+    image = np.array([[[0, 2], [4, 0]], [[0, 0], [1, 3]]], np.float32)  # voxel (0, 0) is zero in both channels
+    out = prescale(image, "nonzero")
+    s0, s1 = math.sqrt(8 / 3), math.sqrt(42 / 27)  # channel 0 over {2, 4, 0}: mean 2; channel 1 over {0, 1, 3}: 4/3
+    want = [[[0, 0 / s0], [2 / s0, -2 / s0]], [[0, -4 / 3 / s1], [-1 / 3 / s1, 5 / 3 / s1]]]
+    np.testing.assert_allclose(out, np.asarray(want, np.float32), atol=1e-6)
+    assert mode_of({"nonzero": True}) == "nonzero"
+    np.testing.assert_array_equal(normalize(image, {"nonzero": True}), out)  # no dataset part
+    # without zeros it is the plain per-image z-score
+    full = image + 10
+    np.testing.assert_allclose(prescale(full, "nonzero"), prescale(full, "image"), atol=1e-6)
+
+
+def test_the_plan_masks_the_zscore_only_where_the_crop_removes_a_quarter() -> None:
+    from test_volumes import fingerprint
+
+    from tumorseg.planning import volumes
+
+    mri = fingerprint((1.0, 1.0, 1.0), (160, 192, 160))
+    brain = mri.model_copy(update={"nonzero_share": 0.4, "shape_median_cropped": (120, 150, 120)})  # type: ignore
+    rule, why = volumes.intensity_rule(brain)
+    assert rule == "nonzero" and "40%" in why
+    assert volumes.intensity_rule(brain.model_copy(update={"nonzero_share": 0.9}))[0] == "image"
+    assert volumes.intensity_rule(mri)[0] == "image"  # type: ignore[arg-type]  # not measured: as before
+    ct = brain.model_copy(update={"intensity": [{"p0_5": -1024.0, "p50": -700.0, "p99_5": 1200.0, "mean": -500.0,
+                                                 "std": 400.0}]})
+    assert volumes.intensity_rule(ct)[0] == "ct"  # Hounsfield units keep the CT rule
+
+
 def padded(seed: int, border: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, np.ndarray]:
     """A blob volume (nonzero everywhere) inside a zero border, and its label volume."""
     image, label = blob_volume(seed, empty=seed % 6 == 5)
@@ -71,7 +104,7 @@ def cropped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("crop")
     images, masks = write_padded(root / "data", 12)
     mdir = ingest(images, masks, root / "m", seed=1)
-    cfg = load_config(TrainConfig, None, [*TINY_3D, "crop_nonzero=true", "cache=disk", "normalize=image"],
+    cfg = load_config(TrainConfig, None, [*TINY_3D, "crop_nonzero=true", "cache=disk", "normalize=nonzero"],
                       base={"manifest": str(mdir), "out": str(root / "runs")})
     return mdir, Path(train(cfg).run_dir)
 
@@ -109,7 +142,7 @@ def test_a_cropping_model_predicts_on_the_whole_grid(cropped_run: tuple[Path, Pa
 
     mdir, run_dir = cropped_run
     seg = Segmenter.from_checkpoint(run_dir / "best.pt", device="cpu")
-    assert seg.config.crop_nonzero
+    assert seg.config.crop_nonzero and seg.stats == {"nonzero": True}
     inner, _ = blob_volume(40)
     border = ((2, 9), (5, 1), (3, 4))
     full = np.pad(inner, border)[None].astype(np.float32)

@@ -88,7 +88,8 @@ def build_payload(
         "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
         "config": cfg.model_dump(mode="json"),
         "in_channels": int(in_channels),
-        "intensity": None if intensity is None else {k: list(v) for k, v in intensity.items()},
+        "intensity": None if intensity is None else {k: v if isinstance(v, bool) else list(v)
+                                                      for k, v in intensity.items()},
         "input_normalization": input_normalization(cfg, intensity),
         "intensity_fingerprint": None if fingerprint is None else {k: float(v) for k, v in fingerprint.items()},
         "labels": None if labels is None else {str(k): str(v) for k, v in labels.items()},
@@ -117,6 +118,8 @@ def input_normalization(cfg: TrainConfig, intensity: Mapping[str, Any] | None) -
     if str(cfg.model.pretrained) != "none":
         return (f"pretrained: the {cfg.model.backbone} encoder's ImageNet mean/std, after scaling each image by its "
                 "own 0.5/99.5 percentiles to [0, 1]")
+    if intensity.get("nonzero"):
+        return "nonzero: each volume z-scored by its own nonzero voxels' mean/std, the rest 0"
     if intensity.get("percentiles"):
         return "percentile: each image scaled by its own 0.5/99.5 percentiles, then the training split's mean/std"
     if intensity.get("clip"):

@@ -268,13 +268,11 @@ class TrainConfig(StrictModel):
     cache: Literal["auto", "ram", "disk", "gpu"] = Field(
         default="auto", description="auto: RAM (or the GPU) up to 2 GiB of preprocessed cases, else the disk cache")
     cache_dir: Path | None = Field(default=None, description="on-disk cache folder (default: cache/ in the manifest's)")
-    normalize: Literal["percentile", "dataset", "ct", "image"] = Field(
-        default="percentile",
-        description="percentile: each image scaled by its own 0.5/99.5 percentiles, then the training split's "
-                    "mean/std (robust to the stored bit depth); dataset: the training split's mean/std in stored "
-                    "units; ct: clipped to the train foreground's 0.5/99.5 percentiles, then its mean/std "
-                    "(nnU-Net's CT rule); image: per-image z-score",
-    )
+    normalize: Literal["percentile", "dataset", "ct", "image", "nonzero"] = Field(
+        default="percentile", description="percentile: each image scaled by its own 0.5/99.5 percentiles, then the "
+        "training split's mean/std (robust to the stored bit depth); dataset: the training split's mean/std in stored "
+        "units; ct: clipped to the train foreground's 0.5/99.5 percentiles, then its mean/std (nnU-Net's CT rule); "
+        "image: per-image z-score; nonzero: per-volume z-score over its nonzero voxels, the rest 0 (nnU-Net)")
     crop_nonzero: bool = Field(default=False, description="volumes: each cut to the box of its nonzero voxels "
                                "before resampling, predictions pasted back (nnU-Net; tumorseg.cropping)")
     early_stopping_patience: int | None = Field(default=15, ge=1)

@@ -14,6 +14,9 @@ rule the model was trained with, and a checkpoint written before a rule existed 
   percentiles of the training split's *foreground* voxels (label > 0) in stored units, then z-scored by the
   foreground's mean/std: the window a radiologist would set on the structures to segment.
 * ``None`` (``normalize: image``): each image z-scored by its own mean/std (nnU-Net's non-CT rule).
+* ``{"nonzero": True}`` (``normalize: nonzero``): each volume z-scored per channel by the mean/std of its
+  voxels nonzero in any channel, the others left at 0 (nnU-Net's z-score with ``use_mask_for_norm``, for
+  masked scans such as a skull-stripped brain, whose zero background would otherwise count).
 
 The dataset part (clip and affine map, :func:`finish`) is applied after resizing, in training and in
 inference alike; the per-image part (:func:`prescale`) before.
@@ -39,7 +42,8 @@ log = logging.getLogger(__name__)
 Stats = dict[str, Any]
 """Per-channel intensity statistics ``{"mean": [...], "std": [...]}`` (lists of floats) of a training split,
 plus ``"percentiles": [0.5, 99.5]`` when each image is first scaled by its own percentiles, or ``"clip":
-[[low, high], ...]`` (one window per channel) under ``normalize: ct``."""
+[[low, high], ...]`` (one window per channel) under ``normalize: ct``; ``{"nonzero": True}`` alone under
+``normalize: nonzero`` (a per-volume rule without dataset statistics)."""
 
 Fingerprint = dict[str, float]
 """Raw intensity range of the training images: the mean of their per-image 0.5 and 99.5 percentiles
@@ -103,6 +107,8 @@ def mode_of(stats: Stats | None) -> str:
     """The ``normalize`` rule that made ``stats`` (checkpoints carry the statistics, not the name)."""
     if stats is None:
         return "image"
+    if stats.get("nonzero"):
+        return "nonzero"
     if stats.get("percentiles"):
         return "percentile"
     return "ct" if stats.get("clip") else "dataset"
@@ -189,6 +195,8 @@ def prescale(image: np.ndarray, mode: str,
     img = image.astype(np.float32, copy=False)
     if mode == "percentile":
         return percentile_scale(img, percentiles)
+    if mode == "nonzero":
+        return nonzero_zscore(img)
     if mode == "image":
         spatial = tuple(range(1, img.ndim))
         mean = img.mean(axis=spatial, keepdims=True)
@@ -197,12 +205,25 @@ def prescale(image: np.ndarray, mode: str,
     return img
 
 
+def nonzero_zscore(image: np.ndarray) -> np.ndarray:
+    """``normalize: nonzero``: each channel z-scored over the voxels nonzero in any channel; the rest stay 0."""
+    inside = np.any(image != 0, axis=0)
+    out = np.zeros_like(image, dtype=np.float32)
+    if not inside.any():
+        return out
+    for c in range(image.shape[0]):
+        values = image[c][inside].astype(np.float64)
+        std = float(values.std())
+        out[c][inside] = ((values - values.mean()) / (std if std > 1e-8 else 1.0)).astype(np.float32)
+    return out
+
+
 def affine(stats: Stats | None, spatial: int = 2) -> tuple[np.ndarray, np.ndarray] | None:
     """``(mean, std)`` as ``float32 (C, 1, 1)`` arrays, or ``None`` (per image).
 
     ``(C, 1, 1, 1)`` for volumes (``spatial=3``); the std of a constant channel is 1.
     """
-    if stats is None:
+    if stats is None or "mean" not in stats:
         return None
     shape = (-1, *([1] * spatial))
     mean = np.asarray(stats["mean"], dtype=np.float32).reshape(shape)

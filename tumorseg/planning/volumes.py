@@ -31,7 +31,9 @@ V6. **Batch, steps, loss.** Batch 2 (nnU-Net's 3D batch); steps from the measure
 V7. **Intensities.** CT-like data (stored values reaching -500 and below: Hounsfield units) keep their
     physical scale: clipped to the 0.5/99.5 percentiles of the training split's foreground voxels, then
     z-scored by the foreground's mean/std (nnU-Net's ``CTNormalization``, ``normalize: ct``); other modalities
-    (MRI) a z-score per volume (nnU-Net).
+    (MRI) a z-score per volume (nnU-Net), over its nonzero voxels only where the crop (V0) leaves the median
+    volume under ``NONZERO_NORM_SHARE`` of its voxels (``normalize: nonzero``, nnU-Net's ``use_mask_for_norm``:
+    the zero background of a masked scan is not tissue and would shift each volume's mean by its share).
 V8. **Augmentation.** Mirroring along all three axes (nnU-Net): the canonical orientation makes them comparable;
     rotation about the third axis and scaling on a fifth of the samples (nnU-Net's ``AFFINE_PROB_3D``: a 3D warp
     costs about a tenth of a CPU training step, benchmarks/RESULTS.md); intensity scale and shift.
@@ -67,6 +69,8 @@ AFFINE_PROB_3D = 0.2
 """V8: nnU-Net's per-sample probability of rotation and scaling; a 3D warp costs about a tenth of a CPU step."""
 CT_BELOW = -500.0
 """V7: a train split whose mean 0.5th percentile reaches this is stored in Hounsfield units (air is -1000)."""
+NONZERO_NORM_SHARE = 0.75
+"""V7: nnU-Net z-scores only the nonzero voxels where cropping leaves less than this share of a median volume."""
 SEARCH_PASSES = 10.0
 """Val passes the post-processing search costs in 3D: a plain pass, one per mirroring of three axes (7) and the
 filters' re-scoring (about 2)."""
@@ -174,6 +178,10 @@ def intensity_rule(fp: Fingerprint) -> tuple[str, str]:
     if fp.intensity and min(s["p0_5"] for s in fp.intensity) <= CT_BELOW:
         return "ct", (f"CT-like values (down to {CT_BELOW:g} and below): clipped to the train foreground's 0.5/99.5 "
                       "percentiles, then its mean/std (nnU-Net's CT rule)")
+    if fp.nonzero_share is not None and fp.nonzero_share < NONZERO_NORM_SHARE:
+        return "nonzero", (f"a z-score per volume over its nonzero voxels, the zero background left at 0: the crop "
+                           f"keeps {fp.nonzero_share:.0%} of the median volume, under {NONZERO_NORM_SHARE:.0%} "
+                           "(nnU-Net's mask for normalisation)")
     return "image", "a z-score per volume (MRI and other non-CT modalities; nnU-Net)"
 
 

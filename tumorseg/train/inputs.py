@@ -204,6 +204,8 @@ def _stats(mode: str, summary: Summary, cfg: TrainConfig | None = None, in_chann
         return pretrained_stats(cfg.model.backbone, in_channels, SCALE_PERCENTILES)
     if mode == "image":
         return None
+    if mode == "nonzero":  # per volume: the rule has no dataset statistics
+        return {"nonzero": True}
     if mode == "ct":
         window = summary.foreground_stats()
         if window is not None:

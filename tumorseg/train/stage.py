@@ -200,7 +200,7 @@ def _train(cfg: TrainConfig, run_dir: Path, ckpt: dict[str, Any] | None, dist: D
                 from tumorseg import planning
 
                 planning.log_to(run, plan, run_dir / "plan.json", run_dir / "fingerprint.json")
-        if ckpt is None and stats is not None:
+        if ckpt is None and stats is not None and "mean" in stats:
             run.log_params({"intensity.mean": stats["mean"], "intensity.std": stats["std"]})
         if ckpt is None and fingerprint is not None:
             run.log_params({f"intensity.raw_{k}": round(v, 6) for k, v in fingerprint.items()})
