@@ -23,14 +23,11 @@ BORDERS = [((3, 5), (2, 6), (1, 2)), ((0, 7), (4, 0), (2, 1)), ((6, 2), (1, 3), 
 """Zero voxels before and after the anatomy per stored axis, one pattern per case (cycled)."""
 
 
-def test_the_box_spans_every_channel_and_the_labels() -> None:
+def test_the_box_spans_every_channel() -> None:
     image = np.zeros((2, 6, 7, 5), np.float32)
     image[0, 1, 2, 3] = 5.0  # channel 0 reaches (1, 2, 3)
     image[1, 4, 5, 1] = -2.0  # channel 1 reaches (4, 5, 1): negative values are not background
     assert nonzero_box(image) == (slice(1, 5), slice(2, 6), slice(1, 4))
-    mask = np.zeros((6, 7, 5), np.uint8)
-    mask[5, 0, 4] = 1  # a label outside the nonzero voxels widens the box (val scores on cropped masks stay exact)
-    assert nonzero_box(image, mask) == (slice(1, 6), slice(0, 6), slice(1, 5))
     assert nonzero_box(np.zeros((1, 3, 4, 2))) == (slice(0, 3), slice(0, 4), slice(0, 2))  # all zero: the whole
     assert box_shape(nonzero_box(image)) == (4, 4, 3)
 
@@ -77,6 +74,14 @@ def test_the_plan_masks_the_zscore_only_where_the_crop_removes_a_quarter() -> No
     ct = brain.model_copy(update={"intensity": [{"p0_5": -1024.0, "p50": -700.0, "p99_5": 1200.0, "mean": -500.0,
                                                  "std": 400.0}]})
     assert volumes.intensity_rule(ct)[0] == "ct"  # Hounsfield units keep the CT rule
+    # the plan's training settings carry both rules, and they make a valid config
+    from tumorseg.planning.probe import Throughput
+
+    planned = volumes.choose(brain, 1800, 8, lambda *a: Throughput(4.0, 12.0), "cpu")  # type: ignore[arg-type]
+    train = planned["train"]
+    assert train["crop_nonzero"] is True and train["normalize"] == "nonzero"
+    assert "keeps 40%" in planned["reasons"]["crop_nonzero"]
+    assert TrainConfig.model_validate({**train, "manifest": "m"}).crop_nonzero
 
 
 def padded(seed: int, border: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -91,6 +96,8 @@ def write_padded(root: Path, n: int) -> tuple[Path, Path]:
     masks.mkdir(parents=True)
     for i in range(n):
         image, label = padded(i, BORDERS[i % len(BORDERS)])
+        if i == 0:
+            label[0, 0, 0] = 1  # a stray label in the zero border: outside the box the image defines
         write_nifti(images / f"case_{i:03d}.nii.gz", image, LPS)
         write_nifti(masks / f"case_{i:03d}.nii.gz", label, LPS)
     return images, masks
@@ -109,29 +116,39 @@ def cropped_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return mdir, Path(train(cfg).run_dir)
 
 
-def test_training_reads_each_volume_cut_to_its_box(cropped_run: tuple[Path, Path]) -> None:
+def test_training_reads_each_volume_cut_to_its_box(cropped_run: tuple[Path, Path],
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from tumorseg import checkpoint
     from tumorseg.data import CaseReader
+    from tumorseg.data.disk import DiskSplit, cache_key, check, folder_name
+    from tumorseg.intensity import mode_of
     from tumorseg.manifest import load_manifest
 
     mdir, run_dir = cropped_run
     info, df = load_manifest(mdir)
-    whole = CaseReader(info, str(mdir)).read_all(df.iloc[:3])
-    cut = CaseReader(info, str(mdir), crop=True).read_all(df.iloc[:3])
+    df = df.sort_values("case_id").iloc[:3]
+    whole = CaseReader(info, str(mdir)).read_all(df)
+    with caplog.at_level("WARNING"):
+        cut = CaseReader(info, str(mdir), crop=True).read_all(df)
     for w, c in zip(whole, cut, strict=True):
         assert c.image.shape[1:] == SHAPE == c.mask.shape  # the border is gone on every (canonical) axis
-        assert w.image.shape[1:] != SHAPE and int(c.mask.sum()) == int(w.mask.sum())  # every label kept
-        assert np.all(c.image != 0)
+        assert w.image.shape[1:] != SHAPE and np.all(c.image != 0)
+        stray = c.case_id.endswith("case_000")
+        assert int(c.mask.sum()) == int(w.mask.sum()) - stray  # the stray border label is dropped, and said
+    assert "case_000.nii.gz: 1 labelled voxels lie outside the image's nonzero box" in caplog.text
     # the disk cache holds the cropped masks (val scores on them), in a folder of its own
-    folders = [p.name for p in (mdir / "cache").iterdir() if p.is_dir()]
-    assert any(f.startswith("val-16x16x16-") for f in folders)
-    from tumorseg.data.disk import DiskSplit, check
-
-    val = next(mdir / "cache" / f for f in folders if f.startswith("val-"))
-    meta, why = check(val, val.name.rsplit("-", 1)[1])
+    val_ids = [str(c) for c in load_manifest(mdir)[1].query("split == 'val'")["case_id"]]
+    ckpt = checkpoint.load(run_dir / "best.pt")
+    keys = {crop: cache_key(info.dataset_digest, "val", val_ids, (16, 16, 16), 1, "nonzero", 0, crop)
+            for crop in (True, False)}
+    assert keys[True] != keys[False]
+    folder = mdir / "cache" / folder_name("val", (16, 16, 16), keys[True])
+    meta, why = check(folder, keys[True])
     assert meta is not None, why
-    split = DiskSplit(val, meta)
+    split = DiskSplit(folder, meta)
     assert all(split.original_mask(i).shape == SHAPE for i in range(len(split)))
-    assert (run_dir / "best.pt").is_file()
+    # what a resume reads back: the same crop and rule
+    assert checkpoint.train_config(ckpt).crop_nonzero and mode_of(ckpt["intensity"]) == "nonzero"
 
 
 def test_a_cropping_model_predicts_on_the_whole_grid(cropped_run: tuple[Path, Path], tmp_path: Path) -> None:

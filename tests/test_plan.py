@@ -172,6 +172,27 @@ def test_the_budget_counts_from_the_commands_start(manifest: Path, tmp_path: Pat
     assert res.stopped_reason == "time budget 10m reached" and res.epochs_run == 1
 
 
+def test_the_train_command_passes_its_start(manifest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tumorseg train`` hands the run the moment it started, before its heavy imports and the config."""
+    import time
+    from types import SimpleNamespace
+
+    import tumorseg.train as stage
+    from tumorseg.cli import app
+
+    seen: dict[str, float | None] = {}
+
+    def fake_run(cfg: TrainConfig, started: float | None = None) -> SimpleNamespace:
+        seen.update(started=started, called=time.perf_counter())
+        return SimpleNamespace(is_main_process=False)
+
+    monkeypatch.setattr(stage, "run", fake_run)
+    before = time.perf_counter()
+    res = CliRunner().invoke(app, ["train", str(manifest), "--budget", "1m"])
+    assert res.exit_code == 0, res.output
+    assert seen["started"] is not None and before <= seen["started"] <= seen["called"]  # type: ignore[operator]
+
+
 @pytest.mark.parametrize("budget", ["0", "soon", "0m", "-5m"])
 def test_bad_budgets_are_one_line_errors(manifest: Path, budget: str) -> None:
     from tumorseg.cli import app

@@ -5,9 +5,10 @@ anatomy, often more than half of the volume. nnU-Net crops every case to the bou
 that are nonzero in any channel before anything else, so the planned grid, the training patches and the
 network's time go to the anatomy. Where a volume has no zero border the box is the whole volume.
 
-Training crops its cases in the reader (with the labels inside the box, so a val score on the cropped
-masks is the score on the whole volume); inference crops the input and pastes the prediction back into the
-input's own grid, background outside the box (:meth:`tumorseg.inference.Segmenter.predict_proba`).
+Training crops its cases in the reader and inference crops its inputs by the same rule, the image alone (labels
+outside the box are dropped, as nnU-Net does; evaluate scores whole volumes and counts them as missed); the
+prediction is pasted back into the input's own grid, background outside the box
+(:meth:`tumorseg.inference.Segmenter.predict_proba`).
 """
 
 from __future__ import annotations
@@ -17,14 +18,9 @@ import numpy as np
 Box = tuple[slice, ...]
 
 
-def nonzero_box(image: np.ndarray, mask: np.ndarray | None = None) -> Box:
-    """The bounding box of a ``(C, *spatial)`` array's voxels nonzero in any channel (and of ``mask > 0``).
-
-    The whole extent when every voxel is zero.
-    """
+def nonzero_box(image: np.ndarray) -> Box:
+    """The bounding box of a ``(C, *spatial)`` array's voxels nonzero in any channel (the whole if none is)."""
     nonzero = np.any(np.asarray(image) != 0, axis=0)
-    if mask is not None:
-        nonzero |= np.asarray(mask) > 0
     box: list[slice] = []
     for axis in range(nonzero.ndim):
         others = tuple(a for a in range(nonzero.ndim) if a != axis)

@@ -327,7 +327,7 @@ def range_message(image: np.ndarray, fingerprint: Fingerprint | None, stats: Sta
         trained = f"~{hi_t:g} (estimated from the checkpoint's mean/std)"
     head = (f"intensities up to {hi:g} (99.5th percentile), {how} the training images' {trained} - another "
             "bit depth (16-bit, 12-bit in 16) or another kind of image?")
-    if stats is not None and not stats.get("percentiles"):
+    if mode_of(stats) in ("dataset", "ct"):
         return (f"{head} This model normalises in the training images' stored units (normalize: "
                 f"{mode_of(stats)}), so its predictions on this image are likely wrong: store it like the training "
                 "images, or retrain with normalize: percentile")

@@ -79,8 +79,8 @@ class CaseReader:
         source: the manifest path named in error messages.
         volumes: how many decoded NIfTI volumes to keep.
         context: the slice context to add to each image (2.5D models), or ``None``.
-        crop: volume cases come cropped to the box of their nonzero voxels and labels (training's
-            ``crop_nonzero``, :mod:`tumorseg.cropping`); other readers see whole volumes.
+        crop: volume cases come cropped to the box of their nonzero voxels (training's ``crop_nonzero``, the
+            box inference cuts too: :mod:`tumorseg.cropping`); other readers see whole volumes.
     """
 
     def __init__(self, info: ManifestInfo, source: str, volumes: int = 4,
@@ -170,8 +170,13 @@ class CaseReader:
         if self.crop:
             from tumorseg.cropping import nonzero_box
 
-            box = nonzero_box(image, mask)
-            image, mask = np.ascontiguousarray(image[(slice(None), *box)]), np.ascontiguousarray(mask[box])
+            box = nonzero_box(image)
+            cut = np.ascontiguousarray(mask[box])
+            lost = int(np.count_nonzero(mask)) - int(np.count_nonzero(cut))
+            if lost:  # nnU-Net drops them too; evaluate, on the whole volume, counts them as missed
+                log.warning("%s: %d labelled voxels lie outside the image's nonzero box; training and its val "
+                            "score see the box only", img_path, lost)
+            image, mask = np.ascontiguousarray(image[(slice(None), *box)]), cut
         return Case(index, str(row["case_id"]), str(row["group"]), image, mask, spacing)
 
     def stream(self, df: pd.DataFrame, workers: int = 0, ahead: int = 32) -> Iterator[Case]:

@@ -19,6 +19,8 @@ from tumorseg.manifest import ManifestInfo
 if TYPE_CHECKING:
     import pandas as pd
 
+    from tumorseg.data import Case
+
 
 class Fingerprint(BaseModel):
     """``fingerprint.json``: the train split in numbers.
@@ -54,7 +56,8 @@ class Fingerprint(BaseModel):
         spacing_median: median voxel size (mm) per canonical axis; ``spacing_p10``/``spacing_p90``: percentiles.
         nonzero_share: the median share of a sampled volume's voxels inside its nonzero box (nnU-Net's
             ``median_relative_size_after_cropping``; 1.0 without zero borders; :mod:`tumorseg.cropping`).
-        shape_median_cropped: ``shape_median`` scaled per axis by the sampled volumes' median box extent.
+        shape_median_cropped: the sampled volumes' median nonzero box per axis, in mm, over ``spacing_median``:
+            the voxels the median cropped volume spans at the median spacing.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -171,7 +174,7 @@ def compute(info: ManifestInfo, train: pd.DataFrame, source: str, sample: int = 
         orientation={} if volumes else orientation([c.image for c in cases]),
         natural=natural(train),
         slice_stacks={} if volumes else slice_stacks(info, train, source, seed),
-        **(cropped_geometry(volume_geometry(train), [c.image for c in cases]) if volumes else {}),
+        **(cropped_geometry(volume_geometry(train), cases) if volumes else {}),
     )
 
 
@@ -207,19 +210,18 @@ def volume_geometry(train: pd.DataFrame) -> dict[str, Any]:
             "spacing_p90": per_axis(spacing, 90)}
 
 
-def cropped_geometry(geometry: dict[str, Any], volumes: list[np.ndarray]) -> dict[str, Any]:
-    """``geometry`` with what cropping to the nonzero box leaves of the sampled ``(C, X, Y, Z)`` volumes."""
+def cropped_geometry(geometry: dict[str, Any], cases: list[Case]) -> dict[str, Any]:
+    """``geometry`` with what cropping to the nonzero box leaves of the sampled volume cases (canonical axes)."""
     from tumorseg.cropping import box_shape, nonzero_box
 
-    if not volumes:
+    if not cases:
         return geometry
-    extents = np.asarray([[n / s for n, s in zip(box_shape(nonzero_box(v)), v.shape[1:], strict=True)]
-                          for v in volumes], dtype=np.float64)
-    ratio = np.median(extents, axis=0)
-    share = float(np.median(np.prod(extents, axis=1)))
-    shape = [max(1, int(round(n * r))) for n, r in zip(geometry["shape_median"], ratio, strict=True)]
-    return {**geometry, "nonzero_share": round(share, 4),
-            "shape_median_cropped": (shape[0], shape[1], shape[2])}
+    boxes = [box_shape(nonzero_box(c.image)) for c in cases]
+    share = float(np.median([math.prod(b) / math.prod(c.image.shape[1:]) for b, c in zip(boxes, cases, strict=True)]))
+    mm = np.median([[n * s for n, s in zip(b, c.spacing or (1.0, 1.0, 1.0), strict=True)]
+                    for b, c in zip(boxes, cases, strict=True)], axis=0)
+    shape = [max(1, int(round(v / s))) for v, s in zip(mm, geometry["spacing_median"], strict=True)]
+    return {**geometry, "nonzero_share": round(share, 4), "shape_median_cropped": (shape[0], shape[1], shape[2])}
 
 
 def slice_stacks(info: ManifestInfo, train: pd.DataFrame, source: str, seed: int = 0,
