@@ -82,6 +82,10 @@ def test_the_plan_masks_the_zscore_only_where_the_crop_removes_a_quarter() -> No
     assert train["crop_nonzero"] is True and train["normalize"] == "nonzero"
     assert "keeps 40%" in planned["reasons"]["crop_nonzero"]
     assert TrainConfig.model_validate({**train, "manifest": "m"}).crop_nonzero
+    # the user's crop_nonzero=false: the stored volumes are planned (a larger grid), with the plain z-score
+    stored = volumes.choose(brain, 1800, 8, lambda *a: Throughput(4.0, 12.0), "cpu", crop=False)  # type: ignore
+    assert stored["train"]["crop_nonzero"] is False and stored["train"]["normalize"] == "image"
+    assert math.prod(stored["train"]["image_size"]) > math.prod(train["image_size"])
 
 
 def padded(seed: int, border: tuple[tuple[int, int], ...]) -> tuple[np.ndarray, np.ndarray]:

@@ -87,7 +87,8 @@ def make(cfg: TrainConfig, info: ManifestInfo, df: pd.DataFrame, device: torch.d
     if info.dims == 3:
         from tumorseg.planning import volumes
 
-        chosen = volumes.choose(fp, seconds, n_val, measure, device.type, free)
+        crop = cfg.crop_nonzero or "crop_nonzero" not in cfg.model_fields_set  # V0 unless the user turned it off
+        chosen = volumes.choose(fp, seconds, n_val, measure, device.type, free, crop=crop)
     else:
         chosen = rules.choose(fp, seconds, n_val, measure, device.type, free, cached_encoders(cfg, fp),
                               patches_for_time=cfg.patches_for_time)

@@ -194,16 +194,21 @@ def floor_factor(fp: Fingerprint) -> float:
 
 
 def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type: str,
-           free_memory: float = 0.0) -> dict[str, Any]:
-    """Apply V1-V8; returns the training settings, the estimates and the reasons (as :func:`.rules.choose`).
+           free_memory: float = 0.0, crop: bool = True) -> dict[str, Any]:
+    """Apply V0-V8; returns the training settings, the estimates and the reasons (as :func:`.rules.choose`).
+
+    ``crop=False`` (the user's ``crop_nonzero: false``): V0 off, the rules plan the stored volumes.
 
     Raises:
         TumorsegError: the volumes are too thin for 3D (V1), with the fix.
     """
+    if not crop:
+        fp = fp.model_copy(update={"shape_median_cropped": None, "nonzero_share": None})
     dims, why_dims = dims_rule(fp)
     if dims == 2:
         raise TumorsegError(f"{fp.manifest_name}: {why_dims}")
-    reasons: dict[str, str] = {"dims": why_dims, "crop_nonzero": crop_reason(fp)}
+    reasons: dict[str, str] = {"dims": why_dims, "crop_nonzero": crop_reason(fp) if crop else
+                               "off (crop_nonzero: false): the rules plan the volumes as stored"}
     target, reasons["target_spacing"] = target_spacing(fp)
     want = int(min(MAX_SAMPLES_3D, max(MIN_SAMPLES_3D, TARGET_EPOCHS_3D * fp.n_train)))
     top = floor_factor(fp)
@@ -281,7 +286,7 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         "epochs": planned_epochs,
         "early_stopping_patience": patience(planned_epochs),
         "normalize": normalize,
-        "crop_nonzero": True,
+        "crop_nonzero": crop,
         "model": {**model.model_dump(mode="json"), "in_channels": in_channels},
         "loss": LossConfig(name="dice_ce", batch=False).model_dump(mode="json"),
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "poly",
