@@ -88,7 +88,7 @@ def build_payload(
         "model": {k: v.detach().cpu() for k, v in module.state_dict().items()},
         "config": cfg.model_dump(mode="json"),
         "in_channels": int(in_channels),
-        "intensity": None if intensity is None else {k: v if isinstance(v, bool) else list(v)
+        "intensity": None if intensity is None else {k: v if isinstance(v, (bool, int, float, str)) else list(v)
                                                       for k, v in intensity.items()},
         "input_normalization": input_normalization(cfg, intensity),
         "intensity_fingerprint": None if fingerprint is None else {k: float(v) for k, v in fingerprint.items()},
