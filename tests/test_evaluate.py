@@ -338,7 +338,8 @@ class OracleSegmenter:
     def batch_for(self, requested: int) -> int:
         return requested
 
-    def predict_proba(self, images: list[np.ndarray], tta: bool | None = None) -> list[np.ndarray]:
+    def predict_proba(self, images: list[np.ndarray], tta: bool | None = None,
+                      spacings: list[tuple[float, ...] | None] | None = None) -> list[np.ndarray]:
         out = []
         for img in images:
             gt = self.truth[img.tobytes()].astype(np.float32)

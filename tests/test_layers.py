@@ -6,7 +6,8 @@ Base modules (the bottom of the house) import only base modules below them, in t
     < encoders < model
 
 so nothing imports upward from ``model``, ``metrics``, ``imageio``, ``manifest`` or ``config``.
-Above them: ``checkpoint``, ``intensity``, ``cropping``, ``context`` and ``postprocessing`` < ``inference``
+Above them: ``checkpoint``, ``intensity``, ``cropping``, ``placement``, ``context`` and ``postprocessing``
+< ``inference``
 < ``data`` and ``tracking``, then the stages (``ingest``, ``train``, ``evaluate``, ``predict``), then
 ``pipeline`` and ``cli``.
 Every import counts, also those inside functions and under ``TYPE_CHECKING``: an import circle is a design
@@ -30,10 +31,12 @@ ABOVE = {
     "checkpoint": set(BASE),
     "intensity": set(BASE),
     "cropping": set(BASE),
+    "placement": set(BASE),
     "context": set(BASE),
     "postprocessing": set(BASE),
-    "inference": set(BASE) | {"checkpoint", "intensity", "cropping", "context", "postprocessing"},
-    "data": set(BASE) | {"checkpoint", "inference", "intensity", "cropping", "context", "postprocessing"},
+    "inference": set(BASE) | {"checkpoint", "intensity", "cropping", "placement", "context", "postprocessing"},
+    "data": set(BASE) | {"checkpoint", "inference", "intensity", "cropping", "placement", "context",
+                         "postprocessing"},
     "tracking": set(BASE),
     "review": set(BASE),
     "augment": set(BASE),

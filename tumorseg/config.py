@@ -275,6 +275,11 @@ class TrainConfig(StrictModel):
         "image: per-image z-score; nonzero: per-volume z-score over its nonzero voxels, the rest 0 (nnU-Net)")
     crop_nonzero: bool = Field(default=False, description="volumes: each cut to the box of its nonzero voxels "
                                "before resampling, predictions pasted back (nnU-Net; tumorseg.cropping)")
+    target_spacing: tuple[float, float, float] | None = Field(default=None, description="volumes: each resampled "
+        "to this voxel size (mm, RAS+ axes) and centred in image_size, shrunk alike on every axis where larger "
+        "(nnU-Net; tumorseg.placement); unset: each stretched to image_size")
+    input_spacing: tuple[float, float, float] | None = Field(default=None, description="the voxel size assumed for "
+        "volumes given without one (MLflow arrays); default: target_spacing. The 3D plan: the training median")
     early_stopping_patience: int | None = Field(default=15, ge=1)
     patches_for_time: bool = Field(
         default=False, description="plan: train on crops when whole images cannot buy the planned samples "
@@ -316,6 +321,10 @@ class TrainConfig(StrictModel):
         if len(self.image_size) == 3 and (self.model.name == "flexible_unet" or self.slice_context):
             raise ValueError("a 3D model (3 image_size values) takes neither model.name=flexible_unet (2D encoders) "
                              "nor slice_context (2.5D is for 2D models of slice stacks)")
+        spacings = [s for s in (self.target_spacing, self.input_spacing) if s is not None]
+        if spacings and (len(self.image_size) != 3 or min(min(s) for s in spacings) <= 0):
+            raise ValueError("target_spacing and input_spacing are positive voxel sizes of volumes (3 image_size "
+                             "values)")
         return self
 
     def _check_divisible(self) -> None:
@@ -346,14 +355,9 @@ class TrainConfig(StrictModel):
 
     @field_validator("plan", mode="before")
     @classmethod
-    def _plan_yaml_bool(cls, v: Any) -> Any:
-        # YAML reads a bare `off`/`on` as a boolean
-        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
-
-    @field_validator("plan")
-    @classmethod
-    def _plan_value(cls, v: str) -> str:
-        if v not in ("auto", "off") and not v.endswith(".json"):
+    def _plan_value(cls, v: Any) -> Any:
+        v = {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v  # YAML reads a bare off/on as a bool
+        if isinstance(v, str) and v not in ("auto", "off") and not v.endswith(".json"):
             raise ValueError("plan must be auto, off or the path of a plan.json written by tumorseg plan")
         return v
 
@@ -386,11 +390,9 @@ class EvaluateConfig(StrictModel):
     out: Path | None = None
     empty_both: Literal["nan", "1"] = "nan"
     surface: bool = False
-    hd95_empty: Literal["nan", "diagonal"] = Field(
-        default="nan",
-        description="HD95 of a missed tumour or a false positive on a tumour-free image: nan (left out of the mean, "
-                    "counted) or diagonal (the image diagonal, the challenge convention); both empty stays nan",
-    )
+    hd95_empty: Literal["nan", "diagonal"] = Field(default="nan", description="HD95 of a missed tumour or a false "
+        "positive on a tumour-free image: nan (left out of the mean, counted) or diagonal (the image diagonal, the "
+        "challenge convention); both empty stays nan")
     batch_size: int = Field(default=16, ge=1)
     device: Literal["auto", "cuda", "cpu"] = "auto"
     gallery_k: int = Field(default=4, ge=1)

@@ -4,7 +4,8 @@ Train's validation, ``evaluate``, ``predict`` and the MLflow pyfunc model all pr
 through the functions here, so they share one preprocessing and one resize-back rule:
 the network sees the image normalised (:func:`tumorseg.intensity.normalize`) and resized to ``image_size``;
 its logits are resized back (bilinear) to the original size before the sigmoid and threshold. A volume model
-with ``crop_nonzero`` sees each volume's nonzero box and its prediction is pasted back (:mod:`tumorseg.cropping`).
+with ``crop_nonzero`` sees each volume's nonzero box and its prediction is pasted back (:mod:`tumorseg.cropping`);
+one with ``target_spacing`` sees each volume at that voxel size, placed in the grid (:mod:`tumorseg.placement`).
 
 The normalisation rules live in :mod:`tumorseg.intensity`; they travel in the checkpoint
 (``intensity``), so every stage applies the rule the model was trained with.
@@ -28,6 +29,7 @@ from tumorseg.errors import TumorsegError
 from tumorseg.imageio import to_channels
 from tumorseg.intensity import Fingerprint, Stats, finish, legacy_fingerprint, prescale_for, range_message
 from tumorseg.labels import Classes
+from tumorseg.placement import Placement, placement, window
 from tumorseg.postprocessing import (  # noqa: F401  (re-exported: where callers have always found them)
     Postprocess,
     component_confidence,
@@ -166,8 +168,9 @@ def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[
                    tta: bool = False, mirror: tuple[int, ...] = (2, 3)) -> torch.Tensor:
     """Logits ``(N, K, *spatial)`` of a preprocessed batch, whole or by sliding window, optionally mirrored.
 
-    With ``patch_size`` smaller than the batch's images, MONAI's ``sliding_window_inference``
-    tiles them with half-patch overlap and Gaussian blending (as nnU-Net). With ``tta`` the
+    With ``patch_size`` other than the batch's images' size, MONAI's ``sliding_window_inference``
+    tiles them with half-patch overlap and Gaussian blending (as nnU-Net), padding any axis shorter than the patch
+    (a volume at its own size, :mod:`tumorseg.placement`). With ``tta`` the
     logits are averaged over every mirroring of the ``mirror`` dims (nnU-Net's mirroring; the
     training config's ``augment.flip_dims``): four for both axes, two for one.
     """
@@ -176,7 +179,7 @@ def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[
     from tumorseg.model import main_output
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if patch_size is not None and any(int(s) > p for s, p in zip(x.shape[2:], patch_size, strict=True)):
+        if patch_size is not None and tuple(int(s) for s in x.shape[2:]) != tuple(patch_size):
             from monai.inferers import sliding_window_inference
 
             out = sliding_window_inference(x, patch_size, max(1, x.shape[0]), lambda t: main_output(net(t), t.dim()),
@@ -300,12 +303,14 @@ class Segmenter:
         """Why an image's (or volume's) stored intensities are far from the training images', else ``None``."""
         return range_message(image, self.fingerprint, self.stats)
 
-    def predict_proba(self, images: list[np.ndarray], tta: bool | None = None) -> list[np.ndarray]:
+    def predict_proba(self, images: list[np.ndarray], tta: bool | None = None,
+                      spacings: list[tuple[float, ...] | None] | None = None) -> list[np.ndarray]:
         """Tumour probabilities ``float32 (H, W)`` for ``(C, H, W)`` images of any sizes.
 
         A multi-class model gives ``(K, H, W)``, one plane per class.
 
-        ``tta`` (default: the model's choice) averages over mirrored inputs.
+        ``tta`` (default: the model's choice) averages over mirrored inputs. ``spacings``: each volume's voxel
+        size (canonical axes), which a model with ``target_spacing`` resamples from (unknown: ``input_spacing``).
         """
         import torch
 
@@ -323,16 +328,16 @@ class Segmenter:
                                 + ("predict volumes slice by slice with a 2D model" if len(size) == 2
                                    else "a 3D model needs (C, X, Y, Z) volumes"))
         boxes = [self.box(img) for img in images]
-        batch = torch.stack([preprocess(img[(slice(None), *box)] if box else img, size, self.in_channels, self.stats)
-                             for img, box in zip(images, boxes, strict=True)]).to(self.device)
-        if self.config.channels_last:
-            from tumorseg.model import channels_last
-
-            batch = channels_last(batch)
+        crops = [img[(slice(None), *box)] if box else img for img, box in zip(images, boxes, strict=True)]
+        places = [self.placement(c.shape[1:], sp)
+                  for c, sp in zip(crops, spacings or [None] * len(images), strict=True)]
         use_tta = self.post.tta if tta is None else tta
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._amp or torch.float32,
-                                                    enabled=self._amp is not None):
-            logits = network_logits(self.net, batch, self.config.patch_size, use_tta, self.config.augment.flip_dims)
+        if all(where is None for where in places):
+            batch = torch.stack([preprocess(c, size, self.in_channels, self.stats) for c in crops])
+            logits = list(self._logits(batch, use_tta))
+        else:  # each volume at the target spacing, at its own size (tumorseg.placement)
+            logits = [self._logits(preprocess(c, where.size if where else size, self.in_channels, self.stats)[None],
+                                   use_tta)[0] for c, where in zip(crops, places, strict=True)]
         out = []
         for i, (img, box) in enumerate(zip(images, boxes, strict=True)):
             shape = tuple(int(s) for s in img.shape[1:])
@@ -341,6 +346,28 @@ class Segmenter:
             if box:
                 out[-1] = paste(out[-1], box, shape, self.classes.softmax)
         return out
+
+    def _logits(self, batch: torch.Tensor, tta: bool) -> torch.Tensor:
+        """The network's logits of a preprocessed batch (whole, or by sliding window over the training patch)."""
+        import torch
+
+        batch = batch.to(self.device)
+        if self.config.channels_last:
+            from tumorseg.model import channels_last
+
+            batch = channels_last(batch)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._amp or torch.float32,
+                                                    enabled=self._amp is not None):
+            return network_logits(self.net, batch, window(self.config), tta, self.config.augment.flip_dims)
+
+    def placement(self, shape: tuple[int, ...], spacing: tuple[float, ...] | None) -> Placement | None:
+        """Where a (cropped) volume of ``shape`` voxels of ``spacing`` lies in the grid; ``None``: stretched to it."""
+        target = self.config.target_spacing
+        if target is None or len(shape) != 3:
+            return None
+        known = spacing if spacing is not None and len(spacing) == 3 else None
+        return placement(tuple(int(s) for s in shape), known or self.config.input_spacing or target, target,
+                         tuple(int(s) for s in self.config.image_size))
 
     def box(self, image: np.ndarray) -> Box | None:
         """The part of a volume the network sees: its nonzero box where the model crops (``crop_nonzero``)."""
@@ -361,13 +388,13 @@ class Segmenter:
         post = self.post if threshold is None else replace(self.post, threshold=threshold)
         return post.stack_masks(probs, self.classes)
 
-    def predict_masks(self, images: list[np.ndarray], tta: bool | None = None,
-                      threshold: float | None = None) -> list[np.ndarray]:
+    def predict_masks(self, images: list[np.ndarray], tta: bool | None = None, threshold: float | None = None,
+                      spacings: list[tuple[float, ...] | None] | None = None) -> list[np.ndarray]:
         """``uint8 (H, W)`` masks (binary, or class indices): probabilities, threshold and component filtering.
 
         ``images`` are one ordered stack of slices when the post-processing is volumetric (:meth:`stack_masks`).
         """
-        return self.stack_masks(self.predict_proba(images, tta=tta), threshold)
+        return self.stack_masks(self.predict_proba(images, tta=tta, spacings=spacings), threshold)
 
 
 def channels_compatible(image_channels: int, model_channels: int, volumes: bool = False) -> bool:

@@ -9,9 +9,12 @@ it is:
 
 A 3D model (trained on volumes, ``tumorseg_spatial_dims`` 3 in its metadata) takes one more axis:
 ``(D, H, W)`` or ``(C, D, H, W)`` one volume, ``(N, C, D, H, W)`` a batch, in the canonical RAS+ axis order
-of :mod:`tumorseg.imageio.volume` (``tumorseg predict`` reorients NIfTI files itself). It needs no spacing:
-every volume is resampled to the model's training grid (``image_size``) and its prediction back to the
-volume's own size, as in training.
+of :mod:`tumorseg.imageio.volume` (``tumorseg predict`` reorients NIfTI files itself). A model planned with a
+target spacing (``target_spacing``: each volume resampled to that voxel size, :mod:`tumorseg.placement`) takes
+the volumes' voxel size in mm as ``params={"spacing": [dx, dy, dz]}`` (canonical axes); without it, the
+signature's default, the training volumes' median (``input_spacing``), is assumed. An older 3D model needs no
+spacing: every volume is stretched to its training grid (``image_size``). Predictions come back on each
+volume's own voxels.
 
 A model trained with slice context (2.5D, ``tumorseg_slice_context`` in its metadata) takes the same shapes
 and reads a batch (or a list) as **one ordered stack of consecutive slices** of a volume: each slice's
@@ -126,7 +129,8 @@ class TumorsegPyfunc(_Base):  # type: ignore[misc]
             context: MLflow's model context (unused; the network is loaded in :meth:`load_context`).
             model_input: ``(H, W)``/``(C, H, W)`` one image, ``(N, C, H, W)`` a batch (an array or
                 nested lists); from Python also a list of 2-D/3-D ``np.ndarray`` images.
-            params: ``{"probabilities": True}`` for ``float32`` probabilities instead of masks.
+            params: ``{"probabilities": True}`` for ``float32`` probabilities instead of masks; a 3D model with a
+                target spacing also takes ``{"spacing": [dx, dy, dz]}``, the volumes' voxel size.
 
         Returns:
             ``(H, W)`` for one image, ``(N, H, W)`` for a batch, a list for a list.
@@ -141,6 +145,7 @@ class TumorsegPyfunc(_Base):  # type: ignore[misc]
         channels = self.segmenter.base_channels
         spatial = self.segmenter.config.spatial_dims
         try:
+            spacing = _spacing((params or {}).get("spacing"))
             if isinstance(model_input, list | tuple) and model_input and all(
                     isinstance(item, np.ndarray) for item in model_input):
                 images = []
@@ -150,27 +155,49 @@ class TumorsegPyfunc(_Base):  # type: ignore[misc]
                         raise TumorsegError(f"a list item of shape {np.shape(item)} is a batch; give a list "
                                             "of (H, W) or (C, H, W) images, or one (N, C, H, W) array")
                     images += one
-                return self._predict(images, probabilities)
+                return self._predict(images, probabilities, spacing)
             images, single = as_images(model_input, channels, spatial)
         except TumorsegError as exc:
             raise MlflowException.invalid_parameter_value(str(exc)) from exc
         if not images:  # an empty batch (0, C, H, W)
             shape = np.shape(model_input)
             return np.zeros((0, *shape[2:]), dtype=np.float32 if probabilities else np.uint8)
-        out = self._predict(images, probabilities)
+        out = self._predict(images, probabilities, spacing)
         return out[0] if single else np.stack(out)
 
-    def _predict(self, images: list[np.ndarray], probabilities: bool) -> list[np.ndarray]:
+    def _predict(self, images: list[np.ndarray], probabilities: bool,
+                 spacing: tuple[float, ...] | None = None) -> list[np.ndarray]:
         # in chunks: a client may post a large batch, and the network's activations grow with it
         seg = self.segmenter
         images = seg.stack(images)  # 2.5D: the images are one ordered stack of slices
         chunk = seg.batch_for(CHUNK)
-        out = [o for i in range(0, len(images), chunk) for o in seg.predict_proba(images[i:i + chunk])]
+        out = [o for i in range(0, len(images), chunk)
+               for o in seg.predict_proba(images[i:i + chunk], spacings=[spacing] * len(images[i:i + chunk]))]
         if not probabilities:  # volumetric post-processing: the images are one ordered stack of slices
             out = seg.stack_masks(out)
         if not probabilities and seg.classes.multiclass:
             out = [seg.classes.to_values(o) for o in out]
         return out
+
+
+def _spacing(value: Any) -> tuple[float, ...] | None:
+    """The ``spacing`` param: three positive voxel sizes (mm, canonical axes), else ``None`` (the model's own).
+
+    Raises:
+        TumorsegError: a value that is not three positive numbers.
+    """
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in np.asarray(value, dtype=np.float64).reshape(-1))
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) == 3 and all(v > 0 for v in out):
+        return out
+    if out and all(v == 0 for v in out):  # the signature's default: not given
+        return None
+    raise TumorsegError(f"params spacing {value!r}: give three positive voxel sizes in mm (canonical RAS+ axes of "
+                        "the input), or leave it out for the model's input_spacing")
 
 
 def _pin(pkg: str) -> str:
@@ -213,7 +240,12 @@ def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -
     in_channels = int(ckpt["in_channels"]) // (2 * context + 1)  # what one input image holds
     classes = checkpoint.classes(ckpt)
     # No input schema: MLflow enforces a TensorSpec's rank exactly, and the model takes three ranks.
-    signature = ModelSignature(params=ParamSchema([ParamSpec("probabilities", "boolean", False)]))
+    params = [ParamSpec("probabilities", "boolean", False)]
+    train_cfg = checkpoint.train_config(ckpt)
+    if train_cfg.target_spacing is not None:  # the spacing assumed when none is given (3D, tumorseg.placement)
+        assumed = train_cfg.input_spacing or train_cfg.target_spacing
+        params.append(ParamSpec("spacing", "double", [float(v) for v in assumed], shape=(-1,)))
+    signature = ModelSignature(params=ParamSchema(params))
     packages = ["torch", "monai", "numpy", "pydantic", "pyyaml", "pandas", "pillow", "tifffile", "nibabel",
                 "scikit-image"]
     model_cfg = checkpoint.train_config(ckpt).model
@@ -233,13 +265,18 @@ def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -
         "tumorseg_input_normalization": checkpoint.input_normalization(checkpoint.train_config(ckpt),
                                                                        ckpt.get("intensity")),
     }
-    train_cfg = checkpoint.train_config(ckpt)
     metadata["tumorseg_spatial_dims"] = train_cfg.spatial_dims
     if train_cfg.spatial_dims == 3:
         grid = "x".join(str(v) for v in train_cfg.image_size)
         metadata["tumorseg_input"] = ("float array in canonical RAS+ axis order: (D, H, W) or (C, D, H, W) one "
                                       "volume; (N, C, D, H, W) a batch of one size; no spacing needed: each volume "
                                       f"is resampled to the training grid {grid} and predicted back to its own size")
+        if train_cfg.target_spacing is not None:
+            default = "x".join(f"{v:g}" for v in train_cfg.input_spacing or train_cfg.target_spacing)
+            metadata["tumorseg_input"] = metadata["tumorseg_input"].split("; no spacing")[0] + (
+                f"; params spacing [dx, dy, dz] (mm, those axes; default {default}, the training median): each volume "
+                f"is resampled to {'x'.join(f'{v:g}' for v in train_cfg.target_spacing)} mm in the grid {grid} and "
+                "predicted back onto its own voxels")
         metadata["tumorseg_output"] = ("uint8 mask (D, H, W) for one volume, (N, D, H, W) for a batch (label maps of "
                                        "the declared values for a multi-class model); float32 probabilities with "
                                        "params {'probabilities': true}")

@@ -40,6 +40,7 @@ from tumorseg.data.split import Batch, Prepared, Split, Summary, build, pack_mas
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_json
 from tumorseg.intensity import SCALE_PERCENTILES, Stats, finish_tensor_, rule_tensors
+from tumorseg.placement import Placement
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +54,7 @@ FORMAT = 1
 
 
 def cache_key(digest: str, split: str, case_ids: list[str], size: tuple[int, ...], in_channels: int,
-              mode: str, context: int = 0, crop: bool = False) -> str:
+              mode: str, context: int = 0, crop: bool = False, target: tuple[float, ...] | None = None) -> str:
     """What a cache folder's contents depend on, hashed (the same inputs give the same folder)."""
     ids = hashlib.sha256("\n".join(case_ids).encode()).hexdigest()
     spec = {"format": FORMAT, "digest": digest, "split": split, "cases": ids, "size": list(size),
@@ -63,6 +64,8 @@ def cache_key(digest: str, split: str, case_ids: list[str], size: tuple[int, ...
         spec["slice_context"] = context
     if crop:  # volumes cut to their nonzero box (tumorseg.cropping)
         spec["crop_nonzero"] = True
+    if target is not None:  # volumes resampled to a voxel size and placed in the grid (tumorseg.placement)
+        spec["target_spacing"] = [float(t) for t in target]
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -83,6 +86,7 @@ class DiskSink:
     fg: np.ndarray = field(init=False)
     offsets: list[int] = field(default_factory=lambda: [0])
     shapes: list[tuple[int, ...]] = field(default_factory=list)
+    placed: list[tuple[int, ...]] = field(default_factory=list)  # offset + size of each placed volume
     _files: list[IO[bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -109,6 +113,8 @@ class DiskSink:
         self.originals.write(packed)
         self.offsets.append(self.offsets[-1] + len(packed))
         self.shapes.append(tuple(int(s) for s in p.original_mask.shape))
+        if p.placement is not None:
+            self.placed.append((*p.placement.offset, *p.placement.size))
 
     def close(self) -> None:
         """Flush the files to disk and write the index."""
@@ -117,7 +123,8 @@ class DiskSink:
             os.fsync(f.fileno())
             f.close()
         np.savez(self.folder / "index.npz", scale=self.scale, fg=self.fg, offsets=np.asarray(self.offsets, np.int64),
-                 shapes=np.asarray(self.shapes, np.int32).reshape(-1, len(self.size)))
+                 shapes=np.asarray(self.shapes, np.int32).reshape(-1, len(self.size)),
+                 placed=np.asarray(self.placed, np.int32).reshape(-1, 2 * len(self.size)))
 
 
 class DiskSplit(Split):
@@ -135,6 +142,7 @@ class DiskSplit(Split):
         with np.load(folder / "index.npz") as index:
             self._scale, self._fg = index["scale"], index["fg"]
             self._offsets, self._shapes = index["offsets"], index["shapes"]
+            self._placed = index["placed"] if "placed" in index.files else np.zeros((0, 0), np.int32)
         all_rows = np.arange(int(meta["n"]), dtype=np.int64)
         self.rows = all_rows if rows is None else np.asarray(rows, dtype=np.int64)
         self.case_ids = [meta["case_ids"][r] for r in self.rows]
@@ -230,6 +238,13 @@ class DiskSplit(Split):
                                 "cache clear) and run again")
         return unpack_mask(data, tuple(int(s) for s in self._shapes[r]))
 
+    def placement(self, i: int) -> Placement | None:
+        """Where case ``i`` lies in the grid (``None``: stretched to it)."""
+        if not len(self._placed):
+            return None
+        row, dims = self._placed[int(self.rows[i])], len(self.size)
+        return Placement(tuple(int(v) for v in row[dims:]), tuple(int(v) for v in row[:dims]))
+
 
 def _npy_header_length(path: Path) -> int:
     with open(path, "rb") as f:
@@ -279,14 +294,16 @@ def _open(path: Path) -> int:
 
 
 def open_or_build(reader: CaseReader, rows: pd.DataFrame, root: Path, split: str, size: tuple[int, ...],
-                  in_channels: int, mode: str, digest: str, build: bool = True) -> tuple[DiskSplit, Summary]:
+                  in_channels: int, mode: str, digest: str, build: bool = True,
+                  target: tuple[float, ...] | None = None) -> tuple[DiskSplit, Summary]:
     """The split's cache folder under ``root``, built first when absent, incomplete or stale.
 
-    ``build=False`` (DDP ranks other than 0, after rank 0 built it) only opens the folder.
+    ``build=False`` (DDP ranks other than 0, after rank 0 built it) only opens the folder. ``target``: the
+    volumes' ``target_spacing`` (:mod:`tumorseg.placement`).
     """
     case_ids = [str(c) for c in rows["case_id"]]
     key = cache_key(digest, split, case_ids, size, in_channels, mode,
-                    reader.context.k if reader.context is not None else 0, reader.crop)
+                    reader.context.k if reader.context is not None else 0, reader.crop, target)
     name = folder_name(split, size, key)
     folder = root / name
     meta, why = check(folder, key) if folder.exists() else (None, "")
@@ -297,7 +314,7 @@ def open_or_build(reader: CaseReader, rows: pd.DataFrame, root: Path, split: str
         if folder.exists():
             log.warning("cache %s: %s; rebuilding it", folder, why)
             shutil.rmtree(folder, ignore_errors=True)
-        meta = _build(reader, rows, root, name, key, case_ids, size, in_channels, mode, split, digest)
+        meta = _build(reader, rows, root, name, key, case_ids, size, in_channels, mode, split, digest, target)
         meta_digest = {"manifest_path": meta.get("manifest_path"), "digest": digest}
         prune_stale(root, meta_digest)
     else:
@@ -306,7 +323,8 @@ def open_or_build(reader: CaseReader, rows: pd.DataFrame, root: Path, split: str
 
 
 def _build(reader: CaseReader, rows: pd.DataFrame, root: Path, name: str, key: str, case_ids: list[str],
-           size: tuple[int, ...], in_channels: int, mode: str, split: str, digest: str) -> dict[str, Any]:
+           size: tuple[int, ...], in_channels: int, mode: str, split: str, digest: str,
+           target: tuple[float, ...] | None = None) -> dict[str, Any]:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -318,7 +336,8 @@ def _build(reader: CaseReader, rows: pd.DataFrame, root: Path, name: str, key: s
     try:
         sink = DiskSink(tmp, len(rows), in_channels, size)
         try:
-            summary = build(reader, rows, size, in_channels, mode, sink, description=f"caching {split} on disk")
+            summary = build(reader, rows, size, in_channels, mode, sink, description=f"caching {split} on disk",
+                            target=target)
         finally:
             sink.close()
         meta: dict[str, Any] = {"format": FORMAT, "key": key, "split": split, "n": len(rows), "channels": in_channels,

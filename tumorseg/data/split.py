@@ -37,6 +37,7 @@ from tumorseg.intensity import (
     prescaled_sums,
     raw_range,
 )
+from tumorseg.placement import Placement, placement, put
 from tumorseg.progress import track
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class Prepared:
         sums: ``(3, C)`` intensity sums of the prescaled original (the dataset statistics).
         raw_range: the raw 0.5/99.5 percentiles (the intensity fingerprint).
         foreground: ``(C, k)`` sampled foreground voxels (``normalize: ct`` only), else ``None``.
+        placement: where the volume lies in the grid (``target_spacing``: :mod:`tumorseg.placement`), else ``None``.
     """
 
     image: np.ndarray
@@ -66,6 +68,7 @@ class Prepared:
     sums: np.ndarray
     raw_range: tuple[float, float]
     foreground: np.ndarray | None = None
+    placement: Placement | None = None
 
 
 @dataclass
@@ -153,6 +156,10 @@ class Split:
         """Apply the dataset's normalisation ``stats`` to everything read from now on."""
         raise NotImplementedError
 
+    def placement(self, i: int) -> Placement | None:
+        """Where case ``i`` lies in its grid (a volume resampled to ``target_spacing``), else ``None``: stretched."""
+        return None
+
     def tumour(self) -> np.ndarray:
         """``bool (N,)``: which cases hold tumour at training size."""
         return np.asarray(self.fg_pixels) > 0
@@ -169,6 +176,7 @@ class RamSplit(Split):
     fg_pixels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     pixels: int = 0
     stats: Stats | None = None
+    placements: list[Placement | None] = field(default_factory=list)
 
     def read(self, idx: np.ndarray, masks: bool = True) -> Batch:
         """Rows ``idx``, indexed where the tensors live."""
@@ -186,6 +194,10 @@ class RamSplit(Split):
     def original_mask(self, i: int) -> np.ndarray:
         """Case ``i``'s mask at its original resolution."""
         return self.masks_original[i]
+
+    def placement(self, i: int) -> Placement | None:
+        """Where case ``i`` lies in the grid (``None``: stretched to it)."""
+        return self.placements[i] if self.placements else None
 
     def normalise(self, stats: Stats | None) -> None:
         """Apply the dataset's clip and affine map in place (once, after the statistics are known)."""
@@ -233,17 +245,25 @@ def storage_for(mode: str, n_cases: int, channels: int, size: tuple[int, ...]) -
 
 
 def prepare(case: Case, size: tuple[int, ...], in_channels: int, mode: str,
-            foreground: int = FOREGROUND_SAMPLES) -> Prepared:
-    """Prescale, resize and sum one decoded case (runs in the decode threads)."""
+            foreground: int = FOREGROUND_SAMPLES, target: tuple[float, ...] | None = None) -> Prepared:
+    """Prescale, resize and sum one decoded case (runs in the decode threads).
+
+    With ``target`` (a volume's ``target_spacing``) the case is resampled to that voxel size and placed in the
+    ``size`` grid (:mod:`tumorseg.placement`), else stretched to it.
+    """
     import torch
 
     from tumorseg.imageio import to_channels
     from tumorseg.inference import resize_image, resize_mask
 
     pre = prescale(to_channels(case.image, in_channels), mode, SCALE_PERCENTILES)
-    mask = resize_mask(case.mask, size).to(torch.uint8).numpy()
-    return Prepared(resize_image(pre, size).numpy(), mask, case.mask, prescaled_sums(pre), raw_range(case.image),
-                    foreground_sample(pre, case.mask, foreground) if mode == "ct" else None)
+    where = None if target is None else placement(case.mask.shape, case.spacing or target, target, size)
+    at = size if where is None else where.size
+    image, mask = resize_image(pre, at), resize_mask(case.mask, at).to(torch.uint8)
+    if where is not None:
+        image, mask = put(image, where, size), put(mask, where, size)
+    return Prepared(image.numpy(), mask.numpy(), case.mask, prescaled_sums(pre), raw_range(case.image),
+                    foreground_sample(pre, case.mask, foreground) if mode == "ct" else None, where)
 
 
 class Sink(Protocol):
@@ -254,11 +274,12 @@ class Sink(Protocol):
 
 
 def build(reader: CaseReader, rows: pd.DataFrame, size: tuple[int, ...], in_channels: int, mode: str,
-          sink: Sink, workers: int = 0, description: str = "caching") -> Summary:
+          sink: Sink, workers: int = 0, description: str = "caching",
+          target: tuple[float, ...] | None = None) -> Summary:
     """Stream ``rows`` through ``prepare`` into ``sink`` in order; returns the summed statistics."""
     summary = Summary.empty(in_channels)
     per_case = foreground_per_case(len(rows))
-    prepared = reader.map(lambda case: prepare(case, size, in_channels, mode, per_case), rows, workers)
+    prepared = reader.map(lambda case: prepare(case, size, in_channels, mode, per_case, target), rows, workers)
     for i, p in enumerate(track(prepared, len(rows), description)):
         sink.put(i, p)
         summary.add(p)
@@ -276,6 +297,7 @@ class RamSink:
     masks: np.ndarray = field(init=False)
     fg: np.ndarray = field(init=False)
     originals: list[np.ndarray] = field(default_factory=list)
+    placements: list[Placement | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.images = np.empty((self.n, self.channels, *self.size), dtype=np.float32)
@@ -286,20 +308,22 @@ class RamSink:
         """Store case ``i``."""
         self.images[i], self.masks[i], self.fg[i] = p.image, p.mask, int(np.count_nonzero(p.mask))
         self.originals.append(p.original_mask)
+        self.placements.append(p.placement)
 
     def split(self, case_ids: list[str]) -> RamSplit:
         """The filled arrays as a :class:`RamSplit` (prescaled, not yet normalised)."""
         import torch
 
         return RamSplit(case_ids=case_ids, images=torch.from_numpy(self.images), masks=torch.from_numpy(self.masks),
-                        masks_original=self.originals, fg_pixels=self.fg, pixels=int(np.prod(self.size)))
+                        masks_original=self.originals, fg_pixels=self.fg, pixels=int(np.prod(self.size)),
+                        placements=self.placements)
 
 
 def in_ram(reader: CaseReader, rows: pd.DataFrame, size: tuple[int, ...], in_channels: int, mode: str,
-           description: str) -> tuple[RamSplit, Summary]:
+           description: str, target: tuple[float, ...] | None = None) -> tuple[RamSplit, Summary]:
     """Build ``rows`` into RAM (prescaled; call :meth:`RamSplit.normalise` once the statistics are known)."""
     sink = RamSink(len(rows), in_channels, size)
-    summary = build(reader, rows, size, in_channels, mode, sink, description=description)
+    summary = build(reader, rows, size, in_channels, mode, sink, description=description, target=target)
     return sink.split([str(c) for c in rows["case_id"]]), summary
 
 

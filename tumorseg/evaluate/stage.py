@@ -341,7 +341,7 @@ def predict_and_score(seg: Segmenter, info: ManifestInfo, rows: pd.DataFrame, cf
     buffer: StackBuffer[int, tuple[Any, np.ndarray]] = StackBuffer(
         SliceStacks.from_frame(rows).positions(list(rows["case_id"])) if seg.post.volumetric else [])
     for batch in track(batched(cases, bs), n_batches, f"evaluate {cfg.split}"):
-        probs = seg.predict_proba([c.image for c in batch])
+        probs = seg.predict_proba([c.image for c in batch], spacings=[c.spacing for c in batch])
         for case, prob in zip(batch, probs, strict=True):
             for group in buffer.add(case.index, (case, prob)):
                 finish(group)

@@ -58,6 +58,9 @@ class Fingerprint(BaseModel):
             ``median_relative_size_after_cropping``; 1.0 without zero borders; :mod:`tumorseg.cropping`).
         shape_median_cropped: the sampled volumes' median nonzero box per axis, in mm, over ``spacing_median``:
             the voxels the median cropped volume spans at the median spacing.
+        extent_p95: the 95th percentile per canonical axis of the train volumes' extent in mm (shape times
+            spacing); ``extent_p95_cropped``: the same of the sampled volumes' nonzero boxes. The 3D plan's grid
+            holds a volume of that extent whole (:mod:`tumorseg.placement`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -86,6 +89,8 @@ class Fingerprint(BaseModel):
     spacing_p90: tuple[float, float, float] | None = None
     nonzero_share: float | None = None
     shape_median_cropped: tuple[int, int, int] | None = None
+    extent_p95: tuple[float, float, float] | None = None
+    extent_p95_cropped: tuple[float, float, float] | None = None
 
 
 def _diameter(area: float) -> float:
@@ -207,7 +212,7 @@ def volume_geometry(train: pd.DataFrame) -> dict[str, Any]:
     med = np.median(shape, axis=0)
     return {"dims": 3, "shape_median": (int(med[0]), int(med[1]), int(med[2])),
             "spacing_median": per_axis(spacing, 50), "spacing_p10": per_axis(spacing, 10),
-            "spacing_p90": per_axis(spacing, 90)}
+            "spacing_p90": per_axis(spacing, 90), "extent_p95": per_axis(shape * spacing, 95)}
 
 
 def cropped_geometry(geometry: dict[str, Any], cases: list[Case]) -> dict[str, Any]:
@@ -218,10 +223,12 @@ def cropped_geometry(geometry: dict[str, Any], cases: list[Case]) -> dict[str, A
         return geometry
     boxes = [box_shape(nonzero_box(c.image)) for c in cases]
     share = float(np.median([math.prod(b) / math.prod(c.image.shape[1:]) for b, c in zip(boxes, cases, strict=True)]))
-    mm = np.median([[n * s for n, s in zip(b, c.spacing or (1.0, 1.0, 1.0), strict=True)]
-                    for b, c in zip(boxes, cases, strict=True)], axis=0)
+    extents = np.asarray([[n * s for n, s in zip(b, c.spacing or (1.0, 1.0, 1.0), strict=True)]
+                          for b, c in zip(boxes, cases, strict=True)])
+    mm, p95 = np.median(extents, axis=0), np.percentile(extents, 95, axis=0)
     shape = [max(1, int(round(v / s))) for v, s in zip(mm, geometry["spacing_median"], strict=True)]
-    return {**geometry, "nonzero_share": round(share, 4), "shape_median_cropped": (shape[0], shape[1], shape[2])}
+    return {**geometry, "nonzero_share": round(share, 4), "shape_median_cropped": (shape[0], shape[1], shape[2]),
+            "extent_p95_cropped": (round(float(p95[0]), 4), round(float(p95[1]), 4), round(float(p95[2]), 4))}
 
 
 def slice_stacks(info: ManifestInfo, train: pd.DataFrame, source: str, seed: int = 0,

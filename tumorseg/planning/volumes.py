@@ -14,19 +14,23 @@ V1. **2D or 3D.** Volumes train a 3D network: it sees the anatomy across slices 
 V2. **Target spacing.** The median voxel size per axis; where the data are anisotropic (the coarsest median
     spacing over ``ANISOTROPY`` times the finest), the coarse axis takes the 10th percentile of its spacings
     instead (nnU-Net), so the volumes with thin slices keep them (:func:`target_spacing`).
-V3. **Grid and budget.** The median volume at the target spacing, unless the budget cannot buy the wanted
-    samples (``TARGET_EPOCHS_3D`` passes over the train volumes, within ``MIN_SAMPLES_3D..MAX_SAMPLES_3D``):
-    then a coarser grid, the finest axes coarsened first (nnU-Net's low-resolution stage), never below the
-    tumour floor (the median tumour ``MIN_TUMOUR_DIAMETER_3D`` voxels across, the 5th percentile
-    ``MIN_SMALL_TUMOUR_DIAMETER_3D``). Every volume is resampled to that grid, as a 2D image to its size, and
-    the predictions back onto each volume's own grid.
+V3. **Spacing, grid and budget.** Every volume is resampled to one voxel size (nnU-Net), the target spacing
+    unless the budget cannot buy the wanted samples (``TARGET_EPOCHS_3D`` passes over the train volumes, within
+    ``MIN_SAMPLES_3D..MAX_SAMPLES_3D``): then a coarser one, the finest axes coarsened first (nnU-Net's
+    low-resolution stage), never below the tumour floor (the median tumour ``MIN_TUMOUR_DIAMETER_3D`` voxels
+    across, the 5th percentile ``MIN_SMALL_TUMOUR_DIAMETER_3D``). The grid holds the 95th percentile of the
+    volumes' extent in mm at that spacing; each volume is centred in it, zeros around (``target_spacing``,
+    :mod:`tumorseg.placement`), so a structure spans the same voxels in every volume whatever its field of
+    view, and the predictions go back onto each volume's own voxels.
 V4. **Network.** MONAI ``UNet`` 16..256 channels with instance norm and per-axis strides: at each level an
     axis is halved while its spacing is at most twice the finest and its size stays at least ``MIN_FEATURE``
     voxels (nnU-Net's ``get_pool_and_conv_props``), at most ``MAX_DOWNSAMPLINGS`` levels. nnU-Net's own
     DynUNet trains 6x slower per volume on a 2-core CPU (benchmarks/RESULTS.md), so it is not the CPU default.
-V5. **Patches.** Where the grid holds more voxels than fit (``MAX_PATCH_VOXELS_CPU`` on a CPU; 40% of the free
-    GPU memory at the measured memory per volume), random patches, a third centred on tumour, and
-    sliding-window inference with Gaussian blending.
+V5. **Patches.** The network trains on random patches the size of the median volume (nnU-Net's patch), a third
+    centred on tumour, smaller where that holds more voxels than fit (``MAX_PATCH_VOXELS_CPU`` on a CPU; 40% of
+    the free GPU memory at the measured memory per volume); the whole grid where the volumes share one size.
+    Inference takes each volume at its own size, by sliding window with Gaussian blending where it is larger
+    than a patch.
 V6. **Batch, steps, loss.** Batch 2 (nnU-Net's 3D batch); steps from the measured throughput; Dice + CE.
 V7. **Intensities.** CT-like data (stored values reaching -500 and below: Hounsfield units) keep their
     physical scale: clipped to the 0.5/99.5 percentiles of the training split's foreground voxels, then
@@ -106,11 +110,31 @@ def coarsened(target: tuple[float, ...], factor: float) -> tuple[float, float, f
     return out[0], out[1], out[2]
 
 
+def extent(fp: Fingerprint) -> tuple[float, float, float]:
+    """V3: the extent (mm per axis) the grid holds whole: the 95th percentile of the (cropped) volumes'."""
+    assert fp.spacing_median is not None
+    mm = fp.extent_p95_cropped or fp.extent_p95
+    if mm is None:  # a fingerprint from before it was measured: the median volume
+        mm = tuple(n * s for n, s in zip(median_shape(fp), fp.spacing_median, strict=True))  # type: ignore[assignment]
+    assert mm is not None
+    return mm[0], mm[1], mm[2]
+
+
 def grid(fp: Fingerprint, spacing: tuple[float, ...]) -> tuple[int, int, int]:
     """The median volume's size at ``spacing``, rounded to :data:`SIZE_STEP_3D` (made divisible by the strides)."""
     assert fp.spacing_median is not None
     out = [max(SIZE_STEP_3D, int(round(n * s / t / SIZE_STEP_3D)) * SIZE_STEP_3D)
            for n, s, t in zip(median_shape(fp), fp.spacing_median, spacing, strict=True)]
+    return out[0], out[1], out[2]
+
+
+def storage(fp: Fingerprint, spacing: tuple[float, ...], median: tuple[int, ...]) -> tuple[int, int, int]:
+    """V3: the grid at ``spacing`` that holds the :func:`extent` (95% of the volumes whole), at least ``median``.
+
+    Each axis rounded up to :data:`SIZE_STEP_3D` (made divisible by the strides later).
+    """
+    out = [max(m, math.ceil(e / t / SIZE_STEP_3D - 1e-6) * SIZE_STEP_3D)
+           for e, m, t in zip(extent(fp), median, spacing, strict=True)]
     return out[0], out[1], out[2]
 
 
@@ -203,7 +227,7 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         TumorsegError: the volumes are too thin for 3D (V1), with the fix.
     """
     if not crop:
-        fp = fp.model_copy(update={"shape_median_cropped": None, "nonzero_share": None})
+        fp = fp.model_copy(update={"shape_median_cropped": None, "nonzero_share": None, "extent_p95_cropped": None})
     dims, why_dims = dims_rule(fp)
     if dims == 2:
         raise TumorsegError(f"{fp.manifest_name}: {why_dims}")
@@ -214,11 +238,13 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
     top = floor_factor(fp)
     batch = BATCH_3D
 
-    def settle(factor: float) -> tuple[tuple[float, float, float], tuple[int, int, int], ModelConfig]:
+    def settle(factor: float) -> tuple[tuple[float, float, float], tuple[int, int, int], ModelConfig,
+                                       tuple[int, int, int]]:
         spacing = coarsened(target, factor)
-        size = grid(fp, spacing)
-        model = network(size, spacing)
-        return spacing, fit_to_strides(size, _axis_strides(model)), model
+        median = grid(fp, spacing)
+        model = network(median, spacing)
+        median = fit_to_strides(median, _axis_strides(model))
+        return spacing, fit_to_strides(storage(fp, spacing, median), _axis_strides(model)), model, median
 
     def cap(thr: Throughput, size: tuple[int, ...]) -> float:
         if device_type == "cuda" and thr.bytes_per_image > 0 and free_memory > 0:
@@ -234,32 +260,38 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
 
     factor, chosen = 1.0, settle(1.0)
     while True:  # V3: the finest grid (coarsened by 1.15x steps) whose throughput buys the samples
-        spacing, size, model = chosen
-        probe_size = _fit_patch(size, model, cap(Throughput(1.0, 1.0), size))
+        spacing, size, model, median = chosen
+        probe_size = _fit_patch(median, model, cap(Throughput(1.0, 1.0), median))
         thr = probe(model, probe_size, batch)
-        patch = _fit_patch(size, model, cap(thr, probe_size))
-        got = buys(thr, math.prod(patch), math.prod(size), math.prod(probe_size))
+        patch = _fit_patch(median, model, cap(thr, probe_size))
+        got = buys(thr, math.prod(patch), math.prod(median), math.prod(probe_size))
         if got >= want or factor * 1.15 > top:
             break
         factor *= 1.15
         chosen = settle(factor)
-    spacing, size, model = chosen
+    spacing, size, model, median = chosen
     sp = "x".join(f"{s:.3g}" for s in spacing)
     if got < want:
         reasons["image_size"] = (f"the tumour floor: {sp} mm keeps the median tumour at "
                                  f"{fp.tumour_diameter['median'] / factor:.0f} voxels across; the budget buys "
                                  f"{got:.0f} of the {want} wanted volumes")
     elif factor == 1.0:
-        reasons["image_size"] = f"the median volume at the target spacing ({sp} mm) fits the budget"
+        reasons["image_size"] = f"the target spacing ({sp} mm) fits the budget"
     else:
         reasons["image_size"] = (f"coarsened {factor:.2f}x to {sp} mm (the finest axes first): the finest grid whose "
                                  f"measured throughput buys {want} training volumes in the budget")
+    mm = "x".join(f"{e:.0f}" for e in extent(fp))
+    reasons["image_size"] += (f"; each volume resampled to {sp} mm and centred in a {'x'.join(map(str, size))} grid "
+                              f"that holds {mm} mm, 95% of the volumes whole (larger ones shrunk alike on every axis; "
+                              "nnU-Net resamples to one spacing: a structure spans the same voxels in every volume)")
     patch_size = patch if tuple(patch) != tuple(size) else None
     if patch_size is not None:
-        reasons["patch_size"] = (f"{'x'.join(map(str, size))} volumes hold more voxels than fit: random "
-                                 f"{'x'.join(map(str, patch_size))} patches, a third centred on tumour, "
-                                 "sliding-window inference (Gaussian blending)")
-    infer_vps = thr.infer_images_per_second * math.prod(probe_size) / math.prod(size)
+        why = ("the median volume" if tuple(patch) == tuple(median) else
+               f"the median volume ({'x'.join(map(str, median))}) holds more voxels than fit")
+        reasons["patch_size"] = (f"{why}: random {'x'.join(map(str, patch_size))} patches of the grid, a third "
+                                 "centred on tumour (nnU-Net); inference on each volume at its own size, by sliding "
+                                 "window (Gaussian blending) where it is larger than a patch")
+    infer_vps = thr.infer_images_per_second * math.prod(probe_size) / math.prod(median)
     train_ips = thr.train_images_per_second * math.prod(probe_size) / math.prod(patch)
     finish = FINISH_SECONDS + SEARCH_PASSES * n_val / infer_vps
     epochs = max(1.0, (budget - finish) / (fp.n_train / train_ips + n_val / infer_vps))
@@ -287,6 +319,8 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         "early_stopping_patience": patience(planned_epochs),
         "normalize": normalize,
         "crop_nonzero": crop,
+        "target_spacing": [round(s, 4) for s in spacing],
+        "input_spacing": list(fp.spacing_median or spacing),
         "model": {**model.model_dump(mode="json"), "in_channels": in_channels},
         "loss": LossConfig(name="dice_ce", batch=False).model_dump(mode="json"),
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "poly",

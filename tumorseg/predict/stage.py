@@ -285,6 +285,14 @@ def _planes(loaded_iter: Iterator[Loaded], seg: Segmenter, outside: dict[int, Pa
             yield loaded, i, plane
 
 
+def _spacing(loaded: Loaded) -> tuple[float, ...] | None:
+    """A canonical volume's voxel size (a 3D model's input), else ``None``."""
+    from tumorseg.imageio.volume import canonical_spacing
+
+    affine = loaded.decoded.affine
+    return canonical_spacing(affine) if loaded.canonical and affine is not None else None
+
+
 def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: PredictConfig) -> list[dict[str, Any]]:
     """Decode inputs in threads, predict planes in batches across files, write each file when complete.
 
@@ -332,7 +340,8 @@ def predict_items(seg: Segmenter, items: list[Item], threshold: float, cfg: Pred
         neighbours = file_neighbours(items, seg.context, cfg.slice_axis) if seg.context else None
         bs = seg.batch_for(cfg.batch_size)
         for batch in track(batched(_planes(loaded_iter, seg, outside, neighbours), bs), None, "predict"):
-            probs = seg.predict_proba([plane for _, _, plane in batch], tta=cfg.tta)
+            probs = seg.predict_proba([plane for _, _, plane in batch], tta=cfg.tta,
+                                      spacings=[_spacing(loaded) for loaded, _, _ in batch])
             for (loaded, i, _), prob in zip(batch, probs, strict=True):
                 buf = partial.setdefault(loaded.item.index, [None] * len(loaded.planes))
                 buf[i] = prob

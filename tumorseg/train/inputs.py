@@ -83,11 +83,12 @@ def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: p
     else:
         from tumorseg.data.split import in_ram
 
-        train_ram, summary = in_ram(reader, train_df.iloc[shard], cfg.image_size, in_channels, mode, "caching train")
+        train_ram, summary = in_ram(reader, train_df.iloc[shard], cfg.image_size, in_channels, mode, "caching train",
+                                    cfg.target_spacing)
         summary = _all_reduce_summary(summary, dist, device, group, shard)
         train = train_ram
         if dist.main:
-            val, _ = in_ram(reader, val_df, cfg.image_size, in_channels, mode, "caching val")
+            val, _ = in_ram(reader, val_df, cfg.image_size, in_channels, mode, "caching val", cfg.target_spacing)
     if ckpt is None:
         stats = _stats(mode, summary, cfg, in_channels)
         fingerprint = fingerprint_from_sums(summary.range_sums, summary.range_max)
@@ -141,7 +142,7 @@ def _on_disk(cfg: TrainConfig, info: ManifestInfo, reader: Any, train_df: pd.Dat
 
     def open_split(name: str, rows: pd.DataFrame, build: bool = True) -> tuple[Any, Summary]:
         return open_or_build(reader, rows, root, name, cfg.image_size, in_channels, mode, info.dataset_digest,
-                             build=build)
+                             build=build, target=cfg.target_spacing)
 
     if dist.world == 1:
         train, summary = open_split("train", train_df)

@@ -311,7 +311,7 @@ def _finish(run: Run, run_dir: Path, cfg: TrainConfig, val_data: Split | None, d
     context = slice_context(cfg, val_df, seg.in_channels, check=False)  # a case in no stack repeats its plane
     firsts = CaseReader(info, source, context=context).read_all(val_df.iloc[:k]) if k else []
     if firsts and cfg.val_overlays:
-        preds = [m for c in firsts for m in seg.predict_masks([c.image])]  # one at a time (volumes)
+        preds = [m for c in firsts for m in seg.predict_masks([c.image], spacings=[c.spacing])]  # one at a time
         items = []
         for c, pred in zip(firsts, preds, strict=True):
             scores = [v for v in case_dice(pred, c.mask, seg.classes) if math.isfinite(v)]

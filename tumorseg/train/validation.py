@@ -39,6 +39,7 @@ def val_probabilities(net: torch.nn.Module, data: Split, cfg: TrainConfig, devic
 
     from tumorseg.inference import logits_to_original, network_logits
     from tumorseg.model import channels_last
+    from tumorseg.placement import window
     from tumorseg.streaming import prefetch
 
     net.eval()
@@ -52,10 +53,16 @@ def val_probabilities(net: torch.nn.Module, data: Split, cfg: TrainConfig, devic
             x, _ = data.to_device(batch, device)
             if cfg.channels_last:
                 x = channels_last(x)
-            logits = network_logits(net, x, cfg.patch_size, tta, cfg.augment.flip_dims)
-        for j in range(logits.shape[0]):
+            places = [data.placement(start + j) for j in range(x.shape[0])]
+            if all(where is None for where in places):
+                logits = list(network_logits(net, x, cfg.patch_size, tta, cfg.augment.flip_dims))
+            else:  # volumes at the target spacing: each cut out of the grid, at its own size, as inference does
+                logits = [network_logits(net, x[j:j + 1][(slice(None), slice(None), *where.region)] if where else
+                                         x[j:j + 1], window(cfg), tta, cfg.augment.flip_dims)[0]
+                          for j, where in enumerate(places)]
+        for j, case in enumerate(logits):
             gt = data.original_mask(start + j)
-            yield logits_to_original(logits[j], tuple(int(s) for s in gt.shape), softmax).cpu().numpy()
+            yield logits_to_original(case, tuple(int(s) for s in gt.shape), softmax).cpu().numpy()
 
 
 def class_means(sums: np.ndarray, classes: Classes) -> tuple[float, dict[str, float]]:
