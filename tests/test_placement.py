@@ -45,6 +45,20 @@ def test_put_leaves_zeros_around() -> None:
     assert float(out[(slice(None), *where.region)].min()) == 1.0
 
 
+def test_a_volume_is_predicted_in_one_pass_while_it_holds_a_training_batch() -> None:
+    from tumorseg.placement import divisor, tiling
+
+    cfg = TrainConfig(image_size=(16, 16, 16), batch_size=2, model={"channels": [4, 8, 16], "strides": [2, 2]},
+                      target_spacing=(1.0, 1.0, 1.0))
+    assert divisor(cfg) == (4, 4, 4)
+    assert tiling(cfg, (14, 16, 9)) == (None, (4, 4, 4))  # padded to 16x16x12, one pass
+    assert tiling(cfg, (21, 21, 21)) == ((16, 16, 16), None)  # 9261 voxels > 2 x 16^3: the grid as window
+    patched = cfg.model_copy(update={"patch_size": (8, 8, 8)})
+    assert tiling(patched, (10, 10, 10)) == (None, (4, 4, 4)) and tiling(patched, (12, 12, 12)) == ((8, 8, 8), None)
+    per_axis = cfg.model_copy(update={"model": cfg.model.model_copy(update={"strides": [[2, 2, 1], [2, 2, 1]]})})
+    assert divisor(per_axis) == (4, 4, 1)
+
+
 def test_a_structure_spans_the_same_voxels_whatever_the_field_of_view() -> None:
     """A 6 mm cube in a 20 mm and in a 30 mm volume: 6 voxels across in both (stretching gives 9.6 and 6.4)."""
     from tumorseg.data.reader import Case

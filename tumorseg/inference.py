@@ -29,7 +29,7 @@ from tumorseg.errors import TumorsegError
 from tumorseg.imageio import to_channels
 from tumorseg.intensity import Fingerprint, Stats, finish, legacy_fingerprint, prescale_for, range_message
 from tumorseg.labels import Classes
-from tumorseg.placement import Placement, placement, window
+from tumorseg.placement import Placement, placement, tiling
 from tumorseg.postprocessing import (  # noqa: F401  (re-exported: where callers have always found them)
     Postprocess,
     component_confidence,
@@ -165,13 +165,15 @@ def cpu_has_bf16() -> bool:
 
 
 def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[int, ...] | None = None,
-                   tta: bool = False, mirror: tuple[int, ...] = (2, 3)) -> torch.Tensor:
+                   tta: bool = False, mirror: tuple[int, ...] = (2, 3),
+                   multiple: tuple[int, ...] | None = None) -> torch.Tensor:
     """Logits ``(N, K, *spatial)`` of a preprocessed batch, whole or by sliding window, optionally mirrored.
 
     With ``patch_size`` other than the batch's images' size, MONAI's ``sliding_window_inference``
     tiles them with half-patch overlap and Gaussian blending (as nnU-Net), padding any axis shorter than the patch
-    (a volume at its own size, :mod:`tumorseg.placement`). With ``tta`` the
-    logits are averaged over every mirroring of the ``mirror`` dims (nnU-Net's mirroring; the
+    (a volume at its own size, :mod:`tumorseg.placement`). With ``multiple``, one pass over the whole batch,
+    zero-padded at the end of each axis to a multiple of it (the network's downsampling), the padding cut off.
+    With ``tta`` the logits are averaged over every mirroring of the ``mirror`` dims (nnU-Net's mirroring; the
     training config's ``augment.flip_dims``): four for both axes, two for one.
     """
     import torch
@@ -179,6 +181,13 @@ def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[
     from tumorseg.model import main_output
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        if multiple is not None:
+            import torch.nn.functional as F
+
+            spatial = [int(s) for s in x.shape[2:]]
+            pad = [(-s) % m for s, m in zip(spatial, multiple, strict=True)]
+            whole = main_output(net(F.pad(x, [v for p in reversed(pad) for v in (0, p)]) if any(pad) else x), x.dim())
+            return whole[(slice(None), slice(None), *(slice(0, s) for s in spatial))].float()
         if patch_size is not None and tuple(int(s) for s in x.shape[2:]) != tuple(patch_size):
             from monai.inferers import sliding_window_inference
 
@@ -358,7 +367,10 @@ class Segmenter:
             batch = channels_last(batch)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._amp or torch.float32,
                                                     enabled=self._amp is not None):
-            return network_logits(self.net, batch, window(self.config), tta, self.config.augment.flip_dims)
+            if self.config.target_spacing is not None and batch.dim() == 5:  # a placed volume, at its own size
+                patch, multiple = tiling(self.config, tuple(int(s) for s in batch.shape[2:]))
+                return network_logits(self.net, batch, patch, tta, self.config.augment.flip_dims, multiple)
+            return network_logits(self.net, batch, self.config.patch_size, tta, self.config.augment.flip_dims)
 
     def placement(self, shape: tuple[int, ...], spacing: tuple[float, ...] | None) -> Placement | None:
         """Where a (cropped) volume of ``shape`` voxels of ``spacing`` lies in the grid; ``None``: stretched to it."""

@@ -9,12 +9,14 @@ is cut back out of the grid and resampled onto the volume's own voxels.
 
 Training's cache (:func:`tumorseg.data.split.prepare`), validation and inference
 (:class:`tumorseg.inference.Segmenter`) all place volumes with :func:`placement`, after the crop to the
-nonzero box (:mod:`tumorseg.cropping`). A model without ``target_spacing`` (2D models, and 3D checkpoints from
-before) stretches each case to the grid.
+nonzero box (:mod:`tumorseg.cropping`). Training samples patches of the grid; validation and inference take each
+volume at its own size, in one pass or by sliding window (:func:`tiling`). A model without ``target_spacing``
+(2D models, and 3D checkpoints from before) stretches each case to the grid.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -67,12 +69,21 @@ def put(array: torch.Tensor, where: Placement, grid: tuple[int, ...]) -> torch.T
     return out
 
 
-def window(cfg: TrainConfig) -> tuple[int, ...] | None:
-    """The sliding window inference tiles with: the training patch; a placed volume's, the grid if no patch.
+def divisor(cfg: TrainConfig) -> tuple[int, ...]:
+    """The network's total downsampling per axis (an input's size must divide by it)."""
+    strides = cfg.model.strides or [2] * (len(cfg.model.channels) - 1)
+    dims = len(cfg.image_size)
+    return tuple(math.prod(s if isinstance(s, int) else s[axis] for s in strides) for axis in range(dims))
 
-    A volume at the target spacing is predicted at its own size (not in the whole grid): padded to the window
-    where it is smaller, tiled where larger.
+
+def tiling(cfg: TrainConfig, size: tuple[int, ...]) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """How a placed volume of ``size`` voxels is predicted: ``(window, multiple)``, one of them ``None``.
+
+    In one pass, zero-padded to a ``multiple`` of the network's downsampling, while it holds at most a training
+    batch of patches (``batch_size`` times the patch's voxels: the memory training used, there with gradients);
+    beyond, by a sliding ``window`` of the training patch (the grid where none).
     """
-    if cfg.patch_size is not None:
-        return tuple(int(p) for p in cfg.patch_size)
-    return tuple(int(s) for s in cfg.image_size) if cfg.target_spacing is not None else None
+    patch = tuple(int(p) for p in (cfg.patch_size or cfg.image_size))
+    if math.prod(size) <= max(1, int(cfg.batch_size)) * math.prod(patch):
+        return None, divisor(cfg)
+    return patch, None
