@@ -212,12 +212,16 @@ def test_the_mlflow_models_spacing_param() -> None:
             _spacing(bad)
 
 
-def test_a_spacing_needs_a_volume_model() -> None:
+def test_a_spacing_is_three_positive_sizes() -> None:
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="positive voxel sizes of volumes"):
-        TrainConfig(target_spacing=(1.0, 1.0, 1.0))  # a 2D model
-    with pytest.raises(ValidationError, match="positive voxel sizes of volumes"):
+    from tumorseg.errors import TumorsegError
+
+    # given on the command line before the plan makes the grid 3D (the default grid is 2D): accepted
+    assert load_config(TrainConfig, None, ["target_spacing=[1.2,1.2,1.2]"]).target_spacing == (1.2, 1.2, 1.2)
+    with pytest.raises(TumorsegError, match="target_spacing and input_spacing are voxel sizes in mm"):
+        load_config(TrainConfig, None, ["target_spacing=[1,0,1]"])
+    with pytest.raises(ValidationError, match="three positive numbers"):
         TrainConfig(image_size=(16, 16, 16), model={"channels": [4, 8, 16], "strides": [2, 2]},
                     target_spacing=(1.0, 0.0, 1.0))
 

@@ -277,7 +277,7 @@ class TrainConfig(StrictModel):
                                "before resampling, predictions pasted back (nnU-Net; tumorseg.cropping)")
     target_spacing: tuple[float, float, float] | None = Field(default=None, description="volumes: each resampled "
         "to this voxel size (mm, RAS+ axes) and centred in image_size, shrunk alike on every axis where larger "
-        "(nnU-Net; tumorseg.placement); unset: each stretched to image_size")
+        "(nnU-Net; tumorseg.placement); unset: each stretched to image_size. Images ignore it")
     input_spacing: tuple[float, float, float] | None = Field(default=None, description="the voxel size assumed for "
         "volumes given without one (MLflow arrays); default: target_spacing. The 3D plan: the training median")
     early_stopping_patience: int | None = Field(default=15, ge=1)
@@ -321,10 +321,8 @@ class TrainConfig(StrictModel):
         if len(self.image_size) == 3 and (self.model.name == "flexible_unet" or self.slice_context):
             raise ValueError("a 3D model (3 image_size values) takes neither model.name=flexible_unet (2D encoders) "
                              "nor slice_context (2.5D is for 2D models of slice stacks)")
-        spacings = [s for s in (self.target_spacing, self.input_spacing) if s is not None]
-        if spacings and (len(self.image_size) != 3 or min(min(s) for s in spacings) <= 0):
-            raise ValueError("target_spacing and input_spacing are positive voxel sizes of volumes (3 image_size "
-                             "values)")
+        if min([min(s) for s in (self.target_spacing, self.input_spacing) if s is not None] or [1.0]) <= 0:
+            raise ValueError("target_spacing and input_spacing are voxel sizes in mm: three positive numbers")
         return self
 
     def _check_divisible(self) -> None:

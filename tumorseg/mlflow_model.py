@@ -242,7 +242,7 @@ def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -
     # No input schema: MLflow enforces a TensorSpec's rank exactly, and the model takes three ranks.
     params = [ParamSpec("probabilities", "boolean", False)]
     train_cfg = checkpoint.train_config(ckpt)
-    if train_cfg.target_spacing is not None:  # the spacing assumed when none is given (3D, tumorseg.placement)
+    if train_cfg.target_spacing is not None and train_cfg.spatial_dims == 3:  # assumed when none is given
         assumed = train_cfg.input_spacing or train_cfg.target_spacing
         params.append(ParamSpec("spacing", "double", [float(v) for v in assumed], shape=(-1,)))
     signature = ModelSignature(params=ParamSchema(params))
@@ -271,7 +271,7 @@ def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -
         metadata["tumorseg_input"] = ("float array in canonical RAS+ axis order: (D, H, W) or (C, D, H, W) one "
                                       "volume; (N, C, D, H, W) a batch of one size; no spacing needed: each volume "
                                       f"is resampled to the training grid {grid} and predicted back to its own size")
-        if train_cfg.target_spacing is not None:
+        if train_cfg.target_spacing is not None:  # (tumorseg.placement)
             default = "x".join(f"{v:g}" for v in train_cfg.input_spacing or train_cfg.target_spacing)
             metadata["tumorseg_input"] = metadata["tumorseg_input"].split("; no spacing")[0] + (
                 f"; params spacing [dx, dy, dz] (mm, those axes; default {default}, the training median): each volume "

@@ -61,6 +61,7 @@ def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: p
     from tumorseg.data import CaseReader, storage_for
 
     t0 = time.perf_counter()
+    target = cfg.target_spacing if cfg.spatial_dims == 3 else None  # images are stretched to their size
     reader = CaseReader(info, source, context=slice_context(cfg, pd.concat([train_df, val_df]), in_channels),
                         crop=cfg.crop_nonzero)
     mode = cfg.normalize if ckpt is None else mode_of(ckpt.get("intensity"))  # a resume keeps its rule
@@ -84,11 +85,11 @@ def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: p
         from tumorseg.data.split import in_ram
 
         train_ram, summary = in_ram(reader, train_df.iloc[shard], cfg.image_size, in_channels, mode, "caching train",
-                                    cfg.target_spacing)
+                                    target)
         summary = _all_reduce_summary(summary, dist, device, group, shard)
         train = train_ram
         if dist.main:
-            val, _ = in_ram(reader, val_df, cfg.image_size, in_channels, mode, "caching val", cfg.target_spacing)
+            val, _ = in_ram(reader, val_df, cfg.image_size, in_channels, mode, "caching val", target)
     if ckpt is None:
         stats = _stats(mode, summary, cfg, in_channels)
         fingerprint = fingerprint_from_sums(summary.range_sums, summary.range_max)
@@ -142,7 +143,7 @@ def _on_disk(cfg: TrainConfig, info: ManifestInfo, reader: Any, train_df: pd.Dat
 
     def open_split(name: str, rows: pd.DataFrame, build: bool = True) -> tuple[Any, Summary]:
         return open_or_build(reader, rows, root, name, cfg.image_size, in_channels, mode, info.dataset_digest,
-                             build=build, target=cfg.target_spacing)
+                             build=build, target=cfg.target_spacing if cfg.spatial_dims == 3 else None)
 
     if dist.world == 1:
         train, summary = open_split("train", train_df)
