@@ -29,7 +29,7 @@ from tumorseg.errors import TumorsegError
 from tumorseg.imageio import to_channels
 from tumorseg.intensity import Fingerprint, Stats, finish, legacy_fingerprint, prescale_for, range_message
 from tumorseg.labels import Classes
-from tumorseg.placement import Placement, placement, tiling
+from tumorseg.placement import place, spacings, tiling
 from tumorseg.postprocessing import (  # noqa: F401  (re-exported: where callers have always found them)
     Postprocess,
     component_confidence,
@@ -207,6 +207,12 @@ def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[
     return logits
 
 
+def volume_logits(net: torch.nn.Module, batch: torch.Tensor, cfg: TrainConfig, tta: bool) -> torch.Tensor:
+    """Logits of one placed volume at its own size (:func:`tumorseg.placement.tiling`): validation and Segmenter."""
+    patch, multiple = tiling(cfg, tuple(int(s) for s in batch.shape[2:]))
+    return network_logits(net, batch, patch, tta, cfg.augment.flip_dims, multiple)
+
+
 class Segmenter:
     """A trained network plus everything needed to predict on images of any size.
 
@@ -338,7 +344,7 @@ class Segmenter:
                                    else "a 3D model needs (C, X, Y, Z) volumes"))
         boxes = [self.box(img) for img in images]
         crops = [img[(slice(None), *box)] if box else img for img, box in zip(images, boxes, strict=True)]
-        places = [self.placement(c.shape[1:], sp)
+        places = [place(self.config, c.shape[1:], sp)
                   for c, sp in zip(crops, spacings or [None] * len(images), strict=True)]
         use_tta = self.post.tta if tta is None else tta
         if all(where is None for where in places):
@@ -367,19 +373,9 @@ class Segmenter:
             batch = channels_last(batch)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=self._amp or torch.float32,
                                                     enabled=self._amp is not None):
-            if self.config.target_spacing is not None and batch.dim() == 5:  # a placed volume, at its own size
-                patch, multiple = tiling(self.config, tuple(int(s) for s in batch.shape[2:]))
-                return network_logits(self.net, batch, patch, tta, self.config.augment.flip_dims, multiple)
+            if spacings(self.config) is not None:  # a placed volume, at its own size
+                return volume_logits(self.net, batch, self.config, tta)
             return network_logits(self.net, batch, self.config.patch_size, tta, self.config.augment.flip_dims)
-
-    def placement(self, shape: tuple[int, ...], spacing: tuple[float, ...] | None) -> Placement | None:
-        """Where a (cropped) volume of ``shape`` voxels of ``spacing`` lies in the grid; ``None``: stretched to it."""
-        target = self.config.target_spacing
-        if target is None or len(shape) != 3:
-            return None
-        known = spacing if spacing is not None and len(spacing) == 3 else None
-        return placement(tuple(int(s) for s in shape), known or self.config.input_spacing or target, target,
-                         tuple(int(s) for s in self.config.image_size))
 
     def box(self, image: np.ndarray) -> Box | None:
         """The part of a volume the network sees: its nonzero box where the model crops (``crop_nonzero``)."""

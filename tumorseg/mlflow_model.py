@@ -233,6 +233,7 @@ def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -
     from mlflow.types.schema import ParamSchema, ParamSpec
 
     from tumorseg import checkpoint
+    from tumorseg.inference import spacings
 
     slim = checkpoint.write_slim(best, run_dir / CHECKPOINT_NAME)
     ckpt = checkpoint.load(slim)
@@ -242,9 +243,9 @@ def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -
     # No input schema: MLflow enforces a TensorSpec's rank exactly, and the model takes three ranks.
     params = [ParamSpec("probabilities", "boolean", False)]
     train_cfg = checkpoint.train_config(ckpt)
-    if train_cfg.target_spacing is not None and train_cfg.spatial_dims == 3:  # assumed when none is given
-        assumed = train_cfg.input_spacing or train_cfg.target_spacing
-        params.append(ParamSpec("spacing", "double", [float(v) for v in assumed], shape=(-1,)))
+    resampled = spacings(train_cfg)  # (target, assumed when none is given), tumorseg.placement
+    if resampled is not None:
+        params.append(ParamSpec("spacing", "double", [float(v) for v in resampled[1]], shape=(-1,)))
     signature = ModelSignature(params=ParamSchema(params))
     packages = ["torch", "monai", "numpy", "pydantic", "pyyaml", "pandas", "pillow", "tifffile", "nibabel",
                 "scikit-image"]
@@ -268,15 +269,13 @@ def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -
     metadata["tumorseg_spatial_dims"] = train_cfg.spatial_dims
     if train_cfg.spatial_dims == 3:
         grid = "x".join(str(v) for v in train_cfg.image_size)
+        how = (f"no spacing needed: each volume is resampled to the training grid {grid} and predicted back to its "
+               "own size") if resampled is None else (
+               f"params spacing [dx, dy, dz] (mm, those axes; default {'x'.join(f'{v:g}' for v in resampled[1])}, the "
+               f"training median): each volume is resampled to {'x'.join(f'{v:g}' for v in resampled[0])} mm in the "
+               f"grid {grid} and predicted back onto its own voxels")
         metadata["tumorseg_input"] = ("float array in canonical RAS+ axis order: (D, H, W) or (C, D, H, W) one "
-                                      "volume; (N, C, D, H, W) a batch of one size; no spacing needed: each volume "
-                                      f"is resampled to the training grid {grid} and predicted back to its own size")
-        if train_cfg.target_spacing is not None:  # (tumorseg.placement)
-            default = "x".join(f"{v:g}" for v in train_cfg.input_spacing or train_cfg.target_spacing)
-            metadata["tumorseg_input"] = metadata["tumorseg_input"].split("; no spacing")[0] + (
-                f"; params spacing [dx, dy, dz] (mm, those axes; default {default}, the training median): each volume "
-                f"is resampled to {'x'.join(f'{v:g}' for v in train_cfg.target_spacing)} mm in the grid {grid} and "
-                "predicted back onto its own voxels")
+                                      f"volume; (N, C, D, H, W) a batch of one size; {how}")
         metadata["tumorseg_output"] = ("uint8 mask (D, H, W) for one volume, (N, D, H, W) for a batch (label maps of "
                                        "the declared values for a multi-class model); float32 probabilities with "
                                        "params {'probabilities': true}")

@@ -69,6 +69,28 @@ def put(array: torch.Tensor, where: Placement, grid: tuple[int, ...]) -> torch.T
     return out
 
 
+def spacings(cfg: TrainConfig) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(target, assumed)`` of a volume model with ``target_spacing``, else ``None`` (stretched to the grid).
+
+    ``assumed``: the voxel size taken for volumes given without one (``input_spacing``, else the target).
+    """
+    if cfg.target_spacing is None or len(cfg.image_size) != 3:  # images ignore it
+        return None
+    return tuple(cfg.target_spacing), tuple(cfg.input_spacing or cfg.target_spacing)
+
+
+def place(cfg: TrainConfig, shape: tuple[int, ...], spacing: tuple[float, ...] | None) -> Placement | None:
+    """Where a volume of ``shape`` voxels of ``spacing`` (``None``: the assumed one) lies in ``cfg``'s grid.
+
+    ``None`` where the model stretches its inputs to the grid (images, or no ``target_spacing``).
+    """
+    rule = spacings(cfg)
+    if rule is None or len(shape) != 3:
+        return None
+    known = spacing if spacing is not None and len(spacing) == 3 else None
+    return placement(tuple(int(s) for s in shape), known or rule[1], rule[0], tuple(int(s) for s in cfg.image_size))
+
+
 def divisor(cfg: TrainConfig) -> tuple[int, ...]:
     """The network's total downsampling per axis (an input's size must divide by it)."""
     strides = cfg.model.strides or [2] * (len(cfg.model.channels) - 1)

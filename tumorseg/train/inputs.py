@@ -61,7 +61,7 @@ def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: p
     from tumorseg.data import CaseReader, storage_for
 
     t0 = time.perf_counter()
-    target = cfg.target_spacing if cfg.spatial_dims == 3 else None  # images are stretched to their size
+    target = _target(cfg)
     reader = CaseReader(info, source, context=slice_context(cfg, pd.concat([train_df, val_df]), in_channels),
                         crop=cfg.crop_nonzero)
     mode = cfg.normalize if ckpt is None else mode_of(ckpt.get("intensity"))  # a resume keeps its rule
@@ -113,6 +113,14 @@ def load(cfg: TrainConfig, info: ManifestInfo, train_df: pd.DataFrame, val_df: p
     return Inputs(train, val, stats, fingerprint, storage)
 
 
+def _target(cfg: TrainConfig) -> tuple[float, ...] | None:
+    """The spacing the cache resamples volumes to (:func:`tumorseg.placement.spacings`); ``None``: stretched."""
+    from tumorseg.placement import spacings
+
+    rule = spacings(cfg)
+    return None if rule is None else rule[0]
+
+
 def slice_context(cfg: TrainConfig, df: pd.DataFrame, in_channels: int, check: bool = True) -> Any:
     """The reader's :class:`tumorseg.data.reader.SliceContext` for ``cfg.slice_context`` (``None`` without).
 
@@ -143,7 +151,7 @@ def _on_disk(cfg: TrainConfig, info: ManifestInfo, reader: Any, train_df: pd.Dat
 
     def open_split(name: str, rows: pd.DataFrame, build: bool = True) -> tuple[Any, Summary]:
         return open_or_build(reader, rows, root, name, cfg.image_size, in_channels, mode, info.dataset_digest,
-                             build=build, target=cfg.target_spacing if cfg.spatial_dims == 3 else None)
+                             build=build, target=_target(cfg))
 
     if dist.world == 1:
         train, summary = open_split("train", train_df)

@@ -37,7 +37,7 @@ def val_probabilities(net: torch.nn.Module, data: Split, cfg: TrainConfig, devic
     """
     import torch
 
-    from tumorseg.inference import logits_to_original, network_logits
+    from tumorseg.inference import logits_to_original, network_logits, volume_logits
     from tumorseg.model import channels_last
     from tumorseg.streaming import prefetch
 
@@ -56,20 +56,11 @@ def val_probabilities(net: torch.nn.Module, data: Split, cfg: TrainConfig, devic
             if all(where is None for where in places):
                 logits = list(network_logits(net, x, cfg.patch_size, tta, cfg.augment.flip_dims))
             else:  # volumes at the target spacing: each cut out of the grid, at its own size, as inference does
-                logits = [_placed(net, x[j:j + 1][(slice(None), slice(None), *where.region)] if where else x[j:j + 1],
-                                  cfg, tta) for j, where in enumerate(places)]
+                logits = [volume_logits(net, x[j:j + 1][(slice(None), slice(None), *where.region)] if where else
+                                        x[j:j + 1], cfg, tta)[0] for j, where in enumerate(places)]
         for j, case in enumerate(logits):
             gt = data.original_mask(start + j)
             yield logits_to_original(case, tuple(int(s) for s in gt.shape), softmax).cpu().numpy()
-
-
-def _placed(net: torch.nn.Module, x: torch.Tensor, cfg: TrainConfig, tta: bool) -> torch.Tensor:
-    """One placed volume's logits at its own size (:func:`tumorseg.placement.tiling`, as the Segmenter)."""
-    from tumorseg.inference import network_logits
-    from tumorseg.placement import tiling
-
-    patch, multiple = tiling(cfg, tuple(int(s) for s in x.shape[2:]))
-    return network_logits(net, x, patch, tta, cfg.augment.flip_dims, multiple)[0]
 
 
 def class_means(sums: np.ndarray, classes: Classes) -> tuple[float, dict[str, float]]:
