@@ -312,6 +312,11 @@ def test_plan_rules_on_isotropic_and_anisotropic_fingerprints() -> None:
     assert strides[:2] == [[2, 2, 1], [2, 2, 1]] and strides[2] == [2, 2, 2]
     assert volumes.coarsened(target, 2.0) == (1.4, 1.4, 3.0)  # the finest axes coarsen first
 
+    # the patch holds the median volume whole: each axis rounded up to a multiple of 8 (nnU-Net pads its patch)
+    small = fingerprint((1.0, 1.0, 1.0), (36, 50, 33))
+    assert volumes.grid(small, (1.0, 1.0, 1.0)) == (40, 56, 40)  # type: ignore[arg-type]
+    assert volumes.grid(small, (1.25, 1.25, 1.1)) == (32, 40, 32)  # type: ignore[arg-type]  # 28.8 x 40 x 30
+
     # a few thick slices: too thin for a 3D network, the plan says to slice
     thin = fingerprint((0.7, 0.7, 6.0), (256, 256, 5))
     dims, why = volumes.dims_rule(thin)  # type: ignore[arg-type]

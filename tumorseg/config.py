@@ -276,8 +276,9 @@ class TrainConfig(StrictModel):
     crop_nonzero: bool = Field(default=False, description="volumes: each cut to the box of its nonzero voxels "
                                "before resampling, predictions pasted back (nnU-Net; tumorseg.cropping)")
     target_spacing: tuple[float, float, float] | None = Field(default=None, description="volumes: each resampled "
-        "to this voxel size (mm, RAS+ axes) and centred in image_size, shrunk alike on every axis where larger "
-        "(nnU-Net; tumorseg.placement); unset: each stretched to image_size. Images ignore it")
+        "to this voxel size (mm, RAS+ axes): in training centred in image_size (shrunk alike on every axis where "
+        "larger), in inference whole (nnU-Net; tumorseg.placement); unset: each stretched to image_size. "
+        "Images ignore it")
     input_spacing: tuple[float, float, float] | None = Field(default=None, description="the voxel size assumed for "
         "volumes given without one (MLflow arrays); default: target_spacing. The 3D plan: the training median")
     early_stopping_patience: int | None = Field(default=15, ge=1)

@@ -29,7 +29,7 @@ from tumorseg.errors import TumorsegError
 from tumorseg.imageio import to_channels
 from tumorseg.intensity import Fingerprint, Stats, finish, legacy_fingerprint, prescale_for, range_message
 from tumorseg.labels import Classes
-from tumorseg.placement import place, spacings, tiling
+from tumorseg.placement import inference_size, spacings, tiling
 from tumorseg.postprocessing import (  # noqa: F401  (re-exported: where callers have always found them)
     Postprocess,
     component_confidence,
@@ -344,15 +344,15 @@ class Segmenter:
                                    else "a 3D model needs (C, X, Y, Z) volumes"))
         boxes = [self.box(img) for img in images]
         crops = [img[(slice(None), *box)] if box else img for img, box in zip(images, boxes, strict=True)]
-        places = [place(self.config, c.shape[1:], sp)
-                  for c, sp in zip(crops, spacings or [None] * len(images), strict=True)]
+        sizes = [inference_size(self.config, c.shape[1:], sp)
+                 for c, sp in zip(crops, spacings or [None] * len(images), strict=True)]
         use_tta = self.post.tta if tta is None else tta
-        if all(where is None for where in places):
+        if all(at is None for at in sizes):
             batch = torch.stack([preprocess(c, size, self.in_channels, self.stats) for c in crops])
             logits = list(self._logits(batch, use_tta))
-        else:  # each volume at the target spacing, at its own size (tumorseg.placement)
-            logits = [self._logits(preprocess(c, where.size if where else size, self.in_channels, self.stats)[None],
-                                   use_tta)[0] for c, where in zip(crops, places, strict=True)]
+        else:  # each volume whole at the target spacing, at its own size (tumorseg.placement)
+            logits = [self._logits(preprocess(c, at or size, self.in_channels, self.stats)[None], use_tta)[0]
+                      for c, at in zip(crops, sizes, strict=True)]
         out = []
         for i, (img, box) in enumerate(zip(images, boxes, strict=True)):
             shape = tuple(int(s) for s in img.shape[1:])

@@ -7,11 +7,12 @@ training grid (``image_size``, planned to hold 95% of the training volumes whole
 that would not fit is shrunk by one factor on every axis, so it is smaller but not distorted. Its prediction
 is cut back out of the grid and resampled onto the volume's own voxels.
 
-Training's cache (:func:`tumorseg.data.split.prepare`), validation and inference
-(:class:`tumorseg.inference.Segmenter`) all place volumes with :func:`placement`, after the crop to the
-nonzero box (:mod:`tumorseg.cropping`). Training samples patches of the grid; validation and inference take each
-volume at its own size, in one pass or by sliding window (:func:`tiling`). A model without ``target_spacing``
-(2D models, and 3D checkpoints from before) stretches each case to the grid.
+Training's cache (:func:`tumorseg.data.split.prepare`) and so validation place volumes with :func:`placement`,
+after the crop to the nonzero box (:mod:`tumorseg.cropping`). Inference (:class:`tumorseg.inference.Segmenter`)
+needs no grid: it takes every volume whole at the target spacing (:func:`inference_size`), never shrunk, as
+nnU-Net does. Training samples patches of the grid; validation and inference take each volume at its own size,
+in one pass or by sliding window (:func:`tiling`). A model without ``target_spacing`` (2D models, and 3D
+checkpoints from before) stretches each case to the grid.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ class Placement:
         return tuple(slice(o, o + s) for o, s in zip(self.offset, self.size, strict=True))
 
 
+def resampled_size(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> list[float]:
+    """A ``shape`` volume of voxels ``spacing`` in voxels of ``target``: each axis keeps its length in mm."""
+    return [n * s / t for n, s, t in zip(shape, spacing, target, strict=True)]
+
+
 def placement(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...],
               grid: tuple[int, ...]) -> Placement:
     """The placement of a ``shape`` volume of voxels ``spacing`` resampled to ``target`` in a ``grid``.
@@ -51,7 +57,7 @@ def placement(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[
     Each axis keeps its length in mm: ``round(shape * spacing / target)`` voxels; where that exceeds the grid on
     some axis, every axis is scaled by the one factor that makes it fit.
     """
-    scaled = [n * s / t for n, s, t in zip(shape, spacing, target, strict=True)]
+    scaled = resampled_size(shape, spacing, target)
     fit = min([1.0] + [g / v for g, v in zip(grid, scaled, strict=True) if v > g])
     size = tuple(max(1, min(g, int(round(v * fit)))) for g, v in zip(grid, scaled, strict=True))
     offset = tuple((g - n) // 2 for g, n in zip(grid, size, strict=True))
@@ -79,16 +85,19 @@ def spacings(cfg: TrainConfig) -> tuple[tuple[float, ...], tuple[float, ...]] | 
     return tuple(cfg.target_spacing), tuple(cfg.input_spacing or cfg.target_spacing)
 
 
-def place(cfg: TrainConfig, shape: tuple[int, ...], spacing: tuple[float, ...] | None) -> Placement | None:
-    """Where a volume of ``shape`` voxels of ``spacing`` (``None``: the assumed one) lies in ``cfg``'s grid.
+def inference_size(cfg: TrainConfig, shape: tuple[int, ...], spacing: tuple[float, ...] | None
+                   ) -> tuple[int, ...] | None:
+    """The size in voxels a volume of ``shape`` voxels of ``spacing`` (``None``: the assumed one) is predicted at.
 
-    ``None`` where the model stretches its inputs to the grid (images, or no ``target_spacing``).
+    The whole volume at the model's target spacing, never shrunk: only training's fixed grid needs the largest
+    volumes to fit; inference tiles them by sliding window (nnU-Net). ``None`` where the model stretches its inputs
+    to the grid (images, or no ``target_spacing``).
     """
     rule = spacings(cfg)
     if rule is None or len(shape) != 3:
         return None
     known = spacing if spacing is not None and len(spacing) == 3 else None
-    return placement(tuple(int(s) for s in shape), known or rule[1], rule[0], tuple(int(s) for s in cfg.image_size))
+    return tuple(max(1, int(round(v))) for v in resampled_size(tuple(int(s) for s in shape), known or rule[1], rule[0]))
 
 
 def divisor(cfg: TrainConfig) -> tuple[int, ...]:

@@ -21,14 +21,16 @@ V3. **Spacing, grid and budget.** Every volume is resampled to one voxel size (n
     across, the 5th percentile ``MIN_SMALL_TUMOUR_DIAMETER_3D``). The grid holds the 95th percentile of the
     volumes' extent in mm at that spacing; each volume is centred in it, zeros around (``target_spacing``,
     :mod:`tumorseg.placement`), so a structure spans the same voxels in every volume whatever its field of
-    view, and the predictions go back onto each volume's own voxels.
+    view, and the predictions go back onto each volume's own voxels. Inference takes every volume whole at the
+    spacing (the 5% larger than the grid too, by sliding window where needed); only training's cache shrinks them.
 V4. **Network.** MONAI ``UNet`` 16..256 channels with instance norm and per-axis strides: at each level an
     axis is halved while its spacing is at most twice the finest and its size stays at least ``MIN_FEATURE``
     voxels (nnU-Net's ``get_pool_and_conv_props``), at most ``MAX_DOWNSAMPLINGS`` levels. nnU-Net's own
     DynUNet trains 6x slower per volume on a 2-core CPU (benchmarks/RESULTS.md), so it is not the CPU default.
-V5. **Patches.** The network trains on random patches the size of the median volume (nnU-Net's patch), a third
-    centred on tumour, smaller where that holds more voxels than fit (``MAX_PATCH_VOXELS_CPU`` on a CPU; 40% of
-    the free GPU memory at the measured memory per volume); the whole grid where the volumes share one size.
+V5. **Patches.** The network trains on random patches the size of the median volume (nnU-Net's patch, rounded
+    up to the network's downsampling), a third centred on tumour, smaller where that holds more voxels than fit
+    (``MAX_PATCH_VOXELS_CPU`` on a CPU; 40% of the free GPU memory at the measured memory per volume); the whole
+    grid where the volumes share one size.
     Inference takes each volume at its own size, by sliding window with Gaussian blending where it is larger
     than a patch.
 V6. **Batch, steps, loss.** Batch 2 (nnU-Net's 3D batch); steps from the measured throughput; Dice + CE.
@@ -121,9 +123,12 @@ def extent(fp: Fingerprint) -> tuple[float, float, float]:
 
 
 def grid(fp: Fingerprint, spacing: tuple[float, ...]) -> tuple[int, int, int]:
-    """The median volume's size at ``spacing``, rounded to :data:`SIZE_STEP_3D` (made divisible by the strides)."""
+    """The median volume's size at ``spacing``, rounded up to :data:`SIZE_STEP_3D` (made divisible by the strides).
+
+    Up, as nnU-Net pads its patch to the network's downsampling: a patch the size of the median volume holds it whole.
+    """
     assert fp.spacing_median is not None
-    out = [max(SIZE_STEP_3D, int(round(n * s / t / SIZE_STEP_3D)) * SIZE_STEP_3D)
+    out = [max(SIZE_STEP_3D, math.ceil(n * s / t / SIZE_STEP_3D - 1e-6) * SIZE_STEP_3D)
            for n, s, t in zip(median_shape(fp), fp.spacing_median, spacing, strict=True)]
     return out[0], out[1], out[2]
 
@@ -282,8 +287,9 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
                                  f"measured throughput buys {want} training volumes in the budget")
     mm = "x".join(f"{e:.0f}" for e in extent(fp))
     reasons["image_size"] += (f"; each volume resampled to {sp} mm and centred in a {'x'.join(map(str, size))} grid "
-                              f"that holds {mm} mm, 95% of the volumes whole (larger ones shrunk alike on every axis; "
-                              "nnU-Net resamples to one spacing: a structure spans the same voxels in every volume)")
+                              f"that holds {mm} mm, 95% of the volumes whole (larger ones shrunk alike on every axis "
+                              "for training only: inference takes every volume whole; nnU-Net resamples to one "
+                              "spacing: a structure spans the same voxels in every volume)")
     patch_size = patch if tuple(patch) != tuple(size) else None
     if patch_size is not None:
         why = ("the median volume" if tuple(patch) == tuple(median) else
