@@ -169,6 +169,26 @@ def test_multi_valued_masks_without_labels_stop_with_the_values_found(tmp_path: 
     assert not (tmp_path / "dm" / "bra").exists()
 
 
+@pytest.mark.parametrize(("declared", "said"), [
+    # the Medical Segmentation Decathlon's form (and nnU-Net v1's), names made valid class names
+    ({"0": "background", "1": "non-enhancing tumor", "2": "edema", "3": "enhancing tumour"},
+     "--labels 0=background,1=non_enhancing_tumor,2=edema,3=enhancing_tumour"),
+    ({"background": 0, "necrosis": 1, "edema": 2, "enhancing": 3},  # nnU-Net v2's form
+     "--labels 0=background,1=necrosis,2=edema,3=enhancing"),
+])
+def test_a_dataset_json_beside_the_folders_gives_the_labels_to_declare(tmp_path: Path, declared: dict[str, object],
+                                                                       said: str) -> None:
+    _dataset(tmp_path / "data", 4)
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps({"name": "bra", "labels": declared}))
+    code, out = _ingest(tmp_path / "data", tmp_path / "dm")
+    assert code == 2 and len(out.strip().splitlines()) == 1, out
+    assert f"as {tmp_path / 'data' / 'dataset.json'} declares them: {said} " in out
+    # nnU-Net v2 regions (lists of values) are not a label set: the values found are suggested instead
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "whole": [1, 2, 3]}}))
+    code, out = _ingest(tmp_path / "data", tmp_path / "dm")
+    assert code == 2 and "--labels 0=background,1=class1,2=class2,3=class3" in out
+
+
 def test_labels_and_threshold_together_are_refused(tmp_path: Path) -> None:
     _dataset(tmp_path / "data", 2)
     code, out = _ingest(tmp_path / "data", tmp_path / "dm", "--labels", LABELS, "--mask-threshold", "0")

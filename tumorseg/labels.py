@@ -12,6 +12,7 @@ order (:func:`class_values`).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,27 @@ def check_labels(labels: dict[int, str], source: str = "--labels") -> dict[int, 
     if len(named_bg) > 1:
         raise TumorsegError(f"{source}: values {named_bg[0]} and {named_bg[1]} are both named background; name one")
     return dict(sorted(labels.items()))
+
+
+def from_dataset_json(folders: list[Path]) -> tuple[Path, dict[int, str]] | None:
+    """The label set a ``dataset.json`` in (or above) ``folders`` declares (the Decathlon's and nnU-Net's file).
+
+    Both forms: ``{"labels": {"0": "background", ...}}`` (Decathlon, nnU-Net v1) and ``{"background": 0, ...}``
+    (nnU-Net v2; region entries, lists of values, are not a label set). Names are made valid class names
+    (``"non-enhancing tumor"`` -> ``non_enhancing_tumor``). ``None`` where there is none, or it does not parse.
+    """
+    import json
+
+    for path in dict.fromkeys(f / "dataset.json" for folder in folders for f in (folder, folder.parent)):
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))["labels"]
+            pairs = [(int(k), str(v)) if str(k).lstrip("-").isdigit() else (int(v), str(k)) for k, v in raw.items()]
+            labels = {v: re.sub(r"^(?=[^A-Za-z])", "c", re.sub(r"[^A-Za-z0-9_]+", "_", n.strip()).strip("_") or "c")
+                      for v, n in pairs}
+            return path, check_labels(labels, str(path))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, TumorsegError):
+            continue
+    return None
 
 
 def format_labels(labels: dict[int, str]) -> str:

@@ -18,7 +18,7 @@ from tumorseg.fsutil import atomic_write_bytes, atomic_write_json, sha256_bytes
 from tumorseg.ingest.discover import discover
 from tumorseg.ingest.inspect import VOLUME_COLUMNS, InspectContext, class_columns, inspect_all
 from tumorseg.ingest.pairs import pairs_root, read_pairs
-from tumorseg.labels import check_labels, check_regions
+from tumorseg.labels import check_labels, check_regions, format_labels, from_dataset_json
 from tumorseg.manifest import COLUMNS, SPLITS
 from tumorseg.progress import track
 from tumorseg.splits import assign_fold, assign_split, covering_seed, merge_groups, splits_without_tumour
@@ -191,10 +191,14 @@ def _check_label_maps(rejected: list[tuple[str, str]], n_cases: int, cfg: Ingest
     if not found or len(found) < LABEL_MAP_SHARE * n_cases:
         return
     values = sorted({int(float(v)) for _, shown in found for v in shown.split(", ") if v != "..."} | {0})
-    suggestion = ",".join(f"{v}={'background' if v == 0 else f'class{v}'}" for v in values)
+    declared = from_dataset_json([d for d in (cfg.images_dir, cfg.masks_dir, cfg.pairs and cfg.pairs.parent) if d])
+    if declared is not None:
+        how = f"as {declared[0]} declares them: --labels {format_labels(declared[1])}"
+    else:
+        how = "e.g. --labels " + ",".join(f"{v}={'background' if v == 0 else f'class{v}'}" for v in values)
     raise TumorsegError(
         f"{cfg.source}: {len(found)} mask file(s) hold more than two values ({', '.join(map(str, values))}; "
-        f"first: {found[0][0]}): label maps, not binary masks; declare the labels, e.g. --labels {suggestion} "
+        f"first: {found[0][0]}): label maps, not binary masks; declare the labels, {how} "
         "(or binarise them with --mask-threshold T)"
     )
 
