@@ -122,7 +122,10 @@ def test_a_4d_volume_is_one_case_with_its_sequences_as_channels(tmp_path: Path) 
         image, label = blob_volume(i)
         write_nifti(images / f"c{i}.nii.gz", np.stack([image, 1000 - image], axis=-1), LPS)  # (X, Y, Z, 2)
         write_nifti(masks / f"c{i}.nii.gz", label, LPS)
+        for folder in (images, masks):  # the Decathlon's tarballs carry macOS AppleDouble files: not cases
+            (folder / f"._c{i}.nii.gz").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
     info, df = load_manifest(ingest(images, masks, tmp_path / "m"))
+    assert len(df) == 6 and not (tmp_path / "m" / "vol" / "rejected.csv").read_text().strip().count("\n")
     assert set(df["channels"].astype(int)) == {2} and infer_in_channels(df) == 2
     case = CaseReader(info, "m").read(df[df["case_id"] == "c0"].iloc[0])
     image, label = blob_volume(0)
