@@ -59,6 +59,36 @@ def test_large_images_train_on_patches_with_oversampling_and_sliding_window() ->
     assert "sliding-window" in out["reasons"]["patch_size"]
 
 
+def test_the_floor_keeps_the_smallest_class_of_a_label_map_visible() -> None:
+    import pandas as pd
+
+    from tumorseg.planning.fingerprint import _class_diameters, smallest_structure
+
+    # px_<class> counts of five train cases (0: the class is absent there): equivalent diameters by hand
+    area = [float(np.pi * d * d / 4) for d in (100.0, 120.0, 140.0)]
+    train = pd.DataFrame({"px_edema": [area[0], area[1], area[2], 0, 0], "px_core": [0, 0, 0, 1256.6370614359173,
+                                                                                     1256.6370614359173]})
+    got = _class_diameters(train, volumes=False)
+    assert got["edema"]["median"] == pytest.approx(120.0) and got["core"]["median"] == pytest.approx(40.0)
+    assert got["edema"]["p5"] == pytest.approx(float(np.sqrt(4 * np.percentile(area, 5) / np.pi)))
+    vol = _class_diameters(pd.DataFrame({"px_a": [float(np.pi * 6**3 / 6)], "px_b": [1.0]}), volumes=True)
+    assert vol["a"]["median"] == pytest.approx(6.0)  # a sphere's diameter from its voxels
+    assert _class_diameters(train[["px_core"]], volumes=False) == {}  # one class: the tumour's own figures
+
+    # the union (256 px across) alone would allow scale 0.25; its 128-px core class holds the floor at 0.5
+    fp = fingerprint((512, 512), 256.0, small_diameter=64.0)
+    multi = fp.model_copy(update={"class_diameter": {"edema": {"median": 200.0, "p5": 96.0},
+                                                     "core": {"median": 128.0, "p5": 64.0}}})
+    assert smallest_structure(multi)[0] == "core" and smallest_structure(fp)[0] == "tumour"
+    assert rules.floor_scale(multi) == pytest.approx(0.5)
+    tight = rules.choose(multi, 60.0, 100, fake_probe(1e6), "cpu")
+    assert tight["train"]["image_size"] == [256, 256]
+    assert "keeps the median core at 64 px" in tight["reasons"]["image_size"]
+    from tumorseg.planning import volumes  # the 3D floor alike: the core 24 voxels across (128 / 24 coarser at most)
+
+    assert volumes.floor_factor(fp) == pytest.approx(8.0) and volumes.floor_factor(multi) == pytest.approx(128 / 24)
+
+
 def test_the_budget_lowers_the_resolution_but_never_below_the_tumour_floor() -> None:
     fp = fingerprint((512, 512), 256.0, small_diameter=64.0)
     assert rules.floor_scale(fp) == pytest.approx(0.25)

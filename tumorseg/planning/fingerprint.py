@@ -39,6 +39,9 @@ class Fingerprint(BaseModel):
         empty_share: share of train cases without tumour.
         tumour_pixels: over the cases with tumour: ``median``, ``p5``, ``p1`` tumour area in pixels.
         tumour_diameter: the same as equivalent circle diameters in pixels.
+        class_diameter: label maps only (``--labels``): per class, ``median`` and ``p5`` of its equivalent
+            diameter (circle, or sphere for volumes) over the cases that hold it; the plan's resolution floor keeps
+            the smallest class visible (:func:`smallest_structure`). Empty for binary masks.
         sampled_images: images decoded for the intensity statistics.
         orientation: per axis (``vertical``, ``horizontal``), the share of the sampled images whose mirror
             asymmetry along it agrees with the other sampled images' (:func:`orientation`): about 0.5 when
@@ -79,6 +82,7 @@ class Fingerprint(BaseModel):
     tumour_pixels: dict[str, float]
     tumour_diameter: dict[str, float]
     sampled_images: int
+    class_diameter: dict[str, dict[str, float]] = {}
     orientation: dict[str, float] = {}
     natural: bool = False
     slice_stacks: dict[str, float] = {}
@@ -91,6 +95,36 @@ class Fingerprint(BaseModel):
     shape_median_cropped: tuple[int, int, int] | None = None
     extent_p95: tuple[float, float, float] | None = None
     extent_p95_cropped: tuple[float, float, float] | None = None
+
+
+def smallest_structure(fp: Fingerprint) -> tuple[str, dict[str, float]]:
+    """``(name, {"median", "p5"})`` of the smallest labelled structure: the tumour, or the smallest class of a map.
+
+    The resolution floor keeps it visible: with several classes, the union (``tumour_diameter``) is larger than
+    its parts, and a class that vanishes at the planned resolution cannot be segmented.
+    """
+    out = ("tumour", fp.tumour_diameter)
+    for name, d in fp.class_diameter.items():
+        if 0 < d["median"] < out[1]["median"] or not out[1]["median"]:
+            out = (name, d)
+    return out
+
+
+def _class_diameters(train: pd.DataFrame, volumes: bool) -> dict[str, dict[str, float]]:
+    """Per class of a label map (the manifest's ``px_<name>`` columns): median and p5 equivalent diameter."""
+    import pandas as pd
+
+    names = [c for c in train.columns if str(c).startswith("px_")]
+    if len(names) < 2:  # one class: the tumour's figures are its own
+        return {}
+    out = {}
+    for col in names:
+        px = pd.to_numeric(train[col], errors="coerce").to_numpy(dtype=np.float64)
+        px = px[np.isfinite(px) & (px > 0)]
+        if px.size:
+            size = _sphere_diameter if volumes else _diameter
+            out[str(col)[3:]] = {"median": size(float(np.median(px))), "p5": size(float(np.percentile(px, 5)))}
+    return out
 
 
 def _diameter(area: float) -> float:
@@ -176,6 +210,7 @@ def compute(info: ManifestInfo, train: pd.DataFrame, source: str, sample: int = 
         tumour_pixels=pix,
         tumour_diameter={k: (_sphere_diameter(v) if volumes else _diameter(v)) for k, v in pix.items()},
         sampled_images=len(cases),
+        class_diameter=_class_diameters(train, volumes),
         orientation={} if volumes else orientation([c.image for c in cases]),
         natural=natural(train),
         slice_stacks={} if volumes else slice_stacks(info, train, source, seed),

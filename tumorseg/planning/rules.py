@@ -3,10 +3,11 @@
 The rules, in order (each choice and its reason is written into ``plan.json``):
 
 1. **Resolution floor.** Never shrink the median tumour below ``MIN_TUMOUR_DIAMETER`` pixels
-   nor the small (5th percentile) tumours below ``MIN_SMALL_TUMOUR_DIAMETER``: that sets the
-   smallest scale allowed, whatever the budget. Why 64: Dice is scored at the original
-   resolution, and a boundary known to half a training pixel costs about ``2 * 0.5 / r`` of
-   a tumour of radius ``r``: 3% at a 64-pixel diameter, 12% for a 16-pixel small one.
+   nor the small (5th percentile) tumours below ``MIN_SMALL_TUMOUR_DIAMETER`` (in a label map,
+   of its smallest class): that sets the smallest scale allowed, whatever the budget. Why 64:
+   Dice is scored at the original resolution, and a boundary known to half a training pixel
+   costs about ``2 * 0.5 / r`` of a tumour of radius ``r``: 3% at a 64-pixel diameter, 12% for
+   a 16-pixel small one.
 2. **Samples the budget must buy.** A U-Net needs to see each training image many times with
    a decaying learning rate: ``TARGET_EPOCHS`` epochs, but at least ``MIN_SAMPLES`` and at
    most ``MAX_SAMPLES`` images in all. Why 80: on BUSI val, at an equal 30-minute budget, 49
@@ -79,7 +80,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tumorseg.config import LossConfig, ModelConfig
-from tumorseg.planning.fingerprint import Fingerprint
+from tumorseg.planning.fingerprint import Fingerprint, smallest_structure
 from tumorseg.planning.probe import Throughput
 
 MIN_TUMOUR_DIAMETER = 64.0
@@ -151,8 +152,9 @@ def patience(epochs: int) -> int:
 
 def floor_scale(fp: Fingerprint) -> float:
     """The smallest scale that keeps the tumours visible (rule 1); 1.0 when tumours are already small."""
-    need = [MIN_TUMOUR_DIAMETER / fp.tumour_diameter["median"] if fp.tumour_diameter["median"] else 1.0,
-            MIN_SMALL_TUMOUR_DIAMETER / fp.tumour_diameter["p5"] if fp.tumour_diameter["p5"] else 1.0]
+    d = smallest_structure(fp)[1]
+    need = [MIN_TUMOUR_DIAMETER / d["median"] if d["median"] else 1.0,
+            MIN_SMALL_TUMOUR_DIAMETER / d["p5"] if d["p5"] else 1.0]
     return min(1.0, max(need))
 
 
@@ -298,9 +300,9 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
     if scale >= 1.0:
         reasons["image_size"] = f"native: the median image {fp.size_median[0]}x{fp.size_median[1]} fits the budget"
     elif scale <= lo:
-        reasons["image_size"] = (f"the tumour floor: scale {scale:.2f} keeps the median tumour at "
-                                 f"{fp.tumour_diameter['median'] * scale:.0f} px and the small ones at "
-                                 f"{fp.tumour_diameter['p5'] * scale:.0f} px across")
+        name, d = smallest_structure(fp)
+        reasons["image_size"] = (f"the tumour floor: scale {scale:.2f} keeps the median {name} at "
+                                 f"{d['median'] * scale:.0f} px and the small ones at {d['p5'] * scale:.0f} px across")
     else:
         reasons["image_size"] = (f"scale {scale:.2f} of the median image: the largest size whose throughput buys "
                                  f"{want} training images in the budget")

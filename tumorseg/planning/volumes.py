@@ -14,15 +14,16 @@ V1. **2D or 3D.** Volumes train a 3D network: it sees the anatomy across slices 
 V2. **Target spacing.** The median voxel size per axis; where the data are anisotropic (the coarsest median
     spacing over ``ANISOTROPY`` times the finest), the coarse axis takes the 10th percentile of its spacings
     instead (nnU-Net), so the volumes with thin slices keep them (:func:`target_spacing`).
-V3. **Spacing, grid and budget.** Every volume is resampled to one voxel size (nnU-Net), the target spacing
-    unless the budget cannot buy the wanted samples (``TARGET_EPOCHS_3D`` passes over the train volumes, within
+V3. **Spacing, grid and budget.** Every volume is resampled to one voxel size (nnU-Net), the target spacing unless
+    the budget cannot buy the wanted samples (``TARGET_EPOCHS_3D`` passes over the train volumes, within
     ``MIN_SAMPLES_3D..MAX_SAMPLES_3D``): then a coarser one, the finest axes coarsened first (nnU-Net's
-    low-resolution stage), never below the tumour floor (the median tumour ``MIN_TUMOUR_DIAMETER_3D`` voxels
-    across, the 5th percentile ``MIN_SMALL_TUMOUR_DIAMETER_3D``). The grid holds the 95th percentile of the
-    volumes' extent in mm at that spacing; each volume is centred in it, zeros around (``target_spacing``,
-    :mod:`tumorseg.placement`), so a structure spans the same voxels in every volume whatever its field of
-    view, and the predictions go back onto each volume's own voxels. Inference takes every volume whole at the
-    spacing (the 5% larger than the grid too, by sliding window where needed); only training's cache shrinks them.
+    low-resolution stage), never below the tumour floor (the median tumour ``MIN_TUMOUR_DIAMETER_3D`` voxels across,
+    the 5th percentile ``MIN_SMALL_TUMOUR_DIAMETER_3D``; of a label map, its smallest class). The grid holds the
+    95th percentile of the volumes' extent in mm at that spacing; each volume is centred in it, zeros around
+    (``target_spacing``, :mod:`tumorseg.placement`), so a structure spans the same voxels in every volume whatever
+    its field of view, and the predictions go back onto each volume's own voxels. Inference takes every volume whole
+    at the spacing (the 5% larger than the grid too, by sliding window where needed); only training's cache shrinks
+    them.
 V4. **Network.** MONAI ``UNet`` 16..256 channels with instance norm and per-axis strides: at each level an
     axis is halved while its spacing is at most twice the finest and its size stays at least ``MIN_FEATURE``
     voxels (nnU-Net's ``get_pool_and_conv_props``), at most ``MAX_DOWNSAMPLINGS`` levels. nnU-Net's own
@@ -53,7 +54,7 @@ from typing import Any
 
 from tumorseg.config import LossConfig, ModelConfig
 from tumorseg.errors import TumorsegError
-from tumorseg.planning.fingerprint import Fingerprint
+from tumorseg.planning.fingerprint import Fingerprint, smallest_structure
 from tumorseg.planning.probe import Throughput
 from tumorseg.planning.rules import FINISH_SECONDS, MAX_DOWNSAMPLINGS, MIN_FEATURE, patience
 
@@ -215,8 +216,8 @@ def intensity_rule(fp: Fingerprint) -> tuple[str, str]:
 
 
 def floor_factor(fp: Fingerprint) -> float:
-    """V3: the largest coarsening that keeps the tumours visible (1.0: none)."""
-    d = fp.tumour_diameter
+    """V3: the largest coarsening that keeps the tumours (each class of a label map) visible (1.0: none)."""
+    d = smallest_structure(fp)[1]
     room = [d["median"] / MIN_TUMOUR_DIAMETER_3D if d["median"] else math.inf,
             d["p5"] / MIN_SMALL_TUMOUR_DIAMETER_3D if d["p5"] else math.inf]
     return max(1.0, min(room)) if all(math.isfinite(r) for r in room) else 1.0
@@ -277,8 +278,9 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
     spacing, size, model, median = chosen
     sp = "x".join(f"{s:.3g}" for s in spacing)
     if got < want:
-        reasons["image_size"] = (f"the tumour floor: {sp} mm keeps the median tumour at "
-                                 f"{fp.tumour_diameter['median'] / factor:.0f} voxels across; the budget buys "
+        name, d = smallest_structure(fp)
+        reasons["image_size"] = (f"the tumour floor: {sp} mm keeps the median {name} at "
+                                 f"{d['median'] / factor:.0f} voxels across; the budget buys "
                                  f"{got:.0f} of the {want} wanted volumes")
     elif factor == 1.0:
         reasons["image_size"] = f"the target spacing ({sp} mm) fits the budget"
