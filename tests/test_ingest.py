@@ -982,6 +982,32 @@ def test_tumour_coverage_failure_suggests_a_seed(tmp_path: Path) -> None:
     assert all(v["tumour"] > 0 for v in res.summary["splits"].values())
 
 
+def test_a_split_far_below_its_fraction_is_a_warning_with_a_seed_that_is_not(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = tmp_path / "data"
+    names = [f"t{i:02d}" for i in range(24)]  # 24 one-case groups: 0.15 asks for 3.6 in val and in test
+    for i, stem in enumerate(names):
+        pair(data, stem, i)
+
+    def sizes(seed: int) -> dict[str, int]:
+        splits = [assign_split(n, seed, (0.7, 0.15, 0.15)) for n in names]
+        return {s: splits.count(s) for s in ("train", "val", "test")}
+
+    small = next(s for s in range(100) if min(sizes(s)["val"], sizes(s)["test"]) == 1)  # one case: under 1.8
+    fair = next(s for s in range(small + 1, 200) if min(sizes(s)["val"], sizes(s)["test"]) >= 2)
+    with caplog.at_level(logging.WARNING, logger="tumorseg.ingest.stage"):
+        res = ingest(data, out=tmp_path / "out", seed=small)  # a warning, not a refusal: the manifest is written
+    assert (res.manifest_dir / "manifest.csv").exists()
+    short = next(s for s in ("val", "test") if sizes(small)[s] == 1)
+    said = [r.getMessage() for r in caplog.records if "asked" in r.getMessage()]
+    assert len(said) == 1 and f"with --seed {small} {short} gets 1 of 24 groups (about 3.6 asked)" in said[0]
+    assert f"--seed {fair} gives every split its share" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tumorseg.ingest.stage"):
+        ingest(data, out=tmp_path / "out2", seed=fair)
+    assert not [r for r in caplog.records if "asked" in r.getMessage()]
+
+
 # ----------------------------------------------------------------------------- MLflow
 
 

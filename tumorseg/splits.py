@@ -92,3 +92,35 @@ def covering_seed(group_sets: Sequence[Sequence[str]], seed: int, fractions: Seq
         if not any(splits_without_tumour(groups, candidate, fractions) for groups in group_sets):
             return candidate
     return None
+
+
+SMALL_SPLIT = 0.5
+"""A split holding under this share of the groups its fraction asks for is small (checked where it asks for 3+)."""
+
+
+def small_splits(groups: Sequence[str], seed: int, fractions: Sequence[float]) -> dict[str, tuple[int, float]]:
+    """Splits that get under :data:`SMALL_SPLIT` of their expected groups: ``{split: (got, expected)}``.
+
+    Only splits expected to hold at least 3 groups: below that, every split is small by nature. The hash gives
+    each group its split alone (stability), so a small dataset's split sizes vary around the fractions.
+    """
+    unique = sorted(set(groups))
+    got = dict.fromkeys(SPLITS, 0)
+    for g in unique:
+        got[assign_split(g, seed, fractions)] += 1
+    out = {}
+    for name, frac in zip(SPLITS, fractions, strict=True):
+        expected = frac * len(unique)
+        if expected >= 3 and got[name] < SMALL_SPLIT * expected:
+            out[name] = (got[name], expected)
+    return out
+
+
+def balanced_seed(groups: Sequence[str], group_sets: Sequence[Sequence[str]], seed: int, fractions: Sequence[float],
+                  tries: int = 1000) -> int | None:
+    """The first seed after ``seed`` with no small split that still gives every split a group of each set."""
+    for candidate in range(seed + 1, seed + 1 + tries):
+        if not small_splits(groups, candidate, fractions) and not any(
+                splits_without_tumour(g, candidate, fractions) for g in group_sets):
+            return candidate
+    return None

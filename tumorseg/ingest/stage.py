@@ -21,7 +21,15 @@ from tumorseg.ingest.pairs import pairs_root, read_pairs
 from tumorseg.labels import check_labels, check_regions, format_labels, from_dataset_json
 from tumorseg.manifest import COLUMNS, SPLITS
 from tumorseg.progress import track
-from tumorseg.splits import assign_fold, assign_split, covering_seed, merge_groups, splits_without_tumour
+from tumorseg.splits import (
+    assign_fold,
+    assign_split,
+    balanced_seed,
+    covering_seed,
+    merge_groups,
+    small_splits,
+    splits_without_tumour,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +183,23 @@ def _check_tumour_coverage(rows: list[dict[str, Any]], cfg: IngestConfig) -> Non
         )
 
 
+def _warn_small_splits(rows: list[dict[str, Any]], cfg: IngestConfig) -> None:
+    """One warning line where a split got far fewer groups than its fraction asks, with a seed that does not."""
+    groups = [str(r["group"]) for r in rows]
+    small = small_splits(groups, cfg.seed, cfg.fractions)
+    if not small:
+        return
+    classes = [("tumour", "has_tumour")] + [(col[3:], col) for col in class_columns(cfg.labels)]
+    sets = [sorted({str(r["group"]) for r in rows if r[col]}) for _, col in classes]
+    better = balanced_seed(groups, sets, cfg.seed, cfg.fractions)
+    said = ", ".join(f"{name} gets {got} of {len(set(groups))} groups (about {expected:.1f} asked)"
+                     for name, (got, expected) in small.items())
+    log.warning("%s: with --seed %d %s: the best checkpoint and post-processing are chosen on val, the scores on "
+                "test; %s", cfg.source, cfg.seed, said,
+                f"--seed {better} gives every split its share (keep it for later ingests)" if better is not None
+                else "consider --folds")
+
+
 _MULTI = re.compile(r"mask has \d+ distinct values \(([^)]*)\)")
 
 
@@ -306,6 +331,7 @@ def run(cfg: IngestConfig) -> IngestResult:
     assign_splits(rows, cfg)
     if not fixed:  # a published split is kept as it is
         _check_tumour_coverage(rows, cfg)
+        _warn_small_splits(rows, cfg)
     rows.sort(key=lambda r: r["case_id"])
     summary = summarize(rows, len(rejected), len(ignored))
 
