@@ -9,7 +9,9 @@ Stratification by ``has_tumour`` cannot be exact under that stability guarantee 
 stratification needs every group's rank, which shifts as data grows). Instead ingest
 checks the outcome: :func:`splits_without_tumour` finds a split left with no tumour case and
 :func:`suggest_seed` names the first seed that gives every split tumour cases. Data only
-ever adds groups, so once a seed passes it keeps passing.
+ever adds groups, so once a seed passes it keeps passing. Sizes are checked alike, as a
+warning: :func:`small_splits` finds a split far below its fraction (a small dataset's hashed
+sizes vary) and :func:`balanced_seed` names a seed that gives every split its share.
 """
 
 from __future__ import annotations
