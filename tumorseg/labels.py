@@ -93,12 +93,16 @@ def from_dataset_json(folders: list[Path]) -> tuple[Path, dict[int, str]] | None
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))["labels"]
             pairs = [(int(k), str(v)) if str(k).lstrip("-").isdigit() else (int(v), str(k)) for k, v in raw.items()]
-            labels = {v: re.sub(r"^(?=[^A-Za-z])", "c", re.sub(r"[^A-Za-z0-9_]+", "_", n.strip()).strip("_") or "c")
-                      for v, n in pairs}
-            return path, check_labels(labels, str(path))
+            return path, check_labels({v: _class_name(n) for v, n in pairs}, str(path))
         except (OSError, ValueError, TypeError, KeyError, AttributeError, TumorsegError):
             continue
     return None
+
+
+def _class_name(text: str) -> str:
+    """Free text as a valid class name: runs of other characters as ``_``, a leading ``c`` where no letter starts it."""
+    name = re.sub(r"[^A-Za-z0-9_]+", "_", text.strip()).strip("_")
+    return name if name[:1].isalpha() else f"c{name}"
 
 
 def format_labels(labels: dict[int, str]) -> str:

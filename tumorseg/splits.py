@@ -17,7 +17,7 @@ sizes vary) and :func:`balanced_seed` names a seed that gives every split its sh
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 SPLITS = ("train", "val", "test")
 
@@ -90,11 +90,12 @@ def suggest_seed(tumour_groups: Iterable[str], seed: int, fractions: Sequence[fl
 def covering_seed(group_sets: Sequence[Sequence[str]], seed: int, fractions: Sequence[float],
                   tries: int = 1000) -> int | None:
     """The first seed after ``seed`` that gives every split a group of each set (one set per class)."""
-    for candidate in range(seed + 1, seed + 1 + tries):
-        if not any(splits_without_tumour(groups, candidate, fractions) for groups in group_sets):
-            return candidate
-    return None
+    return _first_seed(seed, tries, lambda s: not any(splits_without_tumour(g, s, fractions) for g in group_sets))
 
+
+def _first_seed(seed: int, tries: int, ok: Callable[[int], bool]) -> int | None:
+    """The first of the ``tries`` seeds after ``seed`` that is ``ok``."""
+    return next((candidate for candidate in range(seed + 1, seed + 1 + tries) if ok(candidate)), None)
 
 SMALL_SPLIT = 0.5
 """A split holding under this share of the groups its fraction asks for is small (checked where it asks for 3+)."""
@@ -121,8 +122,5 @@ def small_splits(groups: Sequence[str], seed: int, fractions: Sequence[float]) -
 def balanced_seed(groups: Sequence[str], group_sets: Sequence[Sequence[str]], seed: int, fractions: Sequence[float],
                   tries: int = 1000) -> int | None:
     """The first seed after ``seed`` with no small split that still gives every split a group of each set."""
-    for candidate in range(seed + 1, seed + 1 + tries):
-        if not small_splits(groups, candidate, fractions) and not any(
-                splits_without_tumour(g, candidate, fractions) for g in group_sets):
-            return candidate
-    return None
+    return _first_seed(seed, tries, lambda s: not small_splits(groups, s, fractions) and not any(
+        splits_without_tumour(g, s, fractions) for g in group_sets))

@@ -165,10 +165,15 @@ def summarize(rows: list[dict[str, Any]], n_rejected: int, n_ignored: int = 0) -
     }
 
 
+def _tumour_groups(rows: list[dict[str, Any]], cfg: IngestConfig) -> dict[str, list[str]]:
+    """The groups holding tumour, and for label maps those holding each declared class: what every split needs."""
+    classes = [("tumour", "has_tumour")] + [(col[3:], col) for col in class_columns(cfg.labels)]
+    return {name: sorted({str(r["group"]) for r in rows if r[col]}) for name, col in classes}
+
+
 def _check_tumour_coverage(rows: list[dict[str, Any]], cfg: IngestConfig) -> None:
     """Every split gets tumour cases - of every declared class, for label maps - or a seed that does it."""
-    classes = [("tumour", "has_tumour")] + [(col[3:], col) for col in class_columns(cfg.labels)]
-    sets = {name: sorted({r["group"] for r in rows if r[col]}) for name, col in classes}
+    sets = _tumour_groups(rows, cfg)
     for name, groups in sets.items():
         missing = splits_without_tumour(groups, cfg.seed, cfg.fractions)
         if not missing:
@@ -189,9 +194,7 @@ def _warn_small_splits(rows: list[dict[str, Any]], cfg: IngestConfig) -> None:
     small = small_splits(groups, cfg.seed, cfg.fractions)
     if not small:
         return
-    classes = [("tumour", "has_tumour")] + [(col[3:], col) for col in class_columns(cfg.labels)]
-    sets = [sorted({str(r["group"]) for r in rows if r[col]}) for _, col in classes]
-    better = balanced_seed(groups, sets, cfg.seed, cfg.fractions)
+    better = balanced_seed(groups, list(_tumour_groups(rows, cfg).values()), cfg.seed, cfg.fractions)
     said = ", ".join(f"{name} gets {got} of {len(set(groups))} groups (about {expected:.1f} asked)"
                      for name, (got, expected) in small.items())
     log.warning("%s: with --seed %d %s: the best checkpoint and post-processing are chosen on val, the scores on "

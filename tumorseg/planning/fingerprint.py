@@ -111,19 +111,17 @@ def smallest_structure(fp: Fingerprint) -> tuple[str, dict[str, float]]:
 
 
 def _class_diameters(train: pd.DataFrame, volumes: bool) -> dict[str, dict[str, float]]:
-    """Per class of a label map (the manifest's ``px_<name>`` columns): median and p5 equivalent diameter."""
-    import pandas as pd
-
-    names = [c for c in train.columns if str(c).startswith("px_")]
-    if len(names) < 2:  # one class: the tumour's figures are its own
+    """Per class of a label map (the manifest's ``px_<name>`` counts): median and p5 equivalent diameter."""
+    names = [str(c)[3:] for c in train.columns if str(c).startswith("px_")]
+    if len(names) < 2:  # binary, or one class: the tumour's figures are its own
         return {}
+    size = _sphere_diameter if volumes else _diameter
     out = {}
-    for col in names:
-        px = pd.to_numeric(train[col], errors="coerce").to_numpy(dtype=np.float64)
+    for name in names:
+        px = train[f"px_{name}"].to_numpy(dtype=np.float64)
         px = px[np.isfinite(px) & (px > 0)]
         if px.size:
-            size = _sphere_diameter if volumes else _diameter
-            out[str(col)[3:]] = {"median": size(float(np.median(px))), "p5": size(float(np.percentile(px, 5)))}
+            out[name] = {"median": size(float(np.median(px))), "p5": size(float(np.percentile(px, 5)))}
     return out
 
 
