@@ -233,7 +233,7 @@ def log_segmenter_model(best: Path, run_dir: Path, example: np.ndarray | None) -
     from mlflow.types.schema import ParamSchema, ParamSpec
 
     from tumorseg import checkpoint
-    from tumorseg.placement import spacings
+    from tumorseg.inference import spacings  # (tumorseg.placement, through the layer this module may import)
 
     slim = checkpoint.write_slim(best, run_dir / CHECKPOINT_NAME)
     ckpt = checkpoint.load(slim)
