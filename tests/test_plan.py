@@ -33,7 +33,7 @@ def fake_probe(pixels_per_second: float) -> Any:
 
     def probe(model: ModelConfig, size: tuple[int, int], batch: int) -> Throughput:
         calls.append((model.name, size))
-        slow = 4.0 if model.name == "dynunet" else 2.0 if model.channels[0] == 32 else 1.0
+        slow = {32: 2.0, 16: 1.0, 8: 0.6}[model.channels[0]] * (2.0 if model.name == "dynunet" else 1.0)
         ips = pixels_per_second / (size[0] * size[1]) / slow
         return Throughput(ips, 3 * ips, 0.0)
 
@@ -94,7 +94,7 @@ def test_the_budget_lowers_the_resolution_but_never_below_the_tumour_floor() -> 
     assert rules.floor_scale(fp) == pytest.approx(0.25)
     tight = rules.choose(fp, 60.0, 100, fake_probe(1e6), "cpu")
     assert tight["train"]["image_size"] == [128, 128]  # the floor: 256 * 0.25 = 64 px median tumour
-    assert tight["train"]["model"]["channels"][0] == 16  # and the fastest network
+    assert tight["train"]["model"]["channels"] == [8, 16, 32, 64, 128, 128]  # and the fastest network
     roomy = rules.choose(fp, 600.0, 100, fake_probe(1e7), "cpu")
     assert 128 < roomy["train"]["image_size"][0] < 512
     assert roomy["estimates"]["steps"] > tight["estimates"]["steps"]
@@ -380,6 +380,19 @@ def test_patches_for_time_never_go_below_the_tumour_context() -> None:
     # the floor scale 0.64 keeps the median tumour at 64 px: crops of 2 x 64 px, no smaller
     assert starved["estimates"]["scale"] == pytest.approx(0.64) and starved["train"]["image_size"] == [320, 320]
     assert starved["train"]["patch_size"] == [128, 128]
+
+
+def test_patches_for_time_go_below_the_crop_memory_allows() -> None:
+    """A 1024x1024 set held at native: memory alone crops to 512x512 on a CPU; asked, time crops smaller."""
+    fp = fingerprint((1024, 1024), 60.0, n_train=1000, small_diameter=20.0)
+    memory = rules.choose(fp, 1800.0, 100, fake_probe(2e6), "cpu")
+    assert memory["train"]["image_size"] == [1024, 1024] and memory["train"]["patch_size"] == [512, 512]
+    assert "hold more pixels than fit" in memory["reasons"]["patch_size"]
+    timed = rules.choose(fp, 1800.0, 100, fake_probe(2e6), "cpu", patches_for_time=True)
+    side = timed["train"]["patch_size"][0]
+    assert timed["train"]["image_size"] == [1024, 1024] and 2 * 60 <= side < 512
+    assert timed["reasons"]["patch_size"].startswith("the 512x512 crops memory allows at 1024x1024 buy fewer than")
+    assert timed["estimates"]["epochs"] > memory["estimates"]["epochs"]
 
 # ----------------------------------------------------------------------------- issue #22: pretrained encoders
 

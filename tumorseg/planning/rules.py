@@ -15,8 +15,12 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
    epochs at 224x256 scored higher (0.749) (benchmarks/RESULTS.md).
 3. **Network.** The largest of ``NETWORKS`` (nnU-Net's DynUNet with deep supervision first,
    then MONAI U-Nets of decreasing width) whose measured throughput buys those samples at the
-   floor resolution; else the fastest. Depth: downsample until the feature map is about
-   ``MIN_FEATURE`` pixels (at most ``MAX_DOWNSAMPLINGS`` times). Before them come the U-Nets on an
+   floor resolution; else the fastest, MONAI's U-Net at 8..128 channels. Why a narrower last candidate: where
+   no network buys the samples, epochs are what is short, and on BUSI held at its native size by the floor
+   (448x544, 5-minute budget: 7 epochs at 16..256) the 8..128 U-Net ran 1.6x the images (11 epochs) and
+   scored val Dice over tumour cases 0.675/0.693 against 0.641-0.654 for 16..256 (benchmarks/RESULTS.md).
+   Depth: downsample until the feature map is about ``MIN_FEATURE`` pixels (at most ``MAX_DOWNSAMPLINGS``
+   times). Before them come the U-Nets on an
    ImageNet-pretrained encoder (``PRETRAINED``, largest first), but only for a small set of natural-looking
    images (:func:`pretrained_allowed`: 2D 8-bit grey or RGB files, photographs or ultrasound, at most
    ``PRETRAINED_MAX_TRAIN`` train cases, where ImageNet features help most) and only those whose weights
@@ -130,6 +134,7 @@ NETWORKS: list[tuple[str, dict[str, Any]]] = [
      {"name": "dynunet", "base": 32, "cap": 512, "deep_supervision": True}),
     ("MONAI UNet, 32..512 channels, 2 residual units", {"name": "unet", "base": 32, "cap": 512}),
     ("MONAI UNet, 16..256 channels, 2 residual units", {"name": "unet", "base": 16, "cap": 256}),
+    ("MONAI UNet, 8..128 channels, 2 residual units", {"name": "unet", "base": 8, "cap": 128}),
 ]
 
 Probe = Callable[[ModelConfig, tuple[int, int], int], Throughput]
@@ -208,27 +213,33 @@ def samples_in(budget: float, thr: Throughput, n_train: int, n_val: int, scale_p
     return epochs * n_train
 
 
-def time_patch(fp: Fingerprint, image_size: tuple[int, int], scale: float, floor_size: tuple[int, int],
-               thr_floor: Throughput, budget: float, n_val: int, want: int) -> tuple[int, int] | None:
-    """The crop that buys the samples whole images at ``image_size`` cannot (rule 5, patches for time).
+def time_patch(fp: Fingerprint, image_size: tuple[int, int], current: tuple[int, int], scale: float,
+               floor_size: tuple[int, int], thr_floor: Throughput, budget: float, n_val: int, want: int
+               ) -> tuple[int, int] | None:
+    """The crop that buys the samples ``current`` inputs cannot (rule 5, patches for time).
 
-    ``None`` when whole images buy them. Else the largest crop (sides multiples of :data:`SIZE_STEP`) whose
-    measured throughput buys ``want`` samples, not below :data:`PATCH_TUMOURS` median tumour diameters at
-    the training scale nor :data:`MIN_PATCH_SIDE`; the smallest such crop when none buys them.
+    ``current`` is what training takes otherwise: whole images (``image_size``) or the crop memory allows.
+    ``None`` when those buy ``want`` samples. Else the largest smaller crop (sides multiples of
+    :data:`SIZE_STEP`) whose measured throughput buys them, not below :data:`PATCH_TUMOURS` median tumour
+    diameters at the training scale nor :data:`MIN_PATCH_SIDE`; the smallest such crop when none buys them
+    (``None`` when ``current`` is already that small). Validation stays at ``image_size``.
     """
     floor_px = floor_size[0] * floor_size[1]
     image_px = image_size[0] * image_size[1] / floor_px
-    if samples_in(budget, thr_floor, fp.n_train, n_val, image_px) >= want:
+
+    def buys(size: tuple[int, int]) -> bool:
+        return samples_in(budget, thr_floor, fp.n_train, n_val, size[0] * size[1] / floor_px, image_px) >= want
+
+    if buys(current):
         return None
     tumour = fp.tumour_diameter["median"] * scale * PATCH_TUMOURS
     smallest = max(MIN_PATCH_SIDE, math.ceil(tumour / SIZE_STEP) * SIZE_STEP)
-    side = max(image_size) - SIZE_STEP
+    side = max(current) - SIZE_STEP
     best: tuple[int, int] | None = None
     while side >= smallest:
-        patch = (min(image_size[0], side), min(image_size[1], side))
-        best = patch
-        if samples_in(budget, thr_floor, fp.n_train, n_val, patch[0] * patch[1] / floor_px, image_px) >= want:
-            return patch
+        best = (min(current[0], side), min(current[1], side))
+        if buys(best):
+            return best
         side -= SIZE_STEP
     return best
 
@@ -306,10 +317,10 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
     else:
         reasons["image_size"] = (f"scale {scale:.2f} of the median image: the largest size whose throughput buys "
                                  f"{want} training images in the budget")
-    patch = patch_for(image_size, patch_cap(thr_floor))
-    for_time = None if patch is not None or not patches_for_time else time_patch(
-        fp, image_size, scale, floor_size, thr_floor, budget, n_val, want)
-    patch = patch or for_time
+    memory = patch_for(image_size, patch_cap(thr_floor))
+    for_time = time_patch(fp, image_size, memory or image_size, scale, floor_size, thr_floor, budget, n_val,
+                          want) if patches_for_time else None
+    patch = for_time or memory
     train_size = patch or image_size
     if device_type == "cuda" and thr_floor.bytes_per_image > 0 and free_memory > 0:
         # memory per image grows with its pixels; keep 60% of the free memory for everything else
@@ -319,8 +330,9 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
     model = network(chosen[1], train_size)
     thr = probe(model, train_size, batch)
     if for_time is not None:
-        reasons["patch_size"] = (f"whole {image_size[0]}x{image_size[1]} images buy fewer than {want} training samples "
-                                 f"in the budget: random {for_time[0]}x{for_time[1]} crops (at least "
+        whole = "whole images" if memory is None else f"the {memory[0]}x{memory[1]} crops memory allows"
+        reasons["patch_size"] = (f"{whole} at {image_size[0]}x{image_size[1]} buy fewer than {want} training "
+                                 f"samples in the budget: random {for_time[0]}x{for_time[1]} crops (at least "
                                  f"{PATCH_TUMOURS:g} median tumour diameters), a third centred on tumour, "
                                  "sliding-window inference on whole images")
     elif patch is not None:
