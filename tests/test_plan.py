@@ -100,6 +100,22 @@ def test_the_budget_lowers_the_resolution_but_never_below_the_tumour_floor() -> 
     assert roomy["estimates"]["steps"] > tight["estimates"]["steps"]
 
 
+def test_a_starved_budget_takes_the_narrower_network() -> None:
+    """Under a quarter of the samples with UNet 16..256: UNet 8..128 (rule 3); above it, 16..256 as before."""
+    fp = fingerprint((256, 256), 100.0, n_train=500, small_diameter=30.0)  # floor 0.64: 160x160
+    want = rules.target_samples(500)
+    thr = fake_probe(2e6)(rules.network(rules.NETWORKS[-1][1], (160, 160)), (160, 160), 8)
+    picked = {}
+    for budget in (70.0, 240.0):
+        share = rules.samples_in(budget, thr, 500, 100) / want
+        out = rules.choose(fp, budget, 100, fake_probe(2e6), "cpu")
+        picked[budget] = (share, out["train"]["model"]["channels"], out["reasons"]["network"])
+    short, longer = picked[70.0], picked[240.0]
+    assert short[0] < rules.STARVED < longer[0] < 1.0  # neither buys the samples; only the first is starved
+    assert short[1] == [8, 16, 32, 64, 128, 128] and "lacks epochs more than width" in short[2]
+    assert longer[1] == [16, 32, 64, 128, 256, 256] and longer[2].startswith("MONAI UNet, 16..256")
+
+
 def test_steps_grow_with_the_budget_and_the_schedule_spans_them() -> None:
     fp = fingerprint((64, 64), 20.0)
     a = rules.choose(fp, 600.0, 100, fake_probe(5e6), "cpu")["train"]
@@ -364,7 +380,8 @@ def test_patches_for_time_when_whole_images_cannot_buy_the_samples() -> None:
     assert "buy fewer than" in slow["reasons"]["patch_size"] and t["oversample_foreground"] == pytest.approx(0.33)
     # the crop is the largest that buys the samples: one step larger would not
     floor_px = 512 * 512
-    thr = fake_probe(2e6)(rules.network(rules.NETWORKS[-1][1], (512, 512)), (512, 512), 8)
+    assert t["model"]["channels"][0] == 8  # a starved budget: the narrower network (rule 3)
+    thr = fake_probe(2e6)(rules.network(rules.STARVED_NETWORK[1], (512, 512)), (512, 512), 8)
     p = t["patch_size"]
     if p[0] > 128:
         assert rules.samples_in(1800.0, thr, 1000, 100, p[0] * p[1] / floor_px, 1.0) >= rules.target_samples(1000)

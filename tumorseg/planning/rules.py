@@ -15,10 +15,13 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
    epochs at 224x256 scored higher (0.749) (benchmarks/RESULTS.md).
 3. **Network.** The largest of ``NETWORKS`` (nnU-Net's DynUNet with deep supervision first,
    then MONAI U-Nets of decreasing width) whose measured throughput buys those samples at the
-   floor resolution; else the fastest, MONAI's U-Net at 8..128 channels. Why a narrower last candidate: where
-   no network buys the samples, epochs are what is short, and on BUSI held at its native size by the floor
-   (448x544, 5-minute budget: 7 epochs at 16..256) the 8..128 U-Net ran 1.6x the images (11 epochs) and
-   scored val Dice over tumour cases 0.675/0.693 against 0.641-0.654 for 16..256 (benchmarks/RESULTS.md).
+   floor resolution; else the fastest, and where even that buys under ``STARVED`` (a quarter) of them, a
+   narrower U-Net of 8..128 channels (:data:`STARVED_NETWORK`): epochs, not width, are then what is short. On
+   BUSI held at its native size by the floor (448x544, a 5-minute budget: 7 epochs at 16..256), the 8..128
+   U-Net ran 1.6x the images (11-12 epochs) and scored val Dice over tumour cases 0.674 against 0.647 (test
+   0.621 against 0.593; means of three seeds, each seed higher). On the left-atrium slice stacks at 30 minutes
+   (16..256: 33 epochs, 41% of the samples) it scored 0.004 lower per-volume val Dice (one run each):
+   hence the quarter, not every plan short of its samples (benchmarks/RESULTS.md).
    Depth: downsample until the feature map is about ``MIN_FEATURE`` pixels (at most ``MAX_DOWNSAMPLINGS``
    times). Before them come the U-Nets on an
    ImageNet-pretrained encoder (``PRETRAINED``, largest first), but only for a small set of natural-looking
@@ -33,8 +36,8 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
    a CPU; from the probe's memory per image on a GPU), train on random crops of the largest
    size that fits, a third of them centred on tumour (nnU-Net's foreground oversampling), and
    predict with a sliding window. **Patches for time** (nnU-Net's memory rule applied to the
-   budget): when even the floor resolution cannot buy the samples of rule 2 with whole images
-   (large images with small tumours, a slow CPU), train on the largest crop whose measured
+   budget): when even the floor resolution cannot buy the samples of rule 2 with whole images (or
+   the crops memory allows: large images with small tumours, a slow CPU), train on the largest crop whose measured
    throughput buys them, never smaller than ``PATCH_TUMOURS`` median tumour diameters (the
    tumour and its surroundings) nor than the network's smallest input; validation and
    inference stay whole-image (sliding window) at the training scale. **Not a default**
@@ -42,7 +45,10 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
    30-minute CPU budget, 128x128 crops instead of whole 192x128 slices (24 epochs against 19, with
    rule 9) scored per-volume val Dice 0.9006 against 0.9097, test 0.9051 against 0.9133, with
    more false positives on tumour-free slices (43% against 21% of val's); measured alone later (2.5D, rule 9
-   on both sides) level: val 0.9143 against 0.9161, test 0.9170 against 0.9158; benchmarks/RESULTS.md.
+   on both sides) level: val 0.9143 against 0.9161, test 0.9170 against 0.9158. Where whole images buy far
+   fewer epochs (BUSI held at its native 448x544 by a raised floor, a 5-minute budget: 7 epochs), 288x288
+   crops bought 12-13 and scored val Dice over tumour cases 0.628-0.633 against 0.641-0.654 (three seeds each);
+   benchmarks/RESULTS.md.
 6. **Loss.** Dice + cross-entropy, the Dice per image rather than pooled over the batch (nnU-Net's
    2D batch Dice): the score is the mean of per-case Dice, and a pooled Dice lets a batch's large
    tumours outvote its small ones. On BUSI at an equal 30-minute budget, per-image Dice raised val
@@ -134,8 +140,12 @@ NETWORKS: list[tuple[str, dict[str, Any]]] = [
      {"name": "dynunet", "base": 32, "cap": 512, "deep_supervision": True}),
     ("MONAI UNet, 32..512 channels, 2 residual units", {"name": "unet", "base": 32, "cap": 512}),
     ("MONAI UNet, 16..256 channels, 2 residual units", {"name": "unet", "base": 16, "cap": 256}),
-    ("MONAI UNet, 8..128 channels, 2 residual units", {"name": "unet", "base": 8, "cap": 128}),
 ]
+STARVED_NETWORK: tuple[str, dict[str, Any]] = (
+    "MONAI UNet, 8..128 channels, 2 residual units", {"name": "unet", "base": 8, "cap": 128})
+"""Rule 3's network when even the fastest of :data:`NETWORKS` buys under :data:`STARVED` of the samples."""
+STARVED = 0.25
+"""The share of rule 2's samples under which a budget is starved (rule 3): fewer than 20 of the 80 epochs."""
 
 Probe = Callable[[ModelConfig, tuple[int, int], int], Throughput]
 """``probe(model, size, batch) -> Throughput`` on the run's device."""
@@ -286,16 +296,24 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
     elif not candidates:
         reasons["pretrained"] = ("no pretrained encoder: none of their ImageNet weights is in torch's hub cache "
                                  "(planning never downloads; model.pretrained=imagenet fetches them once)")
+    bought = 0.0
     for name, spec in [*candidates, *NETWORKS]:
         size = floor_size
         thr = probe(network(spec, size), size, batch)
-        if samples_in(budget, thr, fp.n_train, n_val) >= want:
+        bought = samples_in(budget, thr, fp.n_train, n_val)
+        if bought >= want:
             chosen, thr_floor = (name, spec), thr
             break
         thr_floor = thr
     assert thr_floor is not None
     reasons["network"] = (f"{chosen[0]}: the largest network whose measured throughput buys {want} training "
                           f"images within the budget at the floor size {floor_size[0]}x{floor_size[1]}")
+    if bought < STARVED * want:
+        chosen = STARVED_NETWORK
+        thr_floor = probe(network(chosen[1], floor_size), floor_size, batch)
+        reasons["network"] = (f"{chosen[0]}: even {NETWORKS[-1][0]} buys {bought:.0f} of the {want} training images "
+                              f"at the floor size {floor_size[0]}x{floor_size[1]} (under {STARVED:.0%}): a budget "
+                              "this short lacks epochs more than width")
 
     # rule 4: the largest scale that still buys the samples
     scale = lo
