@@ -107,22 +107,22 @@ def test_adjacent_slices_of_a_volume_correlate_more_than_unrelated_ones() -> Non
 
 
 def test_the_plan_rule_offers_context_only_for_confirmed_stacks() -> None:
-    from tumorseg.planning import rules
+    from tumorseg.planning import stacks as stack_rules
     from tumorseg.planning.fingerprint import Fingerprint
 
     base = dict(manifest_name="m", manifest_digest="d", n_train=10, size_median=(64, 64), size_p10=(64, 64),
                 size_p90=(64, 64), channels=1, grey_as_rgb=False, intensity=[], foreground_fraction=0.1,
                 empty_share=0.5, tumour_pixels={}, tumour_diameter={}, sampled_images=10)
     flat = Fingerprint(**base)
-    assert rules.slice_context(flat)[0] == 0 and "0% of the train cases" in rules.slice_context(flat)[1]
+    assert stack_rules.slice_context(flat)[0] == 0 and "0% of the train cases" in stack_rules.slice_context(flat)[1]
     numbered = Fingerprint(**base, slice_stacks={"stacks": 4, "share_in_stacks": 0.9, "median_length": 20,
                                                  "adjacent": 0.31, "unrelated": 0.30})
-    k, why = rules.slice_context(numbered)
+    k, why = stack_rules.slice_context(numbered)
     assert k == 0 and "not the anatomy's" in why
     stacks = Fingerprint(**base, slice_stacks={"stacks": 4, "share_in_stacks": 0.9, "median_length": 20,
                                                "adjacent": 0.95, "unrelated": 0.4})
-    k, why = rules.slice_context(stacks)
-    assert k == rules.CONTEXT_WHEN_ORDERED == 1 and "4 ordered stacks" in why and why.startswith("2.5D, 1 ")
+    k, why = stack_rules.slice_context(stacks)
+    assert k == stack_rules.CONTEXT_WHEN_ORDERED == 1 and "4 ordered stacks" in why and why.startswith("2.5D, 1 ")
 
 
 # ----------------------------------------------------------------------------- end to end on real files
@@ -287,7 +287,7 @@ def test_synthetic_volumes_are_ordered_stacks_and_numbered_2d_files_are_not(tmp_
     from tumorseg.config import IngestConfig
     from tumorseg.manifest import load_manifest, select_split
     from tumorseg.planning.fingerprint import compute
-    from tumorseg.planning.rules import slice_context
+    from tumorseg.planning.stacks import slice_context
 
     res = synth.run(tmp_path / "vol", n=8, size=24, seed=1, classes=2, dims=3)
     assert res.n == 8 and sorted(p.name for p in res.images_dir.iterdir())[0] == "case_000.nii.gz"

@@ -10,7 +10,7 @@ import pytest
 
 from tumorseg.config import TrainConfig
 from tumorseg.labels import Classes
-from tumorseg.planning.rules import selection_unit
+from tumorseg.planning.stacks import selection_unit
 from tumorseg.train.validation import Tally, case_counts, class_means, group_units, val_units
 
 

@@ -291,7 +291,7 @@ class TrainConfig(StrictModel):
     val_unit: Literal["auto", "case", "group"] = Field(
         default="auto", description="what val Dice averages over for the best checkpoint, early stopping and "
         "post-processing: per case, or per group with counts pooled (volumetric Dice per patient); auto: per group "
-        "when groups hold several cases (tumorseg.planning.rules.selection_unit)")
+        "when groups hold several cases (tumorseg.planning.stacks.selection_unit)")
     val_window: int | None = Field(default=None, ge=1, description="epochs the val Dice is averaged over (a moving "
                                    "average) to pick the best checkpoint and stop early; default: a tenth of epochs")
     val_overlays: int = Field(default=4, ge=0)

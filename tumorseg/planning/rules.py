@@ -2,96 +2,67 @@
 
 The rules, in order (each choice and its reason is written into ``plan.json``):
 
-1. **Resolution floor.** Never shrink the median tumour below ``MIN_TUMOUR_DIAMETER`` pixels
-   nor the small (5th percentile) tumours below ``MIN_SMALL_TUMOUR_DIAMETER`` (in a label map,
-   of its smallest class): that sets the smallest scale allowed, whatever the budget. Why 64:
-   Dice is scored at the original resolution, and a boundary known to half a training pixel
-   costs about ``2 * 0.5 / r`` of a tumour of radius ``r``: 3% at a 64-pixel diameter, 12% for
-   a 16-pixel small one.
-2. **Samples the budget must buy.** A U-Net needs to see each training image many times with
-   a decaying learning rate: ``TARGET_EPOCHS`` epochs, but at least ``MIN_SAMPLES`` and at
-   most ``MAX_SAMPLES`` images in all. Why 80: on BUSI val, at an equal 30-minute budget, 49
-   epochs at 288x320 were still improving at the end (val Dice over tumour cases 0.735) and 66
-   epochs at 224x256 scored higher (0.749) (benchmarks/RESULTS.md).
-3. **Network.** The largest of ``NETWORKS`` (nnU-Net's DynUNet with deep supervision first,
-   then MONAI U-Nets of decreasing width) whose measured throughput buys those samples at the
-   floor resolution; else the fastest, and where even that buys under ``STARVED`` (a quarter) of them, a
-   narrower U-Net of 8..128 channels (:data:`STARVED_NETWORK`): epochs, not width, are then what is short. On
-   BUSI held at its native size by the floor (448x544, a 5-minute budget: 7 epochs at 16..256), the 8..128
-   U-Net ran 1.6x the images (11-12 epochs) and scored val Dice over tumour cases 0.674 against 0.647 (test
-   0.621 against 0.593; means of three seeds, each seed higher). On the left-atrium slice stacks at 30 minutes
-   (16..256: 33 epochs, 41% of the samples) it scored 0.004 lower per-volume val Dice (one run each):
-   hence the quarter, not every plan short of its samples (benchmarks/RESULTS.md).
-   Depth: downsample until the feature map is about ``MIN_FEATURE`` pixels (at most ``MAX_DOWNSAMPLINGS``
-   times). Before them come the U-Nets on an
-   ImageNet-pretrained encoder (``PRETRAINED``, largest first), but only for a small set of natural-looking
-   images (:func:`pretrained_allowed`: 2D 8-bit grey or RGB files, photographs or ultrasound, at most
-   ``PRETRAINED_MAX_TRAIN`` train cases, where ImageNet features help most) and only those whose weights
-   are already on this machine (torch's hub cache; planning never downloads). The throughput decides among
-   them as among the others. Their order is by size; no equal-budget benchmark has ranked them against
-   DynUNet yet (``benchmarks/bench_backbones.py`` does).
-4. **Resolution.** The largest scale up to native (the median image size) whose throughput
-   still buys the samples, never below the floor. Sizes are multiples of 32.
-5. **Patches.** When the training size holds more pixels than fit (``MAX_PATCH_PIXELS_CPU`` on
-   a CPU; from the probe's memory per image on a GPU), train on random crops of the largest
-   size that fits, a third of them centred on tumour (nnU-Net's foreground oversampling), and
-   predict with a sliding window. **Patches for time** (nnU-Net's memory rule applied to the
-   budget): when even the floor resolution cannot buy the samples of rule 2 with whole images (or
-   the crops memory allows: large images with small tumours, a slow CPU), train on the largest crop whose measured
-   throughput buys them, never smaller than ``PATCH_TUMOURS`` median tumour diameters (the
-   tumour and its surroundings) nor than the network's smallest input; validation and
-   inference stay whole-image (sliding window) at the training scale. **Not a default**
-   (``patches_for_time: true`` asks for it): on the left-atrium slice stacks at an equal
-   30-minute CPU budget, 128x128 crops instead of whole 192x128 slices (24 epochs against 19, with
-   rule 9) scored per-volume val Dice 0.9006 against 0.9097, test 0.9051 against 0.9133, with
-   more false positives on tumour-free slices (43% against 21% of val's); measured alone later (2.5D, rule 9
-   on both sides) level: val 0.9143 against 0.9161, test 0.9170 against 0.9158. Where whole images buy far
-   fewer epochs (BUSI held at its native 448x544 by a raised floor, a 5-minute budget: 7 epochs), 288x288
-   crops bought 12-13 and scored val Dice over tumour cases 0.628-0.633 against 0.641-0.654 (three seeds each);
-   benchmarks/RESULTS.md.
-6. **Loss.** Dice + cross-entropy, the Dice per image rather than pooled over the batch (nnU-Net's
-   2D batch Dice): the score is the mean of per-case Dice, and a pooled Dice lets a batch's large
-   tumours outvote its small ones. On BUSI at an equal 30-minute budget, per-image Dice raised val
-   Dice over tumour cases from 0.724 to 0.761 (test 0.708 to 0.748), at the price of more false
-   positives on tumour-free images (val 1/22 to 6/22) that the post-processing search weighs.
-7. **Steps.** Measured images per second at the chosen size x the budget left after
-   validation, post-processing and model logging; the LR schedule (poly, with warm-up) spans
-   exactly those steps.
-8. **Mirroring.** Flip (in training and in mirroring TTA) only along the axes on which the
-   images have no shared orientation: where at least ``ORIENTED`` of the sampled train images
-   agree on which way up they are (the fingerprint's ``orientation``: ultrasound with the probe
-   at the top, slices in a canonical radiological orientation), every image the network will be
-   asked about has that orientation too, and upside-down training views spend the budget on a
-   case that never occurs. Random orientations (the synthetic data: about 0.4) keep both flips.
-9. **Selection unit.** Validation, the best checkpoint, early stopping and the post-processing search score
-   what users report: where the groups hold several cases (slices of a volume, images of a patient: the
-   median group has more than one case), the Dice of each group with its counts pooled over its cases (the
-   volumetric, per-patient Dice of ``per_group.csv`` and of published per-patient results), averaged over
-   groups; otherwise the mean per-case Dice. Per case, a speck on one of a volume's many tumour-free slices
-   scores that slice 0 and swings the mean; pooled, it costs the patient a few pixels (:func:`selection_unit`).
-   Measured alone on the left-atrium slice stacks (34% tumour-free slices, one large structure), it was level
-   with per-slice selection on val (-0.001) and 0.003-0.005 lower on test: kept for stacks with many empty
-   slices and small tumours, where the per-slice mean swings (benchmarks/RESULTS.md).
-10. **Slice context (2.5D).** Where most train cases are slices of ordered stacks (a volume in slice mode,
-   files numbered by slice: the fingerprint's ``slice_stacks``) and adjacent slices are confirmed to be
-   neighbours in the anatomy (they correlate clearly more than unrelated slices), the network can take
-   ``slice_context`` neighbouring slices a side as extra channels (:mod:`tumorseg.context`): one a side
-   (``CONTEXT_WHEN_ORDERED``; :func:`slice_context`). On the left-atrium slice stacks at an equal
-   30-minute CPU budget, one neighbour a side raised per-volume val Dice from 0.9083 (two 2D runs) to
-   0.9133 (test 0.9126/0.9129 to 0.9147) for a wider first convolution only; benchmarks/RESULTS.md.
-   ``--set slice_context=0`` turns it off.
+1. **Resolution floor.** Never shrink the median tumour below ``MIN_TUMOUR_DIAMETER`` pixels nor the small (5th
+   percentile) tumours below ``MIN_SMALL_TUMOUR_DIAMETER`` (in a label map, of its smallest class): that sets the
+   smallest scale allowed, whatever the budget. Why 64: Dice is scored at the original resolution, and a boundary
+   known to half a training pixel costs about ``2 * 0.5 / r`` of a tumour of radius ``r``: 3% at a 64-pixel
+   diameter, 12% for a 16-pixel small one.
+2. **Samples the budget must buy.** A U-Net needs to see each training image many times with a decaying learning
+   rate: ``TARGET_EPOCHS`` epochs, but at least ``MIN_SAMPLES`` and at most ``MAX_SAMPLES`` images in all. Why 80:
+   on BUSI val, at an equal 30-minute budget, 49 epochs at 288x320 were still improving at the end (val Dice over
+   tumour cases 0.735) and 66 epochs at 224x256 scored higher (0.749) (benchmarks/RESULTS.md).
+3. **Network.** The largest of ``NETWORKS`` (nnU-Net's DynUNet with deep supervision first, then MONAI U-Nets of
+   decreasing width) whose measured throughput buys those samples at the floor resolution; else the fastest, and
+   where even that buys under ``STARVED`` (a quarter) of them, a narrower U-Net of 8..128 channels
+   (:data:`STARVED_NETWORK`): epochs, not width, are then what is short (BUSI held at native size, 7 epochs at
+   16..256: val +0.028 over three seeds; the left-atrium slice stacks, where 16..256 buys 41%: -0.004;
+   benchmarks/RESULTS.md). Depth: downsample until the feature map is about ``MIN_FEATURE`` pixels (at most
+   ``MAX_DOWNSAMPLINGS`` times). Before them come the U-Nets on an ImageNet-pretrained encoder (``PRETRAINED``,
+   largest first), but only for a small set of natural-looking images (:func:`pretrained_allowed`: 2D 8-bit grey or
+   RGB files, photographs or ultrasound, at most ``PRETRAINED_MAX_TRAIN`` train cases, where ImageNet features help
+   most) and only those whose weights are already on this machine (torch's hub cache; planning never downloads). The
+   throughput decides among them as among the others. Their order is by size; no equal-budget benchmark has ranked
+   them against DynUNet yet (``benchmarks/bench_backbones.py`` does).
+4. **Resolution.** The largest scale up to native (the median image size) whose throughput still buys the samples,
+   never below the floor. Sizes are multiples of 32.
+5. **Patches.** When the training size holds more pixels than fit (``MAX_PATCH_PIXELS_CPU`` on a CPU; from the
+   probe's memory per image on a GPU), train on random crops of the largest size that fits, a third of them centred
+   on tumour (nnU-Net's foreground oversampling), and predict with a sliding window. **Patches for time** (nnU-Net's
+   memory rule applied to the budget): when even the floor resolution cannot buy the samples of rule 2 with whole
+   images (or the crops memory allows: large images with small tumours, a slow CPU), train on the largest crop whose
+   measured throughput buys them, never smaller than ``PATCH_TUMOURS`` median tumour diameters (the tumour and its
+   surroundings) nor than the network's smallest input; validation and inference stay whole-image (sliding window)
+   at the training scale. **Not a default** (``patches_for_time: true`` asks for it): at equal budget it was level
+   on the left-atrium slice stacks (128x128 crops for 192x128 slices: per-volume val -0.002, test +0.001) and lower
+   on BUSI held at native size (288x288 crops for 448x544 images, 12-13 epochs against 7: val -0.017 over three
+   seeds); benchmarks/RESULTS.md.
+6. **Loss.** Dice + cross-entropy, the Dice per image rather than pooled over the batch (nnU-Net's 2D batch Dice):
+   the score is the mean of per-case Dice, and a pooled Dice lets a batch's large tumours outvote its small ones. On
+   BUSI at an equal 30-minute budget, per-image Dice raised val Dice over tumour cases from 0.724 to 0.761 (test
+   0.708 to 0.748), at the price of more false positives on tumour-free images (val 1/22 to 6/22) that the
+   post-processing search weighs.
+7. **Steps.** Measured images per second at the chosen size x the budget left after validation, post-processing and
+   model logging; the LR schedule (poly, with warm-up) spans exactly those steps.
+8. **Mirroring.** Flip (in training and in mirroring TTA) only along the axes on which the images have no shared
+   orientation: where at least ``ORIENTED`` of the sampled train images agree on which way up they are (the
+   fingerprint's ``orientation``: ultrasound with the probe at the top, slices in a canonical radiological
+   orientation), every image the network will be asked about has that orientation too, and upside-down training
+   views spend the budget on a case that never occurs. Random orientations (the synthetic data: about 0.4) keep both
+   flips.
+9. and 10., the rules for groups and slice stacks (the selection unit, 2.5D slice context), are in
+   :mod:`tumorseg.planning.stacks`.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable
 from typing import Any
 
 from tumorseg.config import LossConfig, ModelConfig
 from tumorseg.planning.fingerprint import Fingerprint, smallest_structure
 from tumorseg.planning.probe import Throughput
+from tumorseg.planning.stacks import STACK_SHARE, slice_context
 
 MIN_TUMOUR_DIAMETER = 64.0
 MIN_SMALL_TUMOUR_DIAMETER = 16.0
@@ -113,13 +84,6 @@ SIZE_STEP = 32
 ORIENTED = 0.9
 """The share of train images agreeing on an axis's orientation above which it is not flipped (rule 8). BUSI:
 1.0 up-down, 0.48 left-right; the synthetic data: 0.40 and 0.33."""
-STACK_SHARE = 0.5
-"""Rule 10: the share of train cases in stacks of three or more slices above which the data are slice stacks."""
-ADJACENT_MARGIN = 0.1
-"""Rule 10: adjacent slices must correlate at least this much more than unrelated ones (median correlations)."""
-CONTEXT_WHEN_ORDERED = 1
-"""Rule 10: neighbouring slices a side given to the network when the data are ordered slice stacks (measured
-on the left-atrium slice stacks at 30 minutes: +0.005 per-volume val Dice; benchmarks/RESULTS.md)."""
 FINISH_SECONDS = 10.0
 """Fixed cost after the last step: learning curve, overlays, logging the model."""
 
@@ -409,37 +373,3 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
                  "train_images_per_second": round(thr.train_images_per_second, 2),
                  "infer_images_per_second": round(thr.infer_images_per_second, 2)}
     return {"train": train, "estimates": estimates, "reasons": reasons}
-
-
-def selection_unit(group_sizes: list[int]) -> tuple[str, str]:
-    """``("group" | "case", reason)``: the unit val Dice averages over (rule 9).
-
-    Args:
-        group_sizes: the number of val cases in each group.
-    """
-    if not group_sizes:
-        return "case", "no val cases"
-    median = statistics.median(group_sizes)
-    if median > 1:
-        return "group", (f"val groups hold {median:g} cases (median): Dice per group with counts pooled over its "
-                         "cases, as per-patient results are reported")
-    return "case", "val groups hold one case each: mean per-case Dice"
-
-
-def slice_context(fp: Fingerprint) -> tuple[int, str]:
-    """``(neighbouring slices a side, reason)`` (rule 10)."""
-    st = fp.slice_stacks
-    share = float(st.get("share_in_stacks", 0.0))
-    if share < STACK_SHARE:
-        return 0, (f"2D: {share:.0%} of the train cases are slices of ordered stacks (below {STACK_SHARE:.0%}), "
-                   "so there are no neighbouring slices to give")
-    adjacent, unrelated = float(st.get("adjacent", math.nan)), float(st.get("unrelated", math.nan))
-    if not adjacent - unrelated >= ADJACENT_MARGIN:
-        return 0, (f"2D: {share:.0%} of the train cases are numbered slices, but adjacent ones correlate "
-                   f"{adjacent:.2f} against {unrelated:.2f} for unrelated ones: their order is not the anatomy's")
-    where = (f"{share:.0%} of the train cases are slices of {st.get('stacks', 0):g} ordered stacks (median "
-             f"{st.get('median_length', 0):g} slices; adjacent slices correlate {adjacent:.2f}, unrelated "
-             f"{unrelated:.2f})")
-    if CONTEXT_WHEN_ORDERED == 0:
-        return 0, f"2D: {where}; 2.5D is off here (CONTEXT_WHEN_ORDERED = 0; --set slice_context=1 asks for it)"
-    return CONTEXT_WHEN_ORDERED, f"2.5D, {CONTEXT_WHEN_ORDERED} neighbouring slice(s) a side: {where}"

@@ -3,7 +3,7 @@
 The mean foreground Dice (the mean over tumour classes of each class's mean Dice per unit; for a
 binary model, its one class), smoothed over epochs (:func:`smooth`), drives the best checkpoint,
 early stopping and the LR plateau. The unit is a case, or a group with its counts pooled over its
-cases (volumetric Dice per patient; :func:`tumorseg.planning.rules.selection_unit`): :class:`Tally`.
+cases (volumetric Dice per patient; :func:`tumorseg.planning.stacks.selection_unit`): :class:`Tally`.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def val_units(cfg: TrainConfig, val_df: pd.DataFrame, case_ids: list[str]) -> tu
 
     ``case_ids`` are the val split's cases in the order validation reads them.
     """
-    from tumorseg.planning.rules import selection_unit
+    from tumorseg.planning.stacks import selection_unit
 
     if cfg.val_unit == "auto":
         unit, reason = selection_unit([int(n) for n in val_df.groupby("group").size()])
