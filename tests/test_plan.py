@@ -114,6 +114,7 @@ def test_a_starved_budget_takes_the_narrower_network() -> None:
     assert short[0] < rules.STARVED < longer[0] < 1.0  # neither buys the samples; only the first is starved
     assert short[1] == [8, 16, 32, 64, 128, 128] and "lacks epochs more than width" in short[2]
     assert longer[1] == [16, 32, 64, 128, 256, 256] and longer[2].startswith("MONAI UNet, 16..256")
+    assert "the fastest network; it buys" in longer[2]
 
 
 def test_steps_grow_with_the_budget_and_the_schedule_spans_them() -> None:

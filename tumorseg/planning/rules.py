@@ -272,6 +272,9 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
     assert thr_floor is not None
     reasons["network"] = (f"{chosen[0]}: the largest network whose measured throughput buys {want} training "
                           f"images within the budget at the floor size {floor_size[0]}x{floor_size[1]}")
+    if bought < want:
+        reasons["network"] = (f"{chosen[0]}: the fastest network; it buys {bought:.0f} of the {want} training images "
+                              f"within the budget at the floor size {floor_size[0]}x{floor_size[1]}")
     if bought < STARVED * want:
         chosen = STARVED_NETWORK
         thr_floor = probe(network(chosen[1], floor_size), floor_size, batch)
