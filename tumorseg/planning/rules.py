@@ -262,25 +262,25 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
                                  "(planning never downloads; model.pretrained=imagenet fetches them once)")
     bought = 0.0
     for name, spec in [*candidates, *NETWORKS]:
-        size = floor_size
-        thr = probe(network(spec, size), size, batch)
+        thr = probe(network(spec, floor_size), floor_size, batch)
         bought = samples_in(budget, thr, fp.n_train, n_val)
         if bought >= want:
             chosen, thr_floor = (name, spec), thr
             break
         thr_floor = thr
     assert thr_floor is not None
-    reasons["network"] = (f"{chosen[0]}: the largest network whose measured throughput buys {want} training "
-                          f"images within the budget at the floor size {floor_size[0]}x{floor_size[1]}")
-    if bought < want:
+    at_floor = f"at the floor size {floor_size[0]}x{floor_size[1]}"
+    if bought >= want:
+        reasons["network"] = (f"{chosen[0]}: the largest network whose measured throughput buys {want} training "
+                              f"images within the budget {at_floor}")
+    elif bought >= STARVED * want:
         reasons["network"] = (f"{chosen[0]}: the fastest network; it buys {bought:.0f} of the {want} training images "
-                              f"within the budget at the floor size {floor_size[0]}x{floor_size[1]}")
-    if bought < STARVED * want:
+                              f"within the budget {at_floor}")
+    else:
         chosen = STARVED_NETWORK
         thr_floor = probe(network(chosen[1], floor_size), floor_size, batch)
         reasons["network"] = (f"{chosen[0]}: even {NETWORKS[-1][0]} buys {bought:.0f} of the {want} training images "
-                              f"at the floor size {floor_size[0]}x{floor_size[1]} (under {STARVED:.0%}): a budget "
-                              "this short lacks epochs more than width")
+                              f"{at_floor} (under {STARVED:.0%}): a budget this short lacks epochs more than width")
 
     # rule 4: the largest scale that still buys the samples
     scale = lo
