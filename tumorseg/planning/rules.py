@@ -12,17 +12,17 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
    on BUSI val, at an equal 30-minute budget, 49 epochs at 288x320 were still improving at the end (val Dice over
    tumour cases 0.735) and 66 epochs at 224x256 scored higher (0.749) (benchmarks/RESULTS.md).
 3. **Network.** The largest of ``NETWORKS`` (nnU-Net's DynUNet with deep supervision first, then MONAI U-Nets of
-   decreasing width) whose measured throughput buys those samples at the floor resolution; else the fastest, and
-   where even that buys under ``STARVED`` (a quarter) of them, a narrower U-Net of 8..128 channels
-   (:data:`STARVED_NETWORK`): epochs, not width, are then what is short (BUSI held at native size, 7 epochs at
-   16..256: val +0.028 over three seeds; the left-atrium slice stacks, where 16..256 buys 41%: -0.004, 27-30%:
-   -0.004 over two seeds, 15%: level; benchmarks/RESULTS.md). Depth: downsample until the feature map is about ``MIN_FEATURE`` pixels (at most
-   ``MAX_DOWNSAMPLINGS`` times). Before them come the U-Nets on an ImageNet-pretrained encoder (``PRETRAINED``,
-   largest first), but only for a small set of natural-looking images (:func:`pretrained_allowed`: 2D 8-bit grey or
-   RGB files, photographs or ultrasound, at most ``PRETRAINED_MAX_TRAIN`` train cases, where ImageNet features help
-   most) and only those whose weights are already on this machine (torch's hub cache; planning never downloads). The
-   throughput decides among them as among the others. Their order is by size; no equal-budget benchmark has ranked
-   them against DynUNet yet (``benchmarks/bench_backbones.py`` does).
+   decreasing width) whose measured throughput buys those samples at the floor resolution; else the fastest, and where
+   even that buys under ``STARVED`` (a quarter) of them, a narrower U-Net of 8..128 channels (:data:`STARVED_NETWORK`):
+   epochs, not width, are then what is short (BUSI held at native size, 7 epochs at 16..256: val +0.028 over three
+   seeds; the left-atrium slice stacks, where 16..256 buys 41%: -0.004, 27-30%: -0.004 over two seeds, 15%: level;
+   benchmarks/RESULTS.md). Depth: downsample until the feature map is about ``MIN_FEATURE`` pixels (at most
+   ``MAX_DOWNSAMPLINGS`` times). Before them come the U-Nets on an ImageNet-pretrained encoder (``PRETRAINED``, largest
+   first), but only for a small set of natural-looking images (:func:`pretrained_allowed`: 2D 8-bit grey or RGB files,
+   photographs or ultrasound, at most ``PRETRAINED_MAX_TRAIN`` train cases, where ImageNet features help most) and only
+   those whose weights are already on this machine (torch's hub cache; planning never downloads). The throughput decides
+   among them as among the others. Their order is by size; no equal-budget benchmark has ranked them against DynUNet yet
+   (``benchmarks/bench_backbones.py`` does).
 4. **Resolution.** The largest scale up to native (the median image size) whose throughput still buys the samples,
    never below the floor. Sizes are multiples of 32.
 5. **Patches.** When the training size holds more pixels than fit (``MAX_PATCH_PIXELS_CPU`` on a CPU; from the
