@@ -15,7 +15,7 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
    decreasing width) whose measured throughput buys those samples at the floor resolution; else the fastest, and where
    even that buys under ``STARVED`` (a quarter) of them, a narrower U-Net of 8..128 channels (:data:`STARVED_NETWORK`):
    epochs, not width, are then what is short (BUSI held at native size, 7 epochs at 16..256: val +0.028 over three
-   seeds; the left-atrium slice stacks, where 16..256 buys 41%: -0.004, 27-30%: -0.004 over two seeds, 15%: level;
+   seeds; the left-atrium slice stacks, where 16..256 buys 41%: -0.004, 27-30%: -0.004 and 15%: level, two seeds each;
    benchmarks/RESULTS.md). Depth: downsample until the feature map is about ``MIN_FEATURE`` pixels (at most
    ``MAX_DOWNSAMPLINGS`` times). Before them come the U-Nets on an ImageNet-pretrained encoder (``PRETRAINED``, largest
    first), but only for a small set of natural-looking images (:func:`pretrained_allowed`: 2D 8-bit grey or RGB files,
