@@ -343,6 +343,9 @@ def test_a_3d_grid_must_divide_by_its_strides() -> None:
     assert TrainConfig(image_size=(32, 32, 16), model={"channels": [8, 16, 32], "strides": [[2, 2, 1], [2, 2, 2]]})
     with pytest.raises(ValueError, match="not divisible"):
         TrainConfig(image_size=(32, 32, 24))
+    # 3D strides with the default 2D image size: the message says to give the grid too
+    with pytest.raises(ValueError, match=r"need 2 factors each.*--set image_size=\[D,H,W\]"):
+        TrainConfig(model={"channels": [8, 16, 32], "strides": [[2, 2, 1], [2, 2, 2]]})
     with pytest.raises(ValueError, match="as many"):
         TrainConfig(image_size=(32, 32, 16), patch_size=(16, 16))
 
