@@ -328,6 +328,38 @@ def test_plan_rules_on_isotropic_and_anisotropic_fingerprints() -> None:
         volumes.choose(thin, 600, 4, lambda *a: None, "cpu")  # type: ignore[arg-type]
 
 
+def test_the_plan_widens_the_3d_network_only_where_the_budget_buys_it() -> None:
+    """V4: nnU-Net's widths (32..320) where they buy the wanted volumes at the target spacing, else 16..256."""
+    from tumorseg.planning import volumes
+    from tumorseg.planning.probe import Throughput
+
+    small = fingerprint((1.0, 1.0, 1.0), (36, 50, 33))  # hippocampus-sized: 40 train volumes want 4,000 samples
+    asked: list[int] = []
+
+    def probe(wide_ips: float, narrow_ips: float = 40.0) -> object:
+        def measure(model: object, size: tuple[int, ...], batch: int) -> Throughput:
+            asked.append(model.channels[0])  # type: ignore[attr-defined]
+            return Throughput(narrow_ips if model.channels[0] == 16 else wide_ips, 120.0)  # type: ignore[attr-defined]
+        return measure
+
+    # 30 minutes at 10 volumes/s buy ~18,000 volumes with nnU-Net's widths: they are taken
+    wide = volumes.choose(small, 1800, 8, probe(10.0), "cpu")  # type: ignore[arg-type]
+    assert wide["train"]["model"]["channels"] == [32, 64, 128, 256]
+    assert wide["train"]["target_spacing"] == [1.0, 1.0, 1.0]
+    assert "nnU-Net's widths (32..320) buy" in wide["reasons"]["network"]
+    assert wide["estimates"]["train_images_per_second"] == pytest.approx(10.0, rel=0.2)
+    # at 1 volume/s they would buy ~1,700: the narrower network keeps the target spacing instead
+    narrow = volumes.choose(small, 1800, 8, probe(1.0), "cpu")  # type: ignore[arg-type]
+    assert narrow["train"]["model"]["channels"] == [16, 32, 64, 128]
+    assert "would buy only" in narrow["reasons"]["network"]
+    # large volumes the budget cannot buy at the target spacing: resolution first, the wide network is never probed
+    asked.clear()
+    large = fingerprint((1.0, 1.0, 1.0), (192, 192, 160))
+    big = volumes.choose(large, 1800, 8, probe(10.0, narrow_ips=1.0), "cpu")  # type: ignore[arg-type]
+    assert set(asked) == {16} and big["train"]["model"]["channels"][0] == 16
+    assert "resolution comes before width" in big["reasons"]["network"]
+
+
 def test_plan_uses_the_ct_rule_for_hounsfield_units_only() -> None:
     from tumorseg.planning import volumes
 

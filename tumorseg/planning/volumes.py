@@ -24,10 +24,13 @@ V3. **Spacing, grid and budget.** Every volume is resampled to one voxel size (n
     its field of view, and the predictions go back onto each volume's own voxels. Inference takes every volume whole
     at the spacing (the 5% larger than the grid too, by sliding window where needed); only training's cache shrinks
     them.
-V4. **Network.** MONAI ``UNet`` 16..256 channels with instance norm and per-axis strides: at each level an
-    axis is halved while its spacing is at most twice the finest and its size stays at least ``MIN_FEATURE``
-    voxels (nnU-Net's ``get_pool_and_conv_props``), at most ``MAX_DOWNSAMPLINGS`` levels. nnU-Net's own
-    DynUNet trains 6x slower per volume on a 2-core CPU (benchmarks/RESULTS.md), so it is not the CPU default.
+V4. **Network.** MONAI ``UNet`` with instance norm and per-axis strides: at each level an axis is halved while
+    its spacing is at most twice the finest and its size stays at least ``MIN_FEATURE`` voxels (nnU-Net's
+    ``get_pool_and_conv_props``), at most ``MAX_DOWNSAMPLINGS`` levels. Its widths are nnU-Net's (32..320,
+    :data:`WIDE_CHANNELS_3D`) where their measured throughput buys the wanted samples at the target spacing (small
+    volumes: a 30-minute budget then buys hundreds of epochs), else 16..256: the budget goes to resolution first,
+    then to width (as 2D rule 3). nnU-Net's own DynUNet trains 6x slower per volume on a 2-core CPU
+    (benchmarks/RESULTS.md), so it is not the CPU default.
 V5. **Patches.** The network trains on random patches the size of the median volume (nnU-Net's patch, rounded
     up to the network's downsampling), a third centred on tumour, smaller where that holds more voxels than fit
     (``MAX_PATCH_VOXELS_CPU`` on a CPU; 40% of the free GPU memory at the measured memory per volume); the whole
@@ -83,6 +86,8 @@ SEARCH_PASSES = 10.0
 filters' re-scoring (about 2)."""
 CHANNELS_3D = [16, 32, 64, 128, 256, 256]
 """Widths per level (a sixth level, where the grid allows five downsamplings, stays at 256)."""
+WIDE_CHANNELS_3D = [32, 64, 128, 256, 320, 320]
+"""V4: nnU-Net's 3D widths (capped at 320), where the budget buys the wanted samples with them."""
 
 
 def median_shape(fp: Fingerprint) -> tuple[int, int, int]:
@@ -162,10 +167,10 @@ def strides_for(size: tuple[int, ...], spacing: tuple[float, ...]) -> list[list[
     return levels
 
 
-def network(size: tuple[int, ...], spacing: tuple[float, ...]) -> ModelConfig:
-    """V4: the 3D U-Net for a grid of ``size`` at ``spacing``."""
+def network(size: tuple[int, ...], spacing: tuple[float, ...], widths: list[int] = CHANNELS_3D) -> ModelConfig:
+    """V4: the 3D U-Net for a grid of ``size`` at ``spacing``, ``widths`` per level."""
     strides = strides_for(size, spacing)
-    channels = CHANNELS_3D[: len(strides) + 1]
+    channels = list(widths[: len(strides) + 1])
     return ModelConfig(name="unet", channels=channels, strides=[list(s) for s in strides], norm="instance")
 
 
@@ -244,11 +249,11 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
     top = floor_factor(fp)
     batch = BATCH_3D
 
-    def settle(factor: float) -> tuple[tuple[float, float, float], tuple[int, int, int], ModelConfig,
-                                       tuple[int, int, int]]:
+    def settle(factor: float, widths: list[int] = CHANNELS_3D) -> tuple[
+            tuple[float, float, float], tuple[int, int, int], ModelConfig, tuple[int, int, int]]:
         spacing = coarsened(target, factor)
         median = grid(fp, spacing)
-        model = network(median, spacing)
+        model = network(median, spacing, widths)
         median = fit_to_strides(median, _axis_strides(model))
         return spacing, fit_to_strides(storage(fp, spacing, median), _axis_strides(model)), model, median
 
@@ -264,17 +269,31 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         per_epoch = fp.n_train / train_vps + n_val / infer_vps
         return max(0.0, budget - finish) / per_epoch * fp.n_train
 
-    factor, chosen = 1.0, settle(1.0)
-    while True:  # V3: the finest grid (coarsened by 1.15x steps) whose throughput buys the samples
-        spacing, size, model, median = chosen
+    def measure(chosen: tuple[Any, ...]) -> tuple[tuple[int, int, int], Throughput, tuple[int, int, int], float]:
+        """The probe's size, its throughput, the patch it allows and the training volumes the budget buys."""
+        _, _, model, median = chosen
         probe_size = _fit_patch(median, model, cap(Throughput(1.0, 1.0), median))
         thr = probe(model, probe_size, batch)
         patch = _fit_patch(median, model, cap(thr, probe_size))
-        got = buys(thr, math.prod(patch), math.prod(median), math.prod(probe_size))
+        return probe_size, thr, patch, buys(thr, math.prod(patch), math.prod(median), math.prod(probe_size))
+
+    factor, chosen = 1.0, settle(1.0)
+    while True:  # V3: the finest grid (coarsened by 1.15x steps) whose throughput buys the samples
+        probe_size, thr, patch, got = measure(chosen)
         if got >= want or factor * 1.15 > top:
             break
         factor *= 1.15
         chosen = settle(factor)
+    why_width = (f"the budget does not buy the {want} wanted volumes at the target spacing at this width: "
+                 "resolution comes before width (V3)")
+    if factor == 1.0 and got >= want:  # V4: nnU-Net's widths where they too buy the samples at the target spacing
+        wide = settle(1.0, WIDE_CHANNELS_3D)
+        measured = measure(wide)
+        verb = "buy" if measured[3] >= want else "would buy only"
+        why_width = (f"nnU-Net's widths (32..320) {verb} {measured[3]:.0f} training volumes in the budget at the "
+                     f"target spacing ({want} wanted)")
+        if measured[3] >= want:
+            chosen, (probe_size, thr, patch, got) = wide, measured
     spacing, size, model, median = chosen
     sp = "x".join(f"{s:.3g}" for s in spacing)
     if got < want:
@@ -309,8 +328,8 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
                         f"{steps} steps ({planned_epochs} epochs) fit the budget after validation "
                         f"({n_val / infer_vps:.1f} s/epoch) and the post-processing search ({finish:.0f} s)")
     strides = model.strides or []
-    reasons["network"] = (f"MONAI UNet {model.channels[0]}..{model.channels[-1]}, instance norm, strides "
-                          f"{strides} (an axis is halved while its spacing is at most twice the finest; nnU-Net)")
+    reasons["network"] = (f"MONAI UNet {model.channels[0]}..{model.channels[-1]}, instance norm, strides {strides} "
+                          f"(an axis is halved while its spacing is at most twice the finest; nnU-Net); {why_width}")
     normalize, reasons["normalize"] = intensity_rule(fp)
     reasons["loss"] = "Dice + cross-entropy (nnU-Net)"
     reasons["postprocess"] = "threshold and 3D component filtering chosen on val, kept only if val Dice rises"
