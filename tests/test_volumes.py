@@ -352,6 +352,12 @@ def test_the_plan_widens_the_3d_network_only_where_the_budget_buys_it() -> None:
     narrow = volumes.choose(small, 1800, 8, probe(1.0), "cpu")  # type: ignore[arg-type]
     assert narrow["train"]["model"]["channels"] == [16, 32, 64, 128]
     assert "would buy only" in narrow["reasons"]["network"]
+    # on a GPU whose memory fits the wide network's activations only in smaller patches: context before width
+    def gpu(model: object, size: tuple[int, ...], batch: int) -> Throughput:
+        wide = model.channels[0] == 32  # type: ignore[attr-defined]
+        return Throughput(400.0, 1200.0, bytes_per_image=(8e9 if wide else 1e9) * math.prod(size) / 40 / 56 / 40)
+    tight = volumes.choose(small, 1800, 8, gpu, "cuda", free_memory=12e9)  # type: ignore[arg-type]
+    assert tight["train"]["model"]["channels"][0] == 16 and "context before width" in tight["reasons"]["network"]
     # large volumes the budget cannot buy at the target spacing: resolution first, the wide network is never probed
     asked.clear()
     large = fingerprint((1.0, 1.0, 1.0), (192, 192, 160))

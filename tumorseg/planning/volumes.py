@@ -28,9 +28,9 @@ V4. **Network.** MONAI ``UNet`` with instance norm and per-axis strides: at each
     its spacing is at most twice the finest and its size stays at least ``MIN_FEATURE`` voxels (nnU-Net's
     ``get_pool_and_conv_props``), at most ``MAX_DOWNSAMPLINGS`` levels. Its widths are nnU-Net's (32..320,
     :data:`WIDE_CHANNELS_3D`) where their measured throughput buys the wanted samples at the target spacing (small
-    volumes: a 30-minute budget then buys hundreds of epochs), else 16..256: the budget goes to resolution first,
-    then to width (as 2D rule 3). nnU-Net's own DynUNet trains 6x slower per volume on a 2-core CPU
-    (benchmarks/RESULTS.md), so it is not the CPU default.
+    volumes: a 30-minute budget then buys hundreds of epochs) and fit the same patch in memory, else 16..256: the
+    budget goes to resolution and context first, then to width (as 2D rule 3). nnU-Net's own DynUNet trains 6x
+    slower per volume on a 2-core CPU (benchmarks/RESULTS.md), so it is not the CPU default.
 V5. **Patches.** The network trains on random patches the size of the median volume (nnU-Net's patch, rounded
     up to the network's downsampling), a third centred on tumour, smaller where that holds more voxels than fit
     (``MAX_PATCH_VOXELS_CPU`` on a CPU; 40% of the free GPU memory at the measured memory per volume); the whole
@@ -292,7 +292,10 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         verb = "buy" if measured[3] >= want else "would buy only"
         why_width = (f"nnU-Net's widths (32..320) {verb} {measured[3]:.0f} training volumes in the budget at the "
                      f"target spacing ({want} wanted)")
-        if measured[3] >= want:
+        if measured[3] >= want and math.prod(measured[2]) < math.prod(patch):
+            why_width = (f"nnU-Net's widths (32..320) fit only {'x'.join(map(str, measured[2]))} patches in memory "
+                         "against this width's larger ones: context before width")
+        elif measured[3] >= want:
             chosen, (probe_size, thr, patch, got) = wide, measured
     spacing, size, model, median = chosen
     sp = "x".join(f"{s:.3g}" for s in spacing)
