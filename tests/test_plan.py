@@ -467,3 +467,11 @@ def test_fingerprint_tells_natural_images_and_the_planner_asks_only_the_cache(
     assert merged.model.name == "unet" and merged.model.pretrained == "none"
     kept, _ = planning.apply(TrainConfig(), plan)
     assert (kept.model.backbone, kept.model.pretrained) == ("mobilenet_v3_large", "imagenet")
+
+    # other widths at the plan's depth keep its per-axis strides (a 3D plan); another depth drops them
+    plan3d = plan.model_copy(update={"train": {"image_size": [64, 48, 32], "model": {
+        "name": "unet", "channels": [16, 32, 64, 128], "strides": [[2, 2, 2], [2, 2, 2], [2, 2, 1]]}}})
+    wider, _ = planning.apply(load_config(TrainConfig, None, ["model.channels=[32,64,128,256]"]), plan3d)
+    assert wider.model.channels == [32, 64, 128, 256] and wider.model.strides == [[2, 2, 2], [2, 2, 2], [2, 2, 1]]
+    shallow, _ = planning.apply(load_config(TrainConfig, None, ["model.channels=[8,16,32]"]), plan3d)
+    assert shallow.model.strides is None and shallow.image_size == (64, 48, 32)

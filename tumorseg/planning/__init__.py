@@ -120,7 +120,10 @@ def apply(cfg: TrainConfig, plan: Plan) -> tuple[TrainConfig, dict[str, Any]]:
     """
     user = cfg.model_dump(mode="json", exclude_unset=True)
     planned = dict(plan.train)
-    if "channels" in user.get("model", {}) and "strides" not in user.get("model", {}):
+    model = user.get("model", {})
+    if "channels" in model and "strides" not in model and \
+            len(planned.get("model", {}).get("strides") or []) != len(model["channels"]) - 1:
+        # another depth than the plan's: its strides (per axis for volumes) do not fit; the same depth keeps them
         planned["model"] = {k: v for k, v in planned.get("model", {}).items() if k != "strides"}
     if user.get("model", {}).get("name", planned.get("model", {}).get("name")) != planned.get("model", {}).get("name"):
         # another network than the plan's: its pretrained encoder does not come along
