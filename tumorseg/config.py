@@ -335,8 +335,7 @@ class TrainConfig(StrictModel):
                 factor = math.prod(s if isinstance(s, int) else s[axis] for s in strides)
                 if any(isinstance(s, list) and len(s) != dims for s in strides):
                     raise ValueError(f"model.strides {strides}: per-axis strides need {dims} factors each, one per "
-                                     f"axis of image_size {list(self.image_size)} (with a 3D network's strides give "
-                                     "its grid too: --set image_size=[D,H,W])")
+                                     f"axis of image_size {list(self.image_size)} (3D: --set image_size=[D,H,W])")
                 if n % factor:
                     raise ValueError(f"{name} {list(size or ())}: axis {axis} ({n}) is not divisible by its total "
                                      f"downsampling {factor} (model.strides {strides})")
