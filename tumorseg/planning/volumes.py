@@ -288,15 +288,16 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
                  "resolution comes before width (V3)")
     if factor == 1.0 and got >= want:  # V4: nnU-Net's widths where they too buy the samples at the target spacing
         wide = settle(1.0, WIDE_CHANNELS_3D)
-        measured = measure(wide)
-        verb = "buy" if measured[3] >= want else "would buy only"
-        why_width = (f"nnU-Net's widths (32..320) {verb} {measured[3]:.0f} training volumes in the budget at the "
-                     f"target spacing ({want} wanted)")
-        if measured[3] >= want and math.prod(measured[2]) < math.prod(patch):
-            why_width = (f"nnU-Net's widths (32..320) fit only {'x'.join(map(str, measured[2]))} patches in memory "
+        wide_probe, wide_thr, wide_patch, wide_got = measure(wide)
+        bought = f"{wide_got:.0f} training volumes in the budget at the target spacing ({want} wanted)"
+        if wide_got < want:
+            why_width = f"nnU-Net's widths (32..320) would buy only {bought}"
+        elif math.prod(wide_patch) < math.prod(patch):
+            why_width = (f"nnU-Net's widths (32..320) fit only {'x'.join(map(str, wide_patch))} patches in memory "
                          "against this width's larger ones: context before width")
-        elif measured[3] >= want:
-            chosen, (probe_size, thr, patch, got) = wide, measured
+        else:
+            chosen, probe_size, thr, patch, got = wide, wide_probe, wide_thr, wide_patch, wide_got
+            why_width = f"nnU-Net's widths (32..320) buy {bought}"
     spacing, size, model, median = chosen
     sp = "x".join(f"{s:.3g}" for s in spacing)
     if got < want:
