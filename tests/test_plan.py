@@ -81,7 +81,7 @@ def test_the_floor_keeps_the_smallest_class_of_a_label_map_visible() -> None:
                                                      "core": {"median": 128.0, "p5": 64.0}}})
     assert smallest_structure(multi)[0] == "core" and smallest_structure(fp)[0] == "tumour"
     assert rules.floor_scale(multi) == pytest.approx(0.5)
-    tight = rules.choose(multi, 60.0, 100, fake_probe(1e6), "cpu")
+    tight = rules.choose(multi, 1500.0, 100, fake_probe(1e6), "cpu")  # short (53% of the samples), not starved
     assert tight["train"]["image_size"] == [256, 256]
     assert "keeps the median core at 64 px" in tight["reasons"]["image_size"]
     from tumorseg.planning import volumes  # the 3D floor alike: the core 24 voxels across (128 / 24 coarser at most)
@@ -102,7 +102,7 @@ def test_the_budget_lowers_the_resolution_but_never_below_the_tumour_floor() -> 
 
 def test_a_starved_budget_takes_the_narrower_network() -> None:
     """Under a quarter of the samples with UNet 16..256: UNet 8..128 (rule 3); above it, 16..256 as before."""
-    fp = fingerprint((256, 256), 100.0, n_train=500, small_diameter=30.0)  # floor 0.64: 160x160
+    fp = fingerprint((256, 256), 100.0, n_train=500, small_diameter=25.0)  # floor 0.64 (both): 160x160
     want = rules.target_samples(500)
     thr = fake_probe(2e6)(rules.network(rules.NETWORKS[-1][1], (160, 160)), (160, 160), 8)
     picked = {}
@@ -115,6 +115,26 @@ def test_a_starved_budget_takes_the_narrower_network() -> None:
     assert short[1] == [8, 16, 32, 64, 128, 128] and "lacks epochs more than width" in short[2]
     assert longer[1] == [16, 32, 64, 128, 256, 256] and longer[2].startswith("MONAI UNet, 16..256")
     assert "the fastest network; it buys" in longer[2]
+
+
+def test_a_starved_budget_lowers_the_median_tumours_floor() -> None:
+    """Rule 1: where even UNet 16..256 buys under a quarter of the samples at the floor, the median tumour may shrink
+    to 32 px (the small ones' 16 px floor holds) and rule 3 chooses again there."""
+    fp = fingerprint((512, 512), 75.0, n_train=500, small_diameter=27.0)  # issue #23's 512^2 set: tumours ~1.7%
+    assert rules.floor_scale(fp) == pytest.approx(64 / 75)
+    assert rules.floor_scale(fp, rules.MIN_TUMOUR_DIAMETER_STARVED) == pytest.approx(16 / 27)  # small ones bind
+    thr = fake_probe(2e6)(rules.network(rules.NETWORKS[-1][1], (448, 448)), (448, 448), 8)
+    assert rules.samples_in(300.0, thr, 500, 100) < rules.STARVED * rules.target_samples(500)
+    starved = rules.choose(fp, 300.0, 100, fake_probe(2e6), "cpu")
+    assert starved["train"]["image_size"] == [288, 288]  # 512 * 16/27 = 303 -> 288
+    assert starved["estimates"]["floor_scale"] == pytest.approx(16 / 27, abs=1e-4)
+    assert starved["reasons"]["floor"].startswith("starved at the floor size 448x448 (")
+    assert "falls from 64 to 32 px" in starved["reasons"]["floor"]
+    assert "keeps the median tumour at 44 px and the small ones at 16 px" in starved["reasons"]["image_size"]
+    roomy = rules.choose(fp, 3000.0, 100, fake_probe(2e6), "cpu")  # short, not starved: the floor holds
+    assert "floor" not in roomy["reasons"] and roomy["train"]["image_size"] == [448, 448]
+    small = fingerprint((512, 512), 75.0, n_train=500, small_diameter=16.0)  # the small tumours hold native
+    assert "floor" not in rules.choose(small, 300.0, 100, fake_probe(2e6), "cpu")["reasons"]
 
 
 def test_steps_grow_with_the_budget_and_the_schedule_spans_them() -> None:
@@ -371,7 +391,7 @@ def test_nnunet_intensity_augmentation_is_seeded_and_leaves_masks_alone() -> Non
 
 def test_patches_for_time_when_whole_images_cannot_buy_the_samples() -> None:
     """A 512x512 set whose small tumours hold the scale at native: a slow CPU trains on crops instead."""
-    fp = fingerprint((512, 512), 60.0, n_train=1000, small_diameter=20.0)
+    fp = fingerprint((512, 512), 60.0, n_train=1000, small_diameter=16.0)
     assert rules.choose(fp, 1800.0, 100, fake_probe(2e6), "cpu")["train"]["patch_size"] is None  # asked for only
     slow = rules.choose(fp, 1800.0, 100, fake_probe(2e6), "cpu", patches_for_time=True)
     t = slow["train"]
@@ -393,7 +413,7 @@ def test_patches_for_time_when_whole_images_cannot_buy_the_samples() -> None:
 
 
 def test_patches_for_time_never_go_below_the_tumour_context() -> None:
-    fp = fingerprint((512, 512), 100.0, n_train=1000, small_diameter=30.0)
+    fp = fingerprint((512, 512), 100.0, n_train=1000, small_diameter=25.0)
     starved = rules.choose(fp, 120.0, 100, fake_probe(1e5), "cpu", patches_for_time=True)
     # the floor scale 0.64 keeps the median tumour at 64 px: crops of 2 x 64 px, no smaller
     assert starved["estimates"]["scale"] == pytest.approx(0.64) and starved["train"]["image_size"] == [320, 320]
@@ -402,7 +422,7 @@ def test_patches_for_time_never_go_below_the_tumour_context() -> None:
 
 def test_patches_for_time_go_below_the_crop_memory_allows() -> None:
     """A 1024x1024 set held at native: memory alone crops to 512x512 on a CPU; asked, time crops smaller."""
-    fp = fingerprint((1024, 1024), 60.0, n_train=1000, small_diameter=20.0)
+    fp = fingerprint((1024, 1024), 60.0, n_train=1000, small_diameter=16.0)
     memory = rules.choose(fp, 1800.0, 100, fake_probe(2e6), "cpu")
     assert memory["train"]["image_size"] == [1024, 1024] and memory["train"]["patch_size"] == [512, 512]
     assert "hold more pixels than fit" in memory["reasons"]["patch_size"]

@@ -6,7 +6,11 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
    percentile) tumours below ``MIN_SMALL_TUMOUR_DIAMETER`` (in a label map, of its smallest class): that sets the
    smallest scale allowed, whatever the budget. Why 64: Dice is scored at the original resolution, and a boundary
    known to half a training pixel costs about ``2 * 0.5 / r`` of a tumour of radius ``r``: 3% at a 64-pixel
-   diameter, 12% for a 16-pixel small one.
+   diameter, 12% for a 16-pixel small one. **A starved budget** (even the fastest of ``NETWORKS`` buys under
+   ``STARVED`` of rule 2's samples at that floor) lowers the median tumour's floor to ``MIN_TUMOUR_DIAMETER_STARVED``
+   (6% of a 32-pixel tumour; the small tumours' floor holds): there the missing epochs cost more than the boundary
+   (BUSI shrunk onto 512x512 canvases, tumours 1.7% of the image, 5-minute budget: 448x448 with 8..128 against
+   288x288 with 16..256, test Dice +0.03 over two seeds; benchmarks/RESULTS.md).
 2. **Samples the budget must buy.** A U-Net needs to see each training image many times with a decaying learning
    rate: ``TARGET_EPOCHS`` epochs, but at least ``MIN_SAMPLES`` and at most ``MAX_SAMPLES`` images in all. Why 80:
    on BUSI val, at an equal 30-minute budget, 49 epochs at 288x320 were still improving at the end (val Dice over
@@ -65,6 +69,7 @@ from tumorseg.planning.probe import Throughput
 from tumorseg.planning.stacks import STACK_SHARE, slice_context
 
 MIN_TUMOUR_DIAMETER = 64.0
+MIN_TUMOUR_DIAMETER_STARVED = 32.0
 MIN_SMALL_TUMOUR_DIAMETER = 16.0
 TARGET_EPOCHS = 80
 MIN_SAMPLES = 20_000
@@ -129,10 +134,13 @@ def patience(epochs: int) -> int:
     return max(10, epochs // 3)
 
 
-def floor_scale(fp: Fingerprint) -> float:
-    """The smallest scale that keeps the tumours visible (rule 1); 1.0 when tumours are already small."""
+def floor_scale(fp: Fingerprint, median_px: float = MIN_TUMOUR_DIAMETER) -> float:
+    """The smallest scale that keeps the tumours visible (rule 1); 1.0 when tumours are already small.
+
+    ``median_px``: the median tumour's floor (:data:`MIN_TUMOUR_DIAMETER_STARVED` for a starved budget).
+    """
     d = smallest_structure(fp)[1]
-    need = [MIN_TUMOUR_DIAMETER / d["median"] if d["median"] else 1.0,
+    need = [median_px / d["median"] if d["median"] else 1.0,
             MIN_SMALL_TUMOUR_DIAMETER / d["p5"] if d["p5"] else 1.0]
     return min(1.0, max(need))
 
@@ -251,8 +259,6 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         return MAX_PATCH_PIXELS_CPU
 
     # rule 3: the largest network that buys the samples at the floor resolution
-    chosen = NETWORKS[-1]
-    thr_floor = None
     ruled_out = pretrained_allowed(fp)
     candidates = [(n, s) for n, s in PRETRAINED if s["backbone"] in pretrained] if ruled_out is None else []
     if ruled_out is not None:
@@ -260,15 +266,25 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
     elif not candidates:
         reasons["pretrained"] = ("no pretrained encoder: none of their ImageNet weights is in torch's hub cache "
                                  "(planning never downloads; model.pretrained=imagenet fetches them once)")
-    bought = 0.0
-    for name, spec in [*candidates, *NETWORKS]:
-        thr = probe(network(spec, floor_size), floor_size, batch)
-        bought = samples_in(budget, thr, fp.n_train, n_val)
-        if bought >= want:
-            chosen, thr_floor = (name, spec), thr
-            break
-        thr_floor = thr
-    assert thr_floor is not None
+
+    def largest(size: tuple[int, int]) -> tuple[tuple[str, dict[str, Any]], Throughput, float]:
+        """The largest network that buys the samples at ``size``, else the fastest; its throughput and samples."""
+        for name, spec in [*candidates, *NETWORKS]:
+            thr = probe(network(spec, size), size, batch)
+            bought = samples_in(budget, thr, fp.n_train, n_val)
+            if bought >= want:
+                return (name, spec), thr, bought
+        return NETWORKS[-1], thr, bought
+
+    chosen, thr_floor, bought = largest(floor_size)
+    relaxed = floor_scale(fp, MIN_TUMOUR_DIAMETER_STARVED)
+    relaxed_size = round_size(native[0] * relaxed, native[1] * relaxed)
+    if bought < STARVED * want and relaxed_size != floor_size:  # rule 1: starved, the median tumour's floor falls
+        starved_at = f"{floor_size[0]}x{floor_size[1]} ({bought:.0f} of the {want} training images)"
+        lo, floor_size = relaxed, relaxed_size
+        chosen, thr_floor, bought = largest(floor_size)
+        reasons["floor"] = (f"starved at the floor size {starved_at}: the median tumour's floor falls from "
+                            f"{MIN_TUMOUR_DIAMETER:g} to {MIN_TUMOUR_DIAMETER_STARVED:g} px (rule 1)")
     at_floor = f"at the floor size {floor_size[0]}x{floor_size[1]}"
     if bought >= want:
         reasons["network"] = (f"{chosen[0]}: the largest network whose measured throughput buys {want} training "
