@@ -93,8 +93,9 @@ def test_the_budget_lowers_the_resolution_but_never_below_the_tumour_floor() -> 
     fp = fingerprint((512, 512), 256.0, small_diameter=64.0)
     assert rules.floor_scale(fp) == pytest.approx(0.25)
     tight = rules.choose(fp, 60.0, 100, fake_probe(1e6), "cpu")
-    assert tight["train"]["image_size"] == [128, 128]  # the floor: 256 * 0.25 = 64 px median tumour
-    assert tight["train"]["model"]["channels"] == [8, 16, 32, 64, 128, 128]  # and the fastest network
+    # starved (rule 1): the floor halved, 256 * 0.125 = 32 px median tumour, and never below it
+    assert tight["train"]["image_size"] == [64, 64] and tight["estimates"]["floor_scale"] == pytest.approx(0.125)
+    assert tight["train"]["model"]["channels"] == [16, 32, 64, 128, 256]  # not starved at 64x64: 16..256, 4 px deep
     roomy = rules.choose(fp, 600.0, 100, fake_probe(1e7), "cpu")
     assert 128 < roomy["train"]["image_size"][0] < 512
     assert roomy["estimates"]["steps"] > tight["estimates"]["steps"]
@@ -102,7 +103,7 @@ def test_the_budget_lowers_the_resolution_but_never_below_the_tumour_floor() -> 
 
 def test_a_starved_budget_takes_the_narrower_network() -> None:
     """Under a quarter of the samples with UNet 16..256: UNet 8..128 (rule 3); above it, 16..256 as before."""
-    fp = fingerprint((256, 256), 100.0, n_train=500, small_diameter=25.0)  # floor 0.64 (both): 160x160
+    fp = fingerprint((160, 160), 100.0, n_train=500, small_diameter=8.0)  # the floor is native, halved or not
     want = rules.target_samples(500)
     thr = fake_probe(2e6)(rules.network(rules.NETWORKS[-1][1], (160, 160)), (160, 160), 8)
     picked = {}
@@ -117,23 +118,26 @@ def test_a_starved_budget_takes_the_narrower_network() -> None:
     assert "the fastest network; it buys" in longer[2]
 
 
-def test_a_starved_budget_lowers_the_median_tumours_floor() -> None:
-    """Rule 1: where even UNet 16..256 buys under a quarter of the samples at the floor, the median tumour may shrink
-    to 32 px (the small ones' 16 px floor holds) and rule 3 chooses again there."""
+def test_a_starved_budget_halves_the_tumour_floors() -> None:
+    """Rule 1: where even UNet 16..256 buys under a quarter of the samples at the floor, both floors are halved (the
+    median tumour 32 px, the small ones 8 px) and rule 3 chooses again there."""
     fp = fingerprint((512, 512), 75.0, n_train=500, small_diameter=27.0)  # issue #23's 512^2 set: tumours ~1.7%
     assert rules.floor_scale(fp) == pytest.approx(64 / 75)
-    assert rules.floor_scale(fp, rules.MIN_TUMOUR_DIAMETER_STARVED) == pytest.approx(16 / 27)  # small ones bind
+    half = rules.floor_scale(fp, rules.MIN_TUMOUR_DIAMETER_STARVED, rules.MIN_SMALL_TUMOUR_DIAMETER_STARVED)
+    assert half == pytest.approx(32 / 75)  # the median binds (the small ones would allow 8 / 27)
     thr = fake_probe(2e6)(rules.network(rules.NETWORKS[-1][1], (448, 448)), (448, 448), 8)
-    assert rules.samples_in(300.0, thr, 500, 100) < rules.STARVED * rules.target_samples(500)
-    starved = rules.choose(fp, 300.0, 100, fake_probe(2e6), "cpu")
-    assert starved["train"]["image_size"] == [288, 288]  # 512 * 16/27 = 303 -> 288
-    assert starved["estimates"]["floor_scale"] == pytest.approx(16 / 27, abs=1e-4)
-    assert starved["reasons"]["floor"].startswith("starved at the floor size 448x448 (")
-    assert "falls from 64 to 32 px" in starved["reasons"]["floor"]
-    assert "keeps the median tumour at 44 px and the small ones at 16 px" in starved["reasons"]["image_size"]
-    roomy = rules.choose(fp, 3000.0, 100, fake_probe(2e6), "cpu")  # short, not starved: the floor holds
+    # by hand: 16..256 buys 5356 of the 40000 wanted images at 448x448 in 600 s (13%: starved)
+    assert rules.samples_in(600.0, thr, 500, 100) == pytest.approx(5356, abs=1)
+    starved = rules.choose(fp, 600.0, 100, fake_probe(2e6), "cpu")
+    assert starved["train"]["image_size"] == [224, 224]  # 512 * 32/75 = 218 -> 224
+    assert starved["estimates"]["floor_scale"] == pytest.approx(32 / 75, abs=1e-4)
+    assert starved["reasons"]["floor"].startswith("starved at the floor size 448x448 (5356 of the 40000 training")
+    assert "halved to 32 and 8 px" in starved["reasons"]["floor"]
+    assert "keeps the median tumour at 32 px and the small ones at 12 px" in starved["reasons"]["image_size"]
+    assert starved["train"]["model"]["channels"][0] == 16  # no longer starved there: UNet 16..256 (rule 3)
+    roomy = rules.choose(fp, 3000.0, 100, fake_probe(2e6), "cpu")  # short (69%), not starved: the floor holds
     assert "floor" not in roomy["reasons"] and roomy["train"]["image_size"] == [448, 448]
-    small = fingerprint((512, 512), 75.0, n_train=500, small_diameter=16.0)  # the small tumours hold native
+    small = fingerprint((512, 512), 75.0, n_train=500, small_diameter=8.0)  # 8 px small ones hold native
     assert "floor" not in rules.choose(small, 300.0, 100, fake_probe(2e6), "cpu")["reasons"]
 
 
@@ -391,11 +395,12 @@ def test_nnunet_intensity_augmentation_is_seeded_and_leaves_masks_alone() -> Non
 
 def test_patches_for_time_when_whole_images_cannot_buy_the_samples() -> None:
     """A 512x512 set whose small tumours hold the scale at native: a slow CPU trains on crops instead."""
-    fp = fingerprint((512, 512), 60.0, n_train=1000, small_diameter=16.0)
+    fp = fingerprint((512, 512), 60.0, n_train=1000, small_diameter=8.0)
     assert rules.choose(fp, 1800.0, 100, fake_probe(2e6), "cpu")["train"]["patch_size"] is None  # asked for only
     slow = rules.choose(fp, 1800.0, 100, fake_probe(2e6), "cpu", patches_for_time=True)
     t = slow["train"]
     assert t["image_size"] == [512, 512] and slow["estimates"]["scale"] == 1.0  # the floor is native
+    assert slow["reasons"]["image_size"].startswith("the tumour floor: scale 1.00 keeps")  # not "fits the budget"
     assert t["patch_size"] is not None and t["patch_size"][0] < 512
     assert t["patch_size"][0] >= 2 * 60  # the tumour and its context
     assert "buy fewer than" in slow["reasons"]["patch_size"] and t["oversample_foreground"] == pytest.approx(0.33)
@@ -415,14 +420,14 @@ def test_patches_for_time_when_whole_images_cannot_buy_the_samples() -> None:
 def test_patches_for_time_never_go_below_the_tumour_context() -> None:
     fp = fingerprint((512, 512), 100.0, n_train=1000, small_diameter=25.0)
     starved = rules.choose(fp, 120.0, 100, fake_probe(1e5), "cpu", patches_for_time=True)
-    # the floor scale 0.64 keeps the median tumour at 64 px: crops of 2 x 64 px, no smaller
-    assert starved["estimates"]["scale"] == pytest.approx(0.64) and starved["train"]["image_size"] == [320, 320]
-    assert starved["train"]["patch_size"] == [128, 128]
+    # starved: the floors halved, scale 0.32 keeps the median tumour at 32 px: crops of 2 x 32 px, no smaller
+    assert starved["estimates"]["scale"] == pytest.approx(0.32) and starved["train"]["image_size"] == [160, 160]
+    assert starved["train"]["patch_size"] == [64, 64]
 
 
 def test_patches_for_time_go_below_the_crop_memory_allows() -> None:
     """A 1024x1024 set held at native: memory alone crops to 512x512 on a CPU; asked, time crops smaller."""
-    fp = fingerprint((1024, 1024), 60.0, n_train=1000, small_diameter=16.0)
+    fp = fingerprint((1024, 1024), 60.0, n_train=1000, small_diameter=8.0)
     memory = rules.choose(fp, 1800.0, 100, fake_probe(2e6), "cpu")
     assert memory["train"]["image_size"] == [1024, 1024] and memory["train"]["patch_size"] == [512, 512]
     assert "hold more pixels than fit" in memory["reasons"]["patch_size"]

@@ -7,10 +7,11 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
    smallest scale allowed, whatever the budget. Why 64: Dice is scored at the original resolution, and a boundary
    known to half a training pixel costs about ``2 * 0.5 / r`` of a tumour of radius ``r``: 3% at a 64-pixel
    diameter, 12% for a 16-pixel small one. **A starved budget** (even the fastest of ``NETWORKS`` buys under
-   ``STARVED`` of rule 2's samples at that floor) lowers the median tumour's floor to ``MIN_TUMOUR_DIAMETER_STARVED``
-   (6% of a 32-pixel tumour; the small tumours' floor holds): there the missing epochs cost more than the boundary
-   (BUSI shrunk onto 512x512 canvases, tumours 1.7% of the image, 5-minute budget: 448x448 with 8..128 against
-   288x288 with 16..256, test Dice +0.03 over two seeds; benchmarks/RESULTS.md).
+   ``STARVED`` of rule 2's samples at that floor) halves both floors (``*_STARVED``: 32 / 8 px): a tenth of the
+   epochs costs more than twice the boundary. BUSI shrunk onto 512x512 canvases at a 5-minute budget, two seeds
+   (benchmarks/RESULTS.md): tumours 74 px across (1.7% of the image, the hidden 512^2 set's), 448x448 -> 224x224:
+   test Dice +0.109; tumours 44 px, the small ones 15 px, 512x512 -> 384x384: +0.058. Where it cost: the
+   left-atrium slice stacks at 10 minutes, 192x128 -> 96x64, one seed: -0.004 (128x96 won: +0.003).
 2. **Samples the budget must buy.** A U-Net needs to see each training image many times with a decaying learning
    rate: ``TARGET_EPOCHS`` epochs, but at least ``MIN_SAMPLES`` and at most ``MAX_SAMPLES`` images in all. Why 80:
    on BUSI val, at an equal 30-minute budget, 49 epochs at 288x320 were still improving at the end (val Dice over
@@ -71,6 +72,7 @@ from tumorseg.planning.stacks import STACK_SHARE, slice_context
 MIN_TUMOUR_DIAMETER = 64.0
 MIN_TUMOUR_DIAMETER_STARVED = 32.0
 MIN_SMALL_TUMOUR_DIAMETER = 16.0
+MIN_SMALL_TUMOUR_DIAMETER_STARVED = 8.0
 TARGET_EPOCHS = 80
 MIN_SAMPLES = 20_000
 MAX_SAMPLES = 500_000
@@ -134,14 +136,15 @@ def patience(epochs: int) -> int:
     return max(10, epochs // 3)
 
 
-def floor_scale(fp: Fingerprint, median_px: float = MIN_TUMOUR_DIAMETER) -> float:
+def floor_scale(fp: Fingerprint, median_px: float = MIN_TUMOUR_DIAMETER,
+                small_px: float = MIN_SMALL_TUMOUR_DIAMETER) -> float:
     """The smallest scale that keeps the tumours visible (rule 1); 1.0 when tumours are already small.
 
-    ``median_px``: the median tumour's floor (:data:`MIN_TUMOUR_DIAMETER_STARVED` for a starved budget).
+    ``median_px`` / ``small_px``: the median and small tumours' floors (halved for a starved budget).
     """
     d = smallest_structure(fp)[1]
     need = [median_px / d["median"] if d["median"] else 1.0,
-            MIN_SMALL_TUMOUR_DIAMETER / d["p5"] if d["p5"] else 1.0]
+            small_px / d["p5"] if d["p5"] else 1.0]
     return min(1.0, max(need))
 
 
@@ -277,14 +280,15 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         return NETWORKS[-1], thr, bought
 
     chosen, thr_floor, bought = largest(floor_size)
-    relaxed = floor_scale(fp, MIN_TUMOUR_DIAMETER_STARVED)
-    relaxed_size = round_size(native[0] * relaxed, native[1] * relaxed)
-    if bought < STARVED * want and relaxed_size != floor_size:  # rule 1: starved, the median tumour's floor falls
+    half = floor_scale(fp, MIN_TUMOUR_DIAMETER_STARVED, MIN_SMALL_TUMOUR_DIAMETER_STARVED)
+    half_size = round_size(native[0] * half, native[1] * half)
+    if bought < STARVED * want and half_size != floor_size:  # rule 1: a starved budget halves the floors
         starved_at = f"{floor_size[0]}x{floor_size[1]} ({bought:.0f} of the {want} training images)"
-        lo, floor_size = relaxed, relaxed_size
+        lo, floor_size = half, half_size
         chosen, thr_floor, bought = largest(floor_size)
-        reasons["floor"] = (f"starved at the floor size {starved_at}: the median tumour's floor falls from "
-                            f"{MIN_TUMOUR_DIAMETER:g} to {MIN_TUMOUR_DIAMETER_STARVED:g} px (rule 1)")
+        reasons["floor"] = (f"starved at the floor size {starved_at}: the floors of the median and small tumours "
+                            f"halved to {MIN_TUMOUR_DIAMETER_STARVED:g} and {MIN_SMALL_TUMOUR_DIAMETER_STARVED:g} px "
+                            "(rule 1)")
     at_floor = f"at the floor size {floor_size[0]}x{floor_size[1]}"
     if bought >= want:
         reasons["network"] = (f"{chosen[0]}: the largest network whose measured throughput buys {want} training "
@@ -309,7 +313,7 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
             break
         s *= 0.9
     image_size = round_size(native[0] * scale, native[1] * scale)
-    if scale >= 1.0:
+    if scale >= 1.0 and (lo < 1.0 or bought >= want):  # (a floor at native is the floor's reason, below)
         reasons["image_size"] = f"native: the median image {fp.size_median[0]}x{fp.size_median[1]} fits the budget"
     elif scale <= lo:
         name, d = smallest_structure(fp)
