@@ -11,7 +11,7 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
    epochs costs more than twice the boundary. BUSI shrunk onto 512x512 canvases at a 5-minute budget, two seeds
    (benchmarks/RESULTS.md): tumours 74 px across (1.7% of the image, the hidden 512^2 set's), 448x448 -> 224x224:
    test Dice +0.109; tumours 44 px, the small ones 15 px, 512x512 -> 384x384: +0.058. Where it cost: the
-   left-atrium slice stacks at 10 minutes, 192x128 -> 96x64, one seed: -0.004 (128x96 won: +0.003).
+   left-atrium slice stacks at 10 minutes, 192x128 -> 96x64, two seeds: -0.004 (128x96 won: +0.003).
 2. **Samples the budget must buy.** A U-Net needs to see each training image many times with a decaying learning
    rate: ``TARGET_EPOCHS`` epochs, but at least ``MIN_SAMPLES`` and at most ``MAX_SAMPLES`` images in all. Why 80:
    on BUSI val, at an equal 30-minute budget, 49 epochs at 288x320 were still improving at the end (val Dice over
