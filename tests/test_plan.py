@@ -418,7 +418,7 @@ def test_patches_for_time_when_whole_images_cannot_buy_the_samples() -> None:
 
 
 def test_patches_for_time_never_go_below_the_tumour_context() -> None:
-    fp = fingerprint((512, 512), 100.0, n_train=1000, small_diameter=25.0)
+    fp = fingerprint((512, 512), 100.0, n_train=1000, small_diameter=30.0)
     starved = rules.choose(fp, 120.0, 100, fake_probe(1e5), "cpu", patches_for_time=True)
     # starved: the floors halved, scale 0.32 keeps the median tumour at 32 px: crops of 2 x 32 px, no smaller
     assert starved["estimates"]["scale"] == pytest.approx(0.32) and starved["train"]["image_size"] == [160, 160]
