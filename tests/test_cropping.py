@@ -60,6 +60,23 @@ def test_the_nonzero_zscore_by_hand() -> None:
     np.testing.assert_allclose(prescale(full, "nonzero"), prescale(full, "image"), atol=1e-6)
 
 
+def test_the_nonzero_zscore_counts_enclosed_zeros_as_inside() -> None:
+    from tumorseg.intensity import prescale
+
+    cube = np.full((1, 3, 3, 3), 2.0, np.float32)
+    cube[0, 1, 1, 1] = 0.0  # a zero voxel enclosed by the scan: inside (nnU-Net fills the mask's holes)
+    cube[0, 0, 0, 0] = 0.0  # a zero voxel on the border: background, left at 0
+    inside = np.ones(27, bool)
+    inside[0] = False  # flat index of (0, 0, 0)
+    values = cube.reshape(-1)[inside].astype(np.float64)  # 25 twos and the enclosed zero
+    mean, std = 50 / 26, math.sqrt(25 * (2 - 50 / 26) ** 2 / 26 + (50 / 26) ** 2 / 26)
+    assert math.isclose(values.mean(), mean) and math.isclose(values.std(), std)
+    out = prescale(cube, "nonzero")
+    assert out[0, 0, 0, 0] == 0.0
+    assert math.isclose(float(out[0, 1, 1, 1]), -mean / std, rel_tol=1e-6)  # not left at 0
+    assert math.isclose(float(out[0, 2, 2, 2]), (2 - mean) / std, rel_tol=1e-6)
+
+
 def test_the_plan_masks_the_zscore_only_where_the_crop_removes_a_quarter() -> None:
     from test_volumes import fingerprint
 

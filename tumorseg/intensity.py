@@ -15,8 +15,9 @@ rule the model was trained with, and a checkpoint written before a rule existed 
   foreground's mean/std: the window a radiologist would set on the structures to segment.
 * ``None`` (``normalize: image``): each image z-scored by its own mean/std (nnU-Net's non-CT rule).
 * ``{"nonzero": True}`` (``normalize: nonzero``): each volume z-scored per channel by the mean/std of its
-  voxels nonzero in any channel, the others left at 0 (nnU-Net's z-score with ``use_mask_for_norm``, for
-  masked scans such as a skull-stripped brain, whose zero background would otherwise count).
+  voxels nonzero in any channel (holes filled), the others left at 0 (nnU-Net's z-score with
+  ``use_mask_for_norm``, for masked scans such as a skull-stripped brain, whose zero background would otherwise
+  count).
 
 The dataset part (clip and affine map, :func:`finish`) is applied after resizing, in training and in
 inference alike; the per-image part (:func:`prescale`) before.
@@ -206,8 +207,14 @@ def prescale(image: np.ndarray, mode: str,
 
 
 def nonzero_zscore(image: np.ndarray) -> np.ndarray:
-    """``normalize: nonzero``: each channel z-scored over the voxels nonzero in any channel; the rest stay 0."""
-    inside = np.any(image != 0, axis=0)
+    """``normalize: nonzero``: each channel z-scored over the voxels nonzero in any channel; the rest stay 0.
+
+    Zero voxels enclosed by nonzero ones (a dark spot inside a skull-stripped brain) count as inside: the mask is
+    the nonzero voxels with their holes filled, nnU-Net's ``create_nonzero_mask``.
+    """
+    from scipy.ndimage import binary_fill_holes
+
+    inside = binary_fill_holes(np.any(image != 0, axis=0))
     out = np.zeros_like(image, dtype=np.float32)
     if not inside.any():
         return out

@@ -60,6 +60,8 @@ def cache_key(digest: str, split: str, case_ids: list[str], size: tuple[int, ...
     spec = {"format": FORMAT, "digest": digest, "split": split, "cases": ids, "size": list(size),
             "in_channels": in_channels, "normalize": mode,
             "percentiles": list(SCALE_PERCENTILES) if mode == "percentile" else None}
+    if mode == "nonzero":  # the mask of the nonzero z-score has its holes filled (a cache built before is stale)
+        spec["nonzero_mask"] = "holes filled"
     if context:  # neighbouring slices as channels (grey with one a side has as many channels as RGB)
         spec["slice_context"] = context
     if crop:  # volumes cut to their nonzero box (tumorseg.cropping)
