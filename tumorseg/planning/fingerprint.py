@@ -47,6 +47,11 @@ class Fingerprint(BaseModel):
             asymmetry along it agrees with the other sampled images' (:func:`orientation`): about 0.5 when
             the images have no preferred orientation, near 1 when they share one (ultrasound: the probe at
             the top). Empty in fingerprints from before it was measured.
+        label_order: label maps with two or more foreground classes: per axis (``vertical``, ``horizontal``,
+            ``depth``), the share of the sampled cases that agree on which class lies first along it
+            (:func:`label_order`): near 1 where the labels name positions (a head and a tail, a left and a right
+            organ), about 0.5 for classes in no fixed order. Empty for binary masks, too few cases holding two
+            classes, or fingerprints from before it was measured.
         slice_stacks: ordered slice stacks among the train cases (:mod:`tumorseg.context`): ``stacks`` (of
             three or more), ``share_in_stacks``, ``median_length``, and the median correlation of ``adjacent``
             slices against that of ``unrelated`` ones (slices of other stacks, or far apart), which confirms
@@ -84,6 +89,7 @@ class Fingerprint(BaseModel):
     sampled_images: int
     class_diameter: dict[str, dict[str, float]] = {}
     orientation: dict[str, float] = {}
+    label_order: dict[str, float] = {}
     natural: bool = False
     slice_stacks: dict[str, float] = {}
     dims: int = 2
@@ -157,6 +163,42 @@ def orientation(images: list[np.ndarray], side: int = 64) -> dict[str, float]:
     return out
 
 
+MIN_ORDER_CASES = 8
+"""Sampled cases holding both classes of a pair below which :func:`label_order` does not judge their order."""
+AXIS_NAMES = ("vertical", "horizontal", "depth")
+"""Array axes of a mask ``(H, W)`` or volume ``(X, Y, Z)``, as ``augment.flip_axes`` names them."""
+
+
+def label_order(masks: list[np.ndarray]) -> dict[str, float]:
+    """Per axis, the share of the cases that agree on the order of their label map's classes along it.
+
+    For each pair of foreground classes held together by at least ``MIN_ORDER_CASES`` of ``masks`` (class
+    indices), the share of those cases whose centroid of the lower class lies on the majority's side of the
+    other's; per axis, the highest share over the pairs. A mirrored view along an axis near 1 shows the classes
+    swapped (a tail before the head, the left organ on the right), a case that never occurs.
+    """
+    from scipy import ndimage
+
+    signs: dict[tuple[int, int], list[np.ndarray]] = {}
+    for mask in masks:
+        present = [int(k) for k in np.unique(mask) if k > 0]
+        if len(present) < 2:
+            continue
+        centre = dict(zip(present, ndimage.center_of_mass(mask > 0, mask, present), strict=True))
+        for i, a in enumerate(present):
+            for b in present[i + 1:]:
+                signs.setdefault((a, b), []).append(np.sign(np.subtract(centre[b], centre[a])))
+    out: dict[str, float] = {}
+    for found in signs.values():
+        if len(found) < MIN_ORDER_CASES:
+            continue
+        votes = np.stack(found)
+        for axis, name in enumerate(AXIS_NAMES[: votes.shape[1]]):
+            share = max(float((votes[:, axis] > 0).mean()), float((votes[:, axis] < 0).mean()))
+            out[name] = round(max(out.get(name, 0.0), share), 4)
+    return out
+
+
 def compute(info: ManifestInfo, train: pd.DataFrame, source: str, sample: int = 48, seed: int = 0) -> Fingerprint:
     """The fingerprint of ``train`` (the manifest's train rows).
 
@@ -210,6 +252,7 @@ def compute(info: ManifestInfo, train: pd.DataFrame, source: str, sample: int = 
         sampled_images=len(cases),
         class_diameter=_class_diameters(train, volumes),
         orientation={} if volumes else orientation([c.image for c in cases]),
+        label_order=label_order([c.mask for c in cases]),
         natural=natural(train),
         slice_stacks={} if volumes else slice_stacks(info, train, source, seed),
         **(cropped_geometry(volume_geometry(train), cases) if volumes else {}),

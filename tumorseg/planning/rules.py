@@ -53,7 +53,9 @@ The rules, in order (each choice and its reason is written into ``plan.json``):
    fingerprint's ``orientation``: ultrasound with the probe at the top, slices in a canonical radiological
    orientation), every image the network will be asked about has that orientation too, and upside-down training
    views spend the budget on a case that never occurs. Random orientations (the synthetic data: about 0.4) keep both
-   flips.
+   flips. Nor along an axis on which a label map's classes lie in one order in ``ORIENTED`` of the sampled cases
+   (the fingerprint's ``label_order``: a head and a tail, a left and a right organ): a mirrored view swaps them
+   (nnU-Net's advice: its no-mirroring trainer for such labels). Volumes follow this part too (V8).
 9. and 10., the rules for groups and slice stacks (the selection unit, 2.5D slice context), are in
    :mod:`tumorseg.planning.stacks`.
 """
@@ -235,10 +237,19 @@ def flip_axes(fp: Fingerprint, reasons: dict[str, str]) -> list[str]:
     fixed = [f"{fp.orientation[axis]:.0%} of the sampled train images share one "
              f"{'up-down' if axis == 'vertical' else 'left-right'} orientation"
              for axis in ("vertical", "horizontal") if axis not in axes]
-    if fixed:
-        reasons["flip_axes"] = (f"{' and '.join(axes) or 'no'} flips: {'; '.join(fixed)}, so test images have it "
-                                "too (mirroring TTA follows)")
+    axes, why = unordered_axes(fp, axes)
+    if fixed or why:
+        reasons["flip_axes"] = (f"{' and '.join(axes) or 'no'} flips: {'; '.join(fixed + why)}, so test images have "
+                                "it too (mirroring TTA follows)")
     return axes
+
+
+def unordered_axes(fp: Fingerprint, axes: list[str]) -> tuple[list[str], list[str]]:
+    """``axes`` less those along which the label map's classes lie in one order (rule 8), and why each went."""
+    ordered = [axis for axis in axes if fp.label_order.get(axis, 0.0) >= ORIENTED]
+    return ([axis for axis in axes if axis not in ordered],
+            [f"the classes lie in one order along the {axis} axis in {fp.label_order[axis]:.0%} of the sampled "
+             "train cases holding two of them (a mirrored view swaps them)" for axis in ordered])
 
 
 def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type: str,

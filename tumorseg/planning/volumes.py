@@ -45,6 +45,8 @@ V7. **Intensities.** CT-like data (stored values reaching -500 and below: Hounsf
     volume under ``NONZERO_NORM_SHARE`` of its voxels (``normalize: nonzero``, nnU-Net's ``use_mask_for_norm``:
     the zero background of a masked scan is not tissue and would shift each volume's mean by its share).
 V8. **Augmentation.** Mirroring along all three axes (nnU-Net): the canonical orientation makes them comparable;
+    only not along an axis on which a label map's classes lie in one order (2D rule 8: the hippocampus's head and
+    tail, a left and a right kidney; a mirrored view swaps them, nnU-Net's no-mirroring trainer for such labels);
     rotation about the third axis and scaling on a fifth of the samples (nnU-Net's ``AFFINE_PROB_3D``: a 3D warp
     costs about a tenth of a CPU training step, benchmarks/RESULTS.md); intensity scale and shift.
 """
@@ -59,7 +61,7 @@ from tumorseg.config import LossConfig, ModelConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.planning.fingerprint import Fingerprint, smallest_structure
 from tumorseg.planning.probe import Throughput
-from tumorseg.planning.rules import FINISH_SECONDS, MAX_DOWNSAMPLINGS, MIN_FEATURE, patience
+from tumorseg.planning.rules import FINISH_SECONDS, MAX_DOWNSAMPLINGS, MIN_FEATURE, patience, unordered_axes
 
 Probe = Callable[[ModelConfig, tuple[int, ...], int], Throughput]
 
@@ -337,8 +339,11 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
     normalize, reasons["normalize"] = intensity_rule(fp)
     reasons["loss"] = "Dice + cross-entropy (nnU-Net)"
     reasons["postprocess"] = "threshold and 3D component filtering chosen on val, kept only if val Dice rises"
-    reasons["flip_axes"] = ("all three axes of the canonical (RAS+) orientation (nnU-Net mirrors every axis); rotation "
-                            f"and scaling on {AFFINE_PROB_3D:.0%} of the samples (nnU-Net)")
+    flips, ordered = unordered_axes(fp, ["vertical", "horizontal", "depth"])
+    mirrored = "all three axes" if not ordered else f"{' and '.join(flips) or 'no'} axes"
+    reasons["flip_axes"] = (f"{mirrored} of the canonical (RAS+) orientation (nnU-Net mirrors every axis"
+                            f"{'; not where ' + '; '.join(ordered) if ordered else ''}); rotation and scaling on "
+                            f"{AFFINE_PROB_3D:.0%} of the samples (nnU-Net)")
     in_channels = 1 if fp.grey_as_rgb else fp.channels
     train = {
         "image_size": list(size),
@@ -356,7 +361,7 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
         "loss": LossConfig(name="dice_ce", batch=False).model_dump(mode="json"),
         "optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "schedule": "poly",
                   "warmup_steps": min(200, steps // 20)},
-        "augment": {"flip": True, "flip_axes": ["vertical", "horizontal", "depth"], "rotate90": False,
+        "augment": {"flip": True, "flip_axes": flips, "rotate90": False,
                     "affine": True, "affine_prob": AFFINE_PROB_3D, "intensity": True, "prob": 0.5},
         "tta": False,
         "postprocess": "auto",
