@@ -128,3 +128,81 @@ def test_the_segmenter_mirrors_along_the_axes_its_training_config_names() -> Non
             views.append(np.flip(logit(seg.predict_proba([flipped], tta=False)[0]), tuple(a - 1 for a in d)))
         tta = logit(seg.predict_proba([image], tta=True)[0])
         np.testing.assert_allclose(tta, np.mean(views, axis=0), atol=2e-4)
+
+
+# ----------------------------------------------------------------------------- classes in one order (rule 8, V8)
+
+
+def two_part_masks(n: int, ordered: bool, shape: tuple[int, ...] = (32, 32), seed: int = 0) -> list[np.ndarray]:
+    """Label maps of a blob cut in two along axis 0: class 1 before class 2 (``ordered``), or either way round."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        mask = np.zeros(shape, np.uint8)
+        centre = rng.integers(10, 22, len(shape))
+        box = tuple(slice(c - 6, c + 6) for c in centre)
+        mask[box] = 1
+        second = (slice(centre[0], centre[0] + 6),) + box[1:]
+        first = (slice(centre[0] - 6, centre[0]),) + box[1:]
+        mask[second if ordered or rng.random() < 0.5 else first] = 2
+        out.append(mask)
+    return out
+
+
+def test_label_order_is_one_along_the_axis_the_classes_keep_and_about_half_elsewhere() -> None:
+    from tumorseg.planning.fingerprint import label_order
+
+    ordered = label_order(two_part_masks(12, ordered=True))
+    assert ordered["vertical"] == 1.0
+    assert ordered["horizontal"] == 0.0  # the halves share their centre across: no side at all
+    either = label_order(two_part_masks(40, ordered=False))
+    assert 0.3 < either["vertical"] < rules.ORIENTED
+    assert label_order(two_part_masks(7, ordered=True)) == {}  # too few cases holding both to say
+    assert label_order([(m > 0).astype(np.uint8) for m in two_part_masks(12, ordered=True)]) == {}  # binary
+    volumes = label_order(two_part_masks(9, ordered=True, shape=(32, 32, 32)))
+    assert volumes == {"vertical": 1.0, "horizontal": 0.0, "depth": 0.0}
+
+
+def test_the_plans_do_not_mirror_along_an_axis_whose_classes_keep_one_order() -> None:
+    from test_volumes import fingerprint as volume_fingerprint
+
+    from tumorseg.planning import volumes
+    from tumorseg.planning.probe import Throughput
+
+    fp = fingerprint((64, 64), 20.0).model_copy(update={"label_order": {"vertical": 0.95, "horizontal": 0.6}})
+    out = rules.choose(fp, 600.0, 100, fake_probe(5e6), "cpu")
+    assert out["train"]["augment"]["flip_axes"] == ["horizontal"]
+    assert "one order along the vertical axis in 95%" in out["reasons"]["flip_axes"]
+
+    def probe(model: object, size: tuple[int, ...], batch: int) -> Throughput:
+        return Throughput(10.0, 120.0)
+
+    vol = volume_fingerprint((1.0, 1.0, 1.0), (36, 50, 33))
+    assert volumes.choose(vol, 1800, 8, probe, "cpu")["train"]["augment"]["flip_axes"] == [  # type: ignore[arg-type]
+        "vertical", "horizontal", "depth"]
+    headed = vol.model_copy(update={"label_order": {"vertical": 0.5, "horizontal": 1.0, "depth": 0.92}})  # type: ignore[attr-defined]
+    plan = volumes.choose(headed, 1800, 8, probe, "cpu")  # type: ignore[arg-type]
+    assert plan["train"]["augment"]["flip_axes"] == ["vertical"]
+    assert "not where the classes lie in one order along the horizontal axis in 100%" in plan["reasons"]["flip_axes"]
+
+
+def test_a_volume_set_stored_in_two_orientations_shows_its_order_in_the_canonical_one(tmp_path: Path) -> None:
+    """Half the files are stored LPS (x to the left): read canonically, class 1 is still right of class 2."""
+    import nibabel as nib
+    from test_volumes import ingest
+
+    from tumorseg.imageio.nifti import write_nifti
+    from tumorseg.manifest import load_manifest, select_split
+
+    ras, lps = np.diag([1.0, 1.0, 1.0, 1.0]), np.diag([-1.0, -1.0, 1.0, 1.0])
+    for i, label in enumerate(two_part_masks(16, ordered=True, shape=(32, 32, 20), seed=3)):
+        affine = lps if i % 2 else ras
+        stored = nib.orientations.apply_orientation(label, nib.orientations.io_orientation(affine))  # RAS -> stored
+        image = (100.0 + 300.0 * (stored > 0) + np.random.default_rng(i).normal(0, 20, stored.shape)).astype(np.int16)
+        write_nifti(tmp_path / "images" / f"case_{i:03d}.nii.gz", image, affine)
+        write_nifti(tmp_path / "labels" / f"case_{i:03d}.nii.gz", stored, affine)
+    mdir = ingest(tmp_path / "images", tmp_path / "labels", tmp_path / "manifests",
+                  labels={0: "background", 1: "head", 2: "tail"})
+    info, df = load_manifest(mdir)
+    fp = compute(info, select_split(df, "train", str(mdir)), str(mdir))
+    assert fp.label_order["vertical"] == 1.0 and fp.label_order["depth"] == 0.0

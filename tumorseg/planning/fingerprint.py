@@ -48,9 +48,9 @@ class Fingerprint(BaseModel):
             the images have no preferred orientation, near 1 when they share one (ultrasound: the probe at
             the top). Empty in fingerprints from before it was measured.
         label_order: label maps with two or more foreground classes: per axis (``vertical``, ``horizontal``,
-            ``depth``), the share of the sampled cases that agree on which class lies first along it
+            ``depth``), the share of the sampled cases whose classes lie apart along it in the same order
             (:func:`label_order`): near 1 where the labels name positions (a head and a tail, a left and a right
-            organ), about 0.5 for classes in no fixed order. Empty for binary masks, too few cases holding two
+            organ), low for nested or interleaved classes. Empty for binary masks, too few cases holding two
             classes, or fingerprints from before it was measured.
         slice_stacks: ordered slice stacks among the train cases (:mod:`tumorseg.context`): ``stacks`` (of
             three or more), ``share_in_stacks``, ``median_length``, and the median correlation of ``adjacent``
@@ -173,30 +173,43 @@ def label_order(masks: list[np.ndarray]) -> dict[str, float]:
     """Per axis, the share of the cases that agree on the order of their label map's classes along it.
 
     For each pair of foreground classes held together by at least ``MIN_ORDER_CASES`` of ``masks`` (class
-    indices), the share of those cases whose centroid of the lower class lies on the majority's side of the
-    other's; per axis, the highest share over the pairs. A mirrored view along an axis near 1 shows the classes
-    swapped (a tail before the head, the left organ on the right), a case that never occurs.
+    indices), the share of those cases in which the pair lies apart along the axis (centroids further apart than
+    the classes' mean spread along it) on the majority's side; per axis, the highest share over the pairs.
+    Near 1 where the labels name positions (a head and a tail, a left and a right organ): a mirrored view along
+    that axis shows the classes swapped, a case that never occurs. Nested or interleaved classes (tumour regions)
+    lie apart in few cases and score low.
     """
-    from scipy import ndimage
-
-    signs: dict[tuple[int, int], list[np.ndarray]] = {}
+    votes: dict[tuple[int, int], list[np.ndarray]] = {}
     for mask in masks:
         present = [int(k) for k in np.unique(mask) if k > 0]
-        if len(present) < 2:
-            continue
-        centre = dict(zip(present, ndimage.center_of_mass(mask > 0, mask, present), strict=True))
+        spread = {k: _centre_and_spread(mask == k) for k in present}
         for i, a in enumerate(present):
             for b in present[i + 1:]:
-                signs.setdefault((a, b), []).append(np.sign(np.subtract(centre[b], centre[a])))
+                gap = spread[b][0] - spread[a][0]
+                apart = np.abs(gap) > (spread[a][1] + spread[b][1]) / 2
+                votes.setdefault((a, b), []).append(np.where(apart, np.sign(gap), 0.0))
     out: dict[str, float] = {}
-    for found in signs.values():
+    for found in votes.values():
         if len(found) < MIN_ORDER_CASES:
             continue
-        votes = np.stack(found)
-        for axis, name in enumerate(AXIS_NAMES[: votes.shape[1]]):
-            share = max(float((votes[:, axis] > 0).mean()), float((votes[:, axis] < 0).mean()))
+        stacked = np.stack(found)
+        for axis, name in enumerate(AXIS_NAMES[: stacked.shape[1]]):
+            share = max(float((stacked[:, axis] > 0).mean()), float((stacked[:, axis] < 0).mean()))
             out[name] = round(max(out.get(name, 0.0), share), 4)
     return out
+
+
+def _centre_and_spread(hit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per axis, the centroid and standard deviation of the ``True`` voxels' coordinates."""
+    centre, spread = [], []
+    for axis in range(hit.ndim):
+        profile = hit.sum(axis=tuple(b for b in range(hit.ndim) if b != axis)).astype(np.float64)
+        weight = profile / profile.sum()
+        x = np.arange(profile.size, dtype=np.float64)
+        mean = float((weight * x).sum())
+        centre.append(mean)
+        spread.append(math.sqrt(float((weight * (x - mean) ** 2).sum())))
+    return np.asarray(centre), np.asarray(spread)
 
 
 def compute(info: ManifestInfo, train: pd.DataFrame, source: str, sample: int = 48, seed: int = 0) -> Fingerprint:
