@@ -150,6 +150,31 @@ def test_multiclass_dice_leaves_the_background_out() -> None:
     assert float(dice(background, target)) > 0.99
 
 
+def test_foreground_crops_centre_each_class_alike_and_binary_masks_draw_as_before() -> None:
+    """nnU-Net's oversampling: a class is drawn first, then one of its pixels; a small class is centred as often."""
+    import torch
+
+    from tumorseg.augment import crop_batch
+
+    mask = torch.zeros(1, 1, 64, 64, dtype=torch.uint8)
+    mask[0, 0, 4:36, 4:36] = 1  # 1024 pixels of class 1
+    mask[0, 0, 56:58, 56:58] = 2  # 4 pixels of class 2: a uniform pixel would be one of them once in 257
+    images, gen = mask.float(), torch.Generator().manual_seed(0)
+    hits = [bool((crop_batch(images, mask, (8, 8), 1.0, gen)[1] == 2).any()) for _ in range(200)]
+    assert 0.35 < float(np.mean(hits)) < 0.65
+
+    # a binary mask draws as before: the coin, the corner, then one of all its tumour pixels (no class draw)
+    binary = (mask > 0).to(torch.uint8)
+    gen, mirror = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    fg = torch.nonzero(binary[0, 0] > 0)
+    for _ in range(20):
+        _, y = crop_batch(images, binary, (8, 8), 1.0, gen)
+        torch.rand(1, generator=mirror), torch.rand(1, 2, generator=mirror)
+        centre = fg[int(torch.randint(0, len(fg), (1,), generator=mirror))]
+        top, left = (min(max(int(c) - 4, 0), 56) for c in centre)
+        assert torch.equal(y, binary[:, :, top:top + 8, left:left + 8])
+
+
 def test_label_sets_round_trip_and_compare() -> None:
     binary, multi = Classes(), Classes({0: "background", 2: "core", 4: "edema"})
     assert binary.to_json() is None and binary.out_channels == 1 and binary.describe() == "binary"

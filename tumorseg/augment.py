@@ -145,8 +145,10 @@ def crop_batch(
     """Random ``patch`` crops of a batch; a share ``oversample`` of them centred on a tumour pixel.
 
     nnU-Net's foreground oversampling: without it, crops of large, mostly tumour-free images
-    rarely show tumour. A sample without tumour gets a uniform crop either way. All choices
-    come from ``gen`` (exact resume).
+    rarely show tumour. A sample without tumour gets a uniform crop either way. Where a label map
+    holds several classes, one of them is drawn first, each alike, then one of its pixels (nnU-Net's
+    ``DataLoader``): a small class next to a large one is centred as often. All choices come from
+    ``gen`` (exact resume); a sample of one class draws exactly as a binary one.
     """
     import torch
 
@@ -160,7 +162,7 @@ def crop_batch(
     for i in range(n):
         start = [int(corner[i, a] * (full[a] - size[a] + 1)) for a in range(len(full))]
         if float(coins[i]) < oversample:
-            fg = torch.nonzero(masks[i, 0].cpu() > 0)
+            fg = _class_pixels(masks[i, 0].cpu(), gen)
             if len(fg):
                 centre = fg[int(torch.randint(0, len(fg), (1,), generator=gen))]
                 start = [min(max(int(centre[a]) - size[a] // 2, 0), full[a] - size[a]) for a in range(len(full))]
@@ -168,3 +170,14 @@ def crop_batch(
         out_x.append(images[i][(slice(None), *window)])
         out_y.append(masks[i][(slice(None), *window)])
     return torch.stack(out_x), torch.stack(out_y)
+
+
+def _class_pixels(mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Coordinates of the tumour pixels of ``mask`` (class indices); of one class drawn alike where it has several."""
+    import torch
+
+    counts = torch.bincount(mask.flatten().long())
+    present = torch.nonzero(counts[1:]).flatten() + 1
+    if len(present) < 2:
+        return torch.nonzero(mask > 0)
+    return torch.nonzero(mask == present[int(torch.randint(0, len(present), (1,), generator=gen))])
