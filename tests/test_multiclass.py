@@ -160,8 +160,9 @@ def test_foreground_crops_centre_each_class_alike_and_binary_masks_draw_as_befor
     mask[0, 0, 4:36, 4:36] = 1  # 1024 pixels of class 1
     mask[0, 0, 56:58, 56:58] = 2  # 4 pixels of class 2: a uniform pixel would be one of them once in 257
     images, gen = mask.float(), torch.Generator().manual_seed(0)
-    hits = [bool((crop_batch(images, mask, (8, 8), 1.0, gen)[1] == 2).any()) for _ in range(200)]
-    assert 0.35 < float(np.mean(hits)) < 0.65
+    for labels in (mask, mask.float()):  # training passes float class indices
+        hits = [bool((crop_batch(images, labels, (8, 8), 1.0, gen)[1] == 2).any()) for _ in range(200)]
+        assert 0.35 < float(np.mean(hits)) < 0.65
 
     # a binary mask draws as before: the coin, the corner, then one of all its tumour pixels (no class draw)
     binary = (mask > 0).to(torch.uint8)

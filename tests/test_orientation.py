@@ -183,11 +183,13 @@ def test_the_plans_do_not_mirror_along_an_axis_whose_classes_keep_one_order() ->
     headed = vol.model_copy(update={"label_order": {"vertical": 0.5, "horizontal": 1.0, "depth": 0.92}})  # type: ignore[attr-defined]
     plan = volumes.choose(headed, 1800, 8, probe, "cpu")  # type: ignore[arg-type]
     assert plan["train"]["augment"]["flip_axes"] == ["vertical"]
-    assert "not where the classes lie in one order along the horizontal axis in 100%" in plan["reasons"]["flip_axes"]
+    assert "not where the classes lie in one order along the horizontal (RAS y, back-front) axis in 100%" in \
+        plan["reasons"]["flip_axes"]
+    assert plan["reasons"]["flip_axes"].startswith("the vertical axis of")
 
 
 def test_a_volume_set_stored_in_two_orientations_shows_its_order_in_the_canonical_one(tmp_path: Path) -> None:
-    """Half the files are stored LPS (x to the left): read canonically, class 1 is still right of class 2."""
+    """Half the files are stored LPS (x to the left): read canonically (RAS+), class 1 lies left of class 2 in all."""
     import nibabel as nib
     from test_volumes import ingest
 

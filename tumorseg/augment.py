@@ -147,8 +147,9 @@ def crop_batch(
     nnU-Net's foreground oversampling: without it, crops of large, mostly tumour-free images
     rarely show tumour. A sample without tumour gets a uniform crop either way. Where a label map
     holds several classes, one of them is drawn first, each alike, then one of its pixels (nnU-Net's
-    ``DataLoader``): a small class next to a large one is centred as often. All choices come from
-    ``gen`` (exact resume); a sample of one class draws exactly as a binary one.
+    ``DataLoader``): a small class next to a large one is centred as often. A region-based set draws
+    among its label values, not its regions (nnU-Net draws regions). All choices come from ``gen``
+    (exact resume); a sample of one class draws exactly as a binary one.
     """
     import torch
 

@@ -175,18 +175,19 @@ def label_order(masks: list[np.ndarray]) -> dict[str, float]:
     For each pair of foreground classes held together by at least ``MIN_ORDER_CASES`` of ``masks`` (class
     indices), the share of those cases in which the pair lies apart along the axis (centroids further apart than
     the classes' mean spread along it) on the majority's side; per axis, the highest share over the pairs.
-    Near 1 where the labels name positions (a head and a tail, a left and a right organ): a mirrored view along
-    that axis shows the classes swapped, a case that never occurs. Nested or interleaved classes (tumour regions)
-    lie apart in few cases and score low.
+    Near 1 where the classes sit in fixed places relative to each other: labels that name positions (a head and a
+    tail, a left and a right organ), or organs in their anatomical places; a mirrored view along that axis shows
+    them swapped, a case that never occurs. Nested or interleaved classes (tumour regions) lie apart in few cases
+    and score low.
     """
     votes: dict[tuple[int, int], list[np.ndarray]] = {}
     for mask in masks:
-        present = [int(k) for k in np.unique(mask) if k > 0]
-        spread = {k: _centre_and_spread(mask == k) for k in present}
+        centre, spread = _centres_and_spreads(mask)
+        present = [int(k) for k in np.flatnonzero(~np.isnan(centre[:, 0])) if k > 0]
         for i, a in enumerate(present):
             for b in present[i + 1:]:
-                gap = spread[b][0] - spread[a][0]
-                apart = np.abs(gap) > (spread[a][1] + spread[b][1]) / 2
+                gap = centre[b] - centre[a]
+                apart = np.abs(gap) > (spread[a] + spread[b]) / 2
                 votes.setdefault((a, b), []).append(np.where(apart, np.sign(gap), 0.0))
     out: dict[str, float] = {}
     for found in votes.values():
@@ -199,17 +200,24 @@ def label_order(masks: list[np.ndarray]) -> dict[str, float]:
     return out
 
 
-def _centre_and_spread(hit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per axis, the centroid and standard deviation of the ``True`` voxels' coordinates."""
-    centre, spread = [], []
-    for axis in range(hit.ndim):
-        profile = hit.sum(axis=tuple(b for b in range(hit.ndim) if b != axis)).astype(np.float64)
-        weight = profile / profile.sum()
-        x = np.arange(profile.size, dtype=np.float64)
-        mean = float((weight * x).sum())
-        centre.append(mean)
-        spread.append(math.sqrt(float((weight * (x - mean) ** 2).sum())))
-    return np.asarray(centre), np.asarray(spread)
+def _centres_and_spreads(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per class value (rows) and axis (columns), the centroid and standard deviation of its voxels' coordinates.
+
+    One pass per axis whatever the number of classes (a profile of every class per slice); NaN for absent values.
+    """
+    labels = mask.astype(np.int64, copy=False)
+    k = int(labels.max()) + 1
+    centre, spread = np.full((k, labels.ndim), np.nan), np.full((k, labels.ndim), np.nan)
+    for axis in range(labels.ndim):
+        profile = np.stack([np.bincount(np.take(labels, i, axis=axis).ravel(), minlength=k)
+                            for i in range(labels.shape[axis])]).astype(np.float64)  # (positions, classes)
+        total = profile.sum(axis=0)
+        held = total > 0
+        x = np.arange(labels.shape[axis], dtype=np.float64)[:, None]
+        mean = (profile * x).sum(axis=0)[held] / total[held]
+        centre[held, axis] = mean
+        spread[held, axis] = np.sqrt((profile[:, held] * (x - mean) ** 2).sum(axis=0) / total[held])
+    return centre, spread
 
 
 def compute(info: ManifestInfo, train: pd.DataFrame, source: str, sample: int = 48, seed: int = 0) -> Fingerprint:

@@ -239,17 +239,21 @@ def flip_axes(fp: Fingerprint, reasons: dict[str, str]) -> list[str]:
              for axis in ("vertical", "horizontal") if axis not in axes]
     axes, why = unordered_axes(fp, axes)
     if fixed or why:
-        reasons["flip_axes"] = (f"{' and '.join(axes) or 'no'} flips: {'; '.join(fixed + why)}, so test images have "
-                                "it too (mirroring TTA follows)")
+        held = [f"{'; '.join(fixed)}, so test images have it too"] if fixed else []
+        reasons["flip_axes"] = (f"{' and '.join(axes) or 'no'} flips: {'; '.join(held + why)} (mirroring TTA "
+                                "follows)")
     return axes
 
 
 def unordered_axes(fp: Fingerprint, axes: list[str]) -> tuple[list[str], list[str]]:
     """``axes`` less those along which the label map's classes lie in one order (rule 8), and why each went."""
     ordered = [axis for axis in axes if fp.label_order.get(axis, 0.0) >= ORIENTED]
+    names = dict(zip(("vertical", "horizontal", "depth"), ("x, left-right", "y, back-front", "z, foot-head"),
+                     strict=True)) if fp.dims == 3 else {}
     return ([axis for axis in axes if axis not in ordered],
-            [f"the classes lie in one order along the {axis} axis in {fp.label_order[axis]:.0%} of the sampled "
-             "train cases holding two of them (a mirrored view swaps them)" for axis in ordered])
+            [f"the classes lie in one order along the {axis}{f' (RAS {names[axis]})' if names else ''} axis in "
+             f"{fp.label_order[axis]:.0%} of the sampled train cases holding two of them (a mirrored view swaps "
+             "them)" for axis in ordered])
 
 
 def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type: str,

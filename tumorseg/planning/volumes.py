@@ -340,7 +340,8 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
     reasons["loss"] = "Dice + cross-entropy (nnU-Net)"
     reasons["postprocess"] = "threshold and 3D component filtering chosen on val, kept only if val Dice rises"
     flips, ordered = unordered_axes(fp, ["vertical", "horizontal", "depth"])
-    mirrored = "all three axes" if not ordered else f"{' and '.join(flips) or 'no'} axes"
+    mirrored = ("all three axes" if not ordered else "no axis" if not flips else
+                f"the {' and '.join(flips)} ax{'es' if len(flips) > 1 else 'is'}")
     reasons["flip_axes"] = (f"{mirrored} of the canonical (RAS+) orientation (nnU-Net mirrors every axis"
                             f"{'; not where ' + '; '.join(ordered) if ordered else ''}); rotation and scaling on "
                             f"{AFFINE_PROB_3D:.0%} of the samples (nnU-Net)")
