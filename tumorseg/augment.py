@@ -177,8 +177,9 @@ def _class_pixels(mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Coordinates of the tumour pixels of ``mask`` (class indices); of one class drawn alike where it has several."""
     import torch
 
-    counts = torch.bincount(mask.flatten().long())
-    present = torch.nonzero(counts[1:]).flatten() + 1
+    fg = torch.nonzero(mask > 0)
+    values = mask[tuple(fg.T)]
+    present = torch.unique(values)
     if len(present) < 2:
-        return torch.nonzero(mask > 0)
-    return torch.nonzero(mask == present[int(torch.randint(0, len(present), (1,), generator=gen))])
+        return fg
+    return fg[values == present[int(torch.randint(0, len(present), (1,), generator=gen))]]

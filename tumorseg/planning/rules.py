@@ -67,7 +67,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tumorseg.config import LossConfig, ModelConfig
-from tumorseg.planning.fingerprint import Fingerprint, smallest_structure
+from tumorseg.planning.fingerprint import AXIS_NAMES, Fingerprint, smallest_structure
 from tumorseg.planning.probe import Throughput
 from tumorseg.planning.stacks import STACK_SHARE, slice_context
 
@@ -248,8 +248,8 @@ def flip_axes(fp: Fingerprint, reasons: dict[str, str]) -> list[str]:
 def unordered_axes(fp: Fingerprint, axes: list[str]) -> tuple[list[str], list[str]]:
     """``axes`` less those along which the label map's classes lie in one order (rule 8), and why each went."""
     ordered = [axis for axis in axes if fp.label_order.get(axis, 0.0) >= ORIENTED]
-    names = dict(zip(("vertical", "horizontal", "depth"), ("x, left-right", "y, back-front", "z, foot-head"),
-                     strict=True)) if fp.dims == 3 else {}
+    names = dict(zip(AXIS_NAMES, ("x, left-right", "y, back-front", "z, foot-head"), strict=True)) \
+        if fp.dims == 3 else {}
     return ([axis for axis in axes if axis not in ordered],
             [f"the classes lie in one order along the {axis}{f' (RAS {names[axis]})' if names else ''} axis in "
              f"{fp.label_order[axis]:.0%} of the sampled train cases holding two of them (a mirrored view swaps "

@@ -59,7 +59,7 @@ from typing import Any
 
 from tumorseg.config import LossConfig, ModelConfig
 from tumorseg.errors import TumorsegError
-from tumorseg.planning.fingerprint import Fingerprint, smallest_structure
+from tumorseg.planning.fingerprint import AXIS_NAMES, Fingerprint, smallest_structure
 from tumorseg.planning.probe import Throughput
 from tumorseg.planning.rules import FINISH_SECONDS, MAX_DOWNSAMPLINGS, MIN_FEATURE, patience, unordered_axes
 
@@ -339,7 +339,7 @@ def choose(fp: Fingerprint, budget: float, n_val: int, probe: Probe, device_type
     normalize, reasons["normalize"] = intensity_rule(fp)
     reasons["loss"] = "Dice + cross-entropy (nnU-Net)"
     reasons["postprocess"] = "threshold and 3D component filtering chosen on val, kept only if val Dice rises"
-    flips, ordered = unordered_axes(fp, ["vertical", "horizontal", "depth"])
+    flips, ordered = unordered_axes(fp, list(AXIS_NAMES))
     mirrored = ("all three axes" if not ordered else "no axis" if not flips else
                 f"the {' and '.join(flips)} ax{'es' if len(flips) > 1 else 'is'}")
     reasons["flip_axes"] = (f"{mirrored} of the canonical (RAS+) orientation (nnU-Net mirrors every axis"
