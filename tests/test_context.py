@@ -360,3 +360,80 @@ def test_ingest_warns_when_numbered_slices_are_each_their_own_group(tmp_path: Pa
         ingest.run(IngestConfig(images_dir=tmp / "img", masks_dir=tmp / "lab", name="b", out_dir=tmp / "dm",
                                 workers=1, group_pattern=r"(p[ab])_"))
     assert not [r for r in caplog.records if "numbered slices" in r.getMessage()]
+
+
+def write_stacks(root: Path, patients: int, slices: int, *, anatomy: bool, start: int = 1,
+                 skip: int | None = None) -> None:
+    """``root/P/P_<z>.png`` + ``_mask.png``: a folder per patient, one numbered PNG per slice.
+
+    ``anatomy``: smooth structures drifting slowly from slice to slice (a volume's slices), else unrelated noise.
+    ``skip``: a slice number left out of every stack (a gap).
+    """
+    from tumorseg.imageio import write_mask_png, write_png
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:32, 0:32]
+    for p in range(patients):
+        folder = root / f"pat{p:02d}"
+        folder.mkdir(parents=True)
+        cy, cx = rng.uniform(8, 24, 2)
+        for z in range(start, start + slices):
+            if z == skip:
+                continue
+            if anatomy:
+                blob = np.exp(-((yy - cy - 0.5 * z) ** 2 + (xx - cx) ** 2) / 40.0)
+                img = np.clip(255 * blob + rng.normal(0, 4, (32, 32)), 0, 255).astype(np.uint8)
+            else:
+                img = rng.integers(0, 255, (32, 32), dtype=np.uint8)
+            write_png(folder / f"pat{p:02d}_{z}.png", img)
+            mask = np.zeros((32, 32), np.uint8)
+            mask[12:18, 12:18] = 1 if z % 2 else 0
+            write_mask_png(folder / f"pat{p:02d}_{z}_mask.png", mask)
+
+
+def _ingest(root: Path, out: Path, name: str, **kw: object) -> pd.DataFrame:
+    from tumorseg import ingest
+    from tumorseg.config import IngestConfig
+
+    ingest.run(IngestConfig(images_dir=root, name=name, out_dir=out, recursive=True, workers=1, **kw))  # type: ignore[arg-type]
+    return pd.read_csv(out / name / "manifest.csv", dtype={"group": str})
+
+
+def test_ingest_makes_each_confirmed_stack_of_numbered_slices_one_group(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """--group-by auto (the default): a volume's numbered slices are one group; the split never cuts a stack."""
+    import logging
+
+    write_stacks(tmp_path / "data", patients=12, slices=6, anatomy=True)
+    with caplog.at_level(logging.INFO, logger="tumorseg.ingest.stage"):
+        df = _ingest(tmp_path / "data", tmp_path / "dm", "auto")
+    assert df["group"].nunique() == 12 and (df.groupby("group")["split"].nunique() == 1).all()
+    assert set(df["group"]) == {f"pat{p:02d}/pat{p:02d}_1-6" for p in range(12)}
+    assert df.loc[df["case_id"] == "pat03/pat03_4", "group"].item() == "pat03/pat03_1-6"
+    said = [r.getMessage() for r in caplog.records if "each stack is one group" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("72 of 72 images are numbered slices of 12 stacks")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "numbered" in r.getMessage()]
+    # the manifest's groups give the plan its stacks and the val unit its patients (rules 9 and 10)
+    assert [len(run) for run in SliceStacks.from_frame(df).runs] == [6] * 12
+    # asked for per-case groups: kept, with the warning naming the fix
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tumorseg.ingest.stage"):
+        df = _ingest(tmp_path / "data", tmp_path / "dm", "case", group_by="case")
+    assert df["group"].nunique() == 72
+    assert any("--group-by case" in r.getMessage() for r in caplog.records)
+
+
+def test_stacks_stay_per_case_groups_unless_confirmed_and_numerous(tmp_path: Path) -> None:
+    """Numbered files that are not neighbours, and too few stacks, keep per-case groups; a gap ends a group."""
+    write_stacks(tmp_path / "noise", patients=12, slices=6, anatomy=False)
+    assert _ingest(tmp_path / "noise", tmp_path / "dm", "noise")["group"].nunique() == 72
+    write_stacks(tmp_path / "few", patients=9, slices=6, anatomy=True)  # under MIN_STACKS: 9 groups, no split
+    assert _ingest(tmp_path / "few", tmp_path / "dm", "few")["group"].nunique() == 54
+    write_stacks(tmp_path / "gap", patients=12, slices=8, anatomy=True, skip=4)  # 1-3 and 5-8
+    df = _ingest(tmp_path / "gap", tmp_path / "dm", "gap")
+    assert df["group"].nunique() == 24
+    assert set(df.loc[df["case_id"].str.startswith("pat00/"), "group"]) == {"pat00/pat00_1-3", "pat00/pat00_5-8"}
+    # the same images again: the same manifest, byte for byte
+    _ingest(tmp_path / "gap", tmp_path / "dm2", "gap")
+    assert (tmp_path / "dm" / "gap" / "manifest.csv").read_bytes() == \
+        (tmp_path / "dm2" / "gap" / "manifest.csv").read_bytes()

@@ -1077,3 +1077,18 @@ def test_masks_in_a_sibling_folder_pair_by_stem(tmp_path: Path) -> None:
     rejected = rejected_of(res)
     assert set(rejected) == {"amb/a/x.png", "amb/b/x.png", "amb/masks/x_mask.png"}
     assert "image without mask" in rejected["amb/a/x.png"] and "mask without image" in rejected["amb/masks/x_mask.png"]
+
+
+def test_a_blank_image_shared_by_patients_joins_no_groups(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A constant slice (all black) exported identically for several patients carries nothing of them."""
+    data = tmp_path / "data"
+    _patients(data, range(1, 8), slices=2)
+    for p in ("p002", "p005"):
+        png(data / p / "blank.png", np.zeros((S, S), np.uint8))
+        png(data / p / "blank_mask.png", np.zeros((S, S), np.uint8))
+    with caplog.at_level(logging.WARNING, logger="tumorseg.ingest"):
+        res = ingest(data, out=tmp_path / "out", recursive=True, group_by="folder", seed=4)
+    rows = by_id(res)
+    assert rows["p002/blank"]["image_sha256"] == rows["p005/blank"]["image_sha256"]
+    assert (rows["p002/blank"]["group"], rows["p005/blank"]["group"]) == ("p002", "p005")
+    assert res.summary["groups"] == 7 and "merged into others" not in caplog.text

@@ -149,7 +149,10 @@ def ingest(
     group_pattern: Annotated[
         str | None, typer.Option(help="regex on the relative path; group 1 is the patient")
     ] = None,
-    group_by: Annotated[str, typer.Option(help="case | folder: default grouping without --group-pattern")] = "case",
+    group_by: Annotated[str, typer.Option(
+        help="auto | case | folder: grouping without --group-pattern; auto: each case its own group, but each "
+             "stack of numbered 2D slices (x_1.png, x_2.png, ...) one group where they are slices of a volume")
+    ] = "auto",
     fractions: Annotated[str, typer.Option(help="train,val,test fractions")] = "0.7,0.15,0.15",
     seed: Annotated[int, typer.Option(help="split seed")] = 0,
     folds: Annotated[int, typer.Option(help="cross-validation folds over non-test cases (0 = none)")] = 0,

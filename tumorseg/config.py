@@ -60,7 +60,7 @@ class IngestConfig(StrictModel):
     mask_suffix: str = "_mask"
     recursive: bool = False
     group_pattern: str | None = None
-    group_by: Literal["case", "folder"] = "case"
+    group_by: Literal["auto", "case", "folder"] = "auto"  # auto: case, numbered slice stacks one group each
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     seed: int = 0
     folds: int = 0

@@ -34,6 +34,11 @@ T = TypeVar("T")
 
 _TRAILING = re.compile(r"^(.*?)(\d+)$")
 
+ADJACENT_MARGIN = 0.1
+"""Numbered slices are neighbours in the anatomy where adjacent ones correlate at least this much more than
+unrelated ones (median correlations, :func:`consecutive_similarity`): the plan's test for slice context (rule 10)
+and ingest's for grouping a stack (``--group-by auto``)."""
+
 
 def slice_number(name: str) -> tuple[str, int] | None:
     """``(prefix, number)`` of a file name ending (before its extension) in a slice number, else ``None``.

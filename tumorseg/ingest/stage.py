@@ -16,6 +16,7 @@ from tumorseg.config import IngestConfig
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_bytes, atomic_write_json, sha256_bytes
 from tumorseg.ingest.discover import discover
+from tumorseg.ingest.groups import merge_keys, stack_groups, ungrouped_slices
 from tumorseg.ingest.inspect import VOLUME_COLUMNS, InspectContext, class_columns, inspect_all
 from tumorseg.ingest.pairs import pairs_root, read_pairs
 from tumorseg.labels import check_labels, check_regions, format_labels, from_dataset_json
@@ -70,12 +71,15 @@ def _drop_duplicate_ids(rows: list[dict[str, Any]], rejected: list[tuple[str, st
     return [r for r in rows if r["image"] not in bad]
 
 
-def assign_splits(rows: list[dict[str, Any]], cfg: IngestConfig) -> None:
-    """Set ``group`` (merged over identical images), ``split`` and ``fold`` on each row, in place."""
-    merged = merge_groups([r["group"] for r in rows], [r["image_sha256"] for r in rows])
+def assign_splits(rows: list[dict[str, Any]], cfg: IngestConfig, root: Path) -> None:
+    """Set ``group`` (numbered slice stacks grouped, identical images merged), ``split`` and ``fold`` in place."""
+    grouped = stack_groups(rows, cfg, root)
+    if grouped:
+        log.info("%s", grouped)
+    merged = merge_groups([r["group"] for r in rows], merge_keys(rows, root))
     joined = {(r["group"], g) for r, g in zip(rows, merged, strict=True) if r["group"] != g}
     if joined:
-        # worth a word: a blank slice exported identically for many patients joins them all
+        # worth a word (a constant image, such as a blank slice exported for many patients, joins nothing)
         example = min(joined)
         log.warning("%d group(s) merged into others because they share byte-identical images "
                     "(e.g. %r into %r)", len({a for a, _ in joined}), example[0], example[1])
@@ -86,29 +90,6 @@ def assign_splits(rows: list[dict[str, Any]], cfg: IngestConfig) -> None:
     why = ungrouped_slices(rows, cfg)
     if why:
         log.warning("%s", why)
-
-
-def ungrouped_slices(rows: list[dict[str, Any]], cfg: IngestConfig) -> str | None:
-    """Why to group by patient, when most images are numbered slices of several stacks each in its own group.
-
-    With the default ``--group-by case`` one patient's slices (``TCGA_CS_4941_19960909_12.tif``) land in
-    different splits, are scored apart, and give no slice stacks to the plan (rules 9 and 10).
-    """
-    from tumorseg.context import path_stacks
-
-    if cfg.group_pattern or cfg.group_by != "case" or any("depth" in r for r in rows):
-        return None  # (numbered volume files are patients, not slices)
-    files = [r for r in rows if int(r["slice_index"]) < 0]
-    runs = [run for run in path_stacks([r["image"] for r in files]) if len(run) >= 3]
-    covered = sum(len(run) for run in runs)
-    groups = {files[i]["group"] for run in runs for i in run}
-    if len(runs) < 2 or 2 * covered < len(rows) or len(groups) < covered:
-        return None
-    first = [files[i]["image"] for i in runs[0]]
-    return (f"{covered} of {len(rows)} images are numbered slices of {len(runs)} stacks (e.g. {first[0]} .. "
-            f"{first[-1]}) but each is its own group (--group-by case): one patient's slices can land in "
-            "different splits and are scored apart; pass --group-by folder (a folder per patient) or "
-            "--group-pattern (the patient's part of the path)")
 
 
 def _keep_one_kind(rows: list[dict[str, Any]], rejected: list[tuple[str, str]]) -> int:
@@ -331,7 +312,7 @@ def run(cfg: IngestConfig) -> IngestResult:
         raise TumorsegError(f"{cfg.source}: no usable image/mask pairs ({len(rejected)} file(s) rejected: "
                             f"first: {path}: {reason})")
     fixed = any(r.get("fixed_split") for r in rows)
-    assign_splits(rows, cfg)
+    assign_splits(rows, cfg, root)
     if not fixed:  # a published split is kept as it is
         _check_tumour_coverage(rows, cfg)
         _warn_small_splits(rows, cfg)

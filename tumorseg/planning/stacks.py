@@ -23,12 +23,11 @@ from __future__ import annotations
 import math
 import statistics
 
+from tumorseg.context import ADJACENT_MARGIN
 from tumorseg.planning.fingerprint import Fingerprint
 
 STACK_SHARE = 0.5
 """Rule 10: the share of train cases in stacks of three or more slices above which the data are slice stacks."""
-ADJACENT_MARGIN = 0.1
-"""Rule 10: adjacent slices must correlate at least this much more than unrelated ones (median correlations)."""
 CONTEXT_WHEN_ORDERED = 1
 """Rule 10: neighbouring slices a side given to the network when the data are ordered slice stacks (measured
 on the left-atrium slice stacks at 30 minutes: +0.005 per-volume val Dice; benchmarks/RESULTS.md)."""
