@@ -34,10 +34,12 @@ T = TypeVar("T")
 
 _TRAILING = re.compile(r"^(.*?)(\d+)$")
 
-ADJACENT_MARGIN = 0.1
+ADJACENT_MARGIN = 0.3
 """Numbered slices are neighbours in the anatomy where adjacent ones correlate at least this much more than
-unrelated ones (median correlations, :func:`consecutive_similarity`): the plan's test for slice context (rule 10)
-and ingest's for grouping a stack (``--group-by auto``)."""
+unrelated ones (median correlations of thumbnails less their shared mean, :func:`consecutive_similarity`): the
+plan's test for slice context (rule 10) and ingest's for grouping a stack (``--group-by auto``). Measured: the
+left-atrium slices 0.95 against -0.12 (as NIfTI slices) and 0.95 against -0.06 (as numbered PNGs); numbered
+images that are not neighbours (the synthetic demo's) differ by at most 0.15, in samples of four stacks."""
 
 
 def slice_number(name: str) -> tuple[str, int] | None:
@@ -182,11 +184,16 @@ def consecutive_similarity(stacks: Sequence[Sequence[np.ndarray]], rng: np.rando
     """Median correlation of consecutive planes, and of planes from different stacks (or far apart in one).
 
     Ordered slices of a volume correlate far more with their neighbours than with random slices; file names
-    that only happen to end in numbers do not. Planes are compared as ``32 x 32`` grey thumbnails.
+    that only happen to end in numbers do not. Planes are compared as ``32 x 32`` grey thumbnails, each minus
+    the mean thumbnail of the sample: what every image shares (a head centred in the field of view, a dark
+    background) is not similarity between two slices, else unrelated brain slices would correlate almost as
+    much as neighbours.
     """
     thumbs = [[_thumb(p) for p in s] for s in stacks if len(s) >= 2]
     if not thumbs:
         return float("nan"), float("nan")
+    shared = np.mean([t for s in thumbs for t in s], axis=0)
+    thumbs = [[t - shared for t in s] for s in thumbs]
     near, far = [], []
     flat = [(si, j) for si, s in enumerate(thumbs) for j in range(len(s))]
     for _ in range(pairs):
