@@ -437,3 +437,27 @@ def test_stacks_stay_per_case_groups_unless_confirmed_and_numerous(tmp_path: Pat
     _ingest(tmp_path / "gap", tmp_path / "dm2", "gap")
     assert (tmp_path / "dm" / "gap" / "manifest.csv").read_bytes() == \
         (tmp_path / "dm2" / "gap" / "manifest.csv").read_bytes()
+
+
+def test_a_layout_every_slice_shares_is_not_similarity() -> None:
+    """Brain-like slices: a head centred in every image. Neighbours are told apart by what is their own."""
+    from tumorseg.context import ADJACENT_MARGIN
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:48, 0:48]
+    head = 200 * np.exp(-((yy - 24) ** 2 + (xx - 24) ** 2) / 250.0)
+
+    def blob(cy: float, cx: float) -> np.ndarray:
+        return 60 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 12.0)
+
+    volumes = []
+    for _ in range(8):  # each patient's own structure, drifting slowly from slice to slice
+        cy, cx = rng.uniform(12, 36, 2)
+        volumes.append([(head + blob(cy + 0.5 * z, cx) + rng.normal(0, 2, (48, 48)))[None] for z in range(3)])
+    adjacent, unrelated = consecutive_similarity(volumes, np.random.default_rng(1))
+    assert adjacent - unrelated >= ADJACENT_MARGIN
+    # the same layout, but each numbered image its own: not neighbours
+    shuffled = [[(head + blob(*rng.uniform(12, 36, 2)) + rng.normal(0, 2, (48, 48)))[None] for _ in range(3)]
+                for _ in range(8)]
+    adjacent, unrelated = consecutive_similarity(shuffled, np.random.default_rng(1))
+    assert adjacent - unrelated < ADJACENT_MARGIN
