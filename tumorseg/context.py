@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
@@ -177,6 +177,22 @@ def centre(image: np.ndarray, k: int) -> np.ndarray:
         return image
     c = image.shape[0] // (2 * k + 1)
     return image[k * c:(k + 1) * c]
+
+
+def sampled_similarity(runs: Sequence[Sequence[T]], read: Callable[[Sequence[T]], list[np.ndarray]],
+                       seed: int = 0, sample: int = 12) -> tuple[float, float]:
+    """:func:`consecutive_similarity` of three consecutive slices from each of up to ``sample`` seeded ``runs``.
+
+    ``read`` turns three items of a run into their planes (an empty list: unreadable, left out). The fingerprint
+    (rule 10) and ingest (``--group-by auto``) judge stacks by this one sample.
+    """
+    rng = np.random.default_rng(seed)
+    picked = [runs[int(i)] for i in np.sort(rng.permutation(len(runs))[:sample])]
+    planes = []
+    for run in picked:
+        start = int(rng.integers(len(run) - 2))
+        planes.append(read(run[start:start + 3]))
+    return consecutive_similarity(planes, rng)
 
 
 def consecutive_similarity(stacks: Sequence[Sequence[np.ndarray]], rng: np.random.Generator,

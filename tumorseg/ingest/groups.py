@@ -22,6 +22,7 @@ unrelated images numbered 1..N) are not merged into one group; nor are three or 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -55,21 +56,18 @@ def stack_name(run: list[dict[str, Any]]) -> str:
 
 
 def adjacent_similarity(runs: list[list[dict[str, Any]]], root: Path) -> tuple[float, float]:
-    """Median correlation of adjacent slices and of unrelated ones in a seeded sample of ``runs``."""
-    from tumorseg.context import consecutive_similarity
+    """Median correlation of adjacent slices and of unrelated ones in a seeded sample of ``runs`` (the plan's)."""
+    from tumorseg.context import sampled_similarity
     from tumorseg.imageio import DecodeError, decode, read_bytes, slice_of
 
-    rng = np.random.default_rng(0)
-    picked = [runs[int(i)] for i in np.sort(rng.permutation(len(runs))[:SAMPLE_STACKS])]
-    planes: list[list[np.ndarray]] = []
-    for run in picked:
-        start = int(rng.integers(len(run) - 2))
+    def read(rows: Sequence[dict[str, Any]]) -> list[np.ndarray]:
+        paths = [root / str(r["image"]).split("|")[0] for r in rows]
         try:
-            paths = [root / str(r["image"]).split("|")[0] for r in run[start:start + 3]]
-            planes.append([slice_of(decode(read_bytes(p), p), -1, 2).astype(np.float32) for p in paths])
+            return [slice_of(decode(read_bytes(p), p), -1, 2).astype(np.float32) for p in paths]
         except DecodeError:  # (inspection read them already; a file changed meanwhile is not a slice to judge)
-            continue
-    return consecutive_similarity(planes, rng)
+            return []
+
+    return sampled_similarity(runs, read, sample=SAMPLE_STACKS)
 
 
 def stack_groups(rows: list[dict[str, Any]], cfg: IngestConfig, root: Path) -> str | None:

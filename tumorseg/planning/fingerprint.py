@@ -9,6 +9,7 @@ images read through the one case reader.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -334,7 +335,7 @@ def slice_stacks(info: ManifestInfo, train: pd.DataFrame, source: str, seed: int
 
     Three consecutive slices are read from each of up to ``sample`` stacks.
     """
-    from tumorseg.context import SliceStacks, consecutive_similarity
+    from tumorseg.context import SliceStacks, sampled_similarity
     from tumorseg.data import CaseReader
 
     stacks = SliceStacks.from_frame(train)
@@ -342,16 +343,13 @@ def slice_stacks(info: ManifestInfo, train: pd.DataFrame, source: str, seed: int
     runs = [r for r in stacks.runs if len(r) >= 3]
     if not runs:
         return {}
-    rng = np.random.default_rng(seed)
-    picked = [runs[int(i)] for i in np.sort(rng.permutation(len(runs))[:sample])]
     index = {str(c): i for i, c in enumerate(train["case_id"])}
     reader = CaseReader(info, source)
-    planes = []
-    for run in picked:
-        start = int(rng.integers(len(run) - 2))
-        rows = train.iloc[[index[c] for c in run[start:start + 3]]]
-        planes.append([c.image for c in reader.read_all(rows, workers=1)])
-    adjacent, unrelated = consecutive_similarity(planes, rng)
+
+    def read(ids: Sequence[str]) -> list[np.ndarray]:
+        return [c.image for c in reader.read_all(train.iloc[[index[c] for c in ids]], workers=1)]
+
+    adjacent, unrelated = sampled_similarity(runs, read, seed, sample)
     return {**out, "adjacent": round(adjacent, 4), "unrelated": round(unrelated, 4)}
 
 
