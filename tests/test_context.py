@@ -424,19 +424,47 @@ def test_ingest_makes_each_confirmed_stack_of_numbered_slices_one_group(tmp_path
 
 
 def test_stacks_stay_per_case_groups_unless_confirmed_and_numerous(tmp_path: Path) -> None:
-    """Numbered files that are not neighbours, and too few stacks, keep per-case groups; a gap ends a group."""
+    """Numbered files that are not neighbours, and too few stacks, keep per-case groups; a gap is bridged."""
     write_stacks(tmp_path / "noise", patients=12, slices=6, anatomy=False)
     assert _ingest(tmp_path / "noise", tmp_path / "dm", "noise")["group"].nunique() == 72
     write_stacks(tmp_path / "few", patients=9, slices=6, anatomy=True)  # under MIN_STACKS: 9 groups, no split
     assert _ingest(tmp_path / "few", tmp_path / "dm", "few")["group"].nunique() == 54
     write_stacks(tmp_path / "gap", patients=12, slices=8, anatomy=True, skip=4)  # 1-3 and 5-8
     df = _ingest(tmp_path / "gap", tmp_path / "dm", "gap")
-    assert df["group"].nunique() == 24
-    assert set(df.loc[df["case_id"].str.startswith("pat00/"), "group"]) == {"pat00/pat00_1-3", "pat00/pat00_5-8"}
+    # a missing slice does not cut a patient in two (the slices either side are still neighbours) ...
+    assert df["group"].nunique() == 12 and (df.groupby("group")["split"].nunique() == 1).all()
+    assert set(df.loc[df["case_id"].str.startswith("pat00/"), "group"]) == {"pat00/pat00_1-8"}
+    # ... but slice context stops at the gap
+    assert sorted({len(run) for run in SliceStacks.from_frame(df).runs}) == [3, 4]
     # the same images again: the same manifest, byte for byte
     _ingest(tmp_path / "gap", tmp_path / "dm2", "gap")
     assert (tmp_path / "dm" / "gap" / "manifest.csv").read_bytes() == \
         (tmp_path / "dm2" / "gap" / "manifest.csv").read_bytes()
+
+
+def test_volumes_numbered_on_in_one_folder_are_one_group_each(tmp_path: Path) -> None:
+    """One folder, one prefix, each volume's slices numbered from its own offset: a gap between two volumes
+    separates them (their edge slices are unrelated), a missing slice within one does not."""
+    from tumorseg.imageio import write_mask_png, write_png
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:32, 0:32]
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for p in range(12):
+        cy, cx = rng.uniform(8, 20), 8 + 16 * (p % 2)  # each volume's structure far from the last one's
+        for z in range(8):
+            if p == 5 and z == 4:
+                continue  # a slice missing from volume 5
+            blob = np.exp(-((yy - cy - 0.5 * z) ** 2 + (xx - cx) ** 2) / 40.0)
+            write_png(folder / f"slice_{100 * p + z}.png",
+                      np.clip(255 * blob + rng.normal(0, 4, (32, 32)), 0, 255).astype(np.uint8))
+            mask = np.zeros((32, 32), np.uint8)
+            mask[12:18, 12:18] = z % 2
+            write_mask_png(folder / f"slice_{100 * p + z}_mask.png", mask)
+    df = _ingest(folder, tmp_path / "dm", "flat")
+    assert set(df["group"]) == {f"slice_{100 * p}-{100 * p + 7}" for p in range(12)}
+    assert (df.groupby("group")["split"].nunique() == 1).all()
 
 
 def test_a_layout_every_slice_shares_is_not_similarity() -> None:

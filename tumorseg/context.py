@@ -58,26 +58,26 @@ def ordered_runs(members: Iterable[tuple[Hashable, T, int]]) -> list[list[T]]:
 
     A gap in the positions ends a run; items sharing a position (ambiguous order) are left out.
     """
+    return [run for _, run in keyed_runs(members) if len(run) > 1]
+
+
+def keyed_runs(members: Iterable[tuple[Hashable, T, int]]) -> list[tuple[Hashable, list[T]]]:
+    """:func:`ordered_runs` with each run's key, single items included, the runs of a key in turn."""
     by_key: dict[Hashable, dict[int, list[T]]] = defaultdict(lambda: defaultdict(list))
     for key, item, pos in members:
         by_key[key][pos].append(item)
-    runs: list[list[T]] = []
-    for positions in by_key.values():
-        run: list[T] = []
+    runs: list[tuple[Hashable, list[T]]] = []
+    for key, positions in by_key.items():
         last = None
         for pos in sorted(positions):
             items = positions[pos]
-            if len(items) != 1 or (last is not None and pos != last + 1):
-                if len(run) > 1:
-                    runs.append(run)
-                run = []
-            if len(items) == 1:
-                run.append(items[0])
-                last = pos
-            else:
+            if len(items) != 1:  # ambiguous order: left out, and it ends the run
                 last = None
-        if len(run) > 1:
-            runs.append(run)
+                continue
+            if last is None or pos != last + 1:
+                runs.append((key, []))
+            runs[-1][1].append(items[0])
+            last = pos
     return runs
 
 
@@ -140,13 +140,18 @@ class SliceStacks:
 
 def path_stacks(paths: Sequence[Any]) -> list[list[int]]:
     """Ordered stacks among input files (indices into ``paths``), by folder and trailing slice number."""
+    return ordered_runs(path_members(paths))
+
+
+def path_members(paths: Sequence[Any]) -> list[tuple[Hashable, int, int]]:
+    """``(folder, prefix and extension; index into paths; slice number)`` of each numbered file in ``paths``."""
     members: list[tuple[Hashable, int, int]] = []
     for i, p in enumerate(paths):
         path = PurePosixPath(str(p))
         parsed = slice_number(path.name)
         if parsed is not None:
             members.append(((str(path.parent), parsed[0], split_ext(path.name)[1]), i, parsed[1]))
-    return ordered_runs(members)
+    return members
 
 
 def stack_planes(planes: Sequence[np.ndarray], k: int, channels: int) -> list[np.ndarray]:
@@ -179,8 +184,39 @@ def centre(image: np.ndarray, k: int) -> np.ndarray:
     return image[k * c:(k + 1) * c]
 
 
+@dataclass(frozen=True)
+class Neighbours:
+    """What a seeded sample of numbered slices says about their order (:func:`sampled_similarity`).
+
+    Attributes:
+        adjacent: the median correlation of consecutive slices.
+        unrelated: the median correlation of slices of different stacks (or far apart in one).
+        shared: the sample's mean thumbnail, taken from every thumbnail compared (``None``: nothing read).
+    """
+
+    adjacent: float
+    unrelated: float
+    shared: np.ndarray | None = None
+
+    @property
+    def ordered(self) -> bool:
+        """Whether the numbers follow the anatomy: adjacent slices correlate :data:`ADJACENT_MARGIN` more."""
+        return self.adjacent - self.unrelated >= ADJACENT_MARGIN
+
+    def across_gap(self, before: np.ndarray, after: np.ndarray) -> bool:
+        """Whether the planes either side of a gap in the numbers are still neighbours (a missing slice).
+
+        They are where they correlate nearer the adjacent median than the unrelated one; the edge slices of
+        two volumes numbered on in one folder correlate as unrelated slices do.
+        """
+        if self.shared is None:
+            return False
+        r = _corr(_thumb(before) - self.shared, _thumb(after) - self.shared)
+        return r >= (self.adjacent + self.unrelated) / 2
+
+
 def sampled_similarity(runs: Sequence[Sequence[T]], read: Callable[[Sequence[T]], list[np.ndarray]],
-                       seed: int = 0, sample: int = 12) -> tuple[float, float]:
+                       seed: int = 0, sample: int = 12) -> Neighbours:
     """:func:`consecutive_similarity` of three consecutive slices from each of up to ``sample`` seeded ``runs``.
 
     ``read`` turns three items of a run into their planes (an empty list: unreadable, left out). The fingerprint
@@ -192,7 +228,7 @@ def sampled_similarity(runs: Sequence[Sequence[T]], read: Callable[[Sequence[T]]
     for run in picked:
         start = int(rng.integers(len(run) - 2))
         planes.append(read(run[start:start + 3]))
-    return consecutive_similarity(planes, rng)
+    return _similarity(planes, rng)
 
 
 def consecutive_similarity(stacks: Sequence[Sequence[np.ndarray]], rng: np.random.Generator,
@@ -205,9 +241,14 @@ def consecutive_similarity(stacks: Sequence[Sequence[np.ndarray]], rng: np.rando
     background) is not similarity between two slices, else unrelated brain slices would correlate almost as
     much as neighbours.
     """
+    found = _similarity(stacks, rng, pairs)
+    return found.adjacent, found.unrelated
+
+
+def _similarity(stacks: Sequence[Sequence[np.ndarray]], rng: np.random.Generator, pairs: int = 32) -> Neighbours:
     thumbs = [[_thumb(p) for p in s] for s in stacks if len(s) >= 2]
     if not thumbs:
-        return float("nan"), float("nan")
+        return Neighbours(float("nan"), float("nan"))
     shared = np.mean([t for s in thumbs for t in s], axis=0)
     thumbs = [[t - shared for t in s] for s in thumbs]
     near, far = [], []
@@ -219,7 +260,7 @@ def consecutive_similarity(stacks: Sequence[Sequence[np.ndarray]], rng: np.rando
         a, b = (flat[int(x)] for x in rng.integers(len(flat), size=2))
         if a[0] != b[0] or abs(a[1] - b[1]) > 2:
             far.append(_corr(thumbs[a[0]][a[1]], thumbs[b[0]][b[1]]))
-    return float(np.median(near)), float(np.median(far)) if far else float("nan")
+    return Neighbours(float(np.median(near)), float(np.median(far)) if far else float("nan"), shared)
 
 
 def _thumb(plane: np.ndarray) -> np.ndarray:

@@ -14,21 +14,24 @@ stack one group where the files are such slices:
   own test for slice context).
 
 Each stack (a run of consecutive numbers) becomes one group, named by its folder, prefix and slice
-range. A gap in the numbers ends a stack, so files that only share a folder (a class folder of
-unrelated images numbered 1..N) are not merged into one group; nor are three or four huge stacks
+range. A gap in the numbers (a slice file missing from a patient's folder) stays inside the group
+where the slices either side still correlate like neighbours (:meth:`tumorseg.context.Neighbours.
+across_gap`), else it separates two groups (volumes numbered on in one folder). Unconfirmed files
+(a class folder of unrelated images numbered 1..N) are not merged; nor are three or four huge stacks
 (:data:`MIN_STACKS`), where a split would have no groups to choose from.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from tumorseg.config import IngestConfig
+from tumorseg.context import Neighbours, sampled_similarity
 
 MIN_STACKS = 10
 """``--group-by auto`` makes stacks groups only where there are at least this many: each split needs several."""
@@ -40,8 +43,13 @@ def numbered_stacks(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """The ordered stacks (runs of three or more) among the 2D files of ``rows`` that are each their own group."""
     from tumorseg.context import path_stacks
 
-    files = [r for r in rows if int(r["slice_index"]) < 0 and "depth" not in r and r["group"] == r["case_id"]]
+    files = _own_files(rows)
     return [[files[i] for i in run] for run in path_stacks([r["image"] for r in files]) if len(run) >= 3]
+
+
+def _own_files(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The 2D files of ``rows`` that are each their own group (what stacks may be found among)."""
+    return [r for r in rows if int(r["slice_index"]) < 0 and "depth" not in r and r["group"] == r["case_id"]]
 
 
 def stack_name(run: list[dict[str, Any]]) -> str:
@@ -55,9 +63,20 @@ def stack_name(run: list[dict[str, Any]]) -> str:
     return f"{'' if parent == '.' else parent + '/'}{a[0]}{a[1]}-{b[1]}"
 
 
-def adjacent_similarity(runs: list[list[dict[str, Any]]], root: Path) -> tuple[float, float]:
-    """Median correlation of adjacent slices and of unrelated ones in a seeded sample of ``runs`` (the plan's)."""
-    from tumorseg.context import sampled_similarity
+def numbered_segments(rows: list[dict[str, Any]]) -> list[tuple[Hashable, list[dict[str, Any]]]]:
+    """The runs of consecutive numbers (of any length) among the 2D files of ``rows`` that are their own group.
+
+    Each run with its key (folder, prefix and extension), in slice order, the runs of one key in turn with a gap
+    between each (:func:`tumorseg.context.keyed_runs`).
+    """
+    from tumorseg.context import keyed_runs, path_members
+
+    files = _own_files(rows)
+    return [(key, [files[i] for i in run]) for key, run in keyed_runs(path_members([r["image"] for r in files]))]
+
+
+def _reader(root: Path) -> Callable[[Sequence[dict[str, Any]]], list[np.ndarray]]:
+    """Rows -> their images as ``(C, H, W)`` float planes (an empty list where one no longer decodes)."""
     from tumorseg.imageio import DecodeError, decode, read_bytes, slice_of
 
     def read(rows: Sequence[dict[str, Any]]) -> list[np.ndarray]:
@@ -67,32 +86,53 @@ def adjacent_similarity(runs: list[list[dict[str, Any]]], root: Path) -> tuple[f
         except DecodeError:  # (inspection read them already; a file changed meanwhile is not a slice to judge)
             return []
 
-    return sampled_similarity(runs, read, sample=SAMPLE_STACKS)
+    return read
+
+
+def bridged(segments: list[tuple[Hashable, list[dict[str, Any]]]], near: Neighbours,
+            read: Callable[[Sequence[dict[str, Any]]], list[np.ndarray]]) -> list[list[dict[str, Any]]]:
+    """Runs of one key joined across each gap where the slices either side are still neighbours."""
+    out: list[tuple[Hashable, list[dict[str, Any]]]] = []
+    for key, seg in segments:
+        if out and out[-1][0] == key:
+            planes = read([out[-1][1][-1], seg[0]])
+            if len(planes) == 2 and near.across_gap(*planes):
+                out[-1][1].extend(seg)
+                continue
+        out.append((key, list(seg)))
+    return [seg for _, seg in out]
 
 
 def stack_groups(rows: list[dict[str, Any]], cfg: IngestConfig, root: Path) -> str | None:
     """``--group-by auto``: each confirmed stack of numbered slices becomes one group (``rows`` in place).
 
+    A gap in the numbers joins the slices either side into one group where they are still neighbours (a slice
+    file missing from a patient's folder), so a patient is not cut in two; otherwise (two volumes numbered on
+    in one folder) each run is its own group. Slice context still stops at the gap (:class:`SliceStacks`).
     Returns what was done (one line for the log), or ``None`` where the rows are left as they are.
     """
-    from tumorseg.context import ADJACENT_MARGIN
-
     if cfg.group_by != "auto" or cfg.group_pattern:
         return None
     runs = numbered_stacks(rows)
     covered = sum(len(run) for run in runs)
     if len(runs) < MIN_STACKS or 2 * covered < len(rows):
         return None
-    adjacent, unrelated = adjacent_similarity(runs, root)
-    if not adjacent - unrelated >= ADJACENT_MARGIN:
+    read = _reader(root)
+    near = sampled_similarity(runs, read, sample=SAMPLE_STACKS)
+    if not near.ordered:
         return None
-    for run in runs:
-        name = stack_name(run)
-        for r in run:
-            r["group"] = name
+    segments = numbered_segments(rows)
+    stacks = bridged(segments, near, read)
+    for stack in stacks:
+        if len(stack) > 1:
+            name = stack_name(stack)
+            for r in stack:
+                r["group"] = name
+    gaps = len(segments) - len(stacks)
+    bridges = f"; {gaps} gap(s) in the numbers bridged, the slices either side being neighbours" if gaps else ""
     return (f"{covered} of {len(rows)} images are numbered slices of {len(runs)} stacks (adjacent slices "
-            f"correlate {adjacent:.2f}, unrelated {unrelated:.2f}): each stack is one group, e.g. "
-            f"{stack_name(runs[0])} (--group-by auto; --group-by case keeps each image its own group)")
+            f"correlate {near.adjacent:.2f}, unrelated {near.unrelated:.2f}): each stack is one group, e.g. "
+            f"{stack_name(runs[0])}{bridges} (--group-by auto; --group-by case keeps each image its own group)")
 
 
 def ungrouped_slices(rows: list[dict[str, Any]], cfg: IngestConfig) -> str | None:

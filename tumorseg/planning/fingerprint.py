@@ -349,8 +349,8 @@ def slice_stacks(info: ManifestInfo, train: pd.DataFrame, source: str, seed: int
     def read(ids: Sequence[str]) -> list[np.ndarray]:
         return [c.image for c in reader.read_all(train.iloc[[index[c] for c in ids]], workers=1)]
 
-    adjacent, unrelated = sampled_similarity(runs, read, seed, sample)
-    return {**out, "adjacent": round(adjacent, 4), "unrelated": round(unrelated, 4)}
+    found = sampled_similarity(runs, read, seed, sample)
+    return {**out, "adjacent": round(found.adjacent, 4), "unrelated": round(found.unrelated, 4)}
 
 
 def natural(train: pd.DataFrame) -> bool:
