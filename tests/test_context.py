@@ -442,29 +442,40 @@ def test_stacks_stay_per_case_groups_unless_confirmed_and_numerous(tmp_path: Pat
         (tmp_path / "dm2" / "gap" / "manifest.csv").read_bytes()
 
 
-def test_volumes_numbered_on_in_one_folder_are_one_group_each(tmp_path: Path) -> None:
-    """One folder, one prefix, each volume's slices numbered from its own offset: a gap between two volumes
-    separates them (their edge slices are unrelated), a missing slice within one does not."""
+def write_numbered_on(folder: Path, offset: int, alike: bool) -> None:
+    """12 volumes of 8 slices as ``folder/slice_<offset * p + z>.png`` (+ masks); volume 5 misses slice 4.
+
+    ``alike``: one structure drifting on from volume to volume (each volume's first slice looks like a neighbour of
+    the last one's last), else each volume's far from the last one's.
+    """
     from tumorseg.imageio import write_mask_png, write_png
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:32, 0:32]
-    folder = tmp_path / "flat"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     for p in range(12):
-        cy, cx = rng.uniform(8, 20), 8 + 16 * (p % 2)  # each volume's structure far from the last one's
+        cy, cx = rng.uniform(8, 20), 8 + 16 * (p % 2)
         for z in range(8):
             if p == 5 and z == 4:
-                continue  # a slice missing from volume 5
-            blob = np.exp(-((yy - cy - 0.5 * z) ** 2 + (xx - cx) ** 2) / 40.0)
-            write_png(folder / f"slice_{100 * p + z}.png",
+                continue
+            centre = (16.0, 4 + 2 * p + 0.25 * z) if alike else (cy + 0.5 * z, cx)
+            blob = np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / 40.0)
+            write_png(folder / f"slice_{offset * p + z}.png",
                       np.clip(255 * blob + rng.normal(0, 4, (32, 32)), 0, 255).astype(np.uint8))
             mask = np.zeros((32, 32), np.uint8)
             mask[12:18, 12:18] = z % 2
-            write_mask_png(folder / f"slice_{100 * p + z}_mask.png", mask)
-    df = _ingest(folder, tmp_path / "dm", "flat")
-    assert set(df["group"]) == {f"slice_{100 * p}-{100 * p + 7}" for p in range(12)}
-    assert (df.groupby("group")["split"].nunique() == 1).all()
+            write_mask_png(folder / f"slice_{offset * p + z}_mask.png", mask)
+
+
+def test_volumes_numbered_on_in_one_folder_are_one_group_each(tmp_path: Path) -> None:
+    """One folder and prefix, each volume numbered from its own offset. A missing slice within a volume is
+    bridged; the gap between two volumes is not: unrelated edge slices across a short gap, or a gap longer than
+    the runs either side however alike the edges look."""
+    for offset, alike in ((10, False), (100, True)):
+        write_numbered_on(tmp_path / f"flat{offset}", offset, alike)
+        df = _ingest(tmp_path / f"flat{offset}", tmp_path / "dm", f"flat{offset}")
+        assert set(df["group"]) == {f"slice_{offset * p}-{offset * p + 7}" for p in range(12)}
+        assert (df.groupby("group")["split"].nunique() == 1).all()
 
 
 def test_a_layout_every_slice_shares_is_not_similarity() -> None:

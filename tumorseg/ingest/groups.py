@@ -14,9 +14,9 @@ stack one group where the files are such slices:
   own test for slice context).
 
 Each stack (a run of consecutive numbers) becomes one group, named by its folder, prefix and slice
-range. A gap in the numbers (a slice file missing from a patient's folder) stays inside the group
-where the slices either side still correlate like neighbours (:meth:`tumorseg.context.Neighbours.
-across_gap`), else it separates two groups (volumes numbered on in one folder). Unconfirmed files
+range. A gap in the numbers (slice files missing from a patient's folder) stays inside the group
+where it is shorter than the runs either side and the slices either side still correlate like
+neighbours (:func:`bridged`), else it separates two groups (volumes numbered on in one folder). Unconfirmed files
 (a class folder of unrelated images numbered 1..N) are not merged; nor are three or four huge stacks
 (:data:`MIN_STACKS`), where a split would have no groups to choose from.
 """
@@ -91,14 +91,29 @@ def _reader(root: Path) -> Callable[[Sequence[dict[str, Any]]], list[np.ndarray]
 
 def bridged(segments: list[tuple[Hashable, list[dict[str, Any]]]], near: Neighbours,
             read: Callable[[Sequence[dict[str, Any]]], list[np.ndarray]]) -> list[list[dict[str, Any]]]:
-    """Runs of one key joined across each gap where the slices either side are still neighbours."""
+    """Runs of one key joined across each gap of missing slices.
+
+    A gap is bridged where fewer numbers are missing than the shorter run either side holds, and the slices
+    either side are still neighbours. A gap of hundreds of numbers between two volumes numbered on in one folder
+    is no missing slice, however alike their edge slices look.
+    """
+    from tumorseg.context import slice_number
+
+    def number(row: dict[str, Any]) -> int:
+        parsed = slice_number(PurePosixPath(str(row["image"])).name)
+        assert parsed is not None  # numbered_segments found it by its number
+        return parsed[1]
+
     out: list[tuple[Hashable, list[dict[str, Any]]]] = []
     for key, seg in segments:
         if out and out[-1][0] == key:
-            planes = read([out[-1][1][-1], seg[0]])
-            if len(planes) == 2 and near.across_gap(*planes):
-                out[-1][1].extend(seg)
-                continue
+            before = out[-1][1]
+            missing = number(seg[0]) - number(before[-1]) - 1
+            if missing < min(len(before), len(seg)):
+                planes = read([before[-1], seg[0]])
+                if len(planes) == 2 and near.across_gap(*planes):
+                    before.extend(seg)
+                    continue
         out.append((key, list(seg)))
     return [seg for _, seg in out]
 
@@ -106,9 +121,10 @@ def bridged(segments: list[tuple[Hashable, list[dict[str, Any]]]], near: Neighbo
 def stack_groups(rows: list[dict[str, Any]], cfg: IngestConfig, root: Path) -> str | None:
     """``--group-by auto``: each confirmed stack of numbered slices becomes one group (``rows`` in place).
 
-    A gap in the numbers joins the slices either side into one group where they are still neighbours (a slice
-    file missing from a patient's folder), so a patient is not cut in two; otherwise (two volumes numbered on
-    in one folder) each run is its own group. Slice context still stops at the gap (:class:`SliceStacks`).
+    A short gap in the numbers joins the slices either side into one group where they are still neighbours
+    (slice files missing from a patient's folder, :func:`bridged`), so a patient is not cut in two; otherwise
+    (two volumes numbered on in one folder) each run is its own group. Slice context still stops at the gap
+    (:class:`tumorseg.context.SliceStacks`).
     Returns what was done (one line for the log), or ``None`` where the rows are left as they are.
     """
     if cfg.group_by != "auto" or cfg.group_pattern:
