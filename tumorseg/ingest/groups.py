@@ -148,7 +148,7 @@ def stack_groups(rows: list[dict[str, Any]], cfg: IngestConfig, root: Path) -> s
     bridges = f"; {gaps} gap(s) in the numbers bridged, the slices either side being neighbours" if gaps else ""
     return (f"{covered} of {len(rows)} images are numbered slices of {len(runs)} stacks (adjacent slices "
             f"correlate {near.adjacent:.2f}, unrelated {near.unrelated:.2f}): each stack is one group, e.g. "
-            f"{stack_name(runs[0])}{bridges} (--group-by auto; --group-by case keeps each image its own group)")
+            f"{runs[0][0]['group']}{bridges} (--group-by auto; --group-by case keeps each image its own group)")
 
 
 def ungrouped_slices(rows: list[dict[str, Any]], cfg: IngestConfig) -> str | None:
