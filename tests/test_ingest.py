@@ -632,6 +632,37 @@ def test_only_non_image_files_is_an_error(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_a_file_name_not_in_utf8_is_a_rejected_row(tmp_path: Path) -> None:
+    """A name in an older encoding (undecodable bytes) cannot go into a CSV or MLflow: a rejected row, not a crash."""
+    data = tmp_path / "data"
+    for i in range(4):
+        pair(data, f"p{i}", i)
+    for name, like in ((b"bad\xff.png", "p0.png"), (b"bad\xff_mask.png", "p0_mask.png")):
+        (data / os.fsdecode(name)).write_bytes((data / like).read_bytes())
+    res = ingest(data, out=tmp_path / "out", fractions=(1.0, 0.0, 0.0))
+    assert len(rows_of(res)) == 4
+    rejected = rejected_of(res)
+    reason = rejected["bad\\xff.png"]
+    assert reason.startswith("file name is not valid UTF-8") and "rename it" in reason
+    assert "bad\\xff_mask.png" in rejected
+
+
+def test_a_volume_without_its_label_is_told_the_label_name_it_needs(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    images, labels = tmp_path / "imagesTr", tmp_path / "labelsTr"
+    for d in (images, labels):
+        d.mkdir()
+    vol = np.random.default_rng(0).random((8, 8, 6)).astype(np.float32)
+    for stem in ("a", "b"):
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), images / f"{stem}.nii.gz")
+    lab = np.zeros((8, 8, 6), np.uint8)
+    lab[2:5, 2:5, 2:4] = 1
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), labels / "a.nii.gz")
+    res = ingest(images, labels, out=tmp_path / "out", fractions=(1.0, 0.0, 0.0))
+    assert "'b_mask.nii.gz' or 'b.nii.gz' in" in rejected_of(res)["imagesTr/b.nii.gz"]
+
+
 def _cli(args: list[str]) -> Any:
     from tumorseg.cli import app
 
@@ -689,6 +720,37 @@ def test_cli_empty_folder(tmp_path: Path) -> None:
     result = _cli(["ingest", str(tmp_path / "afile"), "--name", "x", "--out-dir", str(tmp_path / "out")])
     _assert_one_line_error(result, "is not a folder")
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_a_tracking_store_it_cannot_log_to_before_any_work(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ./mlruns file store (refused by MLflow 3.13+), a file that is no database: one line, nothing written."""
+    data = tmp_path / "data"
+    pair(data, "a", 1)
+    out = tmp_path / "out"
+    for uri in ("./mlruns", f"file://{tmp_path}/mlruns"):
+        result = _cli(["ingest", str(data), "--name", "t", "--out-dir", str(out), "--tracking-uri", uri])
+        _assert_one_line_error(result, f"tracking URI {uri}: a file store")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "mlruns")
+    result = _cli(["ingest", str(data), "--name", "t", "--out-dir", str(out)])
+    _assert_one_line_error(result, "tracking URI mlruns: a file store")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n")
+    result = _cli(["ingest", str(data), "--name", "t", "--out-dir", str(out), "--tracking-uri", f"sqlite:///{notes}"])
+    _assert_one_line_error(result, f"{notes} is not an SQLite database")
+    assert notes.read_text() == "not a database\n" and not out.exists()
+
+
+def test_cli_output_folder_that_is_a_file_is_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    pair(data, "a", 1)
+    (tmp_path / "afile").write_text("x")
+    result = _cli(["ingest", str(data), "--name", "t", "--out-dir", str(tmp_path / "afile"), "--workers", "1"])
+    _assert_one_line_error(result, "a file stands where a folder is needed")
+    assert str(tmp_path / "afile") in result.stderr
+    result = _cli(["synth", str(tmp_path / "afile"), "--n", "2", "--size", "16"])
+    _assert_one_line_error(result, "a file stands where a folder is needed")
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 def test_cli_group_by_folder_needs_recursive(tmp_path: Path) -> None:

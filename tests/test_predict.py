@@ -363,4 +363,17 @@ def test_input_and_model_errors(env: dict[str, Any], tmp_path: Path) -> None:
     _one_line_exit_2([str(corrupt), wide, out], r"corrupt or not a tumorseg checkpoint")
     _one_line_exit_2([str(env["bad_channels"]), wide, out], r"model takes 2 channel")
     _one_line_exit_2([str(tmp_path / "missing.pt"), wide, out], r"model not found")
+    for bad in ("127", "-1", "nan"):  # a pixel value or a percentage for a probability
+        _one_line_exit_2([ckpt, wide, out, "--threshold", bad], r"threshold")
+    nan = tmp_path / "nan.tif"
+    plane = env["plane"].astype(np.float32)
+    plane[3, 4] = np.nan
+    import tifffile
+
+    tifffile.imwrite(nan, plane)
+    _one_line_exit_2([ckpt, str(nan), out], r"nan\.tif: 1 NaN or infinite value\(s\); replace them")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / os.fsdecode(b"scan\xe9.png")).write_bytes(Path(wide).read_bytes())  # Latin-1 bytes in the name
+    _one_line_exit_2([ckpt, str(odd), out], r"scan\\xe9\.png: file name is not valid UTF-8")
     assert not any(Path(out).glob("*.png"))

@@ -254,6 +254,23 @@ def test_bad_config_key_is_one_line(manifest: Path, tmp_path: Path) -> None:
     _one_line_error(code, err, "missing.yaml", "not found")
 
 
+def test_train_takes_the_manifest_csv_for_its_folder(manifest: Path, tmp_path: Path) -> None:
+    """``train data_manifest/NAME/manifest.csv`` trains on that manifest, as plan and evaluate take it."""
+    args = ["train", str(manifest / "manifest.csv"), *[f"--set={s}" for s in TINY], "--set", "epochs=1",
+            "--set", "run_name=csv", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "csv" / "best.pt").is_file()
+
+
+def test_an_untrackable_uri_stops_train_before_any_work(manifest: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "./mlruns")
+    code, err = _cli(["train", str(manifest), *[f"--set={s}" for s in TINY], "--out", str(tmp_path / "runs")])
+    _one_line_error(code, err, "tracking URI ./mlruns", "file store", "sqlite:///")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_missing_manifest_is_one_line(tmp_path: Path) -> None:
     code, err = _cli(["train", str(tmp_path / "data_manifest" / "nope")])
     _one_line_error(code, err, "manifest not found", "tumorseg ingest")

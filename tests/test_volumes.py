@@ -561,6 +561,10 @@ def test_the_pyfunc_model_takes_volumes_by_rank(trained: tuple[Path, Path, Path]
     assert not single and len(batch) == 2
     with pytest.raises(TumorsegError, match=r"\(N, C, D, H, W\)"):
         as_images(np.zeros((2, 2, 2, 2, 2, 2)), 1, spatial=3)
+    holed = vol.copy()
+    holed[1, 2, 3] = np.inf
+    with pytest.raises(TumorsegError, match=r"1 NaN or infinite value\(s\)"):
+        as_images(holed, 1, spatial=3)
     model = TumorsegPyfunc()
     model.segmenter = Segmenter.from_checkpoint(run_dir / "best.pt", device="cpu")
     mask = model.predict(None, vol)

@@ -26,8 +26,9 @@ from tumorseg.config import (
     TrainConfig,
     build_config,
 )
-from tumorseg.errors import ExitCode, TumorsegError
+from tumorseg.errors import ExitCode, TumorsegError, filesystem_refusal
 from tumorseg.labels import parse_labels, parse_regions
+from tumorseg.tracking import check_uri, resolve_tracking_uri
 
 app = typer.Typer(
     name="tumorseg",
@@ -55,7 +56,7 @@ Device = Annotated[str, typer.Option("--device", help="auto | cuda | cpu")]
 
 
 def user_errors(fn: F) -> F:
-    """Turn our user errors into one line on stderr and a non-zero exit code."""
+    """Turn our user errors, and the file system's refusals a user can fix, into one line and a non-zero exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -64,6 +65,11 @@ def user_errors(fn: F) -> F:
         except TumorsegError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            if (line := filesystem_refusal(exc)) is None:
+                raise
+            typer.echo(f"error: {line}", err=True)
+            raise typer.Exit(ExitCode.CONFIG) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(ExitCode.INTERRUPTED) from None
@@ -72,6 +78,7 @@ def user_errors(fn: F) -> F:
 
 
 def _tracking(uri: str | None, experiment: str) -> TrackingConfig:
+    check_uri(resolve_tracking_uri(uri))  # before the stage does any work
     return TrackingConfig(uri=uri, experiment=experiment)
 
 
@@ -142,9 +149,7 @@ def ingest(
         "--pairs", help="CSV listing the cases instead of folders: columns image,mask[,group][,split], paths "
                         "relative to the CSV")] = None,
     out_dir: Annotated[Path, typer.Option("--out-dir", help="where manifests live")] = Path("data_manifest"),
-    mask_suffix: Annotated[
-        str, typer.Option(help="stem suffix that marks a mask (x_mask.png, x_mask_1.png)")
-    ] = "_mask",
+    mask_suffix: Annotated[str, typer.Option(help="stem suffix marking a mask (x_mask.png, x_mask_1.png)")] = "_mask",
     recursive: Annotated[bool, typer.Option("--recursive", help="walk subfolders")] = False,
     group_pattern: Annotated[
         str | None, typer.Option(help="regex on the relative path; group 1 is the patient")
@@ -176,8 +181,7 @@ def ingest(
     cfg = build_config(
         IngestConfig,
         dict(images_dir=images_dir, masks_dir=masks_dir, pairs=pairs, name=name, out_dir=out_dir,
-             mask_suffix=mask_suffix,
-             recursive=recursive, group_pattern=group_pattern, group_by=group_by,
+             mask_suffix=mask_suffix, recursive=recursive, group_pattern=group_pattern, group_by=group_by,
              fractions=_parse_fractions(fractions), seed=seed, folds=folds, mask_threshold=mask_threshold,
              labels=parse_labels(labels) if labels is not None else None,
              regions=parse_regions(regions) if regions is not None else None,

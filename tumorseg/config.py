@@ -415,6 +415,6 @@ class PredictConfig(StrictModel):
     tta: bool | None = Field(default=None, description="mirroring TTA; default: what the model chose on val")
     batch_size: int = Field(default=16, ge=1)
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    threshold: float | None = None
+    threshold: float | None = Field(default=None, gt=0, lt=1, description="a probability; default: the model's")
     slice_axis: int = Field(default=2, ge=0, le=2)
     tracking: TrackingConfig = TrackingConfig()

@@ -85,7 +85,8 @@ def as_images(array: Any, in_channels: int, spatial: int = 2) -> tuple[list[np.n
         The images and whether the input was a single image.
 
     Raises:
-        TumorsegError: not numeric, another rank, an empty image or a channel count the model cannot use.
+        TumorsegError: not numeric, another rank, an empty image, NaN or infinite values, or a channel count the
+            model cannot use.
     """
     try:
         arr = np.asarray(array, dtype=np.float32)
@@ -98,6 +99,9 @@ def as_images(array: Any, in_channels: int, spatial: int = 2) -> tuple[list[np.n
     batch = arr[None, None] if arr.ndim == spatial else arr[None] if arr.ndim == spatial + 1 else arr
     if 0 in batch.shape[1:]:
         raise TumorsegError(f"model input of shape {arr.shape} holds an empty image; {shapes}")
+    if not np.isfinite(arr).all():
+        raise TumorsegError(f"model input holds {int(np.count_nonzero(~np.isfinite(arr)))} NaN or infinite "
+                            "value(s); replace them (e.g. with the background value)")
     from tumorseg.inference import channels_compatible
 
     channels = int(batch.shape[1])

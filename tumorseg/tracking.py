@@ -48,6 +48,38 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
+SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc")
+"""Tracking URIs of a server; ``sqlite`` and the other SQLAlchemy databases (``postgresql``, ``mysql``, ``mssql``)
+are stores too. A path or ``file:`` URI is the file store MLflow 3.13+ refuses."""
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_uri(uri: str) -> None:
+    """Fail fast, in one line naming the URI, on a tracking URI no stage could log to (before any work is done).
+
+    A path or ``file:`` URI (the ``./mlruns`` file store, which MLflow 3.13+ refuses), an ``sqlite:///`` path that is
+    a folder or a file other than an SQLite database, or an HTTP server that does not answer.
+    """
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else uri.lower()
+    use = "use sqlite:///ABSOLUTE/PATH/mlflow.db (a local database) or http://HOST:PORT (a tracking server)"
+    if scheme == "file" or ("://" not in uri and scheme not in SERVER_SCHEMES):
+        raise TumorsegError(f"tracking URI {uri}: a file store (./mlruns), which MLflow 3.13+ refuses; {use} with "
+                            "--tracking-uri or MLFLOW_TRACKING_URI")
+    if scheme == "sqlite":
+        path = Path(uri.removeprefix("sqlite:///"))
+        if path.is_dir():
+            raise TumorsegError(f"tracking URI {uri}: {path} is a folder, not a database file; {use}")
+        if path.is_file() and path.stat().st_size:
+            with path.open("rb") as fh:
+                if fh.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                    raise TumorsegError(f"tracking URI {uri}: {path} is not an SQLite database; name a new file "
+                                        "(e.g. mlflow.db beside it) or an existing MLflow database")
+        parent = next((p for p in path.absolute().parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise TumorsegError(f"tracking URI {uri}: {parent} is a file, so the database cannot be made there; {use}")
+    check_reachable(uri)
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, naming the URI, when an HTTP tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):
@@ -75,7 +107,7 @@ def configure(tracking: TrackingConfig) -> str:
         if logging.getLogger(name).level < logging.WARNING:
             logging.getLogger(name).setLevel(logging.WARNING)
     uri = resolve_tracking_uri(tracking.uri)
-    check_reachable(uri)
+    check_uri(uri)
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)

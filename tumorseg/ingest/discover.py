@@ -140,6 +140,12 @@ def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str,
         A file that is not an image by its extension is ignored; an image file that cannot be
         used is rejected. A DICOM series folder's stem is its whole name.
         """
+        try:
+            rel_root.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes in the name (an old encoding): no CSV or MLflow can hold it
+            shown = rel_root.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            rejected.append((shown, "file name is not valid UTF-8 (written in an older encoding?); rename it"))
+            return None
         if is_series:
             return base_name(rel_root)
         stem, ext = split_ext(base_name(rel_root))
@@ -202,11 +208,12 @@ def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str,
             continue
         stem = base_name(key)
         if not mask_files:
+            ext = split_ext(base_name(imgs[0].split("|")[0]))[1] or ".png"  # a DICOM series folder: none
             rejected.append(
                 (imgs[0],
-                 f"image without mask: expected a mask named like '{stem}{cfg.mask_suffix}.png'"
-                 + (f" or '{stem}.png' in a masks/ folder beside its own" if same_folder
-                    else f" or '{stem}.png' in {masks_dir}"))
+                 f"image without mask: expected a mask named like '{stem}{cfg.mask_suffix}{ext}'"
+                 + (f" or '{stem}{ext}' in a masks/ folder beside its own" if same_folder
+                    else f" or '{stem}{ext}' in {masks_dir}"))
             )
             continue
         clash = [ps for ps in mask_sets.values() if len(ps) > 1]

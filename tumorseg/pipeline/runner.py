@@ -44,7 +44,7 @@ def run(cfg: PipelineConfig, force: bool = False) -> PipelineResult:
         LockedError: another pipeline holds the work folder.
     """
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    tracking.check_reachable(uri)  # before the lock, the data and any training
+    tracking.check_uri(uri)  # before the lock, the data and any training
     track = TrackingConfig(uri=uri, experiment=cfg.tracking.experiment)
     # a champion of another label set is never compared: say so now, not after training
     icfg = cfg.ingest_config(track)

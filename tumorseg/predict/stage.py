@@ -136,6 +136,13 @@ def collect_inputs(cfg: PredictConfig) -> list[Item]:
             items.append(Item(len(items), path, Path(path.name)))
     if not items:
         raise TumorsegError("no input images; give image files or folders")
+    for it in items:
+        try:
+            str(it.path).encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes in the name: its mask's name and MLflow's listing cannot hold it
+            shown = str(it.path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise TumorsegError(f"{shown}: file name is not valid UTF-8 (written in an older encoding?); "
+                                "rename it") from None
     return items
 
 

@@ -21,7 +21,14 @@ from tumorseg.config import TrainConfig, dump_config
 from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from tumorseg.inference import amp_dtype, resolve_device
-from tumorseg.manifest import ManifestInfo, load_manifest, require_same_dims, require_same_labels, select_split
+from tumorseg.manifest import (
+    ManifestInfo,
+    load_manifest,
+    require_same_dims,
+    require_same_labels,
+    resolve_manifest_dir,
+    select_split,
+)
 from tumorseg.model import build_loss, build_model, channels_last, init_output_bias
 from tumorseg.train import postprocess
 from tumorseg.train.inputs import class_priors, foreground_fraction, warn_mixed_ranges
@@ -77,8 +84,13 @@ def run(cfg: TrainConfig, started: float | None = None) -> TrainResult:
     """
     if cfg.manifest is None:
         raise TumorsegError("train: no manifest given; pass data_manifest/NAME")
+    from tumorseg import tracking
+
+    manifest = resolve_manifest_dir(cfg.manifest)  # its folder, or a file in it
+    cfg = cfg.model_copy(update={"manifest": manifest})
+    tracking.check_uri(tracking.resolve_tracking_uri(cfg.tracking.uri))  # before planning and training
     dist = init_distributed(cfg)
-    name = cfg.run_name or f"{Path(cfg.manifest).name}-{cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = cfg.run_name or f"{manifest.name}-{cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = Path(cfg.out) / name
     if dist.main and (run_dir / "last.pt").exists():
         raise TumorsegError(f"{run_dir}: already holds a run; continue it with --resume {run_dir} or pick "
@@ -95,6 +107,9 @@ def resume(run_dir: Path, tracking_uri: str | None = None, started: float | None
     cfg = checkpoint.train_config(ckpt)
     if tracking_uri:
         cfg.tracking.uri = tracking_uri
+    from tumorseg import tracking
+
+    tracking.check_uri(tracking.resolve_tracking_uri(cfg.tracking.uri))
     dist = init_distributed(cfg)
     return _train(cfg, Path(run_dir), ckpt, dist, started)
 
