@@ -193,6 +193,10 @@ def test_mlflow_ui_shows_a_training_experiment_with_described_runs_and_models(fi
     assert 'mlflow.pyfunc.load_model("models:/tiny-a@champion")' in model.description
     assert "tumorseg predict models:/tiny-a@champion" in model.description
     assert "`unet`" in model.description and "`test` split" in model.description
+    p = train_run.data.params  # the plan line is the champion's training run's, as trained
+    size = "x".join(map(str, json.loads(p["image_size"])))
+    assert f"channels {p['model.channels']}, {size}, loss `{p['loss.name']}`, up to {p['epochs']} epochs" \
+        in model.description and "per 2-D image" in model.description
     v1 = cl.get_model_version("tiny-a", "1")
     assert v1.description.startswith(f"v1 promoted to champion (the first): test Dice {test_dice} on")
     assert digest[:12] in v1.description and tr["mlflow_run_id"] in v1.description
@@ -548,3 +552,26 @@ def test_shipped_pipeline_files_validate() -> None:
     readme = (root / "README.md").read_text()
     for code in pipeline.EXIT_CODES:
         assert f"| {code} " in readme
+
+
+def test_the_model_note_states_the_champions_plan_as_trained(mlflow_uri: str) -> None:
+    """A planned run trains with other settings than the pipeline's file: the note reads the champion's run."""
+    from types import SimpleNamespace
+
+    import mlflow
+
+    from tumorseg.pipeline import registry
+    from tumorseg.pipeline.promote import champion_plan
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    with mlflow.start_run() as run:
+        mlflow.log_params({"model.name": "unet", "model.channels": "[32, 64, 128, 256, 320]", "epochs": 289,
+                           "image_size": "[80, 48, 32]", "loss.name": "dice_ce", "batch_size": 2,
+                           "normalize": "image"})
+    cl = client(mlflow_uri)
+    champ = SimpleNamespace(tags={registry.TAG_TRAIN_RUN: run.info.run_id}, run_id=None)
+    plan, dims = champion_plan(cl, champ)
+    assert dims == 3 and plan.startswith("`unet` channels [32, 64, 128, 256, 320], 80x48x32, loss `dice_ce`, up to "
+                                         "289 epochs, batch 2, normalisation `image`")
+    gone = SimpleNamespace(tags={registry.TAG_TRAIN_RUN: "0" * 32}, run_id=None)  # a deleted run: stays general
+    assert champion_plan(cl, gone) == champion_plan(cl, None)

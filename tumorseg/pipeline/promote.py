@@ -228,7 +228,6 @@ def model_note(ctx: Cycle, cl: Any, manifest: Path, split: str) -> str:
     cfg = ctx.cfg
     name = cfg.registry.model_name
     icfg = cfg.ingest_config(ctx.tracking)
-    tcfg = cfg.train_cfg(manifest, ctx.work_dir / "runs", ctx.tracking)
     champ = registry.get_alias(cl, name, registry.CHAMPION)
     if champ is None:
         current = "no champion yet (no version has a scorable test Dice)."
@@ -240,19 +239,36 @@ def model_note(ctx: Cycle, cl: Any, manifest: Path, split: str) -> str:
     classes = Classes(icfg.labels, icfg.regions)
     what = (f"a label map ({classes.describe()}; mean Dice over the tumour classes)" if classes.multiclass
             else "a binary tumour mask")
-    size = "x".join(str(v) for v in tcfg.image_size)
+    plan, dims = champion_plan(cl, champ)
     groups = f"pattern `{icfg.group_pattern}`" if icfg.group_pattern else f"by {icfg.group_by}"
     return "\n".join([
-        f"Tumour segmentation: {what} per 2-D image, trained by the tumorseg pipeline `{cfg.name}`.",
+        f"Tumour segmentation: {what} per {'volume' if dims == 3 else '2-D image'}, trained by the tumorseg "
+        f"pipeline `{cfg.name}`.",
         "",
         f"- **Data**: manifest `{icfg.name}` from `{icfg.source}`, split by patient group "
         f"({groups}, fractions {list(icfg.fractions)}, seed {icfg.seed}) "
         "into train / val / test; each version trains on train and keeps its best-val-Dice epoch.",
-        f"- **Plan**: `{tcfg.model.name}` channels {list(tcfg.model.channels)}, {size}, loss `{tcfg.loss.name}`, "
-        f"up to {tcfg.epochs} epochs, batch {tcfg.batch_size}, normalisation `{tcfg.normalize}`.",
+        f"- **Plan**: {plan}",
         f"- **Promotion**: every version is `@challenger`; it takes `@champion` when its mean Dice on the "
         f"`{split}` split beats the champion's on the same cases by at least {cfg.registry.margin:g}.",
         f"- **Champion**: {current}",
         f"- **Load**: `mlflow.pyfunc.load_model(\"models:/{name}@champion\")`, or "
         f"`tumorseg predict models:/{name}@champion IMAGES OUT_DIR`.",
     ])
+
+
+def champion_plan(cl: Any, champ: Any) -> tuple[str, int]:
+    """The champion's training settings as planned (its train run's parameters), and its spatial dimensions."""
+    import json
+
+    fallback = "each version's training run holds its plan (`plan.json`) and settings.", 2
+    if champ is None:
+        return fallback
+    try:
+        p = cl.get_run((champ.tags or {}).get(registry.TAG_TRAIN_RUN) or champ.run_id).data.params
+        size = json.loads(p["image_size"])
+    except Exception:  # noqa: BLE001 - a run deleted or logged by an older version: the note stays general
+        return fallback
+    return (f"`{p.get('model.name')}` channels {p.get('model.channels')}, {'x'.join(map(str, size))}, loss "
+            f"`{p.get('loss.name')}`, up to {p.get('epochs')} epochs, batch {p.get('batch_size')}, normalisation "
+            f"`{p.get('normalize')}` (the champion's training run, planned for its budget)."), len(size)
