@@ -313,6 +313,9 @@ def test_resume_refuses_another_manifest(synth_data: Path, tmp_path: Path) -> No
     make(5)  # same name, different splits: a different manifest
     code, err = _cli(["train", "--resume", str(tmp_path / "r")])
     _one_line_error(code, err, "differs from the manifest", "start a new run")
+    # resume continues the run as it was set up: other settings are refused, not silently dropped
+    code, err = _cli(["train", str(mdir), "--resume", str(tmp_path / "r"), "--budget", "30s", "--set", "epochs=9"])
+    _one_line_error(code, err, "continues that run with its own settings", "drop MANIFEST, --set, --budget")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

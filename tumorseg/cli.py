@@ -28,6 +28,7 @@ from tumorseg.config import (
 )
 from tumorseg.errors import ExitCode, TumorsegError, filesystem_refusal
 from tumorseg.labels import parse_labels, parse_regions
+from tumorseg.splits import parse_fractions
 from tumorseg.tracking import check_uri, resolve_tracking_uri
 
 app = typer.Typer(
@@ -128,16 +129,6 @@ def synth(
 # ----------------------------------------------------------------------------- ingest
 
 
-def _parse_fractions(text: str) -> tuple[float, float, float]:
-    try:
-        parts = tuple(float(x) for x in text.split(","))
-    except ValueError as exc:
-        raise TumorsegError(f"--fractions {text!r}: expected three numbers like 0.7,0.15,0.15") from exc
-    if len(parts) != 3:
-        raise TumorsegError(f"--fractions {text!r}: expected three numbers (train,val,test) like 0.7,0.15,0.15")
-    return parts  # type: ignore[return-value]
-
-
 @app.command()
 @user_errors
 def ingest(
@@ -182,7 +173,7 @@ def ingest(
         IngestConfig,
         dict(images_dir=images_dir, masks_dir=masks_dir, pairs=pairs, name=name, out_dir=out_dir,
              mask_suffix=mask_suffix, recursive=recursive, group_pattern=group_pattern, group_by=group_by,
-             fractions=_parse_fractions(fractions), seed=seed, folds=folds, mask_threshold=mask_threshold,
+             fractions=parse_fractions(fractions), seed=seed, folds=folds, mask_threshold=mask_threshold,
              labels=parse_labels(labels) if labels is not None else None,
              regions=parse_regions(regions) if regions is not None else None,
              slice_axis=slice_axis, strict=strict, workers=workers,
@@ -248,6 +239,11 @@ def train(
     from tumorseg.config import load_config
 
     if resume is not None:
+        extra = [name for name, value in (("MANIFEST", manifest), ("--config", config), ("--set", set_), ("--out", out),
+                 ("--budget", budget), ("--plan", plan_file), ("--experiment", experiment)) if value]
+        if extra:
+            raise TumorsegError(f"--resume {resume} continues that run with its own settings and what is left of its "
+                                f"budget; drop {', '.join(extra)} (or start a new run without --resume)")
         res = stage.resume(resume, tracking_uri=tracking_uri, started=started)
     else:
         if manifest is None:

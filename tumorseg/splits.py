@@ -19,7 +19,20 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 
+from tumorseg.errors import TumorsegError
+
 SPLITS = ("train", "val", "test")
+
+
+def parse_fractions(text: str) -> tuple[float, float, float]:
+    """``"0.7,0.15,0.15"`` -> the train, val and test fractions (``--fractions``)."""
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError as exc:
+        raise TumorsegError(f"--fractions {text!r}: expected three numbers like 0.7,0.15,0.15") from exc
+    if len(parts) != 3:
+        raise TumorsegError(f"--fractions {text!r}: expected three numbers (train,val,test) like 0.7,0.15,0.15")
+    return parts  # type: ignore[return-value]
 
 
 def unit_hash(seed: int, key: str, salt: str) -> float:
