@@ -663,6 +663,27 @@ def test_a_volume_without_its_label_is_told_the_label_name_it_needs(tmp_path: Pa
     assert "'b_mask.nii.gz' or 'b.nii.gz' in" in rejected_of(res)["imagesTr/b.nii.gz"]
 
 
+def test_a_split_left_empty_is_said_at_ingest_with_the_grouping_to_fix(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A group pattern without the patient's id puts every case in one group: val and test get none."""
+    import logging
+
+    from tumorseg.manifest import load_manifest, select_split
+
+    data = tmp_path / "data"
+    for p in range(4):
+        for z in range(3):
+            pair(data, f"patient_{p:03d}_slice_{z}", 3 * p + z)
+    with caplog.at_level(logging.WARNING, logger="tumorseg.ingest.stage"):
+        res = ingest(data, out=tmp_path / "out", group_pattern="patient")
+    said = [r.getMessage() for r in caplog.records if "get no case" in r.getMessage()]
+    assert len(said) == 1 and "split(s) val, test get no case" in said[0]
+    assert "--group-pattern 'patient' makes 1 group(s) of 12 cases" in said[0] and "patient's id" in said[0]
+    _, df = load_manifest(res.manifest_dir)
+    with pytest.raises(TumorsegError, match=r"no cases in split 'val' .*12 cases in 1 group\(s\)\); re-ingest"):
+        select_split(df, "val", "m")
+
+
 def _cli(args: list[str]) -> Any:
     from tumorseg.cli import app
 

@@ -134,7 +134,10 @@ def select_split(df: pd.DataFrame, split: str, source: str | os.PathLike[str]) -
     rows = df[df["split"] == split]
     if rows.empty:
         present = sorted(set(df["split"]))
-        raise TumorsegError(f"{source}: no cases in split '{split}' (splits present: {', '.join(present)})")
+        groups = df["group"].nunique() if "group" in df.columns else len(df)
+        raise TumorsegError(f"{source}: no cases in split '{split}' (splits present: {', '.join(present)}; "
+                            f"{len(df)} cases in {groups} group(s)); re-ingest so that it gets some: more patients, "
+                            "a --group-pattern whose first capture group is the patient's id, or other --fractions")
     return rows.reset_index(drop=True)
 
 

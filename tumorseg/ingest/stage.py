@@ -170,8 +170,21 @@ def _check_tumour_coverage(rows: list[dict[str, Any]], cfg: IngestConfig) -> Non
 
 
 def _warn_small_splits(rows: list[dict[str, Any]], cfg: IngestConfig) -> None:
-    """One warning line where a split got far fewer groups than its fraction asks, with a seed that does not."""
+    """One warning line where a split got far fewer groups than its fraction asks, with a seed that does not.
+
+    Where a split asked for gets no case at all (train or evaluate then stops), the line names the grouping instead.
+    """
     groups = [str(r["group"]) for r in rows]
+    empty = [s for s, f in zip(SPLITS, cfg.fractions, strict=True) if f > 0 and not any(r["split"] == s for r in rows)]
+    if empty:
+        n = len(set(groups))
+        how = (f"--group-pattern {cfg.group_pattern!r} makes {n} group(s) of {len(rows)} cases (e.g. {groups[0]!r}): "
+               "its first capture group should be the patient's id" if cfg.group_pattern and n < len(rows) / 2
+               else f"{n} group(s) cannot fill every split asked for: add patients or ask for fewer splits "
+               "(e.g. --fractions 0.8,0.2,0)")
+        log.warning("%s: split(s) %s get no case, so train or evaluate will stop there; %s", cfg.source,
+                    ", ".join(empty), how)
+        return
     small = small_splits(groups, cfg.seed, cfg.fractions)
     if not small:
         return
