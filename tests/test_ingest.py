@@ -684,6 +684,17 @@ def test_a_split_left_empty_is_said_at_ingest_with_the_grouping_to_fix(tmp_path:
         select_split(df, "val", "m")
 
 
+def test_swapped_image_and_mask_folders_are_named_as_such(tmp_path: Path) -> None:
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    for i in range(4):
+        png(images / f"c{i}.png", image(i))
+        png(masks / f"c{i}.png", box(2, 6, 3, 9))
+    assert len(np.unique(image(0))) > 64
+    with pytest.raises(TumorsegError, match=r"hold up to \d+ distinct values .* look like images, not masks; are "
+                                            r"the folders swapped\?"):
+        ingest(masks, images, out=tmp_path / "out")
+
+
 def _cli(args: list[str]) -> Any:
     from tumorseg.cli import app
 

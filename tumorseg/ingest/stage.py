@@ -197,7 +197,9 @@ def _warn_small_splits(rows: list[dict[str, Any]], cfg: IngestConfig) -> None:
                 else "consider --folds")
 
 
-_MULTI = re.compile(r"mask has \d+ distinct values \(([^)]*)\)")
+_MULTI = re.compile(r"mask has (\d+) distinct values \(([^)]*)\)")
+IMAGE_LIKE_VALUES = 64
+"""Masks holding more distinct values than this look like images (an 8-bit image has ~256): folders swapped?"""
 
 
 LABEL_MAP_SHARE = 0.25
@@ -209,9 +211,15 @@ def _check_label_maps(rejected: list[tuple[str, str]], n_cases: int, cfg: Ingest
     """Multi-valued masks without ``--labels``: one line with the values found and the option to declare."""
     if cfg.labels or cfg.mask_threshold is not None:
         return
-    found = [(p, m.group(1)) for p, r in rejected if (m := _MULTI.search(r))]
+    found = [(p, m.group(2)) for p, r in rejected if (m := _MULTI.search(r))]
     if not found or len(found) < LABEL_MAP_SHARE * n_cases:
         return
+    most = max(int(m.group(1)) for _, r in rejected if (m := _MULTI.search(r)))
+    if most > IMAGE_LIKE_VALUES:
+        raise TumorsegError(f"{cfg.source}: {len(found)} mask file(s) hold up to {most} distinct values (first: "
+                            f"{found[0][0]}): they look like images, not masks; are the folders swapped? "
+                            "(tumorseg ingest IMAGES_DIR MASKS_DIR: images first; label maps of that many classes: "
+                            "--labels)")
     values = sorted({int(float(v)) for _, shown in found for v in shown.split(", ") if v != "..."} | {0})
     declared = from_dataset_json([d for d in (cfg.images_dir, cfg.masks_dir, cfg.pairs and cfg.pairs.parent) if d])
     if declared is not None:
