@@ -487,6 +487,26 @@ def test_unknown_key_is_one_line_exit_2(tmp_path: Path, section: str | None, bad
     assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.parametrize(("section", "bad", "named"), [
+    ("evaluate", {"split": "tset"}, "evaluate.split"),
+    ("data", {"images_dir": "nowhere/images"}, "data.images_dir: nowhere/images not found"),
+])
+def test_a_bad_value_stops_the_pipeline_before_any_work(tmp_path: Path, section: str, bad: dict[str, Any],
+                                                        named: str) -> None:
+    yml = write_pipeline(tmp_path / "p.yaml", work_dir=tmp_path / "work", data_dir=tmp_path / "data",
+                         model_name="badvalue")
+    doc = yaml.safe_load(yml.read_text())
+    doc.pop("synth", None)
+    (tmp_path / "data" / "images").mkdir(parents=True, exist_ok=True)
+    doc.setdefault(section, {}).update(bad)
+    yml.write_text(yaml.safe_dump(doc))
+    res = invoke(str(yml))
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and str(yml) in lines[0], res.output
+    assert not (tmp_path / "work").exists()
+
+
 def test_reserved_key_is_rejected(tmp_path: Path) -> None:
     yml = write_pipeline(tmp_path / "p.yaml", work_dir=tmp_path / "work", data_dir=tmp_path / "data",
                          model_name="reserved", train={**TRAIN_TINY, "out": "elsewhere"})

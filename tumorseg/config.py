@@ -386,7 +386,7 @@ class EvaluateConfig(StrictModel):
 
     model: str
     manifest: Path
-    split: str = "test"
+    split: Literal["train", "val", "test"] = "test"
     out: Path | None = None
     empty_both: Literal["nan", "1"] = "nan"
     surface: bool = False

@@ -159,7 +159,11 @@ class PipelineConfig(StrictModel):
             for key, why in reserved.items():
                 if key in values:
                     raise TumorsegError(f"{source}: {section}.{key}: set by the pipeline ({why}); remove it")
-        self.ingest_config(source=source)
+        icfg = self.ingest_config(source=source)
+        given = icfg.pairs or icfg.images_dir
+        if self.synth is None and given is not None and not given.exists():
+            raise TumorsegError(f"{source}: data.{'pairs' if icfg.pairs else 'images_dir'}: {given} not found "
+                                f"(relative paths resolve against the current folder, {Path.cwd()})")
         if self.train_config is not None and not self.train_config.is_file():
             raise TumorsegError(
                 f"{source}: train_config: {self.train_config} not found (relative paths resolve "
