@@ -551,6 +551,8 @@ def test_unreachable_tracking_server_fails_fast(tmp_path: Path, monkeypatch: pyt
     (math.nan, 0.7, 0.0, "rejected"),
     (math.nan, None, 0.0, "rejected"),
     (0.5, math.nan, 0.0, "promoted"),
+    (0.0, None, 0.0, "rejected"),  # a model that found no tumour (a budget spent before training) is no champion
+    (0.0, math.nan, 0.0, "rejected"),
 ])
 def test_decide(challenger: float, champion: float | None, margin: float, outcome: str) -> None:
     d = registry.decide(challenger, champion, margin)

@@ -87,24 +87,22 @@ def decide(challenger_dice: float, champion_dice: float | None, margin: float) -
     Returns:
         ``first_champion`` without a champion; ``promoted`` when
         ``challenger >= champion + margin``; otherwise ``rejected``. A NaN challenger score is
-        never promoted; a NaN champion score loses to any finite challenger score.
+        never promoted, nor is a score of 0 (no overlap with any tumour: a run that did not learn,
+        e.g. a budget spent before training); a NaN champion score loses to any finite challenger score.
     """
     c = float(challenger_dice)
     if champion_dice is None:
-        if math.isnan(c):
-            return Decision(
-                "rejected",
-                "no champion yet, but the challenger's test Dice is NaN (no scorable test case)",
-                c,
-                None,
-                margin,
-            )
+        if math.isnan(c) or c <= 0:
+            why = "is NaN (no scorable test case)" if math.isnan(c) else "is 0: it found no tumour (did it train?)"
+            return Decision("rejected", f"no champion yet, but the challenger's test Dice {why}", c, None, margin)
         return Decision(
             "first_champion", f"first model: no champion to compare with (test Dice {c:.4f})", c, None, margin
         )
     k = float(champion_dice)
     if math.isnan(c):
         return Decision("rejected", "challenger's test Dice is NaN (no scorable test case)", c, k, margin)
+    if c <= 0:
+        return Decision("rejected", "challenger's test Dice is 0: it found no tumour (did it train?)", c, k, margin)
     if math.isnan(k):
         return Decision("promoted", f"champion's test Dice is NaN; challenger scores {c:.4f}", c, k, margin)
     gain = c - k
