@@ -236,6 +236,10 @@ def _bad_inputs(root: Path) -> dict[str, str]:
     write_nifti(images / "empty.nii.gz", np.zeros((4, 0, 4), np.int16), LPS)
     write_nifti(masks / "empty.nii.gz", np.zeros((4, 0, 4), np.uint8), LPS)
     expect["imagesTr/empty.nii.gz"] = "zero-sized"
+    # two sequences where every other case holds one
+    write_nifti(images / "two.nii.gz", np.stack([image, image], -1), LPS)
+    write_nifti(masks / "two.nii.gz", label, LPS)
+    expect["imagesTr/two.nii.gz"] = "2 channel(s) where the other volumes hold 1; give every case the same sequences"
     return expect
 
 

@@ -6,7 +6,7 @@ import io
 import logging
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,13 @@ def _keep_one_kind(rows: list[dict[str, Any]], rejected: list[tuple[str, str]]) 
            "a 3D volume in a set of 2D images; pass --slice-axis 2 to cut volumes into slices, or ingest it on its own")
     rejected.extend((str(r["image"]), why) for r in odd)
     rows[:] = volumes if dims == 3 else planes
+    if dims == 3:  # a volume's channels are its sequences (T1, T2, FLAIR...): every case holds the same ones
+        counts = Counter(int(r["channels"]) for r in rows)
+        usual = max(counts, key=lambda c: (counts[c], -c))
+        rejected.extend((str(r["image"]), f"{r['channels']} channel(s) where the other volumes hold {usual}; give "
+                         "every case the same sequences (or ingest it apart)") for r in rows
+                        if int(r["channels"]) != usual)
+        rows[:] = [r for r in rows if int(r["channels"]) == usual]
     return dims
 
 
