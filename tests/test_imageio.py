@@ -301,6 +301,17 @@ def test_mask_multi_valued_rejected_with_values(tmp_path: Path) -> None:
     assert "--mask-threshold" in msg
 
 
+def test_mask_whose_larger_value_is_0_is_rejected(tmp_path: Path) -> None:
+    """-1/0: by the larger-is-tumour rule 0 would be tumour (99% of the image): a one-line reason instead."""
+    import tifffile
+
+    p = tmp_path / "neg.tif"
+    tifffile.imwrite(p, TRUTH.astype(np.int16) - 1)
+    with pytest.raises(DecodeError, match=r"neg\.tif: mask values -1/0 would make 0 the tumour; save masks with 0 "
+                                          r"as background"):
+        mask_of(p)
+
+
 def test_mask_many_values_listing_is_shortened(tmp_path: Path) -> None:
     p = save_pil(tmp_path / "ramp.png", Image.fromarray(asym()))  # 45 distinct values
     with pytest.raises(DecodeError, match=r"45 distinct values \(0, 3, 6, 9, 12, 15, \.\.\.\)"):

@@ -96,6 +96,9 @@ def binarize_mask(
         fg = raw == hi
         n_lo = raw.size - np.count_nonzero(raw) if lo == 0 else np.count_nonzero(raw == lo)
         if np.count_nonzero(fg) + n_lo == raw.size:
+            if hi <= 0:  # the larger value, tumour by the rule, would be 0 (or below): not a mask convention
+                raise DecodeError(f"{path}: mask values {lo:g}/{hi:g} would make {hi:g} the tumour; save masks with "
+                                  "0 as background and a positive value (1 or 255) as tumour")
             return fg.view(np.uint8), f"{lo:g}/{hi:g}"
     if raw.dtype.kind == "f" and np.isnan(raw).any():
         raise DecodeError(f"{path}: mask contains NaN values; save masks as 0/1 or 0/255 integers")
