@@ -525,6 +525,22 @@ def test_pairs_list_keeps_a_published_split_and_hashes_the_rest(tmp_path: Path) 
     assert (res.manifest_dir / "manifest.csv").read_bytes() == first
 
 
+def test_a_pairs_list_that_splits_a_group_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    root = tmp_path / "data"
+    pairs_set(root)
+    # patient p0's first two rows in test, its others left to the hash: a patient in two splits
+    write_csv(root / "pairs.csv", ["image", "mask", "group", "split"],
+              [[f"img/{i:02d}.png", f"gt/{i:02d}_seg.png", f"p{i % 3}", "test" if i in (0, 3) else ""]
+               for i in range(10)])
+    with caplog.at_level(logging.WARNING, logger="tumorseg.ingest.stage"):
+        res = run(IngestConfig(pairs=root / "pairs.csv", name="p", out_dir=tmp_path / "out", workers=1))
+    n = res.summary["groups_straddling_splits"]
+    said = [r.getMessage() for r in caplog.records if "more than one split" in r.getMessage()]
+    assert n > 0 and len(said) == 1 and f"{n} group(s) have cases in more than one split" in said[0]
+
+
 def test_pairs_list_bad_rows_are_rejected_rows(tmp_path: Path) -> None:
     root = tmp_path / "data"
     pairs_set(root)

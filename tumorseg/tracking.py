@@ -95,7 +95,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise TumorsegError(
-            f"MLflow tracking server {uri} cannot be reached ({reason}); start it or fix MLFLOW_TRACKING_URI"
+            f"MLflow tracking server {uri} cannot be reached ({reason}); start it or fix the URI "
+            "(--tracking-uri, else MLFLOW_TRACKING_URI)"
         ) from exc
 
 

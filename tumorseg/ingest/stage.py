@@ -346,6 +346,10 @@ def run(cfg: IngestConfig) -> IngestResult:
         _warn_small_splits(rows, cfg)
     rows.sort(key=lambda r: r["case_id"])
     summary = summarize(rows, len(rejected), len(ignored))
+    if summary["groups_straddling_splits"]:  # only a pairs list's split column can do it
+        log.warning("%s: %d group(s) have cases in more than one split, as the pairs list's split column (or its "
+                    "blank cells: the group's own split) puts them: a patient in train and test leaks; give each "
+                    "group's rows one split", cfg.source, summary["groups_straddling_splits"])
 
     extra = VOLUME_COLUMNS if dims == 3 else []
     manifest_csv = _csv_bytes(rows, COLUMNS + extra + class_columns(cfg.labels))
