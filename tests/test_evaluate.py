@@ -606,7 +606,7 @@ ERROR_CASES = {
     "foreign": ("{foreign}", {}, r"not a tumorseg checkpoint"),
     "mismatch": ("{mismatch}", {}, r"corrupt or foreign checkpoint"),
     "channels": ("{two_channel}", {}, r"model takes 2 channel"),
-    "no_split": ("{ckpt}", {"--split": "nosuch"}, r"no cases in split 'nosuch'"),
+    "no_split": ("{ckpt}", {"--split": "nosuch"}, r"split: Input should be 'train', 'val' or 'test'"),
     "no_manifest": ("{ckpt}", {"--manifest": "{root}/nowhere"}, r"manifest not found"),
     "missing_files": ("{ckpt}", {"--manifest": "{missing_files_manifest}", "--split": "test"}, r"missing"),
     "changed_file": ("{ckpt}", {"--manifest": "{changed_files_manifest}", "--split": "test"},

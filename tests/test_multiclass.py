@@ -361,6 +361,10 @@ def test_evaluate_writes_a_row_per_case_and_class_and_a_confusion_matrix(trained
     assert absent["dice"].isna().all() and len(absent) > 0
     summary = json.loads((ev / "summary.json").read_text())
     assert set(summary["classes"]) == set(NAMES) and summary["n_cases"] == len(cases)
+    out = " ".join(res.stdout.split())  # the printed summary: cases (not case x class rows), then each class
+    assert f"test: {len(cases)} cases" in out
+    for n in NAMES:
+        assert f"class {n}: mean Dice {summary['classes'][n]['dice_mean']:.4f}" in out
     means = [summary["classes"][n]["dice_mean"] for n in NAMES]
     assert summary["dice_mean"] == pytest.approx(np.nanmean([m if m is not None else np.nan for m in means]))
     for n in NAMES:

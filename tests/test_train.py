@@ -250,6 +250,8 @@ def test_bad_config_key_is_one_line(manifest: Path, tmp_path: Path) -> None:
     _one_line_error(code, err, "model.chanels", str(cfg_file))
     code, err = _cli(["train", str(manifest), "--set", "image_size=[60,60]"])
     _one_line_error(code, err, "image_size", "multiples of 16")
+    code, err = _cli(["train", str(manifest), "--set", "image_size=[32]"])  # a union's forms, said once
+    _one_line_error(code, err, "image_size: [32] fits none of its forms (tuple[int, int], tuple[int, int, int])")
     code, err = _cli(["train", str(manifest), "--config", str(tmp_path / "missing.yaml")])
     _one_line_error(code, err, "missing.yaml", "not found")
 

@@ -69,13 +69,29 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+_TYPE_TAGS = frozenset({"none", "int", "float", "str", "bool"})
+"""Names pydantic puts in an error's location for the alternatives of a union (besides ``tuple[int, int]``)."""
+
+
 def validation_message(exc: ValidationError, source: str, section: str | None = None) -> str:
-    """One line from a pydantic error: the first problem, its key (under ``section``) and the fix."""
-    err = exc.errors()[0]
-    loc = ".".join([*([section] if section else []), *(str(p) for p in err["loc"])]) or "(top level)"
-    msg = "unknown setting; check the spelling" if err["type"] == "extra_forbidden" else err["msg"]
-    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{source}: {loc}: {msg}{more}"
+    """One line from a pydantic error: the first problem, its key (under ``section``) and the fix.
+
+    A value that fits none of a union's forms (``image_size: [32]``) is said once, with the forms it may take.
+    """
+    errs = exc.errors()
+    err = errs[0]
+    path = [str(p) for p in err["loc"]]
+    tag = next((i for i, p in enumerate(path) if i and ("[" in p or p in _TYPE_TAGS)), None)
+    forms = [] if tag is None else list(dict.fromkeys(
+        str(e["loc"][tag]) for e in errs if [str(p) for p in e["loc"][:tag]] == path[:tag] and len(e["loc"]) > tag))
+    if len(forms) > 1:
+        path, msg = path[:tag], f"{err.get('input')!r} fits none of its forms ({', '.join(forms)})"
+        left = sum(1 for e in errs if [str(p) for p in e["loc"][:tag]] != path)
+    else:
+        msg = "unknown setting; check the spelling" if err["type"] == "extra_forbidden" else err["msg"]
+        left = len(errs) - 1
+    loc = ".".join([*([section] if section else []), *path]) or "(top level)"
+    return f"{source}: {loc}: {msg}{f' (+{left} more)' if left else ''}"
 
 
 def build_config(cls: type[C], data: dict[str, Any], source: str = "config", section: str | None = None) -> C:

@@ -67,6 +67,10 @@ def print_eval_summary(res: EvaluateResult) -> None:
             table.add_row(label, _num(s[f"{key}_mean"], ".2f"), _num(s[f"{key}_median"], ".2f"), "", "", "")
     con = _console()
     con.print(table)
+    for cname, cs in (s.get("classes") or {}).items():  # a label map: each tumour class on its own
+        surface = "".join(f", {label} {_num(cs[f'{key}_mean'], '.2f')}" for key, label in
+                          (("hd95", f"HD95 ({unit})"), ("assd", f"ASSD ({unit})")) if f"{key}_mean" in cs)
+        con.print(f"class {cname}: mean Dice {_num(cs.get('dice_mean'))}, IoU {_num(cs.get('iou_mean'))}{surface}")
     if "n_hd95_undefined" in s:
         penalised = (f"; {s['n_hd95_penalised']} scored the image diagonal"
                      if s.get("hd95_empty") == "diagonal" else "")

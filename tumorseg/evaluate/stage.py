@@ -198,6 +198,7 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
                             tags=tags) as trk:
         t1 = time.perf_counter()
         per_case, gallery, outside, matrix = predict_and_score(seg, info, rows, cfg)
+        n_cases = int(per_case["case_id"].nunique())  # a label map scores each case once per class
         timings["predict_score"] = time.perf_counter() - t1
         if outside:
             log.warning("%d of %d %s cases have stored intensities far from the training images'; first: %s",
@@ -257,16 +258,16 @@ def run(cfg: EvaluateConfig) -> EvaluateResult:
         ci = (f", 95% CI {summary['dice_ci_low']:.4f}-{summary['dice_ci_high']:.4f}"
               if math.isfinite(summary["dice_ci_low"]) else "")
         trk.set_description(  # headline first: the runs table shows the start
-            f"{cfg.split} mean Dice {summary['dice_mean']:.4f} on {len(per_case)} cases{ci}, pooled Dice "
+            f"{cfg.split} mean Dice {summary['dice_mean']:.4f} on {n_cases} cases{ci}, pooled Dice "
             f"{summary['dice_global']:.4f}, false positives on {summary['n_fp_empty']} of {summary['n_gt_empty']} "
             f"tumour-free cases: `{mref.short_name}` on `{info.name}` (digest `{info.dataset_digest[:12]}`).")
         run_id = trk.run_id
     if mref.train_run_id and cfg.write_back:
         write_back(trk.tracking_uri, mref.train_run_id, summary, cfg.split, run_id)
     timings["total"] = time.perf_counter() - t0
-    log.info("evaluated %d %s cases in %.1f s: mean Dice %.4f -> %s", len(per_case), cfg.split,
+    log.info("evaluated %d %s cases in %.1f s: mean Dice %.4f -> %s", n_cases, cfg.split,
              timings["total"], summary["dice_mean"], out_dir)
-    return EvaluateResult(out_dir=out_dir, summary=summary, run_id=run_id, n_cases=len(per_case),
+    return EvaluateResult(out_dir=out_dir, summary=summary, run_id=run_id, n_cases=n_cases,
                           split=cfg.split, model=mref, files=files, timings=timings)
 
 

@@ -146,6 +146,14 @@ class PipelineConfig(StrictModel):
         }
         return build_config(EvaluateConfig, data, source, section="evaluate")
 
+    def check_data(self, source: str) -> None:
+        """The data to ingest exist (or ``synth`` writes them): checked when a run starts, not when a file loads."""
+        icfg = self.ingest_config(source=source)
+        given = icfg.pairs or icfg.images_dir
+        if self.synth is None and given is not None and not given.exists():
+            raise TumorsegError(f"{source}: data.{'pairs' if icfg.pairs else 'images_dir'}: {given} not found "
+                                f"(relative paths resolve against the current folder, {Path.cwd()})")
+
     def synth_dir(self) -> Path | None:
         """Where ``synth`` writes ``images/`` and ``masks/``; ``None`` without a synth section."""
         if self.synth is None:
@@ -159,11 +167,7 @@ class PipelineConfig(StrictModel):
             for key, why in reserved.items():
                 if key in values:
                     raise TumorsegError(f"{source}: {section}.{key}: set by the pipeline ({why}); remove it")
-        icfg = self.ingest_config(source=source)
-        given = icfg.pairs or icfg.images_dir
-        if self.synth is None and given is not None and not given.exists():
-            raise TumorsegError(f"{source}: data.{'pairs' if icfg.pairs else 'images_dir'}: {given} not found "
-                                f"(relative paths resolve against the current folder, {Path.cwd()})")
+        self.ingest_config(source=source)
         if self.train_config is not None and not self.train_config.is_file():
             raise TumorsegError(
                 f"{source}: train_config: {self.train_config} not found (relative paths resolve "

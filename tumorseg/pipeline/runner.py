@@ -39,12 +39,13 @@ def run(cfg: PipelineConfig, force: bool = False) -> PipelineResult:
         a result with exit code 1, not an exception.
 
     Raises:
-        TumorsegError: the tracking server cannot be reached (checked first, in seconds), or the registered
-            model's champion predicts another label set than the data declares.
+        TumorsegError: the tracking server cannot be reached (checked first, in seconds), the data to ingest are
+            missing, or the registered model's champion predicts another label set than the data declares.
         LockedError: another pipeline holds the work folder.
     """
     uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
     tracking.check_uri(uri)  # before the lock, the data and any training
+    cfg.check_data(f"pipeline {cfg.name}")
     track = TrackingConfig(uri=uri, experiment=cfg.tracking.experiment)
     # a champion of another label set is never compared: say so now, not after training
     icfg = cfg.ingest_config(track)
