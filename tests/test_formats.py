@@ -495,6 +495,18 @@ def pairs_set(root: Path, n: int = 10) -> None:
         Image.fromarray(disk_mask(r=3 + i % 5) * 255).save(root / "gt" / f"{i:02d}_seg.png")
 
 
+def test_a_tiff_stack_with_a_2d_mask_among_2d_images_says_what_it_is(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    pairs_set(root, 6)
+    tifffile.imwrite(root / "img" / "stack.tif", np.stack([asym(i) for i in range(5)]), photometric="minisblack")
+    Image.fromarray(disk_mask(r=3) * 255).save(root / "gt" / "stack.png")
+    res = run(IngestConfig(images_dir=root / "img", masks_dir=root / "gt", name="s", out_dir=tmp_path / "out",
+                           workers=1, mask_suffix="_seg", fractions=(1.0, 0.0, 0.0)))
+    with open(res.manifest_dir / "rejected.csv", encoding="utf-8", newline="") as fh:
+        reason = {r["path"]: r["reason"] for r in csv.DictReader(fh)}["gt/stack.png"]
+    assert "a 3D image with a 2D mask: a volume among 2D images?" in reason and "--slice-axis" in reason
+
+
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)

@@ -115,9 +115,13 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
         except DecodeError as exc:
             return [], [(rel, _reason(exc, path)), (rel_img, f"its mask {base_name(rel)} was rejected")]
         if binary.shape != img_shape:
+            kinds = "" if len(img_shape) == binary.ndim else (
+                f" (a {len(img_shape)}D image with a {binary.ndim}D mask: "
+                + ("a volume among 2D images? ingest volumes apart, or cut them with --slice-axis"
+                   if len(img_shape) == 3 else "a 3D mask for a 2D image?") + ")")
             return [], [
                 (rel,
-                 f"size mismatch: image is {_fmt_shape(img_shape)}, mask is {_fmt_shape(binary.shape)}; "
+                 f"size mismatch: image is {_fmt_shape(img_shape)}, mask is {_fmt_shape(binary.shape)}{kinds}; "
                  "masks must match their image pixel for pixel"),
                 (rel_img, f"its mask {base_name(rel)} has another size"),
             ]
