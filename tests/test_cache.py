@@ -183,6 +183,10 @@ def test_cache_cli_lists_and_clears(manifest: Path, tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     res = runner.invoke(app, ["cache", "list", str(manifest), "--cache-dir", str(tmp_path)])
     assert res.exit_code == 0 and "no cache" in res.output
+    for command in ("list", "clear"):  # a misspelt manifest folder is named, not reported as having no cache
+        res = runner.invoke(app, ["cache", command, str(tmp_path / "nosuch")])
+        assert res.exit_code == 2 and res.stderr.strip() == (f"error: {tmp_path / 'nosuch'}: no such manifest folder; "
+                                                              "give data_manifest/NAME (or --cache-dir)")
 
 
 def test_unwritable_cache_folder_is_one_line(manifest: Path, tmp_path: Path) -> None:

@@ -363,13 +363,12 @@ CacheDir = Annotated[Path | None, typer.Option("--cache-dir", help="cache folder
 def cache_list(manifest: CacheManifest, cache_dir: CacheDir = None) -> None:
     """List the cache folders of a manifest: split, size, cases, disk used."""
     from tumorseg.data import maintenance
-    from tumorseg.manifest import resolve_manifest_dir
     from tumorseg.report import print_rows
 
-    manifest = resolve_manifest_dir(manifest)
-    rows = maintenance.entries(cache_dir or manifest / "cache", manifest)
+    manifest, root = maintenance.cache_root(manifest, cache_dir)
+    rows = maintenance.entries(root, manifest)
     if not rows:
-        typer.echo(f"{cache_dir or manifest / 'cache'}: no cache of {manifest}")
+        typer.echo(f"{root}: no cache of {manifest}")
         return
     for row in rows:
         print_rows(row["folder"], [(k, str(v)) for k, v in row.items() if k != "folder"])
@@ -380,10 +379,8 @@ def cache_list(manifest: CacheManifest, cache_dir: CacheDir = None) -> None:
 def cache_clear(manifest: CacheManifest, cache_dir: CacheDir = None) -> None:
     """Delete the cache folders of a manifest (they are rebuilt by the next run that needs them)."""
     from tumorseg.data import maintenance
-    from tumorseg.manifest import resolve_manifest_dir
 
-    manifest = resolve_manifest_dir(manifest)
-    root = cache_dir or manifest / "cache"
+    manifest, root = maintenance.cache_root(manifest, cache_dir)
     folders, size, busy = maintenance.clear(root, manifest)
     kept = f"; kept {busy} folder(s) a running training still reads" if busy else ""
     typer.echo(f"{root}: removed {folders} cache folder(s) of {manifest.name}, {size / 2**20:.1f} MiB{kept}")

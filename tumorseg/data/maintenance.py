@@ -84,6 +84,21 @@ def prune_stale(root: Path, current: dict[str, Any]) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
+def cache_root(manifest: Path, cache_dir: Path | None) -> tuple[Path, Path]:
+    """``(manifest folder, cache folder)`` of ``tumorseg cache``.
+
+    A manifest folder that is not there is an error unless the cache folder is named (the caches of a manifest
+    since removed can still be listed and cleared).
+    """
+    from tumorseg.errors import TumorsegError
+    from tumorseg.manifest import resolve_manifest_dir
+
+    manifest = resolve_manifest_dir(manifest)
+    if cache_dir is None and not manifest.is_dir():
+        raise TumorsegError(f"{manifest}: no such manifest folder; give data_manifest/NAME (or --cache-dir)")
+    return manifest, cache_dir or manifest / "cache"
+
+
 def clear(root: Path, manifest: Path) -> tuple[int, int, int]:
     """Remove ``manifest``'s cache folders under ``root`` (and dead partial builds); (folders, bytes, in use).
 
