@@ -170,7 +170,7 @@ def _register_and_decide(ctx: Cycle, ing: dict[str, Any], tr: dict[str, Any], ev
             registry.set_alias(cl, name, registry.CHAMPION, version)
         note = version_note(ing, tr, ev, split, version, decision, champ_version)
         registry.describe_version(cl, name, version, note)
-        registry.describe_model(cl, name, model_note(ctx, cl, Path(ing["manifest_dir"]), split))
+        registry.describe_model(cl, name, model_note(ctx, cl, split))
         run.set_description(f"`{name}` {note}")
         run.set_tags({**tags, "tumorseg.model_version": version})
         run.log_metrics(
@@ -223,7 +223,7 @@ def version_note(ing: dict[str, Any], tr: dict[str, Any], ev: dict[str, Any], sp
     )
 
 
-def model_note(ctx: Cycle, cl: Any, manifest: Path, split: str) -> str:
+def model_note(ctx: Cycle, cl: Any, split: str) -> str:
     """The registered model's description: what it does, the data, the plan, the promotion rule, how to load."""
     cfg = ctx.cfg
     name = cfg.registry.model_name
