@@ -395,6 +395,9 @@ def test_dicom_series_with_a_nifti_label_ingests_as_one_volume(tmp_path: Path) -
 
     info, df = load_manifest(res.manifest_dir)
     verify_files(info, df, res.manifest_dir)  # a series folder hashes as ingest read it
+    from tumorseg.evaluate.stage import check_files
+
+    check_files(info, df, res.manifest_dir)  # evaluate finds a series folder as present as a file
     from tumorseg.data import CaseReader
 
     case = CaseReader(info, "m").read(df.iloc[2])

@@ -129,7 +129,7 @@ def check_files(info: ManifestInfo, rows: pd.DataFrame, source: Path) -> None:
         for p in (*image_paths(info, row), *mask_paths(info, row)):
             if p not in seen:
                 seen.add(p)
-                if not p.is_file():
+                if not p.exists():  # a file, or a DICOM series folder
                     missing.append(p)
     if missing:
         more = f" (+{len(missing) - 1} more missing)" if len(missing) > 1 else ""
