@@ -213,6 +213,38 @@ def test_predict_writes_a_placed_models_mask_on_the_files_grid(placed_run: tuple
     assert not np.allclose(assumed, want, atol=1e-3)
 
 
+def test_a_voxel_size_in_another_unit_or_a_tiny_volume(placed_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """A header in metres is named, never resampled to one voxel (or to terabytes); a volume of a few voxels is
+    padded to the network's depth and predicted."""
+    from mlflow.exceptions import MlflowException
+
+    from tumorseg import predict
+    from tumorseg.config import PredictConfig
+    from tumorseg.errors import TumorsegError
+    from tumorseg.inference import Segmenter
+    from tumorseg.mlflow_model import TumorsegPyfunc
+
+    _, run_dir = placed_run
+    image, _ = blob_volume(51, (24, 24, 12))
+    write_nifti(tmp_path / "m" / "metres.nii.gz", image, np.diag([7e-4, 7e-4, 3e-3, 1.0]))
+    with pytest.raises(TumorsegError, match=r"metres\.nii\.gz: voxel size 0\.0007x0\.0007x0\.003 mm is 0\.0005 "
+                                            r"times the model's target spacing \(1\.4x1\.4x3 mm\): a header in metres"):
+        predict.run(PredictConfig(model=str(run_dir), inputs=[tmp_path / "m"], output_dir=tmp_path / "o1"))
+    write_nifti(tmp_path / "t" / "tiny.nii.gz", image[:2, :2, :2], np.diag([1.4, 1.4, 3.0, 1.0]))
+    predict.run(PredictConfig(model=str(run_dir), inputs=[tmp_path / "t"], output_dir=tmp_path / "o2"))
+    assert nib_shape(tmp_path / "o2" / "tiny.nii.gz") == (2, 2, 2)
+    model = TumorsegPyfunc()
+    model.segmenter = Segmenter.from_checkpoint(run_dir / "best.pt", device="cpu")
+    with pytest.raises(MlflowException, match=r"params spacing: voxel size 1000x1000x1000 mm is 714 times"):
+        model.predict(None, image.astype(np.float32), params={"spacing": [1000, 1000, 1000]})
+
+
+def nib_shape(path: Path) -> tuple[int, ...]:
+    import nibabel as nib
+
+    return tuple(int(v) for v in nib.load(path).shape)
+
+
 def test_the_mlflow_models_spacing_param() -> None:
     from tumorseg.errors import TumorsegError
     from tumorseg.mlflow_model import _spacing

@@ -90,6 +90,14 @@ def _cfg(env: dict[str, Any], inputs: list[Path], out: Path, **kw: Any) -> Predi
                          tracking=env["tracking"], **kw)
 
 
+def outputs(folder: Path) -> list[str]:
+    """The files predict wrote into ``folder``, less its marker (a folder predict wrote)."""
+    from tumorseg.predict.stage import MARKER
+
+    assert (folder / MARKER).is_file()
+    return sorted(p.name for p in folder.iterdir() if p.name != MARKER)
+
+
 def _hashes(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -116,7 +124,7 @@ def test_png_masks_keep_name_size_orientation(env: dict[str, Any], tmp_path: Pat
     res = predict.run(_cfg(env, [src], tmp_path / "out"))
     assert res.output_dir == tmp_path / "out"
     assert res.n_written == 3 == res.n_inputs
-    assert sorted(p.name for p in res.output_dir.iterdir()) == ["colour.png", "tall.png", "wide.png"]
+    assert outputs(res.output_dir) == ["colour.png", "tall.png", "wide.png"]
     assert _hashes(src) == before  # inputs untouched, nothing added next to them
 
     seg = Segmenter.from_checkpoint(env["ckpt"], device="cpu")
@@ -150,7 +158,7 @@ def test_probabilities_and_tta(env: dict[str, Any], tmp_path: Path) -> None:
     src = env["src"]
     res = predict.run(_cfg(env, [src / "wide.png"], tmp_path / "out", probabilities=True, tta=True))
     assert res.n_written == 1 and res.n_probabilities == 1
-    assert sorted(p.name for p in res.output_dir.iterdir()) == ["wide.png", "wide_prob.png"]
+    assert outputs(res.output_dir) == ["wide.png", "wide_prob.png"]
     seg = Segmenter.from_checkpoint(env["ckpt"], device="cpu")
     img = load_image(src / "wide.png")
     p_tta = seg.predict_proba([img], tta=True)[0]
@@ -193,7 +201,7 @@ def test_nifti_output_keeps_affine_and_shape_and_reassembles_volumes(env: dict[s
     assert _hashes(src) == before
     assert res.n_written == 3 and res.n_slices == 6 + 1 + 1
     out = res.output_dir
-    assert sorted(p.name for p in out.iterdir()) == ["flat.nii.gz", "flat_prob.nii.gz", "vol.nii.gz",
+    assert outputs(out) == ["flat.nii.gz", "flat_prob.nii.gz", "vol.nii.gz",
                                                       "vol_prob.nii.gz", "wide.nii.gz", "wide_prob.nii.gz"]
     seg = Segmenter.from_checkpoint(env["ckpt"], device="cpu")
 
@@ -229,7 +237,7 @@ def test_volume_along_another_axis_and_png_format_for_volumes(env: dict[str, Any
     vol = np.ascontiguousarray(np.moveaxis(env["volume"], 2, 0))  # (6, 40, 56): slices along axis 0
     nib.save(nib.Nifti1Image(vol, AFFINE), str(src / "vol0.nii"))
     res = predict.run(_cfg(env, [src / "vol0.nii"], tmp_path / "out", slice_axis=0))  # format png
-    assert [p.name for p in res.output_dir.iterdir()] == ["vol0.nii.gz"]  # a PNG cannot hold a volume
+    assert outputs(res.output_dir) == ["vol0.nii.gz"]  # a PNG cannot hold a volume
     m = nib.load(str(res.output_dir / "vol0.nii.gz"))
     assert m.shape == vol.shape and np.allclose(m.affine, AFFINE)
     seg = Segmenter.from_checkpoint(env["ckpt"], device="cpu")
@@ -286,7 +294,7 @@ def test_other_formats_predict_on_their_own_grid(env: dict[str, Any], tmp_path: 
     res = predict.run(_cfg(env, [src], tmp_path / "out"))
     assert res.n_written == 4 and res.n_slices == 6 + 6 + 1 + 1
     out = res.output_dir
-    assert sorted(p.name for p in out.iterdir()) == ["S1.nii.gz", "photo.png", "us.png", "vol.nii.gz"]
+    assert outputs(out) == ["S1.nii.gz", "photo.png", "us.png", "vol.nii.gz"]
     seg = Segmenter.from_checkpoint(env["ckpt"], device="cpu")
     for name, source in (("vol.nii.gz", src / "vol.nrrd"), ("S1.nii.gz", src / "S1")):
         grid = decode(read_bytes(source), source)
@@ -311,7 +319,7 @@ def test_cli_writes_masks_and_reports(env: dict[str, Any], tmp_path: Path) -> No
                                       str(out), "--device", "cpu", "--experiment", EXPERIMENT])
     assert result.exit_code == 0, result.output
     assert f"wrote 2 mask(s) to {out}" in result.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["tall.png", "wide.png"]
+    assert outputs(out) == ["tall.png", "wide.png"]
 
 
 def _one_line_exit_2(args: list[str], pattern: str) -> None:
@@ -345,6 +353,22 @@ def test_refuses_to_write_into_or_over_the_inputs(env: dict[str, Any], tmp_path:
     shutil.copytree(src, copy)  # an output folder holding the same files as the input
     _one_line_exit_2([ckpt, str(src), str(copy)], r"a copy of\) the input")
     assert _hashes(src) == before and _hashes(copy) == before
+    # predict typed like ingest (IMAGES MASKS): ground-truth masks named like the outputs are never overwritten
+    truth = tmp_path / "masks"
+    truth.mkdir()
+    for name in ("a.png", "b.png"):
+        write_png(truth / name, (env["plane"] > 128).astype(np.uint8) * 255)
+    kept = _hashes(truth)
+    _one_line_exit_2([ckpt, str(src), str(truth)], r"masks/a\.png: exists and no earlier tumorseg predict wrote")
+    assert _hashes(truth) == kept
+    # its own folder: a second predict replaces what the first wrote
+    from tumorseg.cli import app
+
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["predict", ckpt, str(src), str(tmp_path / "pred"), "--device", "cpu",
+                                          "--experiment", EXPERIMENT])
+        assert result.exit_code == 0, result.output
+    assert outputs(tmp_path / "pred") == ["a.png", "b.png"]
 
 
 def test_input_and_model_errors(env: dict[str, Any], tmp_path: Path) -> None:

@@ -240,6 +240,10 @@ def _bad_inputs(root: Path) -> dict[str, str]:
     write_nifti(images / "two.nii.gz", np.stack([image, image], -1), LPS)
     write_nifti(masks / "two.nii.gz", label, LPS)
     expect["imagesTr/two.nii.gz"] = "2 channel(s) where the other volumes hold 1; give every case the same sequences"
+    # a header in metres among millimetres
+    write_nifti(images / "metres.nii.gz", image, LPS * np.array([1e-3, 1e-3, 1e-3, 1.0]))
+    write_nifti(masks / "metres.nii.gz", label, LPS * np.array([1e-3, 1e-3, 1e-3, 1.0]))
+    expect["imagesTr/metres.nii.gz"] = "is 0.001 times the set's median (0.7x0.7x3 mm): a header in metres"
     return expect
 
 

@@ -184,8 +184,9 @@ def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[
         if multiple is not None:
             import torch.nn.functional as F
 
-            spatial = [int(s) for s in x.shape[2:]]
-            pad = [(-s) % m for s, m in zip(spatial, multiple, strict=True)]
+            spatial = [int(s) for s in x.shape[2:]]  # padded to a multiple, and to two of them at least: the
+            # deepest level then holds more than one voxel (instance norm needs two; a tiny volume or nonzero box)
+            pad = [max((-s) % m, 2 * m - s) for s, m in zip(spatial, multiple, strict=True)]
             whole = main_output(net(F.pad(x, [v for p in reversed(pad) for v in (0, p)]) if any(pad) else x), x.dim())
             return whole[(slice(None), slice(None), *(slice(0, s) for s in spatial))].float()
         if patch_size is not None and tuple(int(s) for s in x.shape[2:]) != tuple(patch_size):

@@ -145,11 +145,17 @@ class TumorsegPyfunc(_Base):  # type: ignore[misc]
         """
         from mlflow.exceptions import MlflowException
 
+        from tumorseg.placement import implausible_spacing, spacings
+
         probabilities = bool((params or {}).get("probabilities", False))
         channels = self.segmenter.base_channels
         spatial = self.segmenter.config.spatial_dims
         try:
             spacing = _spacing((params or {}).get("spacing"))
+            rule = spacings(self.segmenter.config)
+            if spacing is not None and rule is not None and (why := implausible_spacing(
+                    spacing, rule[0], "the model's target spacing")):
+                raise TumorsegError(f"params spacing: {why}")
             if isinstance(model_input, list | tuple) and model_input and all(
                     isinstance(item, np.ndarray) for item in model_input):
                 images = []

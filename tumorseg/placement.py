@@ -85,6 +85,22 @@ def spacings(cfg: TrainConfig) -> tuple[tuple[float, ...], tuple[float, ...]] | 
     return tuple(cfg.target_spacing), tuple(cfg.input_spacing or cfg.target_spacing)
 
 
+SPACING_RATIO = 20.0
+"""A voxel size this many times finer or coarser than the reference on an axis is a header's unit, not a scan:
+metres or micrometres written as millimetres (resampled, it becomes a voxel, or terabytes)."""
+
+
+def implausible_spacing(spacing: tuple[float, ...], reference: tuple[float, ...], what: str) -> str | None:
+    """Why ``spacing`` (mm) cannot be the voxel size of a scan like ``what`` of ``reference`` mm, else ``None``."""
+    ratios = [s / r for s, r in zip(spacing, reference, strict=True) if r > 0]
+    worst = max(ratios, key=lambda q: max(q, 1 / q), default=1.0)
+    if 1 / SPACING_RATIO < worst < SPACING_RATIO:
+        return None
+    shown = "x".join(f"{v:g}" for v in spacing)
+    return (f"voxel size {shown} mm is {worst:.3g} times {what} ({'x'.join(f'{v:g}' for v in reference)} mm): a "
+            "header in metres or micrometres? fix the file's voxel size")
+
+
 def inference_size(cfg: TrainConfig, shape: tuple[int, ...], spacing: tuple[float, ...] | None
                    ) -> tuple[int, ...] | None:
     """The size in voxels a volume of ``shape`` voxels of ``spacing`` (``None``: the assumed one) is predicted at.

@@ -266,3 +266,27 @@ def inspect_all(tasks: list[Task], ctx: InspectContext, workers: int) -> Iterato
         raise
     finally:
         pool.join()
+
+
+def inconsistent_volumes(rows: list[dict[str, Any]]) -> dict[int, str]:
+    """``id(row) -> reason`` for the volumes unlike the rest of a set (its rejected rows).
+
+    Other channels than most (a volume's channels are its sequences: T1, T2, FLAIR...), or a voxel size that is a
+    header's unit rather than a scan's (:func:`tumorseg.placement.implausible_spacing`: metres written as mm).
+    """
+    import statistics
+    from collections import Counter
+
+    from tumorseg.placement import implausible_spacing
+
+    counts = Counter(int(r["channels"]) for r in rows)
+    usual = max(counts, key=lambda c: (counts[c], -c))
+    bad = {id(r): f"{r['channels']} channel(s) where the other volumes hold {usual}; give every case the same "
+           "sequences (or ingest it apart)" for r in rows if int(r["channels"]) != usual}
+    sizes = {id(r): tuple(sorted(float(v) for v in str(r["spacing"]).split("x"))) for r in rows}
+    median = tuple(statistics.median(col) for col in zip(*sizes.values(), strict=True))
+    for r in rows:
+        reason = implausible_spacing(sizes[id(r)], median, "the set's median")
+        if reason and id(r) not in bad:
+            bad[id(r)] = reason
+    return bad

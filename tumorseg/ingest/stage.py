@@ -6,7 +6,7 @@ import io
 import logging
 import os
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from tumorseg.errors import TumorsegError
 from tumorseg.fsutil import atomic_write_bytes, atomic_write_json, sha256_bytes
 from tumorseg.ingest.discover import discover
 from tumorseg.ingest.groups import merge_keys, stack_groups, ungrouped_slices
-from tumorseg.ingest.inspect import VOLUME_COLUMNS, InspectContext, class_columns, inspect_all
+from tumorseg.ingest.inspect import VOLUME_COLUMNS, InspectContext, class_columns, inconsistent_volumes, inspect_all
 from tumorseg.ingest.pairs import pairs_root, read_pairs
 from tumorseg.labels import check_labels, check_regions, format_labels, from_dataset_json
 from tumorseg.manifest import COLUMNS, SPLITS
@@ -109,13 +109,10 @@ def _keep_one_kind(rows: list[dict[str, Any]], rejected: list[tuple[str, str]]) 
            "a 3D volume in a set of 2D images; pass --slice-axis 2 to cut volumes into slices, or ingest it on its own")
     rejected.extend((str(r["image"]), why) for r in odd)
     rows[:] = volumes if dims == 3 else planes
-    if dims == 3:  # a volume's channels are its sequences (T1, T2, FLAIR...): every case holds the same ones
-        counts = Counter(int(r["channels"]) for r in rows)
-        usual = max(counts, key=lambda c: (counts[c], -c))
-        rejected.extend((str(r["image"]), f"{r['channels']} channel(s) where the other volumes hold {usual}; give "
-                         "every case the same sequences (or ingest it apart)") for r in rows
-                        if int(r["channels"]) != usual)
-        rows[:] = [r for r in rows if int(r["channels"]) == usual]
+    if dims == 3:  # every volume holds the set's sequences, at a voxel size in the set's unit
+        bad = inconsistent_volumes(rows)
+        rejected.extend((str(r["image"]), bad[id(r)]) for r in rows if id(r) in bad)
+        rows[:] = [r for r in rows if id(r) not in bad]
     return dims
 
 

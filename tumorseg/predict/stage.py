@@ -41,6 +41,7 @@ import numpy as np
 
 from tumorseg.config import PredictConfig
 from tumorseg.errors import TumorsegError
+from tumorseg.fsutil import atomic_write_text
 from tumorseg.imageio import FORMATS_TEXT, image_format, split_ext
 from tumorseg.predict.files import (
     Item,
@@ -146,6 +147,10 @@ def collect_inputs(cfg: PredictConfig) -> list[Item]:
     return items
 
 
+MARKER = ".tumorseg-predict"
+"""Written into an output folder before its first mask: predict replaces only files of a folder that holds it."""
+
+
 def plan_outputs(items: list[Item], cfg: PredictConfig, volumes: set[int] | None = None,
                  multiclass: bool = False) -> None:
     """Set each item's output paths and refuse collisions with each other or with any input."""
@@ -155,6 +160,7 @@ def plan_outputs(items: list[Item], cfg: PredictConfig, volumes: set[int] | None
         st = it.path.stat()
         input_ids[(st.st_dev, st.st_ino)] = it
     taken: dict[Path, Item] = {}
+    ours = (cfg.output_dir / MARKER).is_file()  # a folder an earlier predict wrote: its outputs are replaced
     for it in items:
         stem, _ = split_ext(it.rel.name)
         nifti = cfg.format == "nifti" or (volumes is not None and it.index in volumes)
@@ -181,6 +187,10 @@ def plan_outputs(items: list[Item], cfg: PredictConfig, volumes: set[int] | None
                     src = other.path if other is not None else it.path
                     raise TumorsegError(f"{out}: is (a copy of) the input {src}; the output folder holds the "
                                         "input files - choose another output folder")
+                if not ours:  # ground-truth masks named like the images, say: never overwritten
+                    raise TumorsegError(f"{out}: exists and no earlier tumorseg predict wrote this folder (no "
+                                        f"{MARKER}); choose a new or empty output folder (files are never "
+                                        "overwritten that predict did not write)")
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -221,6 +231,7 @@ def run(cfg: PredictConfig) -> PredictResult:
         })
         t0 = time.perf_counter()
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cfg.output_dir / MARKER, f"masks written by tumorseg predict, model {mref.ref}\n")
         rows = predict_items(seg, items, threshold, cfg)
         seconds = time.perf_counter() - t0
         n_slices = sum(r["slices"] for r in rows)
@@ -272,8 +283,14 @@ def _planes(loaded_iter: Iterator[Loaded], seg: Segmenter, outside: dict[int, Pa
     """
     from tumorseg.context import window_image
     from tumorseg.inference import channels_compatible
+    from tumorseg.placement import implausible_spacing, spacings
 
+    rule = spacings(seg.config)
     for loaded in loaded_iter:
+        sp = _spacing(loaded)
+        if rule is not None and sp is not None and (why := implausible_spacing(sp, rule[0], "the model's target "
+                                                                              "spacing")):
+            raise TumorsegError(f"{loaded.item.path}: {why}")
         c = int(loaded.planes[0].shape[0])
         if not channels_compatible(c, int(seg.base_channels), seg.config.spatial_dims == 3):
             raise TumorsegError(f"{loaded.item.path}: {c}-channel image but the model takes {seg.base_channels} "
