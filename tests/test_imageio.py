@@ -310,6 +310,9 @@ def test_mask_whose_larger_value_is_0_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(DecodeError, match=r"neg\.tif: mask values -1/0 would make 0 the tumour; save masks with 0 "
                                           r"as background"):
         mask_of(p)
+    tifffile.imwrite(p, np.full((H, W), -1, np.int16))  # its tumour-free masks: all -1, not all tumour
+    with pytest.raises(DecodeError, match=r"neg\.tif: mask holds only -1; save masks with 0 as background"):
+        mask_of(p)
 
 
 def test_mask_many_values_listing_is_shortened(tmp_path: Path) -> None:

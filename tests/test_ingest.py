@@ -695,6 +695,24 @@ def test_swapped_image_and_mask_folders_are_named_as_such(tmp_path: Path) -> Non
         ingest(masks, images, out=tmp_path / "out")
 
 
+def test_a_threshold_off_the_masks_range_is_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    data = tmp_path / "data"
+    for i in range(6):
+        pair(data, f"c{i}", i)
+    for threshold, said in ((300.0, "none holds tumour of the 6 masks (read as PNG:L >300)"),
+                            (-1.0, "tumour fills every one of the 6 masks (read as PNG:L >-1)")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tumorseg.ingest.stage"):
+            ingest(data, out=tmp_path / "out", mask_threshold=threshold, seed=1)
+        assert any(said in r.getMessage() and "--mask-threshold" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tumorseg.ingest.stage"):
+        ingest(data, out=tmp_path / "out", seed=1)  # the masks as they are: nothing to say
+    assert not any("--mask-threshold" in r.getMessage() for r in caplog.records)
+
+
 def _cli(args: list[str]) -> Any:
     from tumorseg.cli import app
 

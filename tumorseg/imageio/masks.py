@@ -92,6 +92,9 @@ def binarize_mask(
         # ~30x slower on a 256x256 mask and ingest runs this on every mask).
         lo, hi = raw.min(), raw.max()
         if lo == hi:
+            if lo < 0:  # one negative value: the background of a -1/0 convention, not a mask of all tumour
+                raise DecodeError(f"{path}: mask holds only {lo:g}; save masks with 0 as background and a positive "
+                                  "value (1 or 255) as tumour")
             return np.full(raw.shape, int(lo != 0), dtype=np.uint8), f"{lo:g}"
         fg = raw == hi
         n_lo = raw.size - np.count_nonzero(raw) if lo == 0 else np.count_nonzero(raw == lo)

@@ -343,6 +343,10 @@ def run(cfg: IngestConfig) -> IngestResult:
         _warn_small_splits(rows, cfg)
     rows.sort(key=lambda r: r["case_id"])
     summary = summarize(rows, len(rejected), len(ignored))
+    if not summary["tumour"] or all(float(r["tumour_fraction"]) >= 1 for r in rows):  # a threshold off the masks?
+        log.warning("%s: %s of the %d masks (read as %s): if that is not what they hold, check the mask files and "
+                    "--mask-threshold", cfg.source, "none holds tumour" if not summary["tumour"] else "tumour fills "
+                    "every one", len(rows), rows[0].get("mask_encoding", "?"))
     if summary["groups_straddling_splits"]:  # only a pairs list's split column can do it
         log.warning("%s: %d group(s) have cases in more than one split, as the pairs list's split column (or its "
                     "blank cells: the group's own split) puts them: a patient in train and test leaks; give each "
