@@ -272,6 +272,15 @@ def test_mask_grey_stored_as_rgba(tmp_path: Path) -> None:
     np.testing.assert_array_equal(binary, TRUTH)
 
 
+def test_mask_drawn_in_the_alpha_channel_alone(tmp_path: Path) -> None:
+    rgba = np.zeros((H, W, 4), np.uint8)
+    rgba[..., 3] = TRUTH * 255
+    p = save_pil(tmp_path / "m.png", Image.fromarray(rgba, "RGBA"))
+    binary, values, mode = mask_of(p)
+    assert (mode, values) == ("PNG:RGBA", "0/255")
+    np.testing.assert_array_equal(binary, TRUTH)
+
+
 def test_mask_colour_channels_differ_rejected(tmp_path: Path) -> None:
     rgb = np.zeros((H, W, 3), np.uint8)
     rgb[..., 0] = TRUTH * 255  # red tumour on black

@@ -44,6 +44,10 @@ def decode_pillow(data: bytes, path: str | os.PathLike[str], role: str, fmt: For
                 arr = np.asarray(img.convert("L"))
             else:
                 arr = np.asarray(img)
+            if role == "mask" and arr.ndim == 3 and arr.shape[2] in (2, 4):
+                colour, alpha = arr[..., :-1], arr[..., -1]
+                if colour.min() == colour.max() and alpha.min() != alpha.max():
+                    arr = alpha  # drawn in the alpha channel alone (an overlay saved as the mask)
     except DecodeError:
         raise
     except Image.DecompressionBombError as exc:  # pragma: no cover - defensive
