@@ -254,6 +254,14 @@ def test_bad_config_key_is_one_line(manifest: Path, tmp_path: Path) -> None:
     _one_line_error(code, err, "image_size: [32] fits none of its forms (tuple[int, int], tuple[int, int, int])")
     code, err = _cli(["train", str(manifest), "--config", str(tmp_path / "missing.yaml")])
     _one_line_error(code, err, "missing.yaml", "not found")
+    twice = tmp_path / "twice.yaml"  # PyYAML keeps the last of a repeated key: a setting lost without a word
+    twice.write_text("epochs: 2\nmodel:\n  channels: [8, 16]\nepochs: 5\n")
+    code, err = _cli(["train", str(manifest), "--config", str(twice)])
+    _one_line_error(code, err, f"{twice}: 'epochs' is set twice in one mapping (line 4); keep one of them")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("epochs: [2\n")
+    code, err = _cli(["train", str(manifest), "--config", str(broken)])
+    _one_line_error(code, err, f"{broken}: invalid YAML at line 2; fix the syntax")
 
 
 def test_train_takes_the_manifest_csv_for_its_folder(manifest: Path, tmp_path: Path) -> None:
