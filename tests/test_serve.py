@@ -140,7 +140,9 @@ def test_serve_refuses_what_it_cannot_serve(served: dict[str, Any]) -> None:
     for ref, says in [(f"models:/{MODEL}-missing@champion", "not found"),
                       (f"models:/{MODEL}@nope", "nope"),
                       (str(served["root"] / "best.pt"), "not an MLflow model"),
-                      ("no/such/thing", "model not found")]:
+                      ("no/such/thing", "model not found"),
+                      (f"models:/{MODEL}", f"give a version or alias, e.g. models:/{MODEL}/1 or "
+                                           f"models:/{MODEL}@champion")]:
         res = runner.invoke(app, ["serve", ref, "--port", str(_free_port()), *tracking])
         assert res.exit_code == 2, res.output
         lines = res.output.strip().splitlines()

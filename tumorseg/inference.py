@@ -128,7 +128,8 @@ def resolve_device(device: str) -> torch.device:
     import torch
 
     if device == "cuda" and not torch.cuda.is_available():
-        raise TumorsegError("device=cuda but no CUDA GPU is visible; use --set device=cpu (or auto)")
+        raise TumorsegError("device=cuda but no CUDA GPU is visible; run on the CPU: --set device=cpu (train) or "
+                            "--device cpu (plan, evaluate, predict), or auto")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

@@ -68,6 +68,9 @@ def model_uri(ref: str) -> str:
                             f"logged: tumorseg serve <training run id> or models:/NAME@champion")
     if RUN_ID.match(ref):
         return f"runs:/{ref}/{MODEL_ARTIFACT}"
+    body = ref.removeprefix("models:/").strip("/")
+    if ref.startswith("models:/") and body and not body.startswith("m-") and "/" not in body and "@" not in body:
+        raise TumorsegError(f"{ref}: give a version or alias, e.g. models:/{body}/1 or models:/{body}@champion")
     if _URI.match(ref):
         return ref
     raise TumorsegError(f"{ref or '(empty)'}: model not found; give models:/NAME@alias, models:/NAME/VERSION, "
