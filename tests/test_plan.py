@@ -275,6 +275,17 @@ def test_bad_budgets_are_one_line_errors(manifest: Path, budget: str) -> None:
         assert len(lines) == 1 and lines[0].startswith("error: ") and "budget" in lines[0], res.stderr
 
 
+def test_a_budget_without_a_unit_in_a_file_says_so(tmp_path: Path) -> None:
+    """``budget: 5`` in YAML is a number: seconds or minutes? One line with the forms, not 'a valid string'."""
+    from tumorseg.configio import load_config
+    from tumorseg.errors import TumorsegError
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("budget: 5\n")
+    with pytest.raises(TumorsegError, match=r"c\.yaml: budget: Value error, budget 5 has no unit; use e\.g\. 90s, 30m"):
+        load_config(TrainConfig, cfg_file)
+
+
 def test_a_plan_for_another_manifest_is_refused(manifest: Path, tmp_path: Path) -> None:
     from tumorseg.cli import app
 

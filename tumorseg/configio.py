@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
 
 from tumorseg.errors import TumorsegError
 
@@ -162,11 +162,13 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def _check_budget(v: str | None) -> str | None:
+def _check_budget(v: Any) -> str | None:
     if v is not None:
+        if not isinstance(v, str):  # a bare number in a YAML file: seconds or minutes?
+            raise ValueError(f"budget {v!r} has no unit; use e.g. 90s, 30m, 2h or 1h30m")
         parse_duration(v)
     return v
 
 
-Budget = Annotated[str | None, AfterValidator(_check_budget)]
+Budget = Annotated[str | None, BeforeValidator(_check_budget)]
 """A wall-time budget such as ``30m``; checked by :func:`parse_duration` (config and pipeline files)."""
