@@ -221,7 +221,7 @@ def test_champion_loads_as_pyfunc_and_predicts(first_run: dict[str, Any], tmp_pa
     out = tmp_path / "pred"
     res = CliRunner().invoke(cli_app, ["predict", "models:/tiny-a@champion", str(image), str(out)])
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in out.iterdir()) == [f"{image.stem}.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".tumorseg-predict", f"{image.stem}.png"]
     assert load_mask([out / f"{image.stem}.png"]).shape == load_image(image).shape[1:]
 
 

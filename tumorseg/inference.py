@@ -29,7 +29,7 @@ from tumorseg.errors import TumorsegError
 from tumorseg.imageio import to_channels
 from tumorseg.intensity import Fingerprint, Stats, finish, legacy_fingerprint, prescale_for, range_message
 from tumorseg.labels import Classes
-from tumorseg.placement import inference_size, spacings, tiling
+from tumorseg.placement import inference_size, padding, spacing_problem, spacings, tiling  # noqa: F401
 from tumorseg.postprocessing import (  # noqa: F401  (re-exported: where callers have always found them)
     Postprocess,
     component_confidence,
@@ -185,9 +185,8 @@ def network_logits(net: torch.nn.Module, batch: torch.Tensor, patch_size: tuple[
         if multiple is not None:
             import torch.nn.functional as F
 
-            spatial = [int(s) for s in x.shape[2:]]  # padded to a multiple, and to two of them at least: the
-            # deepest level then holds more than one voxel (instance norm needs two; a tiny volume or nonzero box)
-            pad = [max((-s) % m, 2 * m - s) for s, m in zip(spatial, multiple, strict=True)]
+            spatial = [int(s) for s in x.shape[2:]]
+            pad = padding(spatial, multiple)
             whole = main_output(net(F.pad(x, [v for p in reversed(pad) for v in (0, p)]) if any(pad) else x), x.dim())
             return whole[(slice(None), slice(None), *(slice(0, s) for s in spatial))].float()
         if patch_size is not None and tuple(int(s) for s in x.shape[2:]) != tuple(patch_size):

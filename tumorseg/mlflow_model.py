@@ -145,16 +145,14 @@ class TumorsegPyfunc(_Base):  # type: ignore[misc]
         """
         from mlflow.exceptions import MlflowException
 
-        from tumorseg.placement import implausible_spacing, spacings
+        from tumorseg.inference import spacing_problem  # (tumorseg.placement's, through the layer allowed here)
 
         probabilities = bool((params or {}).get("probabilities", False))
         channels = self.segmenter.base_channels
         spatial = self.segmenter.config.spatial_dims
         try:
             spacing = _spacing((params or {}).get("spacing"))
-            rule = spacings(self.segmenter.config)
-            if spacing is not None and rule is not None and (why := implausible_spacing(
-                    spacing, rule[0], "the model's target spacing")):
+            if why := spacing_problem(self.segmenter.config, spacing):
                 raise TumorsegError(f"params spacing: {why}")
             if isinstance(model_input, list | tuple) and model_input and all(
                     isinstance(item, np.ndarray) for item in model_input):

@@ -101,6 +101,22 @@ def implausible_spacing(spacing: tuple[float, ...], reference: tuple[float, ...]
             "header in metres or micrometres? fix the file's voxel size")
 
 
+def spacing_problem(cfg: TrainConfig, spacing: tuple[float, ...] | None) -> str | None:
+    """Why a volume of ``spacing`` mm cannot be a scan for a model of ``cfg`` (a header in metres), else ``None``."""
+    rule = spacings(cfg)
+    if spacing is None or rule is None:
+        return None
+    return implausible_spacing(spacing, rule[0], "the model's target spacing")
+
+
+def padding(spatial: list[int], multiple: tuple[int, ...]) -> list[int]:
+    """Voxels added at the end of each axis: up to a multiple of the network's downsampling, and two at least.
+
+    The deepest level then holds more than one voxel (instance norm needs two: a tiny volume or nonzero box).
+    """
+    return [max((-s) % m, 2 * m - s) for s, m in zip(spatial, multiple, strict=True)]
+
+
 def inference_size(cfg: TrainConfig, shape: tuple[int, ...], spacing: tuple[float, ...] | None
                    ) -> tuple[int, ...] | None:
     """The size in voxels a volume of ``shape`` voxels of ``spacing`` (``None``: the assumed one) is predicted at.

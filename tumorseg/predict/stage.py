@@ -283,13 +283,10 @@ def _planes(loaded_iter: Iterator[Loaded], seg: Segmenter, outside: dict[int, Pa
     """
     from tumorseg.context import window_image
     from tumorseg.inference import channels_compatible
-    from tumorseg.placement import implausible_spacing, spacings
+    from tumorseg.placement import spacing_problem
 
-    rule = spacings(seg.config)
     for loaded in loaded_iter:
-        sp = _spacing(loaded)
-        if rule is not None and sp is not None and (why := implausible_spacing(sp, rule[0], "the model's target "
-                                                                              "spacing")):
+        if why := spacing_problem(seg.config, _spacing(loaded)):
             raise TumorsegError(f"{loaded.item.path}: {why}")
         c = int(loaded.planes[0].shape[0])
         if not channels_compatible(c, int(seg.base_channels), seg.config.spatial_dims == 3):
