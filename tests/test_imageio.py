@@ -213,6 +213,15 @@ def test_tiff_multipage_stack_is_a_volume(tmp_path: Path, shape: tuple[int, ...]
     np.testing.assert_array_equal(d.affine, np.eye(4))
 
 
+def test_tiff_of_separate_images_of_one_shape_is_one_line(tmp_path: Path) -> None:
+    """Pages written one series each (tifffile's contiguous=False): reading the first alone would drop the rest."""
+    with tifffile.TiffWriter(tmp_path / "sep.tif") as w:
+        for k in range(3):
+            w.write(asym() + k, photometric="minisblack", contiguous=False)
+    with pytest.raises(DecodeError, match=r"sep\.tif: TIFF of 3 separate images of one shape; save one image per"):
+        decode_file(tmp_path / "sep.tif")
+
+
 # ----------------------------------------------------------------------------- mask encodings
 
 

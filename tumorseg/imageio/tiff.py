@@ -29,10 +29,14 @@ def decode_tiff(data: bytes, path: str | os.PathLike[str]) -> Decoded:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             series = tif.series[0]
             axes = series.axes
+            alike = sum(1 for other in tif.series[1:] if other.shape == series.shape and other.axes == axes)
             arr = np.asarray(series.asarray())
             spacing = _stack_spacing(tif)
     except Exception as exc:  # tifffile raises several types for broken files
         raise DecodeError(f"{path}: truncated or corrupt TIFF ({exc}); re-export the file") from exc
+    if alike:  # pages of one stack saved one by one (a thumbnail or pyramid level has another shape: ignored)
+        raise DecodeError(f"{path}: TIFF of {alike + 1} separate images of one shape; save one image per file, or a "
+                          "stack as one series of grey pages (tifffile.imwrite of the whole array)")
     for i in reversed(range(arr.ndim)):
         if arr.shape[i] == 1 and axes[i] not in "YX" and arr.ndim > 2:  # a stack of one page
             arr, axes = arr.squeeze(i), axes[:i] + axes[i + 1 :]
