@@ -713,6 +713,16 @@ def test_a_threshold_off_the_masks_range_is_warned_about(tmp_path: Path, caplog:
     assert not any("--mask-threshold" in r.getMessage() for r in caplog.records)
 
 
+def test_an_empty_mask_suffix_pairs_names_ending_in_numbers(tmp_path: Path) -> None:
+    """``--mask-suffix ''``: masks named exactly like their images; a trailing ``_0`` is part of the name."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    for i in range(4):
+        png(images / f"p{i}_slice_0.png", image(i))
+        png(masks / f"p{i}_slice_0.png", box(2, 6, 3, 9))
+    res = ingest(images, masks, out=tmp_path / "out", mask_suffix="", fractions=(1.0, 0.0, 0.0))
+    assert res.n_rejected == 0 and [r["mask"] for r in rows_of(res)] == [f"masks/p{i}_slice_0.png" for i in range(4)]
+
+
 def _cli(args: list[str]) -> Any:
     from tumorseg.cli import app
 

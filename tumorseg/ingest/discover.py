@@ -80,6 +80,8 @@ Kvasir-SEG's ``masks/``, CVC-ClinicDB's ``Ground Truth/``, nnU-Net's ``labelsTr/
 
 
 def _mask_regex(suffix: str) -> re.Pattern[str]:
+    if not suffix:  # masks named exactly like their images (in their own folder): no index to read off a name
+        return re.compile(r"^(?P<base>.+)(?P<idx>)$")
     if suffix != "_mask":
         return re.compile(rf"^(?P<base>.+?){re.escape(suffix)}(?:_(?P<idx>\d+))?$")
     alternatives = "|".join(re.escape(s) for s in KNOWN_MASK_SUFFIXES)  # any case: ISIC writes _Segmentation
