@@ -92,7 +92,7 @@ metres or micrometres written as millimetres (resampled, it becomes a voxel, or 
 
 def implausible_spacing(spacing: tuple[float, ...], reference: tuple[float, ...], what: str) -> str | None:
     """Why ``spacing`` (mm) cannot be the voxel size of a scan like ``what`` of ``reference`` mm, else ``None``."""
-    ratios = [s / r for s, r in zip(spacing, reference, strict=True) if r > 0]
+    ratios = [s / r for s, r in zip(spacing, reference, strict=True) if r > 0 and s > 0]  # (0: refused on reading)
     worst = max(ratios, key=lambda q: max(q, 1 / q), default=1.0)
     if 1 / SPACING_RATIO < worst < SPACING_RATIO:
         return None
