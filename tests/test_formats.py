@@ -346,6 +346,35 @@ def test_dicom_multiframe_is_a_volume(tmp_path: Path) -> None:
     assert volume_shape(tmp_path / "mf.dcm") == (W, H, 4)
 
 
+def test_enhanced_multiframe_geometry_from_its_functional_groups(tmp_path: Path) -> None:
+    """Enhanced DICOM keeps slice spacing in the shared pixel measures and each frame's position per frame; frames
+    stored from head to feet (descending z) must come out descending, 3 mm apart, not ascending 1 mm apart."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    vol = np.stack([asym(k, np.uint16, 500) for k in range(4)])
+    shared, orient, measures = Dataset(), Dataset(), Dataset()
+    orient.ImageOrientationPatient = AXIAL
+    measures.PixelSpacing, measures.SpacingBetweenSlices, measures.SliceThickness = [0.5, 0.5], 3.0, 3.0
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Sequence([orient]), Sequence([measures])
+    frames = []
+    for k in range(4):
+        item, pos = Dataset(), Dataset()
+        pos.ImagePositionPatient = [0.0, 0.0, 30.0 - 3.0 * k]
+        item.PlanePositionSequence = Sequence([pos])
+        frames.append(item)
+    write_dicom(tmp_path / "enh.dcm", vol, SharedFunctionalGroupsSequence=Sequence([shared]),
+                PerFrameFunctionalGroupsSequence=Sequence(frames))
+    d = decode_file(tmp_path / "enh.dcm")
+    assert d.is_volume and d.array.shape == (W, H, 4)
+    world = d.affine @ np.array([[0, 0, k, 1.0] for k in range(4)]).T  # voxel (0, 0, k) in RAS+ mm
+    np.testing.assert_allclose(world[2], [30.0, 27.0, 24.0, 21.0])  # z (superior) as the frames say
+    # without per-frame positions: the shared pixel measures' spacing, not 1 mm
+    write_dicom(tmp_path / "nopos.dcm", vol, SharedFunctionalGroupsSequence=Sequence([shared]))
+    np.testing.assert_allclose(np.linalg.norm(decode_file(tmp_path / "nopos.dcm").affine[:3, :3], axis=0),
+                               [0.5, 0.5, 3.0])
+
+
 def test_dicom_without_pixels_and_undecodable_syntaxes_are_one_line(tmp_path: Path) -> None:
     write_dicom(tmp_path / "sr.dcm", None, Modality="SR", SOPClassUID="1.2.840.10008.5.1.4.1.1.88.11")
     with pytest.raises(DecodeError, match=r"sr\.dcm: DICOM without pixel data \(SR: a structured report"):

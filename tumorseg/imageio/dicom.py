@@ -140,12 +140,37 @@ def _frame_geometry(ds: Any) -> tuple[np.ndarray | None, np.ndarray | None, tupl
 
 
 def _multiframe_affine(ds: Any) -> np.ndarray:
+    """The frames' grid (RAS+ affine).
+
+    The step between frames comes from their own positions (signed: frames stored from head to feet go down),
+    else from the slice spacing of the file or of its shared pixel measures (enhanced DICOM).
+    """
     iop, ipp, spacing = _frame_geometry(ds)
     if iop is None:
         iop = np.array([1.0, 0, 0, 0, 1, 0])
     dy, dx = spacing or (1.0, 1.0)
-    dz = float(getattr(ds, "SpacingBetweenSlices", 0) or getattr(ds, "SliceThickness", 0) or 1.0)
+    positions = _frame_positions(ds)
+    if len(positions) > 1:
+        step = float(np.dot((positions[-1] - positions[0]) / (len(positions) - 1), np.cross(iop[:3], iop[3:])))
+        if abs(step) > 1e-6:
+            return _affine(iop, positions[0], dx, dy, step)
+    measures = [ds, *(g[0].PixelMeasuresSequence[0] for g in (getattr(ds, "SharedFunctionalGroupsSequence", None),)
+                      if g and getattr(g[0], "PixelMeasuresSequence", None))]
+    dz = next((float(v) for m in measures for key in ("SpacingBetweenSlices", "SliceThickness")
+               if (v := getattr(m, key, None))), 1.0)
     return _affine(iop, ipp if ipp is not None else np.zeros(3), dx, dy, abs(dz))
+
+
+def _frame_positions(ds: Any) -> list[np.ndarray]:
+    """Each frame's ImagePositionPatient (per-frame functional groups), or ``[]`` where any frame lacks one."""
+    out = []
+    for item in getattr(ds, "PerFrameFunctionalGroupsSequence", None) or []:
+        seq = getattr(item, "PlanePositionSequence", None)
+        pos = _position(seq[0]) if seq else None
+        if pos is None:
+            return []
+        out.append(pos)
+    return out
 
 
 def _affine(iop: np.ndarray, origin: np.ndarray, dx: float, dy: float, dz: float) -> np.ndarray:
