@@ -539,6 +539,22 @@ def test_a_tiff_stack_with_a_2d_mask_among_2d_images_says_what_it_is(tmp_path: P
     assert "a 3D image with a 2D mask: a volume among 2D images?" in reason and "--slice-axis" in reason
 
 
+def test_a_2d_grid_image_with_a_picture_mask_is_rejected(tmp_path: Path) -> None:
+    """A 2D NIfTI (x, y axes) and a PNG mask (rows, columns): a square pair would pass transposed, so neither does."""
+    import nibabel as nib
+
+    root = tmp_path / "data"
+    pairs_set(root, 6)
+    nib.save(nib.Nifti1Image(asym(0).T.copy(), np.eye(4)), root / "img" / "grid.nii.gz")
+    Image.fromarray(disk_mask(r=3) * 255).save(root / "gt" / "grid_seg.png")
+    res = run(IngestConfig(images_dir=root / "img", masks_dir=root / "gt", name="g", out_dir=tmp_path / "out",
+                           workers=1, mask_suffix="_seg", fractions=(1.0, 0.0, 0.0)))
+    with open(res.manifest_dir / "rejected.csv", encoding="utf-8", newline="") as fh:
+        reason = {r["path"]: r["reason"] for r in csv.DictReader(fh)}["gt/grid_seg.png"]
+    assert reason.startswith("a 2D image and mask whose axes differ: grid.nii.gz is a grid file (x, y")
+    assert res.n_cases == 6
+
+
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)

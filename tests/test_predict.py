@@ -226,6 +226,26 @@ def test_nifti_output_keeps_affine_and_shape_and_reassembles_volumes(env: dict[s
     assert w.shape == (48, 80) and np.allclose(w.affine, np.eye(4))
 
 
+def test_a_2d_grid_file_gets_its_mask_on_its_own_grid(env: dict[str, Any], tmp_path: Path) -> None:
+    """A 2D NIfTI holds (x, y) axes: its mask is a NIfTI on the same grid, not a PNG showing them transposed."""
+    import nibabel as nib
+
+    from tumorseg import predict
+    from tumorseg.inference import Segmenter
+
+    affine = np.diag([0.8, 0.6, 1.0, 1.0])
+    src = tmp_path / "in"
+    src.mkdir()
+    nib.save(nib.Nifti1Image(env["plane"].T.copy(), affine), src / "flat2d.nii.gz")  # (x, y) = (56, 40)
+    res = predict.run(_cfg(env, [src], tmp_path / "out"))
+    assert outputs(res.output_dir) == ["flat2d.nii.gz"]
+    out = nib.load(tmp_path / "out" / "flat2d.nii.gz")
+    assert out.shape == (56, 40)
+    np.testing.assert_allclose(out.affine, affine)
+    seg = Segmenter.from_checkpoint(env["ckpt"], device="cpu")
+    np.testing.assert_array_equal(np.asarray(out.dataobj), seg.predict_masks([env["plane"].T[None].copy()])[0])
+
+
 def test_volume_along_another_axis_and_png_format_for_volumes(env: dict[str, Any], tmp_path: Path) -> None:
     import nibabel as nib
 

@@ -114,6 +114,12 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
                 binary, values = binarize_mask(plane, path, mask_threshold_for(decoded, ctx.mask_threshold))
         except DecodeError as exc:
             return [], [(rel, _reason(exc, path)), (rel_img, f"its mask {base_name(rel)} was rejected")]
+        if not volume and bool(decoded.is_grid) != bool(image.is_grid):  # (x, y) axes against (rows, columns)
+            grid, picture = (base_name(rel), base_name(rel_img)) if decoded.is_grid else (base_name(rel_img),
+                                                                                        base_name(rel))
+            return [], [(rel, f"a 2D image and mask whose axes differ: {grid} is a grid file (x, y: NIfTI, NRRD, "
+                              f"MHA) and {picture} a picture (rows, columns); save the mask in its image's format"),
+                        (rel_img, f"its mask {base_name(rel)} is in another kind of format")]
         if binary.shape != img_shape:
             kinds = "" if len(img_shape) == binary.ndim else (
                 f" (a {len(img_shape)}D image with a {binary.ndim}D mask: "

@@ -254,7 +254,11 @@ def run(cfg: PredictConfig) -> PredictResult:
 
 
 def _volume_indices(items: list[Item]) -> set[int]:
-    """Items that are volumes (NIfTI, NRRD/MHA, DICOM series and multi-frame, TIFF stacks): written as NIfTI."""
+    """Items written as NIfTI, on their input's grid.
+
+    Volumes (NIfTI, NRRD/MHA, DICOM series and multi-frame, TIFF stacks), and 2D NIfTI or NRRD/MHA files, whose
+    (x, y) axes a PNG of (rows, columns) would show transposed.
+    """
     from tumorseg.imageio import DecodeError, volume_shape
 
     out = set()
@@ -262,10 +266,13 @@ def _volume_indices(items: list[Item]) -> set[int]:
         try:
             if volume_shape(it.path) is not None:
                 out.add(it.index)
+            elif image_format(it.path) in ("nifti", "itk"):
+                out.add(it.index)
         except DecodeError as exc:
             raise TumorsegError(str(exc)) from exc
     if out:
-        log.warning("%d volume(s) are written as .nii.gz (a PNG cannot hold a volume)", len(out))
+        log.warning("%d volume(s) and 2D grid file(s) are written as .nii.gz, on their input's grid (a PNG cannot "
+                    "hold a volume, and shows x, y axes transposed)", len(out))
     return out
 
 
