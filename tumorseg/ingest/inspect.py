@@ -114,7 +114,8 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
                 binary, values = binarize_mask(plane, path, mask_threshold_for(decoded, ctx.mask_threshold))
         except DecodeError as exc:
             return [], [(rel, _reason(exc, path)), (rel_img, f"its mask {base_name(rel)} was rejected")]
-        if not volume and bool(decoded.is_grid) != bool(image.is_grid):  # (x, y) axes against (rows, columns)
+        if not volume and not decoded.is_volume and bool(decoded.is_grid) != bool(image.is_grid):  # (x, y) axes
+            # against (rows, columns): which is which depends on the tool that wrote the grid file
             grid, picture = (base_name(rel), base_name(rel_img)) if decoded.is_grid else (base_name(rel_img),
                                                                                         base_name(rel))
             return [], [(rel, f"a 2D image and mask whose axes differ: {grid} is a grid file (x, y: NIfTI, NRRD, "
