@@ -14,6 +14,18 @@ from typing import IO, Any
 _CHUNK = 1 << 20
 
 
+def not_utf8(name: str) -> str | None:
+    """``name`` with its undecodable bytes escaped where it is no valid UTF-8 (an older encoding), else ``None``.
+
+    No CSV, mask name or MLflow listing can hold such a name: ingest rejects the file, predict refuses it.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return None
+
+
 @contextmanager
 def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` on success.

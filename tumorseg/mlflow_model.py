@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from tumorseg.errors import TumorsegError
+from tumorseg.imageio import nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,8 @@ def as_images(array: Any, in_channels: int, spatial: int = 2) -> tuple[list[np.n
     batch = arr[None, None] if arr.ndim == spatial else arr[None] if arr.ndim == spatial + 1 else arr
     if 0 in batch.shape[1:]:
         raise TumorsegError(f"model input of shape {arr.shape} holds an empty image; {shapes}")
-    if not np.isfinite(arr).all():
-        raise TumorsegError(f"model input holds {int(np.count_nonzero(~np.isfinite(arr)))} NaN or infinite "
-                            "value(s); replace them (e.g. with the background value)")
+    if bad := nonfinite(arr):
+        raise TumorsegError(f"model input holds {bad}")
     from tumorseg.inference import channels_compatible
 
     channels = int(batch.shape[1])

@@ -7,6 +7,7 @@ explicitly: ``--tracking-uri`` / config, else ``MLFLOW_TRACKING_URI``, else
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import urllib.error
@@ -54,11 +55,13 @@ are stores too. A path or ``file:`` URI is the file store MLflow 3.13+ refuses."
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 
+@functools.lru_cache(maxsize=16)
 def check_uri(uri: str) -> None:
     """Fail fast, in one line naming the URI, on a tracking URI no stage could log to (before any work is done).
 
     A path or ``file:`` URI (the ``./mlruns`` file store, which MLflow 3.13+ refuses), an ``sqlite:///`` path that is
-    a folder or a file other than an SQLite database, or an HTTP server that does not answer.
+    a folder or a file other than an SQLite database, or an HTTP server that does not answer. A URI that passed is
+    not checked again in the process (the CLI checks it before a stage starts, the stage when it logs).
     """
     scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else uri.lower()
     use = "use sqlite:///ABSOLUTE/PATH/mlflow.db (a local database) or http://HOST:PORT (a tracking server)"

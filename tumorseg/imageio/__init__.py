@@ -8,7 +8,16 @@ image or an ``(X, Y, Z)`` grid with a RAS+ affine) is :class:`Decoded` in :mod:`
 decoder by path is :mod:`.read`, and masks, planes and label maps are :mod:`.masks`.
 """
 
-from tumorseg.imageio.base import EXTENSIONS, FORMATS_TEXT, LOSSY, Decoded, DecodeError, Format, split_ext
+from tumorseg.imageio.base import (
+    EXTENSIONS,
+    FORMATS_TEXT,
+    LOSSY,
+    Decoded,
+    DecodeError,
+    Format,
+    nonfinite,
+    split_ext,
+)
 from tumorseg.imageio.masks import (
     binarize_decoded_mask,
     binarize_mask,
@@ -34,7 +43,7 @@ from tumorseg.imageio.read import decode, image_format, read_bytes, volume_shape
 __all__ = [
     "EXTENSIONS", "FORMATS_TEXT", "LOSSY", "Decoded", "DecodeError", "Format", "binarize_decoded_mask",
     "binarize_mask", "check_label_format", "decode", "image_format", "label_decoded_mask", "label_map",
-    "load_image", "load_mask", "mask_from_decoded", "mask_plane", "mask_threshold_for", "plane_spacing",
+    "load_image", "load_mask", "mask_from_decoded", "mask_plane", "mask_threshold_for", "nonfinite", "plane_spacing",
     "read_bytes", "read_nifti_affine", "slice_of", "split_ext", "to_channels", "union_masks", "volume_shape",
     "write_mask_png", "write_nifti", "write_png",
 ]

@@ -75,6 +75,17 @@ class Decoded:
         return self.is_grid and self.array.shape[2] > 1
 
 
+def nonfinite(array: np.ndarray, what: str = "value") -> str | None:
+    """``"3 NaN or infinite value(s); replace them (...)"`` for an array holding any, else ``None``.
+
+    Ingest, predict and the MLflow model say it alike.
+    """
+    if array.dtype.kind not in "fc" or bool(np.isfinite(array).all()):
+        return None
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    return f"{bad} NaN or infinite {what}(s); replace them (e.g. with the background value)"
+
+
 def split_ext(name: str) -> tuple[str, str]:
     """Split a file name into stem and a known image extension (lower case).
 

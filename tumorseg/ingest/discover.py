@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tumorseg.config import IngestConfig
+from tumorseg.fsutil import not_utf8
 from tumorseg.imageio import EXTENSIONS, FORMATS_TEXT, split_ext
 from tumorseg.imageio.dicom import is_series_folder
 from tumorseg.imageio.volume import CHANNEL_FILE
@@ -142,10 +143,7 @@ def discover(cfg: IngestConfig, root: Path) -> tuple[list[Task], list[tuple[str,
         A file that is not an image by its extension is ignored; an image file that cannot be
         used is rejected. A DICOM series folder's stem is its whole name.
         """
-        try:
-            rel_root.encode("utf-8")
-        except UnicodeEncodeError:  # undecodable bytes in the name (an old encoding): no CSV or MLflow can hold it
-            shown = rel_root.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        if shown := not_utf8(rel_root):
             rejected.append((shown, "file name is not valid UTF-8 (written in an older encoding?); rename it"))
             return None
         if is_series:

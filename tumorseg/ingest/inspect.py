@@ -20,6 +20,7 @@ from tumorseg.imageio import (
     label_map,
     mask_plane,
     mask_threshold_for,
+    nonfinite,
     read_bytes,
     union_masks,
 )
@@ -85,10 +86,8 @@ def inspect_case(task: Task, ctx: InspectContext) -> tuple[list[dict[str, Any]],
     if image.array.ndim == 4 and ctx.slice_axis is not None:
         return [], [(rel_img, f"a {channels}-channel volume (MR sequences as channels); ingest it without "
                               "--slice-axis, as one case")]
-    if image.array.dtype.kind == "f" and not np.isfinite(image.array).all():
-        bad = int(np.count_nonzero(~np.isfinite(image.array)))
-        return [], [(rel_img, f"{bad} NaN or infinite pixel value(s); replace them (e.g. with the background "
-                              "value) and re-export the file")]
+    if bad := nonfinite(image.array, "pixel value"):
+        return [], [(rel_img, f"{bad} and re-export the file")]
     # Compare masks with the image as the loaders will read them: a volume as (X, Y, Z), any
     # 2D file (a one-slice NIfTI included) as one (H, W) plane, so formats can be mixed.
     volume = image.is_volume

@@ -15,7 +15,7 @@ import numpy as np
 
 from tumorseg.config import PredictConfig
 from tumorseg.errors import TumorsegError
-from tumorseg.imageio import DecodeError, image_format
+from tumorseg.imageio import DecodeError, image_format, nonfinite
 from tumorseg.imageio.volume import from_canonical, volume_of
 from tumorseg.labels import Classes
 
@@ -176,10 +176,8 @@ def load_item(item: Item, slice_axis: int, volumes: bool = False) -> Loaded:
         paths = [item.path, *item.channels]
         decoded = stack_channels([decoded, *(decode(read_bytes(p), p, "image") for p in item.channels)],
                                  [str(p) for p in paths])
-    if decoded.array.dtype.kind == "f" and not np.isfinite(decoded.array).all():  # as ingest rejects it
-        bad = int(np.count_nonzero(~np.isfinite(decoded.array)))
-        raise DecodeError(f"{item.path}: {bad} NaN or infinite value(s); replace them (e.g. with the background "
-                          "value) and predict again")
+    if bad := nonfinite(decoded.array):  # as ingest rejects it
+        raise DecodeError(f"{item.path}: {bad} and predict again")
     if volumes:
         if not decoded.is_volume:
             raise DecodeError(f"{item.path}: a 2D image given to a 3D model (trained on volumes); predict volumes "

@@ -41,7 +41,7 @@ import numpy as np
 
 from tumorseg.config import PredictConfig
 from tumorseg.errors import TumorsegError
-from tumorseg.fsutil import atomic_write_text
+from tumorseg.fsutil import atomic_write_text, not_utf8
 from tumorseg.imageio import FORMATS_TEXT, image_format, split_ext
 from tumorseg.predict.files import (
     Item,
@@ -138,12 +138,8 @@ def collect_inputs(cfg: PredictConfig) -> list[Item]:
     if not items:
         raise TumorsegError("no input images; give image files or folders")
     for it in items:
-        try:
-            str(it.path).encode("utf-8")
-        except UnicodeEncodeError:  # undecodable bytes in the name: its mask's name and MLflow's listing cannot hold it
-            shown = str(it.path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-            raise TumorsegError(f"{shown}: file name is not valid UTF-8 (written in an older encoding?); "
-                                "rename it") from None
+        if shown := not_utf8(str(it.path)):
+            raise TumorsegError(f"{shown}: file name is not valid UTF-8 (written in an older encoding?); rename it")
     return items
 
 
@@ -215,7 +211,7 @@ def run(cfg: PredictConfig) -> PredictResult:
     seg, mref = resolve_model(cfg.model, cfg.tracking, cfg.device)
     if seg.config.spatial_dims == 3 and int(seg.base_channels) > 1:  # several MR sequences: maybe one file each
         items = join_channel_files(items, int(seg.base_channels))
-    volumes = _volume_indices(items) if cfg.format == "png" else set()
+    volumes = _nifti_outputs(items) if cfg.format == "png" else set()
     plan_outputs(items, cfg, volumes, seg.classes.multiclass)  # the model says what its outputs hold
     threshold = float(cfg.threshold if cfg.threshold is not None else seg.threshold)
     tags = {"tumorseg.model_ref": mref.ref, "tumorseg.checkpoint_sha256": mref.checkpoint_sha256,
@@ -253,7 +249,7 @@ def run(cfg: PredictConfig) -> PredictResult:
                          run_id=run_id, model=mref, seconds=seconds, n_intensity_outside_training=n_outside)
 
 
-def _volume_indices(items: list[Item]) -> set[int]:
+def _nifti_outputs(items: list[Item]) -> set[int]:
     """Items written as NIfTI, on their input's grid.
 
     Volumes (NIfTI, NRRD/MHA, DICOM series and multi-frame, TIFF stacks), and 2D NIfTI or NRRD/MHA files, whose
