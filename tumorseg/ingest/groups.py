@@ -7,7 +7,7 @@ patients with training) and are scored apart. ``--group-by auto`` (the default) 
 stack one group where the files are such slices:
 
 * at least half of the images are numbered slices of ordered stacks (three or more consecutive
-  numbers within one folder, :func:`tumorseg.context.path_stacks`), in at least :data:`MIN_STACKS`
+  numbers within one folder, :func:`tumorseg.context.path_members`), in at least :data:`MIN_STACKS`
   stacks, each file still its own group;
 * adjacent slices are confirmed to be neighbours in the anatomy: in a seeded sample of stacks they
   correlate clearly more than unrelated slices (:data:`tumorseg.context.ADJACENT_MARGIN`, the plan's
@@ -41,10 +41,7 @@ SAMPLE_STACKS = 12
 
 def numbered_stacks(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """The ordered stacks (runs of three or more) among the 2D files of ``rows`` that are each their own group."""
-    from tumorseg.context import path_stacks
-
-    files = _own_files(rows)
-    return [[files[i] for i in run] for run in path_stacks([r["image"] for r in files]) if len(run) >= 3]
+    return [run for _, run in numbered_segments(rows) if len(run) >= 3]
 
 
 def _own_files(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -56,9 +53,9 @@ def stack_name(run: list[dict[str, Any]]) -> str:
     """One stack's group: ``folder/prefix<first>-<last>`` (``TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_1-20``)."""
     from tumorseg.context import slice_number
 
-    first, last = (PurePosixPath(str(r["image"])) for r in (run[0], run[-1]))  # as path_stacks reads them
+    first, last = (PurePosixPath(str(r["image"])) for r in (run[0], run[-1]))  # as path_members reads them
     a, b = slice_number(first.name), slice_number(last.name)
-    assert a is not None and b is not None  # path_stacks found them by their numbers
+    assert a is not None and b is not None  # path_members found them by their numbers
     parent = str(first.parent)
     return f"{'' if parent == '.' else parent + '/'}{a[0]}{a[1]}-{b[1]}"
 
@@ -129,7 +126,8 @@ def stack_groups(rows: list[dict[str, Any]], cfg: IngestConfig, root: Path) -> s
     """
     if cfg.group_by != "auto" or cfg.group_pattern:
         return None
-    runs = numbered_stacks(rows)
+    segments = numbered_segments(rows)
+    runs = [run for _, run in segments if len(run) >= 3]
     covered = sum(len(run) for run in runs)
     if len(runs) < MIN_STACKS or 2 * covered < len(rows):
         return None
@@ -137,7 +135,6 @@ def stack_groups(rows: list[dict[str, Any]], cfg: IngestConfig, root: Path) -> s
     near = sampled_similarity(runs, read, sample=SAMPLE_STACKS)
     if not near.ordered:
         return None
-    segments = numbered_segments(rows)
     stacks = bridged(segments, near, read)
     for stack in stacks:
         if len(stack) > 1:
